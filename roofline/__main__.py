@@ -1,0 +1,280 @@
+"""`python -m roofline report`: what one decode step of a model costs on each chip, in time and dollars.
+
+    python -m roofline report                          # Llama-3-70B, every catalogue chip and this host
+    python -m roofline report --model mixtral-8x7b --chips h100-sxm,tpu-v6e --batch 1,32 --weights int4
+    python -m roofline report --json > report.json     # only JSON on stdout; progress goes to stderr
+
+Exit status 2 on bad input (unknown model, chip or format, batch below 1), with the valid choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from roofline.hardware import CHIPS, Chip, get_chip, measure_host
+from roofline.models import MODELS, get_model
+from roofline.tokens import KV_FORMATS, PHASES, WEIGHT_FORMATS, StepEstimate, estimate
+
+
+def _ints(text: str, arg: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{arg}={text!r} must be a comma-separated list of integers") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{arg}={text!r}: every value must be an integer >= 1")
+    return values
+
+
+def _names(text: str, arg: str, valid: Sequence[str]) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [n for n in names if n not in valid]
+    if bad or not names:
+        raise ValueError(f"unknown {arg} {bad or text!r}; valid choices: {', '.join(valid)}")
+    return names
+
+
+def _prices(items: Sequence[str]) -> dict[str, float]:
+    prices = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in [*CHIPS, "host"]:
+            raise ValueError(f"--price {item!r}: unknown chip {name!r}; valid chips: {', '.join([*CHIPS, 'host'])}")
+        try:
+            prices[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--price {item!r} must look like CHIP=USD_PER_HOUR") from None
+        if not prices[name] > 0:
+            raise ValueError(f"--price {item!r}: the price must be positive")
+    return prices
+
+
+def _group_size(text: str) -> int | None:
+    if text in ("channel", "none", "-1"):
+        return None
+    values = _ints(text, "--group-size")
+    if len(values) != 1:
+        raise ValueError(f"--group-size={text!r} must be one integer or 'channel'")
+    return values[0]
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _fmt_money(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _row(e: StepEstimate) -> dict[str, Any]:
+    return {
+        "chip": e.chip,
+        "chips": e.chips,
+        "weights": e.weights,
+        "kv": e.kv,
+        "batch": e.batch,
+        "context": e.context,
+        "phase": e.phase,
+        "step_s": e.step_s,
+        "tokens_per_s": e.tokens_per_s,
+        "usd_per_mtok": e.usd_per_mtok,
+        "dominant_bound": e.dominant_bound,
+        "fits": e.fits,
+        "memory_gb": e.footprint.total / 1e9,
+        "notes": list(e.notes),
+        "components": [
+            {
+                "name": c.name,
+                "count": c.count,
+                "flops": c.cost.flops,
+                "bytes": c.cost.bytes,
+                "intensity": c.cost.intensity,
+                "bound_s": c.bound_s,
+                "bound": c.bound,
+                "step_share_s": c.step_share_s / e.chips,
+            }
+            for c in e.components
+        ],
+    }
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'chip':<10} {'chips':>5} {'weights':>7} {'batch':>5} {'step ms':>9} {'tokens/s':>10} " \
+           f"{'$/Mtok':>8} {'bound':>8} {'GB':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['chip']:<10} {r['chips']:>5} {r['weights']:>7} {r['batch']:>5} {r['step_s'] * 1e3:>9.2f} "
+            f"{r['tokens_per_s']:>10.0f} {_fmt_money(r['usd_per_mtok']):>8} {r['dominant_bound']:>8} "
+            f"{r['memory_gb']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def plot_roofline(path: str, chips: Sequence[Chip], estimates: Sequence[StepEstimate], dtype: str,
+                  title: str) -> None:
+    """Roofline of each chip (FLOP/s against FLOP/byte), with the step's components as points placed on
+    the roof of the first chip."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    x = np.logspace(-1, 4, 200)
+    for chip in chips:
+        peak = chip.peak(dtype)
+        ax.plot(x, np.minimum(peak, x * chip.bandwidth), label=f"{chip.name} ({dtype})", lw=1.5)
+    ref = chips[0]
+    markers = {"qkv_proj": "o", "attention": "s", "o_proj": "^", "mlp": "D", "moe_router": "v",
+               "moe_experts": "P", "lm_head": "*"}
+    batches = sorted({e.batch for e in estimates})
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(len(batches), 1)))
+    seen = set()
+    for e in estimates:
+        if e.chip != ref.name:
+            continue
+        color = colors[batches.index(e.batch)]
+        for c in e.components:
+            i = c.cost.intensity
+            y = min(ref.peak(dtype), i * ref.bandwidth)
+            label = f"{c.name}" if c.name not in seen else None
+            seen.add(c.name)
+            ax.scatter([i], [y], marker=markers.get(c.name, "o"), color=color, s=40,
+                       facecolors=color if e.weights == "bf16" else "none", label=label, zorder=3)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+    ax.set_ylabel("attainable FLOP/s")
+    ax.set_title(title + f"\npoints: components on {ref.name}; filled = bf16 weights, hollow = quantized; "
+                 f"colour = batch {batches}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    model = get_model(args.model)
+    chip_names = _names(args.chips, "--chips", [*CHIPS, "host"]) if args.chips else [*CHIPS, "host"]
+    if args.no_host:
+        chip_names = [c for c in chip_names if c != "host"]
+    batches = _ints(args.batch, "--batch")
+    weights = _names(args.weights, "--weights", WEIGHT_FORMATS)
+    group_size = _group_size(args.group_size)
+    prices = _prices(args.price)
+    if args.tp is not None and args.tp < 1:
+        raise ValueError(f"--tp={args.tp} must be an integer >= 1")
+    if args.context < 1:
+        raise ValueError(f"--context={args.context} must be an integer >= 1")
+
+    chips: list[Chip] = []
+    for name in chip_names:
+        if name == "host":
+            _progress("measuring this host's roofline (cached per machine after the first run) ...")
+            chip = measure_host()
+        else:
+            chip = get_chip(name)
+        if name in prices:
+            chip = chip.with_price(prices[name])
+        chips.append(chip)
+
+    estimates = []
+    for chip in chips:
+        for w in weights:
+            for b in batches:
+                estimates.append(
+                    estimate(model, chip, batch=b, context=args.context, phase=args.phase, weights=w,
+                             group_size=group_size, kv=args.kv, compute_dtype=args.compute_dtype,
+                             chips=args.tp, mem_fraction=args.mem_fraction)
+                )
+    rows = [_row(e) for e in estimates]
+    plot_chips = [c for c in chips if args.compute_dtype in c.peak_flops]
+    title = f"{model.name}, {args.phase}, context {args.context}"
+    if args.out and plot_chips:
+        plot_roofline(args.out, plot_chips, estimates, args.compute_dtype, title)
+        _progress(f"wrote {args.out}")
+    report = {
+        "model": model.name,
+        "params": model.params(),
+        "phase": args.phase,
+        "context": args.context,
+        "kv": args.kv,
+        "group_size": group_size,
+        "compute_dtype": args.compute_dtype,
+        "chips": {
+            c.name: {
+                "peak_flops": dict(c.peak_flops),
+                "bandwidth": c.bandwidth,
+                "memory": c.memory,
+                "price_per_hour": c.price_per_hour,
+                "sources": dict(c.sources),
+            }
+            for c in chips
+        },
+        "rows": rows,
+        "plot": args.out or None,
+        "assumptions": "roofline bounds (upper bound on throughput); tensor-parallel split with communication "
+        "ignored; see roofline/tokens.py",
+    }
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{title}: {model.params() / 1e9:.1f}B parameters, KV {args.kv}, "
+          f"int4 group size {group_size or 'per-channel'}, computed in {args.compute_dtype}")
+    print(_table(rows))
+    print()
+    print("Roofline bounds: each component takes max(FLOPs / peak, bytes / bandwidth); with several chips the "
+          "work splits evenly and communication is ignored. $/Mtok uses on-demand prices "
+          "(roofline/data/prices.json); n/a where no price is known (pass --price host=USD).")
+    for c in chips:
+        if c.name == "host":
+            print(f"host: {c.peak('fp32') / 1e9:.0f} GFLOP/s fp32, {c.bandwidth / 1e9:.1f} GB/s "
+                  f"({c.sources['bandwidth']})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m roofline", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="step time, tokens/s and $/Mtok per chip, and a roofline plot")
+    rep.add_argument("--model", default="llama-3-70b", help=f"one of: {', '.join(MODELS)}")
+    rep.add_argument("--chips", default=None, help=f"comma-separated; default all: {', '.join([*CHIPS, 'host'])}")
+    rep.add_argument("--no-host", action="store_true", help="skip measuring this machine")
+    rep.add_argument("--batch", default="1,16,64", help="comma-separated decode batch sizes (>= 1)")
+    rep.add_argument("--context", type=int, default=4096, help="tokens in each sequence's KV cache")
+    rep.add_argument("--phase", default="decode", choices=PHASES)
+    rep.add_argument("--weights", default="bf16,int4", help=f"comma-separated, of: {', '.join(WEIGHT_FORMATS)}")
+    rep.add_argument("--group-size", default="128", help="int4 group size, or 'channel'")
+    rep.add_argument("--kv", default="bf16", choices=KV_FORMATS, help="KV-cache format")
+    rep.add_argument("--compute-dtype", default="bf16", help="dtype whose peak bounds the matmuls")
+    rep.add_argument("--tp", type=int, default=None,
+                     help="chips per model replica (default: the fewest, in powers of two, that hold it)")
+    rep.add_argument("--mem-fraction", type=float, default=0.9, help="usable fraction of each chip's memory")
+    rep.add_argument("--price", action="append", default=[], metavar="CHIP=USD",
+                     help="on-demand USD per chip-hour, overriding the catalogue (host has none)")
+    rep.add_argument("--out", default="roofline.png", help="roofline plot path ('' for none)")
+    rep.add_argument("--json", action="store_true", help="write only JSON to stdout")
+    rep.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""The token-cost model: per-layer kernel costs -> step time -> tokens/s -> $ per million tokens.
+
+For one forward step of a decoder at batch B (sequences) and context L (tokens in each sequence's KV cache,
+the new one included), every component of every layer gets an analytic `Cost` (FLOPs and main-memory
+bytes), and its time on a chip is its roofline bound:
+
+    t_component = max(flops / peak_flops[compute_dtype], bytes / bandwidth)
+    step_s      = Σ_components count × t_component / chips          (tensor-parallel split, ideal)
+    tokens/s    = B / step_s (decode; prefill processes B·L tokens per step)
+    $/Mtok      = price_per_hour × chips / (tokens/s × 3600) × 1e6
+
+Components, per layer unless said: "qkv_proj" (q, k, v projections; MLA's q_a, q_b, kv_a, kv_b),
+"attention" (over the KV cache), "o_proj", "mlp" (dense SwiGLU layers), "moe_router", "moe_experts"
+(routed and shared), and "lm_head" (once per step). `measured` replaces any component's analytic time by
+a measured one (seconds per occurrence, on one chip).
+
+Assumptions, each a deliberate simplification:
+- Every component is bound by one roof; there is no overlap between components, no launch overhead, no
+  scheduler, sampling, embedding lookup or norm cost. The result is an upper bound on throughput.
+- Activations are bf16 and read/written once per matmul; weights are read once per step.
+- Weight formats: "bf16" (2 bytes), "int8" (1 byte + one fp16 scale per output column), "int4" (½ byte +
+  per group of `group_size` inputs and per output column an fp16 scale and a 4-bit zero point, as GPTQ/AWQ
+  checkpoints store them; `group_size=None` is per-channel). Quantized weights are computed in
+  `compute_dtype` (bf16 by default: W4A16 / W8A16). The router, the embedding and lm_head stay bf16, as
+  quantizers leave them.
+- KV formats: "bf16", "fp8" (one scale per tensor), "int8" (one fp16 scale per token and kv head).
+- MoE at decode: each of the B tokens picks top_k of E experts independently and uniformly, so
+  E·(1 − (1 − k/E)^B) distinct experts are read on average; shared experts are always read.
+- MLA (DeepSeek-V3) decodes with the up-projections absorbed: attention reads kv_lora_rank +
+  qk_rope_head_dim values per cached token, shared by all heads; prefill runs it unabsorbed.
+- Several chips split every component evenly (tensor parallel). Communication is ignored.
+- Memory: weights (all layers, embedding and lm_head) plus the KV cache of B sequences of L tokens must
+  fit in `mem_fraction` of the chips' memory; otherwise the smallest power-of-two chip count that fits
+  is used (or, with `chips` given, the estimate says it does not fit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+from roofline.counters import Cost, itemsize
+from roofline.hardware import Chip
+from roofline.models import ModelShape
+
+WEIGHT_FORMATS = ("bf16", "int8", "int4")
+KV_FORMATS = ("bf16", "fp8", "int8")
+PHASES = ("decode", "prefill")
+COMPONENTS = ("qkv_proj", "attention", "o_proj", "mlp", "moe_router", "moe_experts", "lm_head")
+ACT_BYTES = 2  # bf16 activations
+
+
+def _check_choice(arg: str, value: object, choices: Sequence[object]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {arg}={value!r}; valid choices: {', '.join(map(str, choices))}")
+
+
+def _check_positive(arg: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{arg}={value!r} must be an integer >= 1")
+
+
+def weight_bytes(k: int, n: int, fmt: str, group_size: int | None = 128) -> float:
+    """Bytes of a [K, N] weight matrix stored in `fmt` (scales and zero points included)."""
+    _check_choice("weights", fmt, WEIGHT_FORMATS)
+    if fmt == "bf16":
+        return 2.0 * k * n
+    if fmt == "int8":
+        return k * n + 2.0 * n
+    groups = 1 if group_size is None else math.ceil(k / group_size)
+    return 0.5 * k * n + groups * n * (2.0 + 0.5)
+
+
+def kv_bytes_per_token(model: ModelShape, kv: str = "bf16") -> float:
+    """KV-cache bytes one token occupies in one layer."""
+    _check_choice("kv", kv, KV_FORMATS)
+    if model.is_mla:
+        values = model.kv_lora_rank + model.qk_rope_head_dim
+        heads = 1
+    else:
+        values = 2 * model.kv_heads * model.head_dim
+        heads = 2 * model.kv_heads
+    size = values * itemsize(kv)
+    if kv == "int8":
+        size += heads * 2.0  # fp16 scale per token and head (and per k/v)
+    return size
+
+
+def _matmul(m: int, k: int, n: int, fmt: str, group_size: int | None) -> Cost:
+    return Cost(
+        flops=2.0 * m * k * n,
+        bytes_read=weight_bytes(k, n, fmt, group_size) + m * k * ACT_BYTES,
+        bytes_written=m * n * ACT_BYTES,
+    )
+
+
+def expected_experts_touched(tokens: int, experts: int, top_k: int) -> float:
+    """Mean number of distinct experts hit when each token picks top_k of E uniformly at random."""
+    if experts == 0:
+        return 0.0
+    return experts * (1.0 - (1.0 - top_k / experts) ** tokens)
+
+
+def _attention(model: ModelShape, batch: int, context: int, phase: str, kv: str) -> Cost:
+    kv_tok = kv_bytes_per_token(model, kv)
+    if model.is_mla and phase == "decode":
+        d_qk, d_v = model.kv_lora_rank + model.qk_rope_head_dim, model.kv_lora_rank
+    elif model.is_mla:
+        d_qk, d_v = model.qk_nope_head_dim + model.qk_rope_head_dim, model.v_head_dim
+    else:
+        d_qk = d_v = model.head_dim
+    q_len = 1 if phase == "decode" else context
+    # Query i of the last q_len positions attends to context - q_len + i + 1 keys (causal).
+    pairs = q_len * (context - q_len) + q_len * (q_len + 1) / 2
+    scores = batch * model.heads * pairs
+    new_tokens = batch * q_len
+    return Cost(
+        flops=scores * (2.0 * d_qk + 2.0 * d_v + 5.0),
+        bytes_read=batch * context * kv_tok + new_tokens * model.heads * d_qk * ACT_BYTES,
+        bytes_written=new_tokens * (kv_tok + model.heads * d_v * ACT_BYTES),
+        transcendentals=scores,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+    """One kernel of the step: its cost per occurrence and how many times a step runs it."""
+
+    name: str
+    cost: Cost
+    count: int
+
+
+def step_components(
+    model: ModelShape,
+    *,
+    batch: int,
+    context: int,
+    phase: str = "decode",
+    weights: str = "bf16",
+    group_size: int | None = 128,
+    kv: str = "bf16",
+) -> list[Component]:
+    """The analytic costs of one step's kernels (see the module docstring for the assumptions)."""
+    _check_positive("batch", batch)
+    _check_positive("context", context)
+    _check_choice("phase", phase, PHASES)
+    _check_choice("weights", weights, WEIGHT_FORMATS)
+    _check_choice("kv", kv, KV_FORMATS)
+    if group_size is not None:
+        _check_positive("group_size", group_size)
+    tokens = batch if phase == "decode" else batch * context
+    shapes = model.linear_shapes()
+
+    def mm(k: int, n: int, fmt: str = weights) -> Cost:
+        return _matmul(tokens, k, n, fmt, group_size)
+
+    out_name = "o"
+    qkv = Cost(0.0, 0.0, 0.0)
+    for name, (k, n) in shapes.items():
+        if name != out_name:
+            qkv = qkv + mm(k, n)
+    comps = [
+        Component("qkv_proj", qkv, model.layers),
+        Component("attention", _attention(model, batch, context, phase, kv), model.layers),
+        Component("o_proj", mm(*shapes[out_name]), model.layers),
+    ]
+    dense_layers = model.layers - model.moe_layers
+    if dense_layers:
+        h, f = model.hidden, model.ffn
+        comps.append(Component("mlp", mm(h, 2 * f) + mm(f, h), dense_layers))
+    if model.moe_layers:
+        h, f = model.hidden, model.moe_ffn
+        comps.append(Component("moe_router", mm(h, model.experts, "bf16"), model.moe_layers))
+        touched = expected_experts_touched(tokens, model.experts, model.top_k) + model.shared_experts
+        routed = tokens * (model.top_k + model.shared_experts)  # token-expert pairs
+        per_expert_w = weight_bytes(h, 2 * f, weights, group_size) + weight_bytes(f, h, weights, group_size)
+        experts = Cost(
+            flops=2.0 * routed * 3 * h * f,
+            bytes_read=touched * per_expert_w + routed * (h + f) * ACT_BYTES,
+            bytes_written=routed * (2 * f + h) * ACT_BYTES,
+        )
+        comps.append(Component("moe_experts", experts, model.moe_layers))
+    lm_tokens = batch  # only the last position of each sequence is decoded into logits
+    comps.append(Component("lm_head", _matmul(lm_tokens, model.hidden, model.vocab, "bf16", None), 1))
+    return comps
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    weight_bytes: float
+    kv_bytes: float
+
+    @property
+    def total(self) -> float:
+        return self.weight_bytes + self.kv_bytes
+
+
+def memory_footprint(
+    model: ModelShape, *, batch: int, context: int, weights: str = "bf16", group_size: int | None = 128,
+    kv: str = "bf16",
+) -> Footprint:
+    """Bytes of all weights (embedding and lm_head in bf16) and of the KV cache of batch × context tokens."""
+    _check_positive("batch", batch)
+    _check_positive("context", context)
+    linear = sum(weight_bytes(k, n, weights, group_size) for k, n in model.linear_shapes().values())
+    dense_layers = model.layers - model.moe_layers
+    mlp = weight_bytes(model.hidden, 2 * model.ffn, weights, group_size) + weight_bytes(
+        model.ffn, model.hidden, weights, group_size
+    )
+    expert = weight_bytes(model.hidden, 2 * model.moe_ffn, weights, group_size) + weight_bytes(
+        model.moe_ffn, model.hidden, weights, group_size
+    )
+    moe = (model.experts + model.shared_experts) * expert + weight_bytes(model.hidden, model.experts, "bf16")
+    embed = model.vocab * model.hidden * ACT_BYTES * (1 if model.tied_embeddings else 2)
+    total_w = model.layers * linear + dense_layers * mlp + model.moe_layers * moe + embed
+    kv_total = batch * context * model.layers * kv_bytes_per_token(model, kv)
+    return Footprint(weight_bytes=total_w, kv_bytes=kv_total)
+
+
+def chips_needed(footprint: Footprint, chip: Chip, mem_fraction: float = 0.9) -> int:
+    """Smallest power-of-two number of chips whose usable memory holds the footprint."""
+    if not 0 < mem_fraction <= 1:
+        raise ValueError(f"mem_fraction={mem_fraction} must be in (0, 1]")
+    usable = chip.memory * mem_fraction
+    n = 1
+    while n * usable < footprint.total:
+        n *= 2
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentTime:
+    name: str
+    count: int
+    cost: Cost  # per occurrence, whole (not split across chips)
+    bound_s: float  # roofline time per occurrence on one chip
+    time_s: float  # time used: measured if given, else bound_s
+    measured: bool
+    bound: str  # "compute" or "memory"
+
+    @property
+    def step_share_s(self) -> float:
+        """Seconds this component adds to the step on one chip (all its occurrences)."""
+        return self.count * self.time_s
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEstimate:
+    model: str
+    chip: str
+    chips: int
+    batch: int
+    context: int
+    phase: str
+    weights: str
+    kv: str
+    compute_dtype: str
+    components: tuple[ComponentTime, ...]
+    step_s: float
+    tokens_per_s: float
+    usd_per_mtok: float | None
+    footprint: Footprint
+    fits: bool
+    notes: tuple[str, ...]
+
+    @property
+    def dominant_bound(self) -> str:
+        """"memory" or "compute": the roof that sets most of the step time."""
+        memory = sum(c.step_share_s for c in self.components if c.bound == "memory")
+        return "memory" if memory >= 0.5 * sum(c.step_share_s for c in self.components) else "compute"
+
+
+def usd_per_mtok(price_per_hour: float, chips: int, tokens_per_s: float) -> float:
+    """$ per million tokens = price per chip-hour × chips / (tokens/s × 3600) × 1e6."""
+    return price_per_hour * chips / (tokens_per_s * 3600.0) * 1e6
+
+
+def estimate(
+    model: ModelShape,
+    chip: Chip,
+    *,
+    batch: int,
+    context: int,
+    phase: str = "decode",
+    weights: str = "bf16",
+    group_size: int | None = 128,
+    kv: str = "bf16",
+    compute_dtype: str = "bf16",
+    chips: int | None = None,
+    mem_fraction: float = 0.9,
+    measured: Mapping[str, float] | None = None,
+) -> StepEstimate:
+    """Step time, tokens/s and $/Mtok of `model` on `chip` (see the module docstring)."""
+    comps = step_components(
+        model, batch=batch, context=context, phase=phase, weights=weights, group_size=group_size, kv=kv
+    )
+    measured = dict(measured or {})
+    for name, seconds in measured.items():
+        _check_choice("measured component", name, [c.name for c in comps])
+        if not seconds > 0:
+            raise ValueError(f"measured[{name!r}]={seconds} must be a positive number of seconds")
+    chip.peak(compute_dtype)  # raises with the chip's dtypes when it has no such peak
+    foot = memory_footprint(model, batch=batch, context=context, weights=weights, group_size=group_size, kv=kv)
+    needed = chips_needed(foot, chip, mem_fraction)
+    notes = []
+    if chips is None:
+        chips = needed
+    else:
+        _check_positive("chips", chips)
+    fits = chips >= needed
+    if not fits:
+        notes.append(
+            f"does not fit: {foot.total / 1e9:.1f} GB needed, {chips} × {chip.memory / 1e9:.0f} GB × "
+            f"{mem_fraction} usable; {needed} chips would fit"
+        )
+    if chips > 1:
+        notes.append(f"{chips}-way tensor parallel; communication ignored")
+    times = []
+    for c in comps:
+        bound_s = c.cost.time_bound(chip, compute_dtype)
+        t = measured.get(c.name, bound_s)
+        times.append(
+            ComponentTime(c.name, c.count, c.cost, bound_s, t, c.name in measured,
+                          c.cost.bound(chip, compute_dtype))
+        )
+    step_s = sum(t.step_share_s for t in times) / chips
+    tokens = batch if phase == "decode" else batch * context
+    tps = tokens / step_s
+    price = None if chip.price_per_hour is None else usd_per_mtok(chip.price_per_hour, chips, tps)
+    return StepEstimate(
+        model=model.name, chip=chip.name, chips=chips, batch=batch, context=context, phase=phase,
+        weights=weights, kv=kv, compute_dtype=compute_dtype, components=tuple(times), step_s=step_s,
+        tokens_per_s=tps, usd_per_mtok=price, footprint=foot, fits=fits, notes=tuple(notes),
+    )

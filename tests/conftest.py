@@ -1,0 +1,46 @@
+"""Shared test configuration: hypothesis profiles and the --full switch for slow sweeps."""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+# `ci` is what `make test` and CI use: deterministic, no deadline (JAX compiles on first call).
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=25,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+# `thorough` is for local runs before a release: many more random examples.
+settings.register_profile(
+    "thorough",
+    deadline=None,
+    max_examples=400,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--full") or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow sweep: run with --full")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def host_chip(tmp_path_factory):
+    """This machine's measured roofline, measured once per test session into a private cache."""
+    from roofline.hardware import measure_host
+
+    os.environ.setdefault("TOKENLAB_CACHE", str(tmp_path_factory.mktemp("tokenlab-cache")))
+    return measure_host(matmul_n=1024, stream_bytes=256 << 20, repeats=3)

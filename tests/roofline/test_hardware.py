@@ -1,0 +1,72 @@
+import pytest
+
+from roofline import CHIPS, get_chip
+from roofline.hardware import DTYPES, measure_host
+
+REQUIRED_CHIPS = ("h100-sxm", "h200", "a100-80gb", "l4", "mi300x", "tpu-v5e", "tpu-v5p", "tpu-v6e")
+
+
+def test_catalogue_has_the_required_chips():
+    assert set(REQUIRED_CHIPS) <= set(CHIPS)
+
+
+@pytest.mark.parametrize("name", sorted(CHIPS))
+def test_every_figure_has_a_source(name):
+    chip = CHIPS[name]
+    for field in ("peak_flops", "bandwidth", "memory", "price_per_hour"):
+        assert chip.sources.get(field, "").strip(), f"{name}: no source for {field}"
+    assert "as of" in chip.sources["price_per_hour"]
+
+
+@pytest.mark.parametrize("name", sorted(CHIPS))
+def test_figures_are_plausible(name):
+    chip = CHIPS[name]
+    assert set(chip.peak_flops) <= set(DTYPES)
+    assert "bf16" in chip.peak_flops
+    assert 1e13 < chip.peak("bf16") < 1e16
+    # Low-precision peaks are at least the bf16 peak; fp32 is below it.
+    for dtype in ("fp8", "int8"):
+        if dtype in chip.peak_flops:
+            assert chip.peak(dtype) >= chip.peak("bf16")
+    if "fp32" in chip.peak_flops:
+        assert chip.peak("fp32") <= chip.peak("bf16")
+    assert 1e11 < chip.bandwidth < 1e14
+    assert 1e9 < chip.memory < 1e12
+    assert 0.1 < chip.price_per_hour < 50
+    assert 10 < chip.ridge_point("bf16") < 2000
+
+
+def test_unknown_chip_lists_the_choices():
+    with pytest.raises(ValueError, match="unknown chip 'h100'.*h100-sxm.*host"):
+        get_chip("h100")
+
+
+def test_missing_dtype_names_the_dtypes_the_chip_has():
+    with pytest.raises(ValueError, match=r"tpu-v5e.*fp32.*\['bf16', 'int8'\]"):
+        CHIPS["tpu-v5e"].peak("fp32")
+
+
+def test_price_override_must_be_positive():
+    assert CHIPS["l4"].with_price(1.5).price_per_hour == 1.5
+    with pytest.raises(ValueError, match="price_per_hour"):
+        CHIPS["l4"].with_price(0.0)
+
+
+def test_measure_host_is_plausible_and_cached(host_chip):
+    assert host_chip.name == "host"
+    # A 2-core CPU reaches tens of GFLOP/s; no single device reaches 10 PFLOP/s in fp32.
+    assert 1e9 < host_chip.peak("fp32") < 1e16
+    assert 1e9 < host_chip.bandwidth < 1e13
+    assert host_chip.memory > 1e9
+    assert host_chip.price_per_hour is None
+    assert "measured on this machine" in host_chip.sources["bandwidth"]
+    again = measure_host(matmul_n=1024, stream_bytes=256 << 20, repeats=3)
+    assert again.peak_flops == host_chip.peak_flops and again.bandwidth == host_chip.bandwidth
+    assert measure_host(matmul_n=1024, stream_bytes=256 << 20, price_per_hour=0.1).price_per_hour == 0.1
+
+
+def test_measure_host_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="matmul_n"):
+        measure_host(matmul_n=8, cache=False)
+    with pytest.raises(ValueError, match="repeats"):
+        measure_host(repeats=0, cache=False)

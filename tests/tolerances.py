@@ -1,0 +1,52 @@
+"""The one tolerance table: every numerical comparison in the tests takes its bounds from here.
+
+Keyed by the dtype of the arrays under test (a NumPy dtype name). `rtol`/`atol` are for elementwise
+`assert_allclose`; `nerr` bounds the normalized error ||actual - expected|| / ||expected|| used for
+quantized kernels (against the dequantized reference) and long reductions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float
+    nerr: float
+
+
+TOLERANCES = {
+    "float64": Tolerance(rtol=1e-12, atol=1e-12, nerr=1e-12),
+    "float32": Tolerance(rtol=2e-5, atol=2e-5, nerr=1e-5),
+    "float16": Tolerance(rtol=2e-3, atol=2e-3, nerr=1e-3),
+    "bfloat16": Tolerance(rtol=2e-2, atol=2e-2, nerr=8e-3),
+}
+
+# Relative agreement of analytic counters with XLA's cost analysis on the CPU.
+COST_FLOPS_RTOL = 0.02
+COST_BYTES_RTOL = 0.10
+
+
+def tolerance(dtype) -> Tolerance:
+    name = np.dtype(dtype).name
+    if name not in TOLERANCES:
+        raise KeyError(f"no tolerance for dtype {name!r}; add it to tests/tolerances.py")
+    return TOLERANCES[name]
+
+
+def normalized_error(actual, expected) -> float:
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    denom = np.linalg.norm(expected)
+    return float(np.linalg.norm(actual - expected) / (denom if denom else 1.0))
+
+
+def assert_close(actual, expected, dtype) -> None:
+    tol = tolerance(dtype)
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64), rtol=tol.rtol, atol=tol.atol
+    )
