@@ -43,7 +43,9 @@ def _prices(items: Sequence[str]) -> dict[str, float]:
     for item in items:
         name, _, value = item.partition("=")
         if name not in [*CHIPS, "host"]:
-            raise ValueError(f"--price {item!r}: unknown chip {name!r}; valid chips: {', '.join([*CHIPS, 'host'])}")
+            raise ValueError(
+                f"--price {item!r}: unknown chip {name!r}; valid chips: {', '.join([*CHIPS, 'host'])}"
+            )
         try:
             prices[name] = float(value)
         except ValueError:
@@ -103,8 +105,10 @@ def _row(e: StepEstimate) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'chip':<10} {'chips':>5} {'weights':>7} {'batch':>5} {'step ms':>9} {'tokens/s':>10} " \
-           f"{'$/Mtok':>8} {'bound':>8} {'GB':>7}"
+    head = (
+        f"{'chip':<10} {'chips':>5} {'weights':>7} {'batch':>5} {'step ms':>9} {'tokens/s':>10} "
+        f"{'$/Mtok':>8} {'bound':>8} {'GB':>7}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -115,8 +119,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_roofline(path: str, chips: Sequence[Chip], estimates: Sequence[StepEstimate], dtype: str,
-                  title: str) -> None:
+def plot_roofline(
+    path: str, chips: Sequence[Chip], estimates: Sequence[StepEstimate], dtype: str, title: str
+) -> None:
     """Roofline of each chip (FLOP/s against FLOP/byte), with the step's components as points placed on
     the roof of the first chip."""
     import matplotlib
@@ -131,8 +136,15 @@ def plot_roofline(path: str, chips: Sequence[Chip], estimates: Sequence[StepEsti
         peak = chip.peak(dtype)
         ax.plot(x, np.minimum(peak, x * chip.bandwidth), label=f"{chip.name} ({dtype})", lw=1.5)
     ref = chips[0]
-    markers = {"qkv_proj": "o", "attention": "s", "o_proj": "^", "mlp": "D", "moe_router": "v",
-               "moe_experts": "P", "lm_head": "*"}
+    markers = {
+        "qkv_proj": "o",
+        "attention": "s",
+        "o_proj": "^",
+        "mlp": "D",
+        "moe_router": "v",
+        "moe_experts": "P",
+        "lm_head": "*",
+    }
     batches = sorted({e.batch for e in estimates})
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.85, max(len(batches), 1)))
     seen = set()
@@ -145,14 +157,25 @@ def plot_roofline(path: str, chips: Sequence[Chip], estimates: Sequence[StepEsti
             y = min(ref.peak(dtype), i * ref.bandwidth)
             label = f"{c.name}" if c.name not in seen else None
             seen.add(c.name)
-            ax.scatter([i], [y], marker=markers.get(c.name, "o"), color=color, s=40,
-                       facecolors=color if e.weights == "bf16" else "none", label=label, zorder=3)
+            ax.scatter(
+                [i],
+                [y],
+                marker=markers.get(c.name, "o"),
+                color=color,
+                s=40,
+                facecolors=color if e.weights == "bf16" else "none",
+                label=label,
+                zorder=3,
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
     ax.set_ylabel("attainable FLOP/s")
-    ax.set_title(title + f"\npoints: components on {ref.name}; filled = bf16 weights, hollow = quantized; "
-                 f"colour = batch {batches}", fontsize=9)
+    ax.set_title(
+        title + f"\npoints: components on {ref.name}; filled = bf16 weights, hollow = quantized; "
+        f"colour = batch {batches}",
+        fontsize=9,
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right", ncol=2)
     fig.tight_layout()
@@ -190,9 +213,19 @@ def cmd_report(args: argparse.Namespace) -> int:
         for w in weights:
             for b in batches:
                 estimates.append(
-                    estimate(model, chip, batch=b, context=args.context, phase=args.phase, weights=w,
-                             group_size=group_size, kv=args.kv, compute_dtype=args.compute_dtype,
-                             chips=args.tp, mem_fraction=args.mem_fraction)
+                    estimate(
+                        model,
+                        chip,
+                        batch=b,
+                        context=args.context,
+                        phase=args.phase,
+                        weights=w,
+                        group_size=group_size,
+                        kv=args.kv,
+                        compute_dtype=args.compute_dtype,
+                        chips=args.tp,
+                        mem_fraction=args.mem_fraction,
+                    )
                 )
     rows = [_row(e) for e in estimates]
     plot_chips = [c for c in chips if args.compute_dtype in c.peak_flops]
@@ -220,24 +253,30 @@ def cmd_report(args: argparse.Namespace) -> int:
         },
         "rows": rows,
         "plot": args.out or None,
-        "assumptions": "roofline bounds (upper bound on throughput); tensor-parallel split with communication "
-        "ignored; see roofline/tokens.py",
+        "assumptions": "roofline bounds (an upper bound on throughput); tensor-parallel split with "
+        "communication ignored; see roofline/tokens.py",
     }
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    print(f"{title}: {model.params() / 1e9:.1f}B parameters, KV {args.kv}, "
-          f"int4 group size {group_size or 'per-channel'}, computed in {args.compute_dtype}")
+    print(
+        f"{title}: {model.params() / 1e9:.1f}B parameters, KV {args.kv}, "
+        f"int4 group size {group_size or 'per-channel'}, computed in {args.compute_dtype}"
+    )
     print(_table(rows))
     print()
-    print("Roofline bounds: each component takes max(FLOPs / peak, bytes / bandwidth); with several chips the "
-          "work splits evenly and communication is ignored. $/Mtok uses on-demand prices "
-          "(roofline/data/prices.json); n/a where no price is known (pass --price host=USD).")
+    print(
+        "Roofline bounds: each component takes max(FLOPs / peak, bytes / bandwidth); with several chips the "
+        "work splits evenly and communication is ignored. $/Mtok uses on-demand prices "
+        "(roofline/data/prices.json); n/a where no price is known (pass --price host=USD)."
+    )
     for c in chips:
         if c.name == "host":
-            print(f"host: {c.peak('fp32') / 1e9:.0f} GFLOP/s fp32, {c.bandwidth / 1e9:.1f} GB/s "
-                  f"({c.sources['bandwidth']})")
+            print(
+                f"host: {c.peak('fp32') / 1e9:.0f} GFLOP/s fp32, {c.bandwidth / 1e9:.1f} GB/s "
+                f"({c.sources['bandwidth']})"
+            )
     return 0
 
 
@@ -246,20 +285,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="step time, tokens/s and $/Mtok per chip, and a roofline plot")
     rep.add_argument("--model", default="llama-3-70b", help=f"one of: {', '.join(MODELS)}")
-    rep.add_argument("--chips", default=None, help=f"comma-separated; default all: {', '.join([*CHIPS, 'host'])}")
+    rep.add_argument(
+        "--chips", default=None, help=f"comma-separated; default all: {', '.join([*CHIPS, 'host'])}"
+    )
     rep.add_argument("--no-host", action="store_true", help="skip measuring this machine")
     rep.add_argument("--batch", default="1,16,64", help="comma-separated decode batch sizes (>= 1)")
     rep.add_argument("--context", type=int, default=4096, help="tokens in each sequence's KV cache")
     rep.add_argument("--phase", default="decode", choices=PHASES)
-    rep.add_argument("--weights", default="bf16,int4", help=f"comma-separated, of: {', '.join(WEIGHT_FORMATS)}")
+    rep.add_argument(
+        "--weights", default="bf16,int4", help=f"comma-separated, of: {', '.join(WEIGHT_FORMATS)}"
+    )
     rep.add_argument("--group-size", default="128", help="int4 group size, or 'channel'")
     rep.add_argument("--kv", default="bf16", choices=KV_FORMATS, help="KV-cache format")
     rep.add_argument("--compute-dtype", default="bf16", help="dtype whose peak bounds the matmuls")
-    rep.add_argument("--tp", type=int, default=None,
-                     help="chips per model replica (default: the fewest, in powers of two, that hold it)")
+    rep.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="chips per model replica (default: the fewest, in powers of two, that hold it)",
+    )
     rep.add_argument("--mem-fraction", type=float, default=0.9, help="usable fraction of each chip's memory")
-    rep.add_argument("--price", action="append", default=[], metavar="CHIP=USD",
-                     help="on-demand USD per chip-hour, overriding the catalogue (host has none)")
+    rep.add_argument(
+        "--price",
+        action="append",
+        default=[],
+        metavar="CHIP=USD",
+        help="on-demand USD per chip-hour, overriding the catalogue (host has none)",
+    )
     rep.add_argument("--out", default="roofline.png", help="roofline plot path ('' for none)")
     rep.add_argument("--json", action="store_true", help="write only JSON to stdout")
     rep.set_defaults(func=cmd_report)

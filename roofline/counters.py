@@ -99,12 +99,20 @@ class Cost:
         return max(self.compute_s(chip, dtype), self.memory_s(chip))
 
     def bound(self, chip: Chip, dtype: str = "bf16") -> str:
-        """"compute" or "memory": which roof sets `time_bound`."""
+        """ "compute" or "memory": which roof sets `time_bound`."""
         return "compute" if self.compute_s(chip, dtype) >= self.memory_s(chip) else "memory"
 
 
-def matmul_cost(m: int, k: int, n: int, *, x_dtype: Any = "fp32", w_dtype: Any = None,
-                out_dtype: Any = None, batch: int = 1) -> Cost:
+def matmul_cost(
+    m: int,
+    k: int,
+    n: int,
+    *,
+    x_dtype: Any = "fp32",
+    w_dtype: Any = None,
+    out_dtype: Any = None,
+    batch: int = 1,
+) -> Cost:
     """x: [batch, m, k] @ w: [batch, k, n] -> [batch, m, n]: 2·m·k·n FLOPs, each operand read once."""
     for arg, v in (("m", m), ("k", k), ("n", n), ("batch", batch)):
         if v < 1:
@@ -118,9 +126,19 @@ def matmul_cost(m: int, k: int, n: int, *, x_dtype: Any = "fp32", w_dtype: Any =
     )
 
 
-def attention_cost(batch: int, num_q_heads: int, num_kv_heads: int, q_len: int, kv_len: int, head_dim: int,
-                   *, dtype: Any = "fp32", kv_dtype: Any = None, causal: bool = False,
-                   v_head_dim: int | None = None) -> Cost:
+def attention_cost(
+    batch: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    q_len: int,
+    kv_len: int,
+    head_dim: int,
+    *,
+    dtype: Any = "fp32",
+    kv_dtype: Any = None,
+    causal: bool = False,
+    v_head_dim: int | None = None,
+) -> Cost:
     """Dense attention softmax(scale·q·kᵀ + mask)·v, as a fused (flash) kernel would move memory.
 
     q: [B, Lq, H, D], k: [B, Lk, K, D], v: [B, Lk, K, Dv] -> o: [B, Lq, H, Dv]. With `causal`, query i
@@ -128,8 +146,14 @@ def attention_cost(batch: int, num_q_heads: int, num_kv_heads: int, q_len: int, 
     per p·v product over the attended pairs, plus 5 per score for scale, max, subtract, sum and divide;
     one exp per score. Bytes: q, k, v read once, o written once; scores never reach memory.
     """
-    for arg, v in (("batch", batch), ("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads),
-                   ("q_len", q_len), ("kv_len", kv_len), ("head_dim", head_dim)):
+    for arg, v in (
+        ("batch", batch),
+        ("num_q_heads", num_q_heads),
+        ("num_kv_heads", num_kv_heads),
+        ("q_len", q_len),
+        ("kv_len", kv_len),
+        ("head_dim", head_dim),
+    ):
         if v < 1:
             raise ValueError(f"{arg}={v} must be at least 1")
     if num_q_heads % num_kv_heads:
@@ -146,8 +170,11 @@ def attention_cost(batch: int, num_q_heads: int, num_kv_heads: int, q_len: int, 
     scores = batch * num_q_heads * pairs
     return Cost(
         flops=scores * (2.0 * head_dim + 2.0 * dv + 5.0),
-        bytes_read=batch * (q_len * num_q_heads * head_dim * itemsize(dtype)
-                            + kv_len * num_kv_heads * (head_dim + dv) * itemsize(kv_dtype)),
+        bytes_read=batch
+        * (
+            q_len * num_q_heads * head_dim * itemsize(dtype)
+            + kv_len * num_kv_heads * (head_dim + dv) * itemsize(kv_dtype)
+        ),
         bytes_written=batch * q_len * num_q_heads * dv * itemsize(dtype),
         transcendentals=scores,
     )

@@ -193,7 +193,6 @@ def _measure(matmul_n: int, stream_bytes: int, repeats: int) -> dict[str, Any]:
     total(dev).block_until_ready()
     t_xla = _best_seconds(lambda: total(dev).block_until_ready(), repeats)
     t_np = _best_seconds(lambda: host.sum(), repeats)
-    del dev, host
     bw_xla, bw_np = stream_bytes / t_xla, stream_bytes / t_np
     return {
         "fp32_matmul_flops": peak,

@@ -72,7 +72,9 @@ class ModelShape:
         """Total parameter count (norms excluded: they are negligible)."""
         attn = sum(k * n for k, n in self.linear_shapes().values())
         mlp_dense = 3 * self.hidden * self.ffn
-        moe = (self.experts + self.shared_experts) * 3 * self.hidden * self.moe_ffn + self.hidden * self.experts
+        moe = (
+            self.experts + self.shared_experts
+        ) * 3 * self.hidden * self.moe_ffn + self.hidden * self.experts
         dense_layers = self.layers - self.moe_layers
         embed = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         return self.layers * attn + dense_layers * mlp_dense + self.moe_layers * moe + embed
@@ -80,27 +82,74 @@ class ModelShape:
 
 _MODELS = (
     ModelShape(
-        name="llama-3-8b", layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336,
-        vocab=128256, source="meta-llama/Meta-Llama-3-8B config.json",
+        name="llama-3-8b",
+        layers=32,
+        hidden=4096,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        ffn=14336,
+        vocab=128256,
+        source="meta-llama/Meta-Llama-3-8B config.json",
     ),
     ModelShape(
-        name="llama-3-70b", layers=80, hidden=8192, heads=64, kv_heads=8, head_dim=128, ffn=28672,
-        vocab=128256, source="meta-llama/Meta-Llama-3-70B config.json",
+        name="llama-3-70b",
+        layers=80,
+        hidden=8192,
+        heads=64,
+        kv_heads=8,
+        head_dim=128,
+        ffn=28672,
+        vocab=128256,
+        source="meta-llama/Meta-Llama-3-70B config.json",
     ),
     ModelShape(
-        name="mixtral-8x7b", layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336,
-        vocab=32000, experts=8, top_k=2, moe_ffn=14336,
+        name="mixtral-8x7b",
+        layers=32,
+        hidden=4096,
+        heads=32,
+        kv_heads=8,
+        head_dim=128,
+        ffn=14336,
+        vocab=32000,
+        experts=8,
+        top_k=2,
+        moe_ffn=14336,
         source="mistralai/Mixtral-8x7B-v0.1 config.json (num_local_experts=8, num_experts_per_tok=2)",
     ),
     ModelShape(
-        name="qwen3-30b-a3b", layers=48, hidden=2048, heads=32, kv_heads=4, head_dim=128, ffn=6144,
-        vocab=151936, experts=128, top_k=8, moe_ffn=768,
-        source="Qwen/Qwen3-30B-A3B config.json (every layer sparse: decoder_sparse_step=1, mlp_only_layers=[])",
+        name="qwen3-30b-a3b",
+        layers=48,
+        hidden=2048,
+        heads=32,
+        kv_heads=4,
+        head_dim=128,
+        ffn=6144,
+        vocab=151936,
+        experts=128,
+        top_k=8,
+        moe_ffn=768,
+        source="Qwen/Qwen3-30B-A3B config.json (all layers sparse: decoder_sparse_step=1, mlp_only_layers=[])",
     ),
     ModelShape(
-        name="deepseek-v3", layers=61, hidden=7168, heads=128, kv_heads=128, head_dim=192, ffn=18432,
-        vocab=129280, experts=256, top_k=8, moe_ffn=2048, shared_experts=1, dense_layers=3,
-        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        name="deepseek-v3",
+        layers=61,
+        hidden=7168,
+        heads=128,
+        kv_heads=128,
+        head_dim=192,
+        ffn=18432,
+        vocab=129280,
+        experts=256,
+        top_k=8,
+        moe_ffn=2048,
+        shared_experts=1,
+        dense_layers=3,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
         source="deepseek-ai/DeepSeek-V3 config.json (MLA; first_k_dense_replace=3; n_group=8, topk_group=4)",
     ),
 )

@@ -198,7 +198,12 @@ class Footprint:
 
 
 def memory_footprint(
-    model: ModelShape, *, batch: int, context: int, weights: str = "bf16", group_size: int | None = 128,
+    model: ModelShape,
+    *,
+    batch: int,
+    context: int,
+    weights: str = "bf16",
+    group_size: int | None = 128,
     kv: str = "bf16",
 ) -> Footprint:
     """Bytes of all weights (embedding and lm_head in bf16) and of the KV cache of batch × context tokens."""
@@ -267,7 +272,7 @@ class StepEstimate:
 
     @property
     def dominant_bound(self) -> str:
-        """"memory" or "compute": the roof that sets most of the step time."""
+        """ "memory" or "compute": the roof that sets most of the step time."""
         memory = sum(c.step_share_s for c in self.components if c.bound == "memory")
         return "memory" if memory >= 0.5 * sum(c.step_share_s for c in self.components) else "compute"
 
@@ -302,7 +307,9 @@ def estimate(
         if not seconds > 0:
             raise ValueError(f"measured[{name!r}]={seconds} must be a positive number of seconds")
     chip.peak(compute_dtype)  # raises with the chip's dtypes when it has no such peak
-    foot = memory_footprint(model, batch=batch, context=context, weights=weights, group_size=group_size, kv=kv)
+    foot = memory_footprint(
+        model, batch=batch, context=context, weights=weights, group_size=group_size, kv=kv
+    )
     needed = chips_needed(foot, chip, mem_fraction)
     notes = []
     if chips is None:
@@ -322,15 +329,29 @@ def estimate(
         bound_s = c.cost.time_bound(chip, compute_dtype)
         t = measured.get(c.name, bound_s)
         times.append(
-            ComponentTime(c.name, c.count, c.cost, bound_s, t, c.name in measured,
-                          c.cost.bound(chip, compute_dtype))
+            ComponentTime(
+                c.name, c.count, c.cost, bound_s, t, c.name in measured, c.cost.bound(chip, compute_dtype)
+            )
         )
     step_s = sum(t.step_share_s for t in times) / chips
     tokens = batch if phase == "decode" else batch * context
     tps = tokens / step_s
     price = None if chip.price_per_hour is None else usd_per_mtok(chip.price_per_hour, chips, tps)
     return StepEstimate(
-        model=model.name, chip=chip.name, chips=chips, batch=batch, context=context, phase=phase,
-        weights=weights, kv=kv, compute_dtype=compute_dtype, components=tuple(times), step_s=step_s,
-        tokens_per_s=tps, usd_per_mtok=price, footprint=foot, fits=fits, notes=tuple(notes),
+        model=model.name,
+        chip=chip.name,
+        chips=chips,
+        batch=batch,
+        context=context,
+        phase=phase,
+        weights=weights,
+        kv=kv,
+        compute_dtype=compute_dtype,
+        components=tuple(times),
+        step_s=step_s,
+        tokens_per_s=tps,
+        usd_per_mtok=price,
+        footprint=foot,
+        fits=fits,
+        notes=tuple(notes),
     )

@@ -48,5 +48,8 @@ def normalized_error(actual, expected) -> float:
 def assert_close(actual, expected, dtype) -> None:
     tol = tolerance(dtype)
     np.testing.assert_allclose(
-        np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64), rtol=tol.rtol, atol=tol.atol
+        np.asarray(actual, dtype=np.float64),
+        np.asarray(expected, dtype=np.float64),
+        rtol=tol.rtol,
+        atol=tol.atol,
     )

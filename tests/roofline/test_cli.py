@@ -9,8 +9,9 @@ from roofline.__main__ import main
 
 def test_json_report(tmp_path, capsys):
     out = tmp_path / "r.png"
-    rc = main(["report", "--no-host", "--chips", "h100-sxm,tpu-v6e", "--batch", "1,8", "--json",
-               "--out", str(out)])
+    rc = main(
+        ["report", "--no-host", "--chips", "h100-sxm,tpu-v6e", "--batch", "1,8", "--json", "--out", str(out)]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"] == "llama-3-70b"
@@ -21,8 +22,26 @@ def test_json_report(tmp_path, capsys):
 
 
 def test_table_report(tmp_path, capsys):
-    rc = main(["report", "--no-host", "--chips", "l4", "--model", "qwen3-30b-a3b", "--weights", "int4",
-               "--batch", "4", "--tp", "2", "--out", str(tmp_path / "p.png"), "--price", "l4=1.0"])
+    rc = main(
+        [
+            "report",
+            "--no-host",
+            "--chips",
+            "l4",
+            "--model",
+            "qwen3-30b-a3b",
+            "--weights",
+            "int4",
+            "--batch",
+            "4",
+            "--tp",
+            "2",
+            "--out",
+            str(tmp_path / "p.png"),
+            "--price",
+            "l4=1.0",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert "qwen3-30b-a3b" in text and "l4" in text and "$/Mtok" in text
@@ -44,6 +63,7 @@ def test_bad_input_exits_nonzero_with_choices(args, message, capsys):
 
 
 def test_cli_as_a_module_rejects_unknown_kv():
-    proc = subprocess.run([sys.executable, "-m", "roofline", "report", "--kv", "fp4"], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "roofline", "report", "--kv", "fp4"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "fp4" in proc.stderr

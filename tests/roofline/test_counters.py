@@ -7,8 +7,9 @@ from roofline.counters import _normalize_cost_analysis, dtype_name, itemsize
 from roofline.hardware import Chip
 from tests.tolerances import COST_BYTES_RTOL, COST_FLOPS_RTOL
 
-CHIP = Chip("toy", "toy", {"bf16": 100.0, "fp32": 50.0}, bandwidth=10.0, memory=1e9, price_per_hour=1.0,
-            sources={})
+CHIP = Chip(
+    "toy", "toy", {"bf16": 100.0, "fp32": 50.0}, bandwidth=10.0, memory=1e9, price_per_hour=1.0, sources={}
+)
 
 
 def test_cost_arithmetic_and_bounds():
@@ -91,7 +92,10 @@ def test_causal_attention_counts_the_triangle():
 
 def test_cost_analysis_normalization_handles_both_shapes():
     assert _normalize_cost_analysis([{"flops": 3}]) == {"flops": 3.0}
-    assert _normalize_cost_analysis({"flops": 3, "bytes accessed": 8}) == {"flops": 3.0, "bytes accessed": 8.0}
+    assert _normalize_cost_analysis({"flops": 3, "bytes accessed": 8}) == {
+        "flops": 3.0,
+        "bytes accessed": 8.0,
+    }
     assert _normalize_cost_analysis([]) is None and _normalize_cost_analysis(None) is None
 
 

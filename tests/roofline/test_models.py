@@ -3,7 +3,13 @@ import pytest
 from roofline import MODELS, get_model
 
 # Published parameter counts, in billions.
-PUBLISHED = {"llama-3-8b": 8.03, "llama-3-70b": 70.6, "mixtral-8x7b": 46.7, "qwen3-30b-a3b": 30.5, "deepseek-v3": 671}
+PUBLISHED = {
+    "llama-3-8b": 8.03,
+    "llama-3-70b": 70.6,
+    "mixtral-8x7b": 46.7,
+    "qwen3-30b-a3b": 30.5,
+    "deepseek-v3": 671,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))

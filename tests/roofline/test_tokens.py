@@ -16,9 +16,12 @@ from roofline.hardware import Chip
 from roofline.models import ModelShape
 
 # A toy model and chip small enough to work every number out by hand.
-TOY = ModelShape(name="toy", layers=2, hidden=4, heads=2, kv_heads=1, head_dim=2, ffn=8, vocab=16, source="test")
-TOY_CHIP = Chip("toy-chip", "toy", {"bf16": 1000.0}, bandwidth=100.0, memory=1e6, price_per_hour=3.6,
-                sources={})
+TOY = ModelShape(
+    name="toy", layers=2, hidden=4, heads=2, kv_heads=1, head_dim=2, ffn=8, vocab=16, source="test"
+)
+TOY_CHIP = Chip(
+    "toy-chip", "toy", {"bf16": 1000.0}, bandwidth=100.0, memory=1e6, price_per_hour=3.6, sources={}
+)
 
 
 def test_hand_worked_decode_step():
@@ -62,7 +65,9 @@ def test_two_chips_halve_the_step_and_keep_the_price():
 
 
 def test_memory_check_picks_enough_chips():
-    small = Chip("small", "", {"bf16": 1000.0}, bandwidth=100.0, memory=1000.0, price_per_hour=1.0, sources={})
+    small = Chip(
+        "small", "", {"bf16": 1000.0}, bandwidth=100.0, memory=1000.0, price_per_hour=1.0, sources={}
+    )
     foot = memory_footprint(TOY, batch=2, context=3)  # 928 B > 0.9 · 1000
     assert chips_needed(foot, small) == 2
     assert estimate(TOY, small, batch=2, context=3).chips == 2
