@@ -129,7 +129,7 @@ _MODELS = (
         experts=128,
         top_k=8,
         moe_ffn=768,
-        source="Qwen/Qwen3-30B-A3B config.json (all layers sparse: decoder_sparse_step=1, no mlp_only_layers)",
+        source="Qwen/Qwen3-30B-A3B config.json (every layer sparse: decoder_sparse_step=1)",
     ),
     ModelShape(
         name="deepseek-v3",
