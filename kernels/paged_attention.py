@@ -150,7 +150,9 @@ def validate_paged_attention_inputs(
         raise ValueError(f"scale={scale!r} must be a finite number")
     if soft_cap is not None and not (isinstance(soft_cap, (int, float)) and soft_cap > 0):
         raise ValueError(f"soft_cap={soft_cap!r} must be a positive number")
-    if sliding_window is not None and not (isinstance(sliding_window, (int, np.integer)) and sliding_window >= 1):
+    if sliding_window is not None and not (
+        isinstance(sliding_window, (int, np.integer)) and sliding_window >= 1
+    ):
         raise ValueError(f"sliding_window={sliding_window!r} must be an integer >= 1")
     if alibi_slopes is not None and tuple(np.shape(alibi_slopes)) != (h,):
         raise ValueError(f"alibi_slopes.shape={tuple(np.shape(alibi_slopes))} must be (H={h},)")
@@ -188,7 +190,11 @@ def validate_paged_attention_inputs(
                 raise ValueError(f"q_lens[{bad}]={ql[bad]} exceeds kv_lens[{bad}]={lens[bad]}")
             if int(ql.sum()) != t:
                 raise ValueError(f"sum(q_lens)={int(ql.sum())} must equal the number of query tokens T={t}")
-    if alibi_slopes is not None and _is_concrete(alibi_slopes) and not np.isfinite(np.asarray(alibi_slopes)).all():
+    if (
+        alibi_slopes is not None
+        and _is_concrete(alibi_slopes)
+        and not np.isfinite(np.asarray(alibi_slopes)).all()
+    ):
         raise ValueError("alibi_slopes must be finite")
 
 
@@ -226,11 +232,21 @@ def paged_attention_reference(
     v_scale: Any = None,
     impl: str = "reference",
 ) -> np.ndarray:
-    """NumPy, float64 inside, one query token and head at a time. Same arguments as `paged_attention`."""
+    """NumPy, float64 inside, one query token at a time. Same arguments as `paged_attention`."""
     del impl
     validate_paged_attention_inputs(
-        q, k_pages, v_pages, kv_lens, block_tables, q_lens=q_lens, scale=scale, soft_cap=soft_cap,
-        sliding_window=sliding_window, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        block_tables,
+        q_lens=q_lens,
+        scale=scale,
+        soft_cap=soft_cap,
+        sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
     q_dtype = np.asarray(q).dtype
     q64 = np.asarray(q).astype(np.float64)
@@ -245,31 +261,28 @@ def paged_attention_reference(
     sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
     slopes = None if alibi_slopes is None else np.asarray(alibi_slopes, dtype=np.float64)
     out = np.zeros((t_total, h, d), dtype=np.float64)
+    kv_head = np.arange(h) // g  # query head -> the kv head it reads
     row = 0
     for b in range(len(lens)):
         n = int(lens[b])
-        keys = gather_kv(k64, bt[b], n)
-        values = gather_kv(v64, bt[b], n)
+        keys = gather_kv(k64, bt[b], n)[:, kv_head]  # [n, H, D]
+        values = gather_kv(v64, bt[b], n)[:, kv_head]
+        j = np.arange(n)
         for i in range(int(qls[b])):
             pos = n - int(qls[b]) + i
-            for head in range(h):
-                if n == 0:
-                    continue  # nothing to attend to: zeros
-                j = np.arange(n)
-                logits = sc * (keys[:, head // g] @ q64[row, head])
-                if soft_cap is not None:
-                    logits = soft_cap * np.tanh(logits / soft_cap)
-                if slopes is not None:
-                    logits = logits + slopes[head] * (j - pos)
-                keep = j <= pos
-                if sliding_window is not None:
-                    keep &= j > pos - sliding_window
-                if not keep.any():
-                    continue
-                logits = logits[keep]
-                w = np.exp(logits - logits.max())
-                w /= w.sum()
-                out[row, head] = w @ values[keep, head // g]
+            logits = sc * np.einsum("nhd,hd->hn", keys, q64[row])  # [H, n]
+            if soft_cap is not None:
+                logits = soft_cap * np.tanh(logits / soft_cap)
+            if slopes is not None:
+                logits = logits + slopes[:, None] * (j - pos)[None, :]
+            keep = j <= pos
+            if sliding_window is not None:
+                keep &= j > pos - sliding_window
+            if keep.any():  # otherwise nothing to attend to: the row stays zero
+                kept = logits[:, keep]
+                w = np.exp(kept - kept.max(axis=1, keepdims=True))
+                w /= w.sum(axis=1, keepdims=True)
+                out[row] = np.einsum("hn,nhd->hd", w, values[keep])
             row += 1
     return out.astype(q_dtype)
 
@@ -308,8 +321,23 @@ def _tiles(q_lens: jax.Array, kv_lens: jax.Array, num_tiles: int, q_tile: int):
     static_argnames=("scale", "soft_cap", "sliding_window", "q_tile", "block_pages", "num_splits", "decode"),
 )
 def _paged_attention_xla(
-    q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale, v_scale, *,
-    scale, soft_cap, sliding_window, q_tile, block_pages, num_splits, decode,
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    q_lens,
+    alibi_slopes,
+    k_scale,
+    v_scale,
+    *,
+    scale,
+    soft_cap,
+    sliding_window,
+    q_tile,
+    block_pages,
+    num_splits,
+    decode,
 ):
     t_total, h, d = q.shape
     p, s, kh, _ = k_pages.shape
@@ -451,8 +479,18 @@ def paged_attention(
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
     validate_paged_attention_inputs(
-        q, k_pages, v_pages, kv_lens, block_tables, q_lens=q_lens, scale=scale, soft_cap=soft_cap,
-        sliding_window=sliding_window, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        block_tables,
+        q_lens=q_lens,
+        scale=scale,
+        soft_cap=soft_cap,
+        sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
     t_total, h, d = q.shape
     _, s, kh, _ = k_pages.shape
@@ -474,13 +512,22 @@ def paged_attention(
         return None if x is None else jnp.asarray(x, jnp.float32)
 
     return _paged_attention_xla(
-        q, k_pages, v_pages, jnp.asarray(kv_lens), jnp.asarray(block_tables),
+        q,
+        k_pages,
+        v_pages,
+        jnp.asarray(kv_lens),
+        jnp.asarray(block_tables),
         None if q_lens is None else jnp.asarray(q_lens),
         None if alibi_slopes is None else jnp.asarray(alibi_slopes),
-        as_scale(k_scale), as_scale(v_scale),
-        scale=sc, soft_cap=None if soft_cap is None else float(soft_cap),
+        as_scale(k_scale),
+        as_scale(v_scale),
+        scale=sc,
+        soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window),
-        q_tile=qt, block_pages=int(block_pages), num_splits=int(num_splits), decode=decode,
+        q_tile=qt,
+        block_pages=int(block_pages),
+        num_splits=int(num_splits),
+        decode=decode,
     )
 
 
