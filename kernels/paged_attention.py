@@ -492,7 +492,7 @@ def paged_attention(
         k_scale=k_scale,
         v_scale=v_scale,
     )
-    t_total, h, d = q.shape
+    t_total, _, d = q.shape
     _, s, kh, _ = k_pages.shape
     b, max_pages = block_tables.shape
     decode = q_lens is None
