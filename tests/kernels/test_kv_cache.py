@@ -46,7 +46,7 @@ def test_write_kv_quantizes_per_token_within_half_a_step(dtype, qmax, seed):
     kp = jnp.zeros((P, S, K, D), dtype)
     scale = jnp.zeros((P, S, K), jnp.float32)
     slots = np.array([0, 3, 9, 10, 30], np.int32)
-    kp2, vp2, ks, vs = write_kv(kp, kp, x, x, slots, k_scale=scale, v_scale=scale)
+    kp2, _, ks, _ = write_kv(kp, kp, x, x, slots, k_scale=scale, v_scale=scale)
     flat_pages = np.asarray(kp2).reshape(P * S, K, D)[slots].astype(np.float32)
     flat_scale = np.asarray(ks).reshape(P * S, K)[slots]
     deq = flat_pages * flat_scale[..., None]
