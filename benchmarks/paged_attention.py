@@ -88,7 +88,7 @@ class PagedMixedBatch:
     repeat = (3, 10, 20.0)
 
     def setup(self):
-        q, kp, vp, _, bt = _decode_inputs(2048, seed=1)
+        _, kp, vp, _, bt = _decode_inputs(2048, seed=1)
         self.q_lens = np.array([512] + [1] * (B - 1), np.int32)
         lens = np.full(B, 2048, np.int32)
         rng = np.random.default_rng(2)
