@@ -98,7 +98,6 @@ def test_act_order_rows_are_stored_once_in_canonical_order():
     np.testing.assert_array_equal(qw.g_idx(), g_idx)
     # The matmul permutes x once: x[:, perm] @ W_stored == x @ W.
     x = np.arange(4, dtype=np.float32)[None]
-    k, n = qw.shape
     w_stored = (np.asarray(qw.codes(), np.float32) - 8) * 1.0
     np.testing.assert_allclose(x[:, np.asarray(qw.perm)] @ w_stored, x @ np.asarray(qw.dequantize()))
     # A trivial g_idx needs no permutation.

@@ -123,6 +123,8 @@ def test_gptq_matches_oracle(options):
     assert_codes_agree(codes, ref)
     np.testing.assert_array_equal(qw.g_idx(), g_idx)
     assert_close(qw.scales, scales, np.float32)
+    if qw.zeros is not None:
+        assert np.mean(np.asarray(qw.zeros) == zeros) >= GPTQ_CODE_AGREEMENT
 
 
 def test_gptq_hand_worked():
