@@ -267,3 +267,24 @@ def test_gptq_matches_oracle_large(options):
     W, _, H = problem(11, k=512, n=128, samples=2048)
     kw = {"group_size": 128, **options}
     assert_codes_agree(quant.gptq_quantize(W, H, **kw).codes_in_input_order(), oracle_gptq(W, H, **kw))
+
+
+def test_jitted_gptq_lowers_for_every_backend():
+    # The per-block loop and the inverse factor are plain XLA: nothing CPU-only in the fast path.
+    import jax
+
+    from quant.gptq import _gptq_blocks, _upper_inverse_factor
+
+    k, n = 32, 8
+    f32 = jax.ShapeDtypeStruct
+    platforms = ("cpu", "cuda", "rocm", "tpu")
+    blocks = jax.jit(
+        lambda W, U, s, z, rg: _gptq_blocks(
+            W, U, s, z, rg, bits=4, gs=16, sym=False, block_size=16, dynamic=True
+        )
+    )
+    grid = f32((1, n), np.float32)
+    args = (f32((k, n), np.float32), f32((k, k), np.float32), grid, grid, f32((k,), np.int32))
+    assert jax.export.export(blocks, platforms=platforms)(*args).platforms == platforms
+    factor = jax.export.export(_upper_inverse_factor, platforms=platforms)
+    assert factor(f32((k, k), np.float32), f32((), np.float32)).platforms == platforms
