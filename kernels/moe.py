@@ -59,14 +59,20 @@ FFN strategies (`impl`):
   `block_rows` plus a binary decomposition of the remainder down to `row_align` rows, every block a
   plain dense GEMM chain. Work ∝ rows actually routed; fastest on the CPU. Its gradient is a
   custom VJP that runs the same loop backwards (empty experts get exact zero gradients).
+- "bucketed": dropless "batched" at the smallest of a few static capacities (the balanced load
+  T·k/E times BUCKET_FACTORS, 1 to 2, rounded up to row_align) that holds the busiest expert, picked
+  at run time by `lax.switch`; "grouped" when even 2x the balanced load is exceeded. No weight copies
+  near balance; work ∝ E · capacity.
 - "ragged": `jax.lax.ragged_dot` on the packed layout: the grouped GEMM of GPUs and TPUs (on the CPU
   it computes every expert on every row).
 - "batched": padded layout, one batched einsum over [E, C, d]; the capacity-mode strategy everywhere
   (dropless it needs C = A, E times the work: a test oracle).
 - "dense": every expert on every token, masked: the simplest formulation, a test oracle.
-- "xla" / "auto": with a capacity, "batched"; dropless, "grouped" on the CPU and "ragged" elsewhere,
-  chosen at lowering by `jax.lax.platform_dependent` so one jitted function exports for cpu, cuda,
-  rocm and tpu.
+- "xla" / "auto": with a capacity, "batched"; dropless, "ragged" on GPU/TPU and on the CPU "bucketed"
+  for E <= BUCKETED_MAX_EXPERTS (few large experts: XLA on the CPU copies a dynamically indexed
+  expert's weights before its GEMM, which costs more than padding rows) and "grouped" for more (many
+  small experts), chosen at lowering by `jax.lax.platform_dependent` so one jitted function exports
+  for cpu, cuda, rocm and tpu.
 Quantized experts (stacks of Int4Weight) are not supported yet: they will enter as another weight
 type in `validate_moe_ffn_inputs` and a per-block matmul in the "grouped"/"ragged" bodies.
 
@@ -111,7 +117,7 @@ __all__ = [
 SCORINGS = ("softmax", "sigmoid")
 DROP_PRIORITIES = ("choice", "token", "weight")
 LAYOUTS = ("packed", "padded")
-IMPLS = ("auto", "xla", "grouped", "ragged", "batched", "dense")
+IMPLS = ("auto", "xla", "grouped", "bucketed", "ragged", "batched", "dense")
 _RENORM_EPS = 1e-20
 
 
@@ -520,7 +526,10 @@ def dispatch_plan(
     )
 
 
-def _dispatch_plan(expert_ids, weights, *, num_experts, capacity, drop_priority, layout, row_align):
+def _dispatch_plan(
+    expert_ids, weights, *, num_experts, capacity, drop_priority, layout, row_align, min_rows=0
+):
+    # min_rows: a lower bound on R, so that static-size blocks always fit in the buffer.
     num_tokens, top_k = expert_ids.shape
     num_assign = num_tokens * top_k
     ids = expert_ids.reshape(-1).astype(jnp.int32)
@@ -543,7 +552,9 @@ def _dispatch_plan(expert_ids, weights, *, num_experts, capacity, drop_priority,
         rows = num_experts * cap
         offsets = jnp.arange(num_experts, dtype=jnp.int32) * cap
     else:
-        rows = _packed_rows(num_assign, num_experts, capacity, row_align)
+        rows = max(
+            min_rows, _packed_rows(num_assign, num_experts, None if capacity is None else cap, row_align)
+        )
         padded = (sizes + row_align - 1) // row_align * row_align
         offsets = (jnp.cumsum(padded) - padded).astype(jnp.int32)
     position = jnp.where(keep, offsets[ids] + rank, rows).astype(jnp.int32)
@@ -791,10 +802,49 @@ def _ffn_grouped(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority, ro
         drop_priority=drop_priority,
         layout="packed",
         row_align=row_align,
+        min_rows=block_rows,  # every block, a static size, must fit in the buffer
     )
     xs = _gather_rows(x, plan.row_token)
     ys = _grouped_ffn(xs, plan.group_sizes, plan.group_offsets, wg, wu, wd, row_align, block_rows)
     return _combine(ys, weights, plan.position).astype(x.dtype)
+
+
+# Fine steps near balance, where realistic routing lands; past 2x the grouped loop is cheaper on the CPU.
+BUCKET_FACTORS = (1.0, 1.0625, 1.125, 1.1875, 1.25, 1.3125, 1.375, 1.5, 1.625, 1.75, 2.0)
+# "auto" on the CPU: the bucketed batched einsum for few, large experts (a weight copy per expert, which
+# the grouped loop pays, costs more than padding rows); the grouped loop for many small experts.
+BUCKETED_MAX_EXPERTS = 16
+
+
+def _bucket_capacities(num_assign: int, num_experts: int, row_align: int) -> list[int]:
+    """Static capacities for the "bucketed" strategy: the balanced load times BUCKET_FACTORS, rounded up
+    to row_align, capped at num_assign, without repeats."""
+    caps = []
+    for s in BUCKET_FACTORS:
+        c = math.ceil(num_assign / num_experts * s - 1e-9)
+        c = min(num_assign, -(-c // row_align) * row_align)
+        if c not in caps:
+            caps.append(c)
+    return caps
+
+
+def _ffn_bucketed(x, weights, expert_ids, wg, wu, wd, drop_priority, row_align, block_rows):
+    """Dropless: the batched einsum at the smallest static capacity that holds the busiest expert, or
+    the grouped loop when none does. No weight copies while the routing is near balance."""
+    num_experts = wg.shape[0]
+    caps = _bucket_capacities(expert_ids.size, num_experts, row_align)
+    counts = jnp.zeros((num_experts,), jnp.int32).at[expert_ids.reshape(-1)].add(1)
+    index = jnp.sum(jnp.asarray(caps, jnp.int32) < jnp.max(counts))
+    branches = [functools.partial(_ffn_batched, capacity=c, drop_priority=drop_priority) for c in caps] + [
+        functools.partial(
+            _ffn_grouped,
+            capacity=None,
+            drop_priority=drop_priority,
+            row_align=row_align,
+            block_rows=block_rows,
+        )
+    ]
+    return lax.switch(index, branches, x, weights, expert_ids, wg, wu, wd)
 
 
 def _ffn_ragged(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority):
@@ -864,12 +914,20 @@ def _moe_ffn(x, weights, expert_ids, wg, wu, wd, *, capacity, drop_priority, imp
     common = dict(capacity=capacity, drop_priority=drop_priority)
     grouped = functools.partial(_ffn_grouped, row_align=row_align, block_rows=block_rows, **common)
     ragged = functools.partial(_ffn_ragged, **common)
+    bucketed = functools.partial(
+        _ffn_bucketed, drop_priority=drop_priority, row_align=row_align, block_rows=block_rows
+    )
+    if impl == "bucketed" and capacity is not None:
+        impl = "batched"
     if impl in ("auto", "xla"):
         if capacity is not None:
             return _ffn_batched(*args, **common)
-        return lax.platform_dependent(*args, cpu=grouped, default=ragged)
+        cpu = bucketed if wg.shape[0] <= BUCKETED_MAX_EXPERTS else grouped
+        return lax.platform_dependent(*args, cpu=cpu, default=ragged)
     if impl == "grouped":
         return grouped(*args)
+    if impl == "bucketed":
+        return bucketed(*args)
     if impl == "ragged":
         return ragged(*args)
     if impl == "batched":

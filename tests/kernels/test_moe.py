@@ -31,7 +31,7 @@ FEW = settings(max_examples=max(4, settings.default.max_examples // 4))
 SOME = settings(max_examples=max(6, settings.default.max_examples // 2))
 
 T, E, D, F = 16, 8, 32, 48
-IMPLS = ("grouped", "ragged", "batched", "dense")
+IMPLS = ("grouped", "bucketed", "ragged", "batched", "dense")
 SMALL_BLOCKS = dict(row_align=2, block_rows=8)  # exercises full blocks and every remainder size
 
 
@@ -363,9 +363,22 @@ def _check_ffn(x, w, ids, ws, impl, cf=None, prio="choice"):
     assert normalized_error(y, ref) <= tolerance(x.dtype).nerr
 
 
-@pytest.mark.parametrize("impl", (*IMPLS, "auto"))
-@pytest.mark.parametrize("pattern", ["random", "one_expert", "empty_experts"])
-@pytest.mark.parametrize("k", [1, 2, 6])
+PATTERNS = ("random", "one_expert", "empty_experts")
+# Every strategy on the base case; the CPU strategies across every routing pattern and k; the full cross
+# with --full.
+DROPLESS_CASES = sorted(
+    {(impl, "random", 2) for impl in (*IMPLS, "auto")}
+    | {(impl, p, k) for impl in ("grouped", "bucketed") for p in PATTERNS for k in (1, 2, 6)}
+) + [
+    pytest.param(impl, p, k, marks=pytest.mark.slow)
+    for impl in ("ragged", "batched", "dense", "auto")
+    for p in PATTERNS
+    for k in (1, 2, 6)
+    if (p, k) != ("random", 2)
+]
+
+
+@pytest.mark.parametrize("impl,pattern,k", DROPLESS_CASES)
 def test_ffn_dropless_matches_reference(impl, pattern, k):
     w, ids = _routing(k, k, pattern=pattern)
     _check_ffn(_x(k), w, ids, _weights(k), impl)
@@ -391,6 +404,18 @@ def test_ffn_grouped_matches_reference_on_arbitrary_ids(ids, cf):
     w = np.linspace(0.2, 1.0, T * 2, dtype=np.float32).reshape(T, 2)
     _check_ffn(_x(7), w, ids, _weights(7), "grouped", cf=cf)
     _check_ffn(_x(7), w, ids, _weights(7), "auto", cf=cf)
+
+
+def test_bucket_capacities_and_fallback():
+    from kernels.moe import _bucket_capacities
+
+    assert _bucket_capacities(512, 8, 8) == [64, 72, 80, 88, 96, 104, 112, 128]
+    assert _bucket_capacities(16, 8, 8) == [8]
+    # Past the largest bucket the grouped loop takes over: 12 of 16 assignments on expert 0.
+    w, ids = _routing(9, 2)
+    ids[:12, 0] = 0
+    ids[:12, 1] = 1
+    _check_ffn(_x(9), w, ids, _weights(9), "bucketed")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -447,7 +472,7 @@ def test_gradients_match_finite_differences_of_reference(impl, cf):
         assert not np.asarray(g)[3:].any()
 
 
-@pytest.mark.parametrize("impl", ["grouped", "ragged", "batched"])
+@pytest.mark.parametrize("impl", ["grouped", "bucketed", "ragged", "batched"])
 def test_gradients_match_dense_autodiff(impl):
     w, ids = _routing(12, 6)
     args = [_x(12), w, *_weights(12)]
