@@ -1,0 +1,248 @@
+"""INT4 dequant-matmul: y = x @ W for a weight stored as `quant.Int4Weight`.
+
+With stored rows r (input channel perm[r]), group g(r) = r // group_size, codes q, scales s, zero points z and
+optional AWQ activation scales a (see quant/format.py for the packed layout, bit by bit):
+
+    y[m, n] = Σ_r  x̃[m, r] · s[g(r), n] · (q[r, n] − z[g(r), n]),      x̃ = (x / a)[:, perm]
+
+Both the permutation and the activation scales act on x, which is small: the weight is never reordered per
+call (act-order rows were reordered once, when the weight was built or loaded).
+
+Strategies (all portable XLA; `impl="auto"`/`"xla"` picks by M, the number of rows of x):
+- "codes" (matrix-vector regime, small M): a `lax.scan` over blocks of K. Each step unpacks the block's two
+  nibble planes with a shift and a mask, converts them to float32 while they are in cache, and multiplies
+  x by the *raw codes*: x_even @ lo + x_odd @ hi. The group scale and zero are applied to the small [M, N]
+  partial product of each group, using
+      Σ_r x̃_r s (q_r − z) = s · (Σ_r x̃_r q_r) − s · z · Σ_r x̃_r,
+  so no per-weight scale multiply is ever done.
+- "dequant" (GEMM regime, large M): the same scan, but each block is dequantized to float32 in full and
+  multiplied by x in one dot, which is cheaper once the [M, N] work per group exceeds the block's.
+- "dense": dequantize the whole weight, then one matmul; the simplest correct path, kept as a baseline.
+Every strategy accumulates in float32 and returns x's dtype.
+
+Why blocks: converting a whole 16M-element uint8 matrix to float32 on this CPU costs more than the float32
+matmul itself; a block of a few hundred rows is converted in cache and consumed at once. Bits 4 and 3
+(3-bit codes share the 4-bit container) use the nibble path; 2- and 8-bit weights use "dense".
+
+Gradients: `jax.grad` with respect to x goes through a custom VJP, dx = dy @ Wᵀ, computed block by block
+from the packed weight, so the backward pass never stores a dequantized copy. Under `jax.vmap` over a
+leading axis of weights (MoE experts), every strategy batches.
+
+Axis legend: M rows of x (all leading axes flattened), K input features, N output features, G groups,
+bk rows of K per block.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quant.format import Int4Weight, codes_per_byte, dequantize_reference
+from roofline.counters import Cost, itemsize
+
+IMPLS = ("auto", "xla", "codes", "dequant", "dense")
+X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+# Rows of x at and above which the "dequant" strategy wins over "codes" (measured; see the README).
+GEMM_MIN_M = 32
+_BLOCK_CANDIDATES = (512, 256, 1024, 128, 2048, 64, 32, 16, 8, 4, 2)
+
+
+def validate_int4_matmul_inputs(x: Any, w: Any) -> None:
+    if not isinstance(w, Int4Weight):
+        raise ValueError(f"w must be a quant.Int4Weight; got {type(w).__name__}")
+    x_shape = tuple(np.shape(x))
+    x_dtype = np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+    if len(x_shape) < 1:
+        raise ValueError("x must have at least one axis [..., K]")
+    if x_dtype not in X_DTYPES:
+        raise ValueError(f"x.dtype={x_dtype} must be one of float32, bfloat16, float16")
+    k, n = w.shape
+    if x_shape[-1] != k:
+        raise ValueError(f"x's last dimension {x_shape[-1]} must equal the weight's K={k} (in_features)")
+    if w.packed.ndim != 2:
+        raise ValueError(f"w.packed must be [R, N]; got shape {tuple(w.packed.shape)} (vmap over a stack)")
+    g = w.num_groups
+    if tuple(w.scales.shape) != (g, n):
+        raise ValueError(f"w.scales.shape={tuple(w.scales.shape)} must be (G={g}, N={n})")
+    if w.zeros is not None and tuple(w.zeros.shape) != (g, n):
+        raise ValueError(f"w.zeros.shape={tuple(w.zeros.shape)} must be (G={g}, N={n})")
+    if w.perm is not None and tuple(w.perm.shape) != (k,):
+        raise ValueError(f"w.perm.shape={tuple(w.perm.shape)} must be (K={k},)")
+    if w.act_scales is not None and tuple(w.act_scales.shape) != (k,):
+        raise ValueError(f"w.act_scales.shape={tuple(w.act_scales.shape)} must be (K={k},)")
+
+
+def int4_matmul_reference(x: Any, w: Int4Weight) -> np.ndarray:
+    """NumPy: dequantize in float64 (the format's own oracle), then matmul. Output in x's dtype."""
+    validate_int4_matmul_inputs(x, w)
+    x = np.asarray(x)
+    return (x.astype(np.float64) @ dequantize_reference(w)).astype(x.dtype)
+
+
+def _block_k(k: int, group_size: int) -> int:
+    """Rows per block: even, dividing K, and either a multiple or a divisor of the group size."""
+    for bk in _BLOCK_CANDIDATES:
+        if k % bk == 0 and (bk % group_size == 0 or group_size % bk == 0):
+            return bk
+    return k
+
+
+def _planes(block: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Packed rows [bk/2, N] uint8 -> (even rows, odd rows) as float32 codes."""
+    return (block & 0xF).astype(jnp.float32), (block >> 4).astype(jnp.float32)
+
+
+def _scan_matmul(
+    x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array, *, group_size: int, dequant: bool
+) -> jax.Array:
+    """x: [M, K] float32 (already permuted and scaled), packed [K/2, N] -> [M, N] float32."""
+    m, k = x.shape
+    n = packed.shape[1]
+    bk = _block_k(k, group_size)
+    sub = min(bk, group_size)  # rows sharing one (scale, zero) row inside a block
+    nb, ns = k // bk, bk // sub
+    # Scale/zero row of every sub-block, [nb, ns, N]: a gather of at most K/sub small rows.
+    group_of_sub = (np.arange(nb * ns) * sub) // group_size
+    s_blk = scales.astype(jnp.float32)[group_of_sub].reshape(nb, ns, n)
+    z_blk = zeros.astype(jnp.float32)[group_of_sub].reshape(nb, ns, n)
+    x_blk = x.reshape(m, nb, bk).transpose(1, 0, 2)  # [nb, M, bk]
+    p_blk = packed.reshape(nb, bk // 2, n)
+
+    def body(acc, xs):
+        xk, pk, sk, zk = xs
+        lo, hi = _planes(pk)  # [bk/2, N] each: rows 0, 2, 4, ... and 1, 3, 5, ... of the block
+        xe = xk[:, 0::2].reshape(m, ns, sub // 2)
+        xo = xk[:, 1::2].reshape(m, ns, sub // 2)
+        lo = lo.reshape(ns, sub // 2, n)
+        hi = hi.reshape(ns, sub // 2, n)
+        if dequant:
+            lo = ((lo - zk[:, None, :]) * sk[:, None, :]).reshape(bk // 2, n)
+            hi = ((hi - zk[:, None, :]) * sk[:, None, :]).reshape(bk // 2, n)
+            acc = acc + xe.reshape(m, bk // 2) @ lo + xo.reshape(m, bk // 2) @ hi
+        else:
+            part = jnp.einsum("msk,skn->smn", xe, lo) + jnp.einsum("msk,skn->smn", xo, hi)  # [ns, M, N]
+            xsum = xk.reshape(m, ns, sub).sum(-1)  # [M, ns]
+            acc = acc + jnp.einsum("smn,sn->mn", part, sk) - xsum @ (sk * zk)
+        return acc, None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((m, n), jnp.float32), (x_blk, p_blk, s_blk, z_blk))
+    return acc
+
+
+def _scan_matmul_transposed(
+    dy: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array, *, group_size: int
+) -> jax.Array:
+    """dy: [M, N] float32 -> dy @ W_storedᵀ: [M, K], one dequantized block at a time (reduction over N,
+    the contiguous axis)."""
+    m, n = dy.shape
+    k = packed.shape[0] * 2
+    bk = _block_k(k, group_size)
+    sub = min(bk, group_size)
+    nb, ns = k // bk, bk // sub
+    group_of_sub = (np.arange(nb * ns) * sub) // group_size
+    s_blk = scales.astype(jnp.float32)[group_of_sub].reshape(nb, ns, n)
+    z_blk = zeros.astype(jnp.float32)[group_of_sub].reshape(nb, ns, n)
+    p_blk = packed.reshape(nb, bk // 2, n)
+
+    def body(_, xs):
+        pk, sk, zk = xs
+        lo, hi = _planes(pk)
+        lo = ((lo.reshape(ns, sub // 2, n) - zk[:, None]) * sk[:, None]).reshape(bk // 2, n)
+        hi = ((hi.reshape(ns, sub // 2, n) - zk[:, None]) * sk[:, None]).reshape(bk // 2, n)
+        even = dy @ lo.T  # [M, bk/2]
+        odd = dy @ hi.T
+        return None, jnp.stack([even, odd], axis=-1).reshape(m, bk)
+
+    _, blocks = jax.lax.scan(body, None, (p_blk, s_blk, z_blk))  # [nb, M, bk]
+    return blocks.transpose(1, 0, 2).reshape(m, k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _packed_matmul(x, packed, scales, zeros, group_size, dequant):
+    return _scan_matmul(x, packed, scales, zeros, group_size=group_size, dequant=dequant)
+
+
+def _packed_matmul_fwd(x, packed, scales, zeros, group_size, dequant):
+    y = _scan_matmul(x, packed, scales, zeros, group_size=group_size, dequant=dequant)
+    return y, (packed, scales, zeros)
+
+
+def _packed_matmul_bwd(group_size, dequant, res, dy):
+    packed, scales, zeros = res
+    dx = _scan_matmul_transposed(dy, packed, scales, zeros, group_size=group_size)
+    # The weight is frozen: its cotangents are zero (integer codes have none at all).
+    return (
+        dx,
+        np.zeros(packed.shape, jax.dtypes.float0),
+        jnp.zeros_like(scales),
+        jnp.zeros_like(zeros)
+        if jnp.issubdtype(zeros.dtype, jnp.floating)
+        else np.zeros(zeros.shape, jax.dtypes.float0),
+    )
+
+
+_packed_matmul.defvjp(_packed_matmul_fwd, _packed_matmul_bwd)
+
+
+def _choose(impl: str, m: int, bits: int) -> str:
+    if bits not in (3, 4):
+        return "dense"
+    if impl in ("auto", "xla"):
+        return "dequant" if m >= GEMM_MIN_M else "codes"
+    return impl
+
+
+def int4_matmul(x: jax.Array, w: Int4Weight, *, impl: str = "auto") -> jax.Array:
+    """x: [..., K] float32|bfloat16|float16 @ w (an Int4Weight [K, N]) -> [..., N] in x's dtype.
+
+    `impl`: "auto" or "xla" (pick by M), "codes", "dequant" or "dense" (see the module docstring).
+    Jittable, vmappable over a leading axis of stacked weights, differentiable with respect to x.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
+    validate_int4_matmul_inputs(x, w)
+    k, n = w.shape
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, k).astype(jnp.float32)
+    strategy = _choose(impl, xf.shape[0], w.bits)
+    if strategy == "dense":
+        y = xf @ w.dequantize()  # activation scales and act-order are folded into the dequantized weight
+    else:
+        if w.act_scales is not None:
+            xf = xf / w.act_scales.astype(jnp.float32)
+        if w.perm is not None:
+            xf = xf[:, w.perm]  # act-order: stored row r is input channel perm[r]
+        y = _packed_matmul(xf, w.packed, w.scales, w.zero_points(), w.group_size, strategy == "dequant")
+    return y.astype(x.dtype).reshape(*lead, n)
+
+
+def int4_matmul_cost(
+    m: int,
+    k: int,
+    n: int,
+    *,
+    group_size: int,
+    bits: int = 4,
+    sym: bool = False,
+    x_dtype: Any = "fp32",
+    scale_dtype: Any = "fp32",
+    act_order: bool = False,
+    act_scales: bool = False,
+) -> Cost:
+    """FLOPs (2·M·K·N) and bytes: packed codes (K·N·bits/8 in the stored container), scales and uint8 zero
+    points per (group, column), the permutation and activation scales when present, x and the output."""
+    if k % group_size:
+        raise ValueError(f"K={k} must be divisible by group_size={group_size}")
+    g = k // group_size
+    packed = k * n / codes_per_byte(bits)
+    weights = packed + g * n * itemsize(scale_dtype) + (0 if sym else g * n)
+    extras = (k * 4 if act_order else 0) + (k * 4 if act_scales else 0)
+    return Cost(
+        flops=2.0 * m * k * n,
+        bytes_read=weights + extras + m * k * itemsize(x_dtype),
+        bytes_written=m * n * itemsize(x_dtype),
+    )
