@@ -188,12 +188,27 @@ def _packed_matmul_bwd(group_size, dequant, res, dy):
 _packed_matmul.defvjp(_packed_matmul_fwd, _packed_matmul_bwd)
 
 
-def _choose(impl: str, m: int, bits: int) -> str:
-    if bits not in (3, 4):
+def _choose(impl: str, m: int, bits: int, group_size: int) -> str:
+    if bits not in (3, 4) or group_size % 2:  # the nibble planes need an even number of rows per group
         return "dense"
     if impl in ("auto", "xla"):
         return "dequant" if m >= GEMM_MIN_M else "codes"
     return impl
+
+
+@functools.partial(jax.jit, static_argnames=("strategy",))
+def _int4_matmul(x: jax.Array, w: Int4Weight, strategy: str) -> jax.Array:
+    k, n = w.shape
+    xf = x.reshape(-1, k).astype(jnp.float32)
+    if strategy == "dense":
+        y = xf @ w.dequantize()  # activation scales and act-order are folded into the dequantized weight
+    else:
+        if w.act_scales is not None:
+            xf = xf / w.act_scales.astype(jnp.float32)
+        if w.perm is not None:
+            xf = xf[:, w.perm]  # act-order: stored row r is input channel perm[r]
+        y = _packed_matmul(xf, w.packed, w.scales, w.zero_points(), w.group_size, strategy == "dequant")
+    return y.astype(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def int4_matmul(x: jax.Array, w: Int4Weight, *, impl: str = "auto") -> jax.Array:
@@ -205,19 +220,8 @@ def int4_matmul(x: jax.Array, w: Int4Weight, *, impl: str = "auto") -> jax.Array
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
     validate_int4_matmul_inputs(x, w)
-    k, n = w.shape
-    lead = x.shape[:-1]
-    xf = x.reshape(-1, k).astype(jnp.float32)
-    strategy = _choose(impl, xf.shape[0], w.bits)
-    if strategy == "dense":
-        y = xf @ w.dequantize()  # activation scales and act-order are folded into the dequantized weight
-    else:
-        if w.act_scales is not None:
-            xf = xf / w.act_scales.astype(jnp.float32)
-        if w.perm is not None:
-            xf = xf[:, w.perm]  # act-order: stored row r is input channel perm[r]
-        y = _packed_matmul(xf, w.packed, w.scales, w.zero_points(), w.group_size, strategy == "dequant")
-    return y.astype(x.dtype).reshape(*lead, n)
+    m = int(np.prod(np.shape(x)[:-1], dtype=np.int64))
+    return _int4_matmul(x, w, _choose(impl, m, w.bits, w.group_size))
 
 
 def int4_matmul_cost(
