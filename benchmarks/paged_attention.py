@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import paged_attention, paged_attention_cost
-from roofline import measure_host, time_fn
+from roofline import measure_host, timing
 
 B, H, K, D, S = 8, 32, 8, 128, 16
 
@@ -61,7 +61,7 @@ class PagedDecode:
         self.dense(*self.dense_args).block_until_ready()
 
     def _paged_s(self):
-        return time_fn(self.paged, *self.args, copies=self.copies, min_time_s=0.5).median_s
+        return timing.time_fn(self.paged, *self.args, copies=self.copies, min_time_s=0.5).median_s
 
     def track_kv_read_gbps(self, context):
         return self.cost.bytes_read / self._paged_s() / 1e9
@@ -74,7 +74,7 @@ class PagedDecode:
     track_fraction_of_stream_bandwidth.unit = "fraction of roofline"
 
     def track_speedup_vs_dense_contiguous(self, context):
-        dense = time_fn(self.dense, *self.dense_args, copies=self.copies, min_time_s=0.5).median_s
+        dense = timing.time_fn(self.dense, *self.dense_args, copies=self.copies, min_time_s=0.5).median_s
         return dense / self._paged_s()
 
     track_speedup_vs_dense_contiguous.unit = "x"
@@ -104,7 +104,7 @@ class PagedMixedBatch:
         self.fn(*self.args).block_until_ready()
 
     def track_gflops(self):
-        t = time_fn(self.fn, *self.args, min_time_s=0.5).median_s
+        t = timing.time_fn(self.fn, *self.args, min_time_s=0.5).median_s
         return self.cost.flops / t / 1e9
 
     track_gflops.unit = "GFLOP/s"
