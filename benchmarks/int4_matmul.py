@@ -1,0 +1,130 @@
+"""INT4 dequant-matmul against the float32 matmul of the same shape, with weights rotated out of cache.
+
+Shapes (K, N): Llama-3-8B's (4096, 4096), (4096, 14336) and (14336, 4096), and Llama-3-70B's (8192, 28672);
+M = 1, 4, 16, 64 rows of x; group size 128, asymmetric. `track_*` report our time over the float32 time
+(lower is better), the packed-weight read rate as a fraction of the host's streaming roof, and, when
+PyTorch is installed (an optional, benchmark-only peer), our time over its CPU INT4 kernel's.
+"""
+
+import math
+import timeit
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import int4_matmul, int4_matmul_cost
+from roofline import measure_host, timing
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
+MS = [1, 4, 16, 64]
+GROUP = 128
+# Rotate enough copies of the weight that the set exceeds any last-level cache.
+ROTATION_BYTES = 256 << 20
+
+
+def _copies(nbytes):
+    return max(1, math.ceil(ROTATION_BYTES / nbytes))
+
+
+def make_inputs(k, n, m, seed=0):
+    rng = np.random.default_rng(seed)
+    # Quantizing a random float matrix is slow at these sizes; random codes and scales cost the same.
+    codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
+    packed = jnp.asarray(codes[0::2] | (codes[1::2] << 4))
+    scales = jnp.asarray(rng.uniform(0.001, 0.01, (k // GROUP, n)).astype(np.float32))
+    zeros = jnp.asarray(rng.integers(0, 16, (k // GROUP, n), dtype=np.uint8))
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+    return x, packed, scales, zeros
+
+
+class Int4Matmul:
+    params = (SHAPES, MS)
+    param_names = ["k_n", "m"]
+    timer = timeit.default_timer
+    number = 1
+    repeat = (3, 10, 20.0)
+    timeout = 900
+
+    def setup(self, k_n, m):
+        from quant import Int4Weight
+
+        k, n = k_n
+        x, packed, scales, zeros = make_inputs(k, n, m)
+        self.x = x
+        self.w = Int4Weight(packed, scales, zeros, group_size=GROUP)
+        self.fn = jax.jit(int4_matmul)
+        self.fn(self.x, self.w).block_until_ready()
+        self.wf = jnp.asarray(np.random.default_rng(1).standard_normal((k, n), dtype=np.float32))
+        self.f32 = jax.jit(jnp.matmul)
+        self.f32(self.x, self.wf).block_until_ready()
+        self.cost = int4_matmul_cost(m, k, n, group_size=GROUP)
+
+    def time_int4_matmul(self, k_n, m):
+        self.fn(self.x, self.w).block_until_ready()
+
+    def time_float32_matmul(self, k_n, m):
+        self.f32(self.x, self.wf).block_until_ready()
+
+    def _int4_s(self):
+        copies = _copies(self.cost.bytes_read)
+        return timing.time_fn(self.fn, self.x, self.w, copies=copies, min_time_s=0.3).median_s
+
+    def track_ratio_to_float32(self, k_n, m):
+        copies = _copies(self.wf.nbytes)
+        f32 = timing.time_fn(self.f32, self.x, self.wf, copies=copies, min_time_s=0.3).median_s
+        return self._int4_s() / f32
+
+    track_ratio_to_float32.unit = "x (time / float32 time)"
+
+    def track_fraction_of_stream_bandwidth(self, k_n, m):
+        return self.cost.bytes_read / self._int4_s() / measure_host().bandwidth
+
+    track_fraction_of_stream_bandwidth.unit = "fraction of roofline"
+
+
+def torch_int4_peer(k, n, m):
+    """PyTorch's CPU INT4 kernel (tinygemm) on the same shape, or None when torch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    w_int = torch.from_numpy(rng.integers(0, 16, (n, k), dtype=np.int32))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w_int, 2)
+    sz = torch.from_numpy(rng.uniform(0.001, 0.01, (k // GROUP, n, 2)).astype(np.float32)).to(torch.bfloat16)
+    x = torch.from_numpy(rng.standard_normal((m, k), dtype=np.float32)).to(torch.bfloat16)
+
+    def run():
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz)
+
+    return run
+
+
+class Int4MatmulVsTorch:
+    """Our time over PyTorch's CPU INT4 kernel (bf16 activations, as that kernel takes), when installed."""
+
+    params = (SHAPES, [1, 16])
+    param_names = ["k_n", "m"]
+    timer = timeit.default_timer
+    timeout = 900
+
+    def setup(self, k_n, m):
+        k, n = k_n
+        self.peer = torch_int4_peer(k, n, m)
+        if self.peer is None:
+            raise NotImplementedError("torch is not installed")
+        self.ours = Int4Matmul()
+        self.ours.setup(k_n, m)
+
+    def track_ratio_to_torch_int4(self, k_n, m):
+        self.peer()
+        t0 = timeit.default_timer()
+        reps = 0
+        while timeit.default_timer() - t0 < 0.3 or reps < 5:
+            self.peer()
+            reps += 1
+        peer = (timeit.default_timer() - t0) / reps
+        return self.ours._int4_s() / peer
+
+    track_ratio_to_torch_int4.unit = "x (time / torch time)"
