@@ -22,7 +22,8 @@ Routers (`route`), matching the released models:
 - Qwen3-MoE: the same; `renormalize` is the config's `norm_topk_prob` (the released 30B-A3B sets it, the
   config class defaults to False).
 - DeepSeek-V3: sigmoid scores; `bias` (e_score_correction_bias) is added for *selection only*; experts
-  are split into `n_group` contiguous groups, a group scores the sum of its two best biased scores,
+  are split into `n_group` contiguous groups, a group scores the sum of its two best biased scores
+  (its one score when groups hold a single expert),
   only the best `topk_group` groups stay eligible (the others are masked with -inf, so a negative
   biased score in an eligible group still beats a masked one; HF transformers masks with 0.0, which
   differs exactly there); weights are the *unbiased* scores of the chosen experts, renormalized by
