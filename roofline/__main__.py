@@ -1,8 +1,10 @@
-"""`python -m roofline report`: what one decode step of a model costs on each chip, in time and dollars.
+"""The lab's main command: what one decode step of a model costs, in time and dollars.
 
     python -m roofline report                          # Llama-3-70B, every catalogue chip and this host
     python -m roofline report --model mixtral-8x7b --chips h100-sxm,tpu-v6e --batch 1,32 --weights int4
     python -m roofline report --json > report.json     # only JSON on stdout; progress goes to stderr
+    python -m roofline measure --model llama-3-8b --batch 16 --context 4096 --weights int4
+                                                       # run the real kernels here, then price them
 
 Exit status 2 on bad input (unknown model, chip or format, batch below 1), with the valid choices.
 """
@@ -280,6 +282,173 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def plot_measured(path: str, chip: Chip, est: StepEstimate, title: str) -> None:
+    """This device's roofline with each component at its measured FLOP/s (and where its bound puts it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    dtype = est.compute_dtype
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    x = np.logspace(-1, 4, 200)
+    ax.plot(
+        x,
+        np.minimum(chip.peak(dtype), x * chip.bandwidth),
+        color="black",
+        lw=1.5,
+        label=f"{chip.name} roof ({dtype})",
+    )
+    for i, c in enumerate(est.components):
+        color = plt.get_cmap("tab10")(i % 10)
+        intensity = c.cost.intensity
+        ax.scatter(
+            [intensity],
+            [c.cost.flops / c.time_s],
+            color=color,
+            s=50,
+            zorder=3,
+            label=f"{c.name}: {c.bound_s / c.time_s:.0%} of roof",
+        )
+        ax.scatter([intensity], [c.cost.flops / c.bound_s], color=color, s=50, marker="_", zorder=3)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (FLOP / byte)")
+    ax.set_ylabel("FLOP/s")
+    ax.set_title(title + "\ndots: measured; dashes: the roofline bound", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from roofline.measure import MEASURE_WEIGHTS, measure_step
+
+    model = get_model(args.model)
+    batches = _ints(args.batch, "--batch")
+    weights = _names(args.weights, "--weights", MEASURE_WEIGHTS)
+    if args.context < 1:
+        raise ValueError(f"--context={args.context} must be an integer >= 1")
+    _progress("measuring this host's roofline (cached per machine after the first run) ...")
+    chip = measure_host()
+    if args.price is not None:
+        chip = chip.with_price(args.price)
+    results = []
+    for w in weights:
+        for b in batches:
+            _progress(f"{model.name}, {w} weights, batch {b}, context {args.context}:")
+            m = measure_step(
+                model,
+                chip,
+                batch=b,
+                context=args.context,
+                weights=w,
+                kv=args.kv,
+                min_time_s=args.min_time,
+                progress=True,
+            )
+            results.append(m)
+    report = {
+        "model": model.name,
+        "context": args.context,
+        "kv": args.kv,
+        "device": chip.description,
+        "host_bandwidth": chip.bandwidth,
+        "host_peak_flops": dict(chip.peak_flops),
+        "price_per_hour": chip.price_per_hour,
+        "runs": [],
+    }
+    for m in results:
+        e = m.estimate
+        run = {
+            "weights": e.weights,
+            "batch": e.batch,
+            "fits": m.fits,
+            "notes": list(m.notes),
+            "components": [
+                {
+                    "name": c.name,
+                    "count": c.count,
+                    "measured_s": c.time_s,
+                    "bound_s": c.bound_s,
+                    "fraction": c.bound_s / c.time_s,
+                    "bound": c.bound,
+                    "share": c.step_share_s / e.step_s,
+                }
+                for c in e.components
+            ],
+            "step_s": e.step_s,
+            "tokens_per_s": e.tokens_per_s,
+            "usd_per_mtok": e.usd_per_mtok,
+            "projection": {},
+        }
+        fractions = {c["name"]: c["fraction"] for c in run["components"]}
+        for name, cat in CHIPS.items():
+            p = estimate(
+                model,
+                cat,
+                batch=e.batch,
+                context=args.context,
+                weights=e.weights if e.weights != "fp32" else "bf16",
+                kv=args.kv,
+            )
+            run["projection"][name] = {
+                "chips": p.chips,
+                "step_s": p.step_s,
+                "tokens_per_s": p.tokens_per_s,
+                "usd_per_mtok": p.usd_per_mtok,
+            }
+        run["host_fractions"] = fractions
+        report["runs"].append(run)
+    if args.out and results:
+        last = results[-1].estimate
+        plot_measured(
+            args.out,
+            chip,
+            last,
+            f"{model.name} on this host, {last.weights} weights, batch "
+            f"{last.batch}, context {args.context} (measured)",
+        )
+        _progress(f"wrote {args.out}")
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for run in report["runs"]:
+        print(
+            f"\n{model.name}: {run['weights']} weights, batch {run['batch']}, context {args.context}, "
+            f"KV {args.kv}, on {chip.description}"
+        )
+        head = (
+            f"{'component':<12} {'count':>5} {'measured ms':>12} {'bound ms':>10} {'fraction':>9} "
+            f"{'share':>7}"
+        )
+        print(head)
+        print("-" * len(head))
+        for c in run["components"]:
+            print(
+                f"{c['name']:<12} {c['count']:>5} {c['measured_s'] * 1e3:>12.3f} {c['bound_s'] * 1e3:>10.3f} "
+                f"{c['fraction']:>9.1%} {c['share']:>7.1%}"
+            )
+        print(
+            f"step {run['step_s'] * 1e3:.1f} ms -> {run['tokens_per_s']:.2f} tokens/s, "
+            f"$/Mtok {_fmt_money(run['usd_per_mtok'])}"
+            + ("" if chip.price_per_hour else " (pass --price USD_PER_HOUR for this machine)")
+        )
+        for note in run["notes"]:
+            print(f"note: {note}")
+        print("analytic projection (roofline bounds; this host's fractions above are data, not applied):")
+        for name, p in run["projection"].items():
+            print(
+                f"  {name:<10} x{p['chips']:<3} {p['step_s'] * 1e3:8.2f} ms  "
+                f"{p['tokens_per_s']:10.0f} tokens/s  $/Mtok {_fmt_money(p['usd_per_mtok'])}"
+            )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m roofline", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -315,6 +484,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default="roofline.png", help="roofline plot path ('' for none)")
     rep.add_argument("--json", action="store_true", help="write only JSON to stdout")
     rep.set_defaults(func=cmd_report)
+    mea = sub.add_parser(
+        "measure", help="run the lab's kernels at one layer's shapes here and price the step"
+    )
+    mea.add_argument("--model", default="llama-3-8b", help=f"one of: {', '.join(MODELS)}")
+    mea.add_argument("--batch", default="1", help="comma-separated decode batch sizes (>= 1)")
+    mea.add_argument("--context", type=int, default=1024, help="tokens in each sequence's KV cache")
+    mea.add_argument("--weights", default="int4", help="comma-separated, of: fp32, bf16, int4")
+    mea.add_argument("--kv", default="bf16", choices=KV_FORMATS, help="KV-cache format")
+    mea.add_argument("--price", type=float, default=None, help="this machine's USD per hour")
+    mea.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per component")
+    mea.add_argument("--out", default="roofline_measured.png", help="plot path ('' for none)")
+    mea.add_argument("--json", action="store_true", help="write only JSON to stdout")
+    mea.set_defaults(func=cmd_measure)
     return parser
 
 

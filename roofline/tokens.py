@@ -18,9 +18,10 @@ Assumptions, each a deliberate simplification:
 - Every component is bound by one roof; there is no overlap between components, no launch overhead, no
   scheduler, sampling, embedding lookup or norm cost. The result is an upper bound on throughput.
 - Activations are bf16 and read/written once per matmul; weights are read once per step.
-- Weight formats: "bf16" (2 bytes), "int8" (1 byte + one fp16 scale per output column), "int4" (½ byte +
-  per group of `group_size` inputs and per output column an fp16 scale and a 4-bit zero point, as GPTQ/AWQ
-  checkpoints store them; `group_size=None` is per-channel). Quantized weights are computed in
+- Weight formats: "fp32" (4 bytes; for CPU measurements), "bf16" (2 bytes), "int8" (1 byte + one fp16
+  scale per output column), "int4" (½ byte + per group of `group_size` inputs and per output column an
+  fp16 scale and a 4-bit zero point, as GPTQ/AWQ checkpoints store them; `group_size=None` is
+  per-channel). Quantized weights are computed in
   `compute_dtype` (bf16 by default: W4A16 / W8A16). The router, the embedding and lm_head stay bf16, as
   quantizers leave them.
 - KV formats: "bf16", "fp8" (one scale per tensor), "int8" (one fp16 scale per token and kv head).
@@ -44,7 +45,7 @@ from roofline.counters import Cost, itemsize
 from roofline.hardware import Chip
 from roofline.models import ModelShape
 
-WEIGHT_FORMATS = ("bf16", "int8", "int4")
+WEIGHT_FORMATS = ("bf16", "int8", "int4", "fp32")
 KV_FORMATS = ("bf16", "fp8", "int8")
 PHASES = ("decode", "prefill")
 COMPONENTS = ("qkv_proj", "attention", "o_proj", "mlp", "moe_router", "moe_experts", "lm_head")
@@ -64,6 +65,8 @@ def _check_positive(arg: str, value: int) -> None:
 def weight_bytes(k: int, n: int, fmt: str, group_size: int | None = 128) -> float:
     """Bytes of a [K, N] weight matrix stored in `fmt` (scales and zero points included)."""
     _check_choice("weights", fmt, WEIGHT_FORMATS)
+    if fmt == "fp32":
+        return 4.0 * k * n
     if fmt == "bf16":
         return 2.0 * k * n
     if fmt == "int8":

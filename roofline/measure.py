@@ -1,0 +1,328 @@
+"""Measured token cost: run the lab's kernels at one decoder layer's shapes on this device, then price them.
+
+For a model, batch B and context L, every component of `roofline.tokens.step_components` is run with real
+kernels on the default JAX device, at the shapes of one layer, with random data of the right structure:
+- qkv_proj, o_proj, mlp, lm_head: the layer's matmuls through `kernels.int4_matmul` (int4, group 128),
+  or a float matmul. bf16 weights are stored in bf16 and, on the CPU, computed in float32 blocks of K
+  (XLA's bf16 dots there are far slower than float32 ones and would flatter int4); "fp32" stores float32.
+  The router and lm_head stay in bf16 storage whatever the weight format, as in the analytic model.
+- attention: `kernels.paged_attention` over a paged cache holding L tokens per sequence, on shuffled pages
+  (page size 16), KV in the chosen format. MLA (DeepSeek-V3) is measured as one shared kv head of
+  kv_lora_rank + qk_rope_head_dim dims, with values of the same width (the kernel's V and K share D).
+- moe_router / moe_experts: a router matmul and `kernels.route`, then `kernels.moe_ffn`, with logits
+  drawn like a trained router's (a per-expert popularity offset makes some experts busier than others).
+  Experts are computed in float32 for bf16 weights; int4 experts are not supported by moe_ffn yet.
+Each component is timed with `roofline.timing.time_fn`, rotating copies of its weights so that they come
+from memory, not cache. The step is Σ count × measured time (one layer's time × layers), so a model
+too large for this machine is still measured: only one layer's weights are ever allocated, and the
+result says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from roofline.hardware import Chip
+from roofline.models import ModelShape
+from roofline.timing import time_fn
+from roofline.tokens import StepEstimate, estimate, memory_footprint, step_components
+
+MEASURE_WEIGHTS = ("fp32", "bf16", "int4")
+PAGE_SIZE = 16
+GROUP_SIZE = 128
+# Rotate weight copies until the set is this large, so each call reads its weights from memory.
+ROTATION_BYTES = 256 << 20
+# Stop with a clear error rather than allocate more than this for one component's inputs.
+MAX_COMPONENT_BYTES = 8 << 30
+_BF16_BLOCK_K = 512
+
+
+def _progress(step: int, total: int, label: str, stream=None) -> None:
+    stream = stream or sys.stderr
+    width = 30
+    done = int(width * step / total)
+    stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} {label:<24}")
+    if step == total:
+        stream.write("\n")
+    stream.flush()
+
+
+def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] float32 @ w [K, N] bfloat16, converting one block of K rows to float32 at a time."""
+    k, n = w.shape
+    bk = math.gcd(k, _BF16_BLOCK_K)
+    xb = x.reshape(x.shape[0], k // bk, bk).transpose(1, 0, 2)
+    wb = w.reshape(k // bk, bk, n)
+
+    def body(acc, xs):
+        xk, wk = xs
+        return acc + xk @ wk.astype(jnp.float32), None
+
+    acc, _ = jax.lax.scan(body, jnp.zeros((x.shape[0], n), jnp.float32), (xb, wb))
+    return acc
+
+
+def _make_weight(k: int, n: int, fmt: str, rng: np.random.Generator) -> Any:
+    from quant import Int4Weight
+
+    if fmt == "int4":
+        codes = rng.integers(0, 16, (k, n), dtype=np.uint8)
+        g = k // GROUP_SIZE if k % GROUP_SIZE == 0 else 1
+        gs = GROUP_SIZE if k % GROUP_SIZE == 0 else k
+        return Int4Weight(
+            jnp.asarray(codes[0::2] | (codes[1::2] << 4)),
+            jnp.asarray(rng.uniform(0.5, 1.5, (g, n)).astype(np.float32) / math.sqrt(k)),
+            jnp.asarray(rng.integers(6, 10, (g, n), dtype=np.uint8)),
+            group_size=gs,
+        )
+    w = rng.standard_normal((k, n), dtype=np.float32) / math.sqrt(k)
+    return jnp.asarray(w, jnp.bfloat16 if fmt == "bf16" else jnp.float32)
+
+
+def _matmul(x: jax.Array, w: Any) -> jax.Array:
+    from kernels import int4_matmul
+
+    if not isinstance(w, jax.Array):
+        return int4_matmul(x, w)
+    if w.dtype == jnp.bfloat16:
+        return _bf16_matmul(x, w)
+    return x @ w
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One component's jitted function and its inputs; weights are rotated, activations shared."""
+
+    fn: Callable
+    weights: Any
+    activations: tuple
+
+
+def _time_case(case: Case, min_time_s: float) -> float:
+    nbytes = _nbytes(case.weights)
+    copies = max(1, min(8, math.ceil(ROTATION_BYTES / max(nbytes, 1))))
+    sets = []
+    for i in range(copies):
+        w = case.weights if i == 0 else jax.tree.map(jnp.copy, case.weights)
+        sets.append((w, *case.activations))
+    return time_fn(case.fn, input_sets=sets, min_time_s=min_time_s, min_repeats=3).median_s
+
+
+def _cases(
+    model: ModelShape,
+    names: list[str],
+    batch: int,
+    context: int,
+    weights: str,
+    kv: str,
+    rng: np.random.Generator,
+) -> dict[str, Callable[[], Case]]:
+    """Builders (called one at a time, so one component's data is alive at once) per component."""
+    from kernels import paged_attention
+    from kernels.moe import moe_ffn, route
+
+    h = model.hidden
+    x = jnp.asarray(rng.standard_normal((batch, h), dtype=np.float32))
+    shapes = model.linear_shapes()
+    builders: dict[str, Callable[[], Case]] = {}
+
+    def qkv() -> Case:
+        ws = [_make_weight(k, n, weights, rng) for name, (k, n) in shapes.items() if name != "o"]
+        xs = tuple(
+            jnp.asarray(rng.standard_normal((batch, k), dtype=np.float32))
+            for name, (k, _) in shapes.items()
+            if name != "o"
+        )
+        return Case(jax.jit(lambda ws, *xs: [_matmul(a, w) for a, w in zip(xs, ws, strict=True)]), ws, xs)
+
+    def o_proj() -> Case:
+        k, n = shapes["o"]
+        return Case(
+            jax.jit(lambda w, a: _matmul(a, w)),
+            _make_weight(k, n, weights, rng),
+            (jnp.asarray(rng.standard_normal((batch, k), dtype=np.float32)),),
+        )
+
+    def mlp() -> Case:
+        f = model.ffn
+        ws = (_make_weight(h, 2 * f, weights, rng), _make_weight(f, h, weights, rng))
+
+        def fn(ws, x):
+            gu = _matmul(x, ws[0])
+            return _matmul(jax.nn.silu(gu[:, :f]) * gu[:, f:], ws[1])
+
+        return Case(jax.jit(fn), ws, (x,))
+
+    def attention() -> Case:
+        if model.is_mla:
+            heads, kv_heads, d = model.heads, 1, model.kv_lora_rank + model.qk_rope_head_dim
+        else:
+            heads, kv_heads, d = model.heads, model.kv_heads, model.head_dim
+        pages_per_seq = -(-context // PAGE_SIZE)
+        num_pages = batch * pages_per_seq
+        dtype = {"bf16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn, "int8": jnp.int8}[kv]
+        shape = (num_pages, PAGE_SIZE, kv_heads, d)
+        if kv == "bf16":
+            pages = tuple(jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype) for _ in range(2))
+            scales = {}
+            q_dtype = jnp.bfloat16
+        else:
+            pages = tuple(
+                jnp.asarray(rng.integers(-100, 100, shape).astype(np.float32), dtype) for _ in range(2)
+            )
+            s = jnp.asarray(rng.uniform(0.005, 0.02, shape[:3]).astype(np.float32))
+            scales = {"k_scale": s, "v_scale": s}
+            q_dtype = jnp.float32
+        bt = jnp.asarray(rng.permutation(num_pages).reshape(batch, pages_per_seq).astype(np.int32))
+        lens = jnp.full((batch,), context, jnp.int32)
+        q = jnp.asarray(rng.standard_normal((batch, heads, d), dtype=np.float32), q_dtype)
+
+        def fn(kv_pages, q, lens, bt):
+            return paged_attention(q, kv_pages[0], kv_pages[1], lens, bt, **kv_pages[2])
+
+        return Case(jax.jit(fn), (*pages, scales), (q, lens, bt))
+
+    def router_logits(xr: jax.Array, wr: jax.Array, popularity: jax.Array) -> jax.Array:
+        return _matmul(xr, wr) + popularity
+
+    def route_kw() -> dict[str, Any]:
+        if model.name.startswith("deepseek"):
+            return {"scoring": "sigmoid", "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5}
+        return {"renormalize": True}
+
+    # A trained router's skew: each expert's popularity offset, fixed per layer.
+    popularity = jnp.asarray(rng.standard_normal(max(model.experts, 1)).astype(np.float32))
+
+    def moe_router() -> Case:
+        wr = _make_weight(h, model.experts, "bf16", rng)
+
+        def fn(wr, x):
+            return route(router_logits(x, wr, popularity), top_k=model.top_k, **route_kw())
+
+        return Case(jax.jit(fn), wr, (x,))
+
+    def moe_experts() -> Case:
+        if weights == "int4":
+            raise ValueError(
+                "moe_experts: int4 experts are not supported by kernels.moe_ffn yet; "
+                "use --weights bf16 or fp32 for MoE models"
+            )
+        e, f = model.experts + model.shared_experts, model.moe_ffn
+        need = 3 * e * h * f * 4
+        if need > MAX_COMPONENT_BYTES:
+            raise ValueError(
+                f"moe_experts: one layer's experts take {need / 2**30:.1f} GiB in float32, more than the "
+                f"{MAX_COMPONENT_BYTES / 2**30:.0f} GiB this measurement allows; measure a smaller model"
+            )
+        ws = tuple(
+            jnp.asarray(rng.standard_normal(s, dtype=np.float32) / math.sqrt(s[1]))
+            for s in ((e, h, f), (e, h, f), (e, f, h))
+        )
+        logits = router_logits(x, _make_weight(h, model.experts, "bf16", rng), popularity)
+        rw, ids = route(logits, top_k=model.top_k, **route_kw())
+        if model.shared_experts:  # shared experts see every token with weight 1
+            shared = jnp.arange(model.experts, e, dtype=jnp.int32)[None].repeat(batch, 0)
+            ids = jnp.concatenate([ids, shared], axis=1)
+            rw = jnp.concatenate([rw, jnp.ones(shared.shape, jnp.float32)], axis=1)
+
+        def fn(ws, x, rw, ids):
+            return moe_ffn(x, rw, ids, *ws)
+
+        return Case(jax.jit(fn), ws, (x, rw, ids))
+
+    def lm_head() -> Case:
+        return Case(jax.jit(lambda w, a: _matmul(a, w)), _make_weight(h, model.vocab, "bf16", rng), (x,))
+
+    table = {
+        "qkv_proj": qkv,
+        "attention": attention,
+        "o_proj": o_proj,
+        "mlp": mlp,
+        "moe_router": moe_router,
+        "moe_experts": moe_experts,
+        "lm_head": lm_head,
+    }
+    for name in names:
+        builders[name] = table[name]
+    return builders
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    estimate: StepEstimate  # with measured times in place of the bounds
+    measured_s: dict[str, float]  # per occurrence, on this device
+    fits: bool  # whether the whole model (weights + KV) fits this device's memory
+    notes: tuple[str, ...]
+
+
+def measure_step(
+    model: ModelShape,
+    chip: Chip,
+    *,
+    batch: int,
+    context: int,
+    weights: str = "int4",
+    kv: str = "bf16",
+    min_time_s: float = 0.2,
+    seed: int = 0,
+    progress: bool = True,
+) -> Measurement:
+    """Time every component of one decode step of `model` on the default device and price the step.
+
+    `chip` is the device's roofline (normally `measure_host()`), used for the bounds, fractions and price.
+    """
+    if weights not in MEASURE_WEIGHTS:
+        raise ValueError(f"unknown weights={weights!r}; valid choices: {', '.join(MEASURE_WEIGHTS)}")
+    comps = step_components(model, batch=batch, context=context, weights=weights, kv=kv)
+    names = [c.name for c in comps]
+    rng = np.random.default_rng(seed)
+    builders = _cases(model, names, batch, context, weights, kv, rng)
+    measured = {}
+    for i, name in enumerate(names):
+        if progress:
+            _progress(i, len(names), name)
+        case = builders[name]()
+        measured[name] = _time_case(case, min_time_s)
+        del case
+    if progress:
+        _progress(len(names), len(names), "done")
+    compute = "fp32" if weights == "fp32" or "bf16" not in chip.peak_flops else "bf16"
+    est = estimate(
+        model,
+        chip,
+        batch=batch,
+        context=context,
+        weights=weights,
+        kv=kv,
+        compute_dtype=compute,
+        chips=1,
+        measured=measured,
+    )
+    foot = memory_footprint(model, batch=batch, context=context, weights=weights, kv=kv)
+    fits = foot.total <= chip.memory * 0.9
+    notes = [
+        f"measured on one layer's shapes and weights; step = Σ count × measured time over "
+        f"{model.layers} layers"
+    ]
+    if not fits:
+        notes.append(
+            f"the whole model ({foot.total / 1e9:.1f} GB with its KV cache) does not fit this "
+            f"device's {chip.memory / 1e9:.0f} GB: only one layer's weights were allocated"
+        )
+    if model.is_mla:
+        notes.append("MLA attention measured as one kv head of kv_lora_rank + rope dims, values included")
+    if model.is_moe and weights == "bf16":
+        notes.append("MoE experts measured with float32 weights (2x the bytes of bf16)")
+    return Measurement(estimate=est, measured_s=measured, fits=fits, notes=tuple(notes))
