@@ -27,6 +27,7 @@ test-full: $(STAMP)
 
 report: $(STAMP)
 	$(BIN)/python -m roofline report $(REPORT_ARGS)
+	$(BIN)/python -m roofline measure $(MEASURE_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/asv machine --yes
