@@ -1,8 +1,21 @@
 """Turning float weights into INT4 and back: the packed format, the quantizers, checkpoint layouts.
 
+The model and the quality experiment (`quant.minilm`, `quant.eval`) are imported by name, not here:
+they read the packaged all-MiniLM-L6-v2 files and are not part of the quantization API.
+
 Layering: imports nothing of ours but the roofline core (and today not even that); never `kernels`.
 """
 
+from quant.awq import (
+    awq_act_scales,
+    awq_quantize,
+    awq_quantize_shared,
+    awq_reference,
+    fold_scales_into_linear,
+    fold_scales_into_norm,
+    validate_awq_activations,
+    validate_awq_inputs,
+)
 from quant.checkpoints import (
     AWQ_ORDER,
     FORMATS,
@@ -48,8 +61,14 @@ __all__ = [
     "SUPPORTED_BITS",
     "HessianAccumulator",
     "Int4Weight",
+    "awq_act_scales",
+    "awq_quantize",
+    "awq_quantize_shared",
+    "awq_reference",
     "codes_per_byte",
     "dequantize_reference",
+    "fold_scales_into_linear",
+    "fold_scales_into_norm",
     "from_autoawq",
     "from_autogptq",
     "gptq_quantize",
@@ -70,6 +89,8 @@ __all__ = [
     "to_autogptq",
     "unpack_codes",
     "unpack_int4",
+    "validate_awq_activations",
+    "validate_awq_inputs",
     "validate_bits",
     "validate_format",
     "validate_gptq_inputs",
