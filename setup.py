@@ -1,0 +1,82 @@
+"""Build of the optional CPU-native kernels (kernels/cpu/*.cc) into kernels/cpu/_tokenlab_cpu*.so.
+
+Everything else about the package is in pyproject.toml. The library is compiled against XLA's FFI headers
+from the installed jaxlib (`jax.ffi.include_dir()`), for the machine it is built on (`-march=native`, or
+TOKENLAB_CPU_ARCH, e.g. `x86-64-v3` for a portable AVX2 build or `none` for no arch flag); the kernels keep a
+portable scalar path for any x86-64 or aarch64 CPU. A failed build (no compiler, no headers) does not fail
+the install: the kernels then use the portable XLA path and say so once at run time.
+"""
+
+import importlib.util
+import os
+import sys
+import sysconfig
+import tempfile
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+SOURCES = ["kernels/cpu/int4_matmul.cc", "kernels/cpu/paged_attention.cc"]
+
+
+def _ffi_include_dir():
+    """jaxlib's include directory (what `jax.ffi.include_dir()` returns), found without importing jax."""
+    # Build isolation installs jaxlib from [build-system] requires; without isolation it is the venv's.
+    spec = importlib.util.find_spec("jaxlib")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        include = os.path.join(root, "include")
+        if os.path.exists(os.path.join(include, "xla", "ffi", "api", "ffi.h")):
+            return include
+    print("tokenlab: WARNING: no XLA FFI headers (jaxlib/include); skipping the CPU-native kernels",
+          file=sys.stderr)
+    return None
+
+
+def _flag_works(compiler, flag):
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "t.cc")
+        with open(src, "w") as f:
+            f.write("int main() { return 0; }\n")
+        try:
+            compiler.compile([src], output_dir=d, extra_postargs=[flag])
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+
+class OptionalBuildExt(build_ext):
+    """Compile the native kernels if possible; never fail the install because of them."""
+
+    def build_extension(self, ext):
+        include = _ffi_include_dir()
+        if include is None:
+            return
+        arch = os.environ.get("TOKENLAB_CPU_ARCH", "native")
+        flags = ["-std=c++17", "-O3", "-fvisibility=hidden", "-Wno-maybe-uninitialized", "-isystem", include]
+        if arch != "none":
+            for flag in (f"-march={arch}", f"-mcpu={arch}"):  # x86-64 spells it -march, aarch64 -mcpu
+                if _flag_works(self.compiler, flag):
+                    flags.append(flag)
+                    break
+        ext.extra_compile_args = flags
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # noqa: BLE001 - CompileError, LinkError, missing compiler
+            print(
+                f"tokenlab: WARNING: could not build the CPU-native kernels ({e}); "
+                "the portable XLA path will be used",
+                file=sys.stderr,
+            )
+
+    def get_export_symbols(self, ext):
+        return []  # a plain shared library loaded with ctypes, not a Python module
+
+    def get_ext_filename(self, ext_name):
+        suffix = sysconfig.get_config_var("SHLIB_SUFFIX") or ".so"
+        return os.path.join(*ext_name.split(".")) + suffix
+
+
+setup(
+    ext_modules=[Extension("kernels.cpu._tokenlab_cpu", SOURCES, language="c++", optional=True)],
+    cmdclass={"build_ext": OptionalBuildExt},
+)
