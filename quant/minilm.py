@@ -155,7 +155,8 @@ def load_tokenizer(path: str | Path | None = None, *, max_length: int = MAX_SEQ_
 
 
 def tokenize(tokenizer: Any, sentences: list[str], *, pad_to: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """`(ids [B, T] int32, mask [B, T] int32)`, right-padded with 0 to a multiple of `pad_to` tokens.
+    """`(ids [B, T] int32, mask [B, T] int32)`, right-padded with 0 to `T = pad_to · 2^j` tokens, the
+    smallest such length that holds the longest sentence.
 
     Padding to a few bucket lengths keeps the number of compiled shapes small.
     """
@@ -163,7 +164,9 @@ def tokenize(tokenizer: Any, sentences: list[str], *, pad_to: int = 16) -> tuple
         raise ValueError("sentences is empty")
     enc = tokenizer.encode_batch(list(sentences))
     longest = max(len(e.ids) for e in enc)
-    t = -(-longest // pad_to) * pad_to
+    t = pad_to
+    while t < longest:
+        t *= 2
     ids = np.zeros((len(enc), t), np.int32)
     mask = np.zeros((len(enc), t), np.int32)
     for i, e in enumerate(enc):
