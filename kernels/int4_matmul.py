@@ -18,15 +18,25 @@ Strategies (all portable XLA; `impl="auto"`/`"xla"` picks by M, the number of ro
 - "dequant" (GEMM regime, large M): the same scan, but each block is dequantized to float32 in full and
   multiplied by x in one dot, which is cheaper once the [M, N] work per group exceeds the block's.
 - "dense": dequantize the whole weight, then one matmul; the simplest correct path, kept as a baseline.
+- "cpu_native": the C++ kernel of kernels/cpu/int4_matmul.cc, called through XLA's FFI (a matrix-vector path
+  for small M, a tiled path for larger M; packed weights dequantized in SIMD registers, both cores). Bits 4
+  and 3 with an even group size; x is permuted and scaled here first, as for the XLA strategies.
 Every strategy accumulates in float32 and returns x's dtype.
+
+Dispatch: `impl="auto"` uses the native kernel when the CPU library is built (`kernels.cpu.available()`) and
+the weight is supported, chosen per platform at lowering (`jax.lax.platform_dependent`): the CPU runs the
+native kernel, every other backend the XLA strategy for M, so the same jitted function still exports for
+cuda, rocm and tpu. `impl="xla"` (or a named strategy) forces the portable path; `impl="cpu_native"` forces
+the native kernel (CPU only; an error when the library is absent or the weight unsupported).
 
 Why blocks: converting a whole 16M-element uint8 matrix to float32 on this CPU costs more than the float32
 matmul itself; a block of a few hundred rows is converted in cache and consumed at once. Bits 4 and 3
 (3-bit codes share the 4-bit container) use the nibble path; 2- and 8-bit weights use "dense".
 
 Gradients: `jax.grad` with respect to x goes through a custom VJP, dx = dy @ Wᵀ, computed block by block
-from the packed weight, so the backward pass never stores a dequantized copy. Under `jax.vmap` over a
-leading axis of weights (MoE experts), every strategy batches.
+from the packed weight, so the backward pass never stores a dequantized copy (the native forward shares this
+XLA backward). Under `jax.vmap` over a leading axis of weights (MoE experts), every strategy batches; the
+native kernel runs once per batch element.
 
 Axis legend: M rows of x (all leading axes flattened), K input features, N output features, G groups,
 bk rows of K per block.
@@ -41,10 +51,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from quant.format import Int4Weight, codes_per_byte, dequantize_reference
+from kernels import cpu
+from quant.format import Int4Weight, codes_per_byte, dequantize_reference, symmetric_zero
 from roofline.counters import Cost, itemsize
 
-IMPLS = ("auto", "xla", "codes", "dequant", "dense")
+IMPLS = ("auto", "xla", "codes", "dequant", "dense", "cpu_native")
 X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 # Rows of x at and above which the "dequant" strategy wins over "codes" (measured; see the README).
 GEMM_MIN_M = 32
@@ -188,16 +199,77 @@ def _packed_matmul_bwd(group_size, dequant, res, dy):
 _packed_matmul.defvjp(_packed_matmul_fwd, _packed_matmul_bwd)
 
 
+def _native_or_xla(x, packed, scales, zeros, group_size, dequant, sym_zero, force):
+    """The native kernel on the CPU; under `force=False` every other platform runs the XLA scan."""
+
+    def native(x, packed, scales, zeros):
+        return cpu.int4_matmul_native(x, packed, scales, zeros, group_size=group_size, sym_zero=sym_zero)
+
+    if force:
+        return native(x, packed, scales, zeros)
+
+    def xla(x, packed, scales, zeros):
+        zp = jnp.full(scales.shape, sym_zero, jnp.uint8) if zeros is None else zeros
+        return _scan_matmul(x, packed, scales, zp, group_size=group_size, dequant=dequant)
+
+    return jax.lax.platform_dependent(x, packed, scales, zeros, cpu=native, default=xla)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _native_matmul(x, packed, scales, zeros, group_size, dequant, sym_zero, force):
+    return _native_or_xla(x, packed, scales, zeros, group_size, dequant, sym_zero, force)
+
+
+def _native_matmul_fwd(x, packed, scales, zeros, group_size, dequant, sym_zero, force):
+    y = _native_or_xla(x, packed, scales, zeros, group_size, dequant, sym_zero, force)
+    return y, (packed, scales, zeros)
+
+
+def _native_matmul_bwd(group_size, dequant, sym_zero, force, res, dy):
+    packed, scales, zeros = res
+    zp = jnp.full(scales.shape, sym_zero, jnp.uint8) if zeros is None else zeros
+    dx = _scan_matmul_transposed(dy, packed, scales, zp, group_size=group_size)
+    zeros_ct = None if zeros is None else np.zeros(zeros.shape, jax.dtypes.float0)
+    return dx, np.zeros(packed.shape, jax.dtypes.float0), jnp.zeros_like(scales), zeros_ct
+
+
+_native_matmul.defvjp(_native_matmul_fwd, _native_matmul_bwd)
+
+
+def native_unsupported(w: Int4Weight) -> str | None:
+    """Why the native CPU kernel cannot take this weight (None when it can)."""
+    if w.bits not in (3, 4):
+        return f"bits={w.bits} (the native kernel reads the 4-bit container: bits 3 and 4)"
+    if w.group_size % 2:
+        return f"group_size={w.group_size} (must be even: a packed byte holds two rows of one group)"
+    return None
+
+
 def _choose(impl: str, m: int, bits: int, group_size: int) -> str:
     if bits not in (3, 4) or group_size % 2:  # the nibble planes need an even number of rows per group
         return "dense"
-    if impl in ("auto", "xla"):
+    if impl in ("auto", "xla", "cpu_native"):
         return "dequant" if m >= GEMM_MIN_M else "codes"
     return impl
 
 
-@functools.partial(jax.jit, static_argnames=("strategy",))
-def _int4_matmul(x: jax.Array, w: Int4Weight, strategy: str) -> jax.Array:
+def _native_mode(impl: str, w: Int4Weight) -> str:
+    """"off" (XLA only), "auto" (native on the CPU, chosen at lowering) or "force"."""
+    if impl == "cpu_native":
+        reason = native_unsupported(w)
+        if reason is not None:
+            raise ValueError(f"impl='cpu_native' does not support {reason}; use impl='auto' or 'xla'")
+        why = cpu.load()
+        if why is not None:
+            raise RuntimeError(f"impl='cpu_native' needs the native CPU library: {why}")
+        return "force"
+    if impl == "auto" and native_unsupported(w) is None and cpu.available():
+        return "auto"
+    return "off"
+
+
+@functools.partial(jax.jit, static_argnames=("strategy", "native"))
+def _int4_matmul(x: jax.Array, w: Int4Weight, strategy: str, native: str = "off") -> jax.Array:
     k, n = w.shape
     xf = x.reshape(-1, k).astype(jnp.float32)
     if strategy == "dense":
@@ -207,21 +279,35 @@ def _int4_matmul(x: jax.Array, w: Int4Weight, strategy: str) -> jax.Array:
             xf = xf / w.act_scales.astype(jnp.float32)
         if w.perm is not None:
             xf = xf[:, w.perm]  # act-order: stored row r is input channel perm[r]
-        y = _packed_matmul(xf, w.packed, w.scales, w.zero_points(), w.group_size, strategy == "dequant")
+        if native != "off":
+            y = _native_matmul(
+                xf,
+                w.packed,
+                w.scales.astype(jnp.float32),
+                w.zeros,
+                w.group_size,
+                strategy == "dequant",
+                symmetric_zero(w.bits),
+                native == "force",
+            )
+        else:
+            y = _packed_matmul(xf, w.packed, w.scales, w.zero_points(), w.group_size, strategy == "dequant")
     return y.astype(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def int4_matmul(x: jax.Array, w: Int4Weight, *, impl: str = "auto") -> jax.Array:
     """x: [..., K] float32|bfloat16|float16 @ w (an Int4Weight [K, N]) -> [..., N] in x's dtype.
 
-    `impl`: "auto" or "xla" (pick by M), "codes", "dequant" or "dense" (see the module docstring).
+    `impl`: "auto" (native on the CPU when built, else by M), "xla" (pick by M), "codes", "dequant", "dense"
+    or "cpu_native" (see the module docstring).
     Jittable, vmappable over a leading axis of stacked weights, differentiable with respect to x.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
     validate_int4_matmul_inputs(x, w)
     m = int(np.prod(np.shape(x)[:-1], dtype=np.int64))
-    return _int4_matmul(x, w, _choose(impl, m, w.bits, w.group_size))
+    native = _native_mode(impl, w)
+    return _int4_matmul(x, w, _choose(impl, m, w.bits, w.group_size), native)
 
 
 def int4_matmul_cost(

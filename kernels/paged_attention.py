@@ -47,6 +47,16 @@ batch axes in front (XLA's CPU dot is far faster that way), and updates the runn
 The context can be split into `num_splits` parts processed side by side and merged by log-sum-exp, which
 keeps the device busy when there are few sequences. The loop stops after the longest sequence's last
 block (a dynamic trip count), and the gather is sized to stay in cache (`block_pages`).
+
+The native CPU path (`impl="cpu_native"`, kernels/cpu/paged_attention.cc through XLA's FFI) serves decode
+(q_lens=None) with float32 q and float32 pages: one work unit per (sequence, kv head, context split) walks
+the sequence's pages in place — each page's slice of that kv head is read once for all G query heads, no
+gathered copy — with an online softmax and a log-sum-exp merge of the splits. It checks every page id a
+sequence covers and kv_lens against the block table, and a bad one is an error raised from the handler
+(never a read outside the pages). Multi-token queries (q_lens given), bfloat16/float16, and quantized
+(int8/float8) pages stay on the XLA path. `impl="auto"` picks the native kernel for the cases it serves when
+the library is built (`kernels.cpu.available()`), chosen per platform at lowering (`jax.lax.platform_dependent`),
+so the same jitted function still exports for cuda, rocm and tpu; `impl="xla"` forces the portable path.
 """
 
 from __future__ import annotations
@@ -60,11 +70,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from kernels import cpu
 from roofline.counters import Cost, itemsize
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 QUANT_DTYPES = (np.dtype(np.int8), np.dtype(ml_dtypes.float8_e4m3fn))
-IMPLS = ("auto", "xla")
+IMPLS = ("auto", "xla", "cpu_native")
 # Bytes of K gathered per block step: large enough to amortize the loop, small enough to stay in cache.
 # On a 2-core EPYC (32 MiB L3) 0.5–2 MiB ran at 8–10 GB/s against 3–5 GB/s at 8 MiB.
 _BLOCK_BYTES = 1 << 20
@@ -452,6 +463,40 @@ def _paged_attention_xla(
     return res.astype(q.dtype)
 
 
+def native_unsupported(q: Any, k_pages: Any, v_pages: Any, *, q_lens: Any = None) -> str | None:
+    """Why the native CPU decode kernel cannot serve these inputs (None when it can)."""
+    if q_lens is not None:
+        return "multi-token queries (q_lens given): the native kernel is decode-only"
+    f32 = np.dtype(np.float32)
+    for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages)):
+        dt = _shape_dtype(x)[1]
+        if dt != f32:
+            return f"{name}.dtype={dt} (the native kernel takes float32 q and pages)"
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "sliding_window", "xla_kw", "force"))
+def _paged_decode_native(q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes, *, scale, soft_cap,
+                         sliding_window, xla_kw, force):
+    def native(q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes):
+        return cpu.paged_decode_native(
+            q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes,
+            scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        ).astype(q.dtype)
+
+    args = (q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes)
+    if force:
+        return native(*args)
+
+    def xla(q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes):
+        return _paged_attention_xla(
+            q, k_pages, v_pages, kv_lens, block_tables, None, alibi_slopes, None, None,
+            scale=scale, soft_cap=soft_cap, sliding_window=sliding_window, decode=True, **dict(xla_kw),
+        )
+
+    return jax.lax.platform_dependent(*args, cpu=native, default=xla)
+
+
 def paged_attention(
     q: jax.Array,
     k_pages: jax.Array,
@@ -517,6 +562,27 @@ def paged_attention(
     def as_scale(x):
         return None if x is None else jnp.asarray(x, jnp.float32)
 
+    reason = native_unsupported(q, k_pages, v_pages, q_lens=q_lens)
+    if impl == "cpu_native":
+        if reason is not None:
+            raise ValueError(f"impl='cpu_native' does not support {reason}; use impl='auto' or 'xla'")
+        why = cpu.load()
+        if why is not None:
+            raise RuntimeError(f"impl='cpu_native' needs the native CPU library: {why}")
+    if impl == "cpu_native" or (impl == "auto" and reason is None and cpu.available()):
+        return _paged_decode_native(
+            q,
+            k_pages,
+            v_pages,
+            jnp.asarray(kv_lens),
+            jnp.asarray(block_tables),
+            None if alibi_slopes is None else jnp.asarray(alibi_slopes),
+            scale=sc,
+            soft_cap=None if soft_cap is None else float(soft_cap),
+            sliding_window=None if sliding_window is None else int(sliding_window),
+            xla_kw=(("q_tile", 1), ("block_pages", int(block_pages)), ("num_splits", int(num_splits))),
+            force=impl == "cpu_native",
+        )
     return _paged_attention_xla(
         q,
         k_pages,

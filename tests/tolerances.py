@@ -82,3 +82,7 @@ MINILM_GPTQ_OVER_RTN_LAYER_ERROR = 0.75
 MINILM_AWQ_OVER_RTN_LAYER_ERROR = 0.9
 MINILM_GPTQ_MIN_COSINE = 0.985
 MINILM_AWQ_MIN_COSINE = 0.97
+
+# The native CPU INT4 kernel (float32 activations) against the dequantized float64 reference: the issue's
+# bound on the normalized error.
+NATIVE_INT4_NERR = 1e-4

@@ -139,6 +139,7 @@ TUNABLES = ("q_tile", "block_pages", "num_splits")
 
 
 def check(q, kp, vp, lens, bt, **kw):
+    kw.setdefault("impl", "xla")  # this file tests the XLA path; the native one is in test_cpu_native.py
     expected = paged_attention_reference(
         q, kp, vp, lens, bt, **{k: v for k, v in kw.items() if k not in TUNABLES}
     )
@@ -318,7 +319,8 @@ def test_foreign_pages_cannot_reach_the_output_under_jit():
     q, kp, vp, lens, bt = make_cache(0, lens=[20, 5])
     bt_bad = bt.copy()
     bt_bad[0, 1] = 10_000  # a covered page with an id outside [0, P)
-    jitted = jax.jit(paged_attention)
+    # The XLA path masks such a page; the native CPU kernel rejects it instead (tests/kernels/test_cpu_native.py).
+    jitted = jax.jit(lambda *a: paged_attention(*a, impl="xla"))
     other = np.random.default_rng(1).standard_normal(kp.shape).astype(np.float32)
     mine = np.zeros(kp.shape[0], bool)
     mine[bt[0, 0]] = mine[bt[1, 0]] = True
@@ -359,8 +361,10 @@ def test_lowers_for_every_backend():
     ql = np.array([2, 10, 1], np.int32)
 
     def decode(q, kp, vp, lens, bt):
+        # impl="xla" for all four platforms: "auto" adds the native CPU custom call on the cpu platform, which
+        # export refuses without disabled_checks (exported for cuda/rocm/tpu in test_cpu_native.py).
         return paged_attention(
-            q, kp, vp, lens, bt, soft_cap=2.0, alibi_slopes=jnp.ones(4) * 0.1, sliding_window=8
+            q, kp, vp, lens, bt, soft_cap=2.0, alibi_slopes=jnp.ones(4) * 0.1, sliding_window=8, impl="xla"
         )
 
     def mixed(q, kp, vp, lens, bt, ql):
@@ -381,7 +385,7 @@ def test_cost_matches_xla_when_one_block_covers_the_context():
     cost = paged_attention_cost(b, h, k, d, lens)
 
     def fn(q, kp, vp, lens, bt):
-        return paged_attention(q, kp, vp, lens, bt, block_pages=mp, num_splits=1)
+        return paged_attention(q, kp, vp, lens, bt, block_pages=mp, num_splits=1, impl="xla")
 
     cmp = compare_with_xla(cost, fn, q, kp, vp, lens, bt)
     # One loop trip, counted once. XLA's dots equal ours; it also counts elementwise work that the analytic
