@@ -130,8 +130,7 @@ def _cases(
     rng: np.random.Generator,
 ) -> dict[str, Callable[[], Case]]:
     """Builders (called one at a time, so one component's data is alive at once) per component."""
-    from kernels import paged_attention
-    from kernels.moe import moe_ffn, route
+    from kernels import moe_ffn, paged_attention, route
 
     h = model.hidden
     x = jnp.asarray(rng.standard_normal((batch, h), dtype=np.float32))
