@@ -61,13 +61,13 @@ def test_embedding_quality_hand_worked():
 
 
 @needs_model
-def test_eval_command_on_a_subset():
-    cmd = [sys.executable, "-m", "quant.eval", "--calib", "32", "--eval", "16", "--methods", "rtn,awq_shared"]
-    out = subprocess.run([*cmd, "--group-sizes", "128", "--json"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "[####" in out.stderr  # the progress bar goes to stderr, the result alone to stdout
-    result = json.loads(out.stdout)
-    assert result["n_linears"] == 36 and result["n_calib"] == 32 and result["n_eval"] == 16
+def test_eval_command_on_a_subset(capsys):
+    args = ["--calib", "16", "--eval", "8", "--methods", "rtn,awq_shared", "--group-sizes", "128", "--json"]
+    assert qeval.main(args) == 0
+    out = capsys.readouterr()
+    assert "[####" in out.err  # the progress bar goes to stderr, the result alone to stdout
+    result = json.loads(out.out)
+    assert result["n_linears"] == 36 and result["n_calib"] == 16 and result["n_eval"] == 8
     rtn, awq = result["runs"]
     assert (rtn["method"], awq["method"]) == ("rtn", "awq_shared")
     assert len(rtn["layer_errors"]) == len(awq["layer_errors"]) == 36
@@ -75,6 +75,15 @@ def test_eval_command_on_a_subset():
     assert awq["layer_error_over_rtn_g128"] < 1.0
     for r in (rtn, awq):
         assert 0.9 < r["cos_min"] <= r["cos_mean"] <= 1.0 and 0.0 <= r["nn_preserved"] <= 1.0
+
+
+@needs_model
+def test_eval_module_runs_as_a_command():
+    # The entry point itself, cheaply: the argument parser's help.
+    out = subprocess.run(
+        [sys.executable, "-m", "quant.eval", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "--calib" in out.stdout and "--json" in out.stdout
 
 
 def test_eval_command_rejects_an_unknown_method(capsys):
