@@ -27,8 +27,10 @@ def _ffi_include_dir():
         include = os.path.join(root, "include")
         if os.path.exists(os.path.join(include, "xla", "ffi", "api", "ffi.h")):
             return include
-    print("tokenlab: WARNING: no XLA FFI headers (jaxlib/include); skipping the CPU-native kernels",
-          file=sys.stderr)
+    print(
+        "tokenlab: WARNING: no XLA FFI headers (jaxlib/include); skipping the CPU-native kernels",
+        file=sys.stderr,
+    )
     return None
 
 
@@ -40,7 +42,7 @@ def _flag_works(compiler, flag):
         try:
             compiler.compile([src], output_dir=d, extra_postargs=[flag])
             return True
-        except Exception:  # noqa: BLE001
+        except Exception:
             return False
 
 
@@ -61,7 +63,7 @@ class OptionalBuildExt(build_ext):
         ext.extra_compile_args = flags
         try:
             super().build_extension(ext)
-        except Exception as e:  # noqa: BLE001 - CompileError, LinkError, missing compiler
+        except Exception as e:
             print(
                 f"tokenlab: WARNING: could not build the CPU-native kernels ({e}); "
                 "the portable XLA path will be used",

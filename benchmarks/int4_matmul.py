@@ -128,3 +128,84 @@ class Int4MatmulVsTorch:
         return self.ours._int4_s() / peer
 
     track_ratio_to_torch_int4.unit = "x (time / torch time)"
+
+
+# The issue's targets: weights rotated out of cache, M = 1 and 16, group 128.
+TARGET_SHAPES = [(4096, 14336), (8192, 28672)]
+
+
+def _torch_time(run):
+    run()
+    t0 = timeit.default_timer()
+    reps = 0
+    while timeit.default_timer() - t0 < 0.3 or reps < 5:
+        run()
+        reps += 1
+    return (timeit.default_timer() - t0) / reps
+
+
+class Int4MatmulNativeVsXla:
+    """The CPU-native kernel (impl="cpu_native") against the portable XLA path, float32 and, when installed,
+    PyTorch's CPU INT4 kernel; each ratio is measured back to back in one call."""
+
+    params = (TARGET_SHAPES, [1, 16])
+    param_names = ["k_n", "m"]
+    timer = timeit.default_timer
+    number = 1
+    repeat = (3, 10, 20.0)
+    timeout = 900
+
+    def setup(self, k_n, m):
+        from kernels import cpu
+        from quant import Int4Weight
+
+        if not cpu.available():
+            raise NotImplementedError("the CPU-native library is not built")
+        k, n = k_n
+        x, packed, scales, zeros = make_inputs(k, n, m)
+        self.x = x
+        self.w = Int4Weight(packed, scales, zeros, group_size=GROUP)
+        self.native = jax.jit(lambda x, w: int4_matmul(x, w, impl="cpu_native"))
+        self.xla = jax.jit(lambda x, w: int4_matmul(x, w, impl="xla"))
+        self.wf = jnp.asarray(np.random.default_rng(1).standard_normal((k, n), dtype=np.float32))
+        self.f32 = jax.jit(jnp.matmul)
+        for f, w in ((self.native, self.w), (self.xla, self.w), (self.f32, self.wf)):
+            f(self.x, w).block_until_ready()
+        self.cost = int4_matmul_cost(m, k, n, group_size=GROUP)
+        self.copies = _copies(self.cost.bytes_read)
+
+    def _time(self, fn, w, copies):
+        return timing.time_fn(fn, self.x, w, copies=copies, min_time_s=0.3).median_s
+
+    def time_native(self, k_n, m):
+        self.native(self.x, self.w).block_until_ready()
+
+    def track_native_over_float32(self, k_n, m):
+        f32 = self._time(self.f32, self.wf, _copies(self.wf.nbytes))
+        return self._time(self.native, self.w, self.copies) / f32
+
+    track_native_over_float32.unit = "x (time / float32 time)"
+
+    def track_xla_over_float32(self, k_n, m):
+        f32 = self._time(self.f32, self.wf, _copies(self.wf.nbytes))
+        return self._time(self.xla, self.w, self.copies) / f32
+
+    track_xla_over_float32.unit = "x (time / float32 time)"
+
+    def track_native_speedup_over_xla(self, k_n, m):
+        return self._time(self.xla, self.w, self.copies) / self._time(self.native, self.w, self.copies)
+
+    track_native_speedup_over_xla.unit = "x"
+
+    def track_native_over_torch_int4(self, k_n, m):
+        peer = torch_int4_peer(*k_n, m)
+        if peer is None:
+            raise NotImplementedError("torch is not installed")
+        return self._time(self.native, self.w, self.copies) / _torch_time(peer)
+
+    track_native_over_torch_int4.unit = "x (time / torch time)"
+
+    def track_native_fraction_of_stream_bandwidth(self, k_n, m):
+        return self.cost.bytes_read / self._time(self.native, self.w, self.copies) / measure_host().bandwidth
+
+    track_native_fraction_of_stream_bandwidth.unit = "fraction of roofline"

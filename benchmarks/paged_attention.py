@@ -108,3 +108,83 @@ class PagedMixedBatch:
         return self.cost.flops / t / 1e9
 
     track_gflops.unit = "GFLOP/s"
+
+
+def torch_sdpa_peer(q, kp, vp, bt):
+    """PyTorch's CPU scaled_dot_product_attention (GQA) over the same keys and values laid out contiguously,
+    [B, K, L, D], or None when torch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+
+    def dense(pages):
+        return torch.from_numpy(np.array(_contiguous(pages, bt))).permute(0, 2, 1, 3).contiguous()
+
+    kc, vc = dense(kp), dense(vp)
+    qt = torch.from_numpy(np.array(q))[:, :, None, :]  # [B, H, 1, D]
+
+    def run():
+        return torch.nn.functional.scaled_dot_product_attention(qt, kc, vc, enable_gqa=True)
+
+    return run
+
+
+class PagedDecodeNativeVsXla:
+    """The CPU-native decode kernel (impl="cpu_native") against the portable XLA path and, when installed,
+    PyTorch's scaled_dot_product_attention over a contiguous cache; ratios measured back to back."""
+
+    params = [4096, 16384]
+    param_names = ["context"]
+    timer = timeit.default_timer
+    number = 1
+    repeat = (3, 10, 20.0)
+    timeout = 900
+
+    def setup(self, context):
+        from kernels import cpu
+
+        if not cpu.available():
+            raise NotImplementedError("the CPU-native library is not built")
+        self.args = _decode_inputs(context)
+        self.native = jax.jit(lambda *a: paged_attention(*a, impl="cpu_native"))
+        self.xla = jax.jit(lambda *a: paged_attention(*a, impl="xla"))
+        self.native(*self.args).block_until_ready()
+        self.xla(*self.args).block_until_ready()
+        self.cost = paged_attention_cost(B, H, K, D, np.asarray(self.args[3]))
+
+    def _time(self, fn):
+        return timing.time_fn(fn, *self.args, min_time_s=0.5).median_s
+
+    def time_native_decode(self, context):
+        self.native(*self.args).block_until_ready()
+
+    def track_native_kv_read_gbps(self, context):
+        return self.cost.bytes_read / self._time(self.native) / 1e9
+
+    track_native_kv_read_gbps.unit = "GB/s"
+
+    def track_native_fraction_of_stream_bandwidth(self, context):
+        return self.cost.bytes_read / self._time(self.native) / measure_host().bandwidth
+
+    track_native_fraction_of_stream_bandwidth.unit = "fraction of roofline"
+
+    def track_native_speedup_over_xla(self, context):
+        return self._time(self.xla) / self._time(self.native)
+
+    track_native_speedup_over_xla.unit = "x"
+
+    def track_native_speedup_over_torch_sdpa(self, context):
+        q, kp, vp, _, bt = self.args
+        peer = torch_sdpa_peer(q, kp, vp, bt)
+        if peer is None:
+            raise NotImplementedError("torch is not installed")
+        peer()
+        t0 = timeit.default_timer()
+        reps = 0
+        while timeit.default_timer() - t0 < 0.5 or reps < 3:
+            peer()
+            reps += 1
+        return (timeit.default_timer() - t0) / reps / self._time(self.native)
+
+    track_native_speedup_over_torch_sdpa.unit = "x"

@@ -254,7 +254,7 @@ def _choose(impl: str, m: int, bits: int, group_size: int) -> str:
 
 
 def _native_mode(impl: str, w: Int4Weight) -> str:
-    """"off" (XLA only), "auto" (native on the CPU, chosen at lowering) or "force"."""
+    """ "off" (XLA only), "auto" (native on the CPU, chosen at lowering) or "force"."""
     if impl == "cpu_native":
         reason = native_unsupported(w)
         if reason is not None:

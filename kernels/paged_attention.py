@@ -55,8 +55,9 @@ gathered copy — with an online softmax and a log-sum-exp merge of the splits. 
 sequence covers and kv_lens against the block table, and a bad one is an error raised from the handler
 (never a read outside the pages). Multi-token queries (q_lens given), bfloat16/float16, and quantized
 (int8/float8) pages stay on the XLA path. `impl="auto"` picks the native kernel for the cases it serves when
-the library is built (`kernels.cpu.available()`), chosen per platform at lowering (`jax.lax.platform_dependent`),
-so the same jitted function still exports for cuda, rocm and tpu; `impl="xla"` forces the portable path.
+the library is built (`kernels.cpu.available()`), chosen per platform at lowering
+(`jax.lax.platform_dependent`), so the same jitted function still exports for cuda, rocm and tpu;
+`impl="xla"` forces the portable path.
 """
 
 from __future__ import annotations
@@ -476,12 +477,31 @@ def native_unsupported(q: Any, k_pages: Any, v_pages: Any, *, q_lens: Any = None
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "sliding_window", "xla_kw", "force"))
-def _paged_decode_native(q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes, *, scale, soft_cap,
-                         sliding_window, xla_kw, force):
+def _paged_decode_native(
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    alibi_slopes,
+    *,
+    scale,
+    soft_cap,
+    sliding_window,
+    xla_kw,
+    force,
+):
     def native(q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes):
         return cpu.paged_decode_native(
-            q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes,
-            scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+            q,
+            k_pages,
+            v_pages,
+            kv_lens,
+            block_tables,
+            alibi_slopes,
+            scale=scale,
+            soft_cap=soft_cap,
+            sliding_window=sliding_window,
         ).astype(q.dtype)
 
     args = (q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes)
@@ -490,8 +510,20 @@ def _paged_decode_native(q, k_pages, v_pages, kv_lens, block_tables, alibi_slope
 
     def xla(q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes):
         return _paged_attention_xla(
-            q, k_pages, v_pages, kv_lens, block_tables, None, alibi_slopes, None, None,
-            scale=scale, soft_cap=soft_cap, sliding_window=sliding_window, decode=True, **dict(xla_kw),
+            q,
+            k_pages,
+            v_pages,
+            kv_lens,
+            block_tables,
+            None,
+            alibi_slopes,
+            None,
+            None,
+            scale=scale,
+            soft_cap=soft_cap,
+            sliding_window=sliding_window,
+            decode=True,
+            **dict(xla_kw),
         )
 
     return jax.lax.platform_dependent(*args, cpu=native, default=xla)

@@ -85,8 +85,9 @@ def paged_decode_native(
     _require()
     h = q.shape[1]
     slopes = jnp.zeros((h,), jnp.float32) if alibi_slopes is None else alibi_slopes.astype(jnp.float32)
-    call = jax.ffi.ffi_call("tokenlab_paged_decode", jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                            vmap_method="sequential")
+    call = jax.ffi.ffi_call(
+        "tokenlab_paged_decode", jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential"
+    )
     return call(
         q.astype(jnp.float32),
         k_pages,

@@ -53,7 +53,9 @@ def load() -> str | None:
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, AttributeError) as e:
-        reason = f"the CPU-native kernel library {path} could not be loaded ({e}); using the portable XLA path"
+        reason = (
+            f"the CPU-native kernel library {path} could not be loaded ({e}); using the portable XLA path"
+        )
         warnings.warn(f"tokenlab: {reason}", RuntimeWarning, stacklevel=3)
         return reason
     return None

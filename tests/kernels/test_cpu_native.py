@@ -84,9 +84,9 @@ def test_int4_scalar_fallback_matches_simd(m, asym):
     zeros = jnp.asarray(rng.integers(0, 16, (k // g, n), dtype=np.uint8)) if asym else None
     x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
     outs = [
-        jax.jit(lambda x, s=s: cpu.int4_matmul_native(x, packed, scales, zeros, group_size=g, sym_zero=8, simd=s))(
-            x
-        )
+        jax.jit(
+            lambda x, s=s: cpu.int4_matmul_native(x, packed, scales, zeros, group_size=g, sym_zero=8, simd=s)
+        )(x)
         for s in (True, False)
     ]
     assert normalized_error(outs[1], np.asarray(outs[0], np.float64)) <= NATIVE_INT4_NERR
@@ -220,7 +220,10 @@ def test_decode_permuting_pages_with_the_table_changes_nothing(seed, lens):
 @pytest.mark.parametrize(
     "change,match",
     [
-        (lambda a: a["block_tables"].__setitem__((0, 1), 10_000), r"block_tables\[0, 1\]=10000 is not a page id"),
+        (
+            lambda a: a["block_tables"].__setitem__((0, 1), 10_000),
+            r"block_tables\[0, 1\]=10000 is not a page id",
+        ),
         (lambda a: a["block_tables"].__setitem__((1, 0), -3), r"block_tables\[1, 0\]=-3 is not a page id"),
         (lambda a: a.update(kv_lens=np.array([20, 65, 1], np.int32)), r"kv_lens\[1\]=65 is outside \[0, "),
         (lambda a: a.update(kv_lens=np.array([20, -1, 1], np.int32)), r"kv_lens\[1\]=-1 is outside"),
@@ -284,7 +287,8 @@ def test_auto_exports_for_other_backends():
         )
         assert "tokenlab" not in exp.mlir_module()
     exp = jax.export.export(
-        jax.jit(lambda *a: paged_attention(*a, soft_cap=2.0, sliding_window=8)), platforms=("cuda", "rocm", "tpu")
+        jax.jit(lambda *a: paged_attention(*a, soft_cap=2.0, sliding_window=8)),
+        platforms=("cuda", "rocm", "tpu"),
     )(*dec_args)
     assert "tokenlab" not in exp.mlir_module()
 
@@ -295,7 +299,9 @@ def test_auto_exports_for_all_four_with_the_custom_call_allowed():
     qw = make_weight(0)
     checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in cpu.TARGETS]
     exp = jax.export.export(
-        jax.jit(lambda x: int4_matmul(x, qw)), platforms=("cpu", "cuda", "rocm", "tpu"), disabled_checks=checks
+        jax.jit(lambda x: int4_matmul(x, qw)),
+        platforms=("cpu", "cuda", "rocm", "tpu"),
+        disabled_checks=checks,
     )(spec((1, K), jnp.float32))
     assert "tokenlab_int4_matmul" in exp.mlir_module()
 
@@ -324,7 +330,9 @@ def test_fallback_when_the_library_is_absent(no_library):
         out = int4_matmul(jnp.asarray(x), qw)
         expected = int4_matmul_reference(x, qw).astype(np.float64)
         assert normalized_error(out, expected) <= 1e-5
-        assert_close(paged_attention(q, kp, vp, lens, bt), paged_attention_reference(q, kp, vp, lens, bt), q.dtype)
+        assert_close(
+            paged_attention(q, kp, vp, lens, bt), paged_attention_reference(q, kp, vp, lens, bt), q.dtype
+        )
     with pytest.raises(RuntimeError, match="needs the native CPU library"):
         int4_matmul(jnp.asarray(x), qw, impl="cpu_native")
     with pytest.raises(RuntimeError, match="needs the native CPU library"):
