@@ -10,6 +10,7 @@ from kernels.kv_cache import OutOfPages, PageAllocator, copy_pages, validate_wri
 from kernels.moe import (
     DispatchPlan,
     combine,
+    dequantize_experts,
     dispatch,
     dispatch_plan,
     expert_capacity,
@@ -40,6 +41,7 @@ __all__ = [
     "PageAllocator",
     "combine",
     "copy_pages",
+    "dequantize_experts",
     "dequantize_pages",
     "dispatch",
     "dispatch_plan",

@@ -74,8 +74,12 @@ FFN strategies (`impl`):
   expert's weights before its GEMM, which costs more than padding rows) and "grouped" for more (many
   small experts), chosen at lowering by `jax.lax.platform_dependent` so one jitted function exports
   for cpu, cuda, rocm and tpu.
-Quantized experts (stacks of Int4Weight) are not supported yet: they will enter as another weight
-type in `validate_moe_ffn_inputs` and a per-block matmul in the "grouped"/"ragged" bodies.
+Quantized experts: w_gate, w_up and w_down may each be a stack of `quant.Int4Weight` (leaves with a
+leading expert axis, e.g. `jax.tree.map(jnp.stack, *experts)`); every expert matmul then runs through
+`kernels.int4_matmul`. "auto"/"xla" use "grouped" on every backend (only the experts that have rows are
+read; with a capacity, "batched", vmapped over experts); "dense" dequantizes every expert first (an
+oracle). "bucketed" and "ragged" need float weights and refuse. The experts are frozen: gradients reach
+x and the routing weights. `moe_ffn_reference` compares against the dequantized experts.
 
 Sources: HF transformers MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, DeepseekV3TopkRouter;
 DeepSeek-V3 technical report (arXiv 2412.19437) §2.1.2; Switch Transformers (arXiv 2101.03961);
@@ -94,11 +98,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from kernels.int4_matmul import int4_matmul
+from quant.format import Int4Weight, codes_per_byte, dequantize_reference
 from roofline.counters import Cost, itemsize
 
 __all__ = [
     "DispatchPlan",
     "combine",
+    "dequantize_experts",
     "dispatch",
     "dispatch_plan",
     "expert_capacity",
@@ -119,6 +126,8 @@ SCORINGS = ("softmax", "sigmoid")
 DROP_PRIORITIES = ("choice", "token", "weight")
 LAYOUTS = ("packed", "padded")
 IMPLS = ("auto", "xla", "grouped", "bucketed", "ragged", "batched", "dense")
+# Strategies that take stacks of Int4Weight experts (ragged_dot and the bucketed switch need float weights).
+QUANTIZED_IMPLS = ("auto", "xla", "grouped", "batched", "dense")
 _RENORM_EPS = 1e-20
 
 
@@ -210,6 +219,18 @@ def validate_moe_ffn_inputs(
     if len(x.shape) != 2:
         raise ValueError(f"x.shape={tuple(x.shape)} must be [T, d]")
     num_tokens, d = x.shape
+    quantized = [isinstance(w, Int4Weight) for w in (w_gate, w_up, w_down)]
+    if any(quantized):
+        if not all(quantized):
+            raise ValueError("w_gate, w_up and w_down must all be Int4Weight stacks, or all float arrays")
+        _validate_quantized_experts(x, w_gate, w_up, w_down)
+        _validate_routing(weights, expert_ids, _expert_dims(w_gate)[0], num_tokens)
+        if capacity_factor is not None and not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+            raise ValueError(f"capacity_factor={capacity_factor} must be a positive number or None")
+        _validate_capacity_args(None, drop_priority)
+        if impl not in QUANTIZED_IMPLS:
+            raise ValueError(f"impl={impl!r} does not take Int4Weight experts; use one of {QUANTIZED_IMPLS}")
+        return
     if len(w_gate.shape) != 3:
         raise ValueError(f"w_gate.shape={tuple(w_gate.shape)} must be [E, d, f]")
     num_experts, dg, f = w_gate.shape
@@ -230,6 +251,41 @@ def validate_moe_ffn_inputs(
     _validate_capacity_args(None, drop_priority)
     if impl not in IMPLS:
         raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
+
+
+def _expert_dims(w: Int4Weight) -> tuple[int, int, int]:
+    """(E, K, N) of a stack of Int4Weight experts (leaves with a leading expert axis)."""
+    if w.packed.ndim != 3:
+        raise ValueError(f"an Int4Weight expert stack needs packed [E, R, N]; got {tuple(w.packed.shape)}")
+    e, r, n = w.packed.shape
+    return e, r * codes_per_byte(w.bits), n
+
+
+def _validate_quantized_experts(x: Any, w_gate: Int4Weight, w_up: Int4Weight, w_down: Int4Weight) -> None:
+    d = x.shape[1]
+    e, dg, f = _expert_dims(w_gate)
+    if dg != d:
+        raise ValueError(f"w_gate is [E, {dg}, f] but x has d={d}")
+    if _expert_dims(w_up) != (e, d, f):
+        raise ValueError(f"w_up is {list(_expert_dims(w_up))}; it must match w_gate's [E, d, f]={[e, d, f]}")
+    if _expert_dims(w_down) != (e, f, d):
+        raise ValueError(f"w_down is {list(_expert_dims(w_down))}; it must be [E, f, d]={[e, f, d]}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x.dtype={x.dtype} must be a floating type")
+
+
+def _num_experts(w: Any) -> int:
+    return _expert_dims(w)[0] if isinstance(w, Int4Weight) else w.shape[0]
+
+
+def _expert(w: Any, e: Any) -> Any:
+    """Expert e of a stack: an array slice, or an Int4Weight built from its leaves' slices."""
+    return jax.tree.map(lambda a: a[e], w)
+
+
+def dequantize_experts(w: Int4Weight) -> np.ndarray:
+    """Layout bridge: a stack of Int4Weight experts -> float64 [E, K, N] (the format's own oracle)."""
+    return np.stack([dequantize_reference(_expert(w, e)) for e in range(_expert_dims(w)[0])])
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -633,6 +689,18 @@ def moe_ffn_reference(
 ) -> np.ndarray:
     """The MoE FFN as a NumPy loop over experts, in compute_dtype (float64 by default) -> y [T, d]."""
     x, weights, expert_ids = np.asarray(x), np.asarray(weights), np.asarray(expert_ids)
+    if isinstance(w_gate, Int4Weight):  # quantized experts: compare against the dequantized weights
+        validate_moe_ffn_inputs(
+            x,
+            weights,
+            expert_ids,
+            w_gate,
+            w_up,
+            w_down,
+            capacity_factor=capacity_factor,
+            drop_priority=drop_priority,
+        )
+        w_gate, w_up, w_down = (dequantize_experts(w) for w in (w_gate, w_up, w_down))
     w_gate, w_up, w_down = np.asarray(w_gate), np.asarray(w_up), np.asarray(w_down)
     validate_moe_ffn_inputs(
         x,
@@ -670,6 +738,10 @@ def moe_ffn_reference(
 
 def _swiglu(v, wg, wu, wd):
     """One expert on a block of rows v: [n, d] -> [n, d] float32 (float32 accumulation)."""
+    if isinstance(wg, Int4Weight):
+        v = v.astype(jnp.float32)
+        h = jax.nn.silu(int4_matmul(v, wg)) * int4_matmul(v, wu)
+        return int4_matmul(h, wd)
     g = jnp.dot(v, wg, preferred_element_type=jnp.float32)
     u = jnp.dot(v, wu, preferred_element_type=jnp.float32)
     h = (jax.nn.silu(g) * u).astype(wd.dtype)
@@ -725,7 +797,7 @@ def _grouped_fwd_impl(xs, sizes, offsets, wg, wu, wd, row_align, block_rows):
     out0 = jnp.zeros(xs.shape, jnp.float32)
 
     def expert_init(e):
-        return (wg[e], wu[e], wd[e])
+        return (_expert(wg, e), _expert(wu, e), _expert(wd, e))
 
     def block_fn(out, w, e, row0, n):
         v = lax.dynamic_slice_in_dim(xs, row0, n)
@@ -794,11 +866,55 @@ def _grouped_ffn_bwd(row_align, block_rows, res, d_out):
 _grouped_ffn.defvjp(_grouped_ffn_fwd, _grouped_ffn_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _grouped_ffn_quantized(xs, sizes, offsets, wg, wu, wd, row_align, block_rows):
+    return _grouped_fwd_impl(xs, sizes, offsets, wg, wu, wd, row_align, block_rows)
+
+
+def _grouped_ffn_quantized_fwd(xs, sizes, offsets, wg, wu, wd, row_align, block_rows):
+    out = _grouped_fwd_impl(xs, sizes, offsets, wg, wu, wd, row_align, block_rows)
+    return out, (xs, sizes, offsets, wg, wu, wd)
+
+
+def _zero_cotangent(tree):
+    def zero(a):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            return jnp.zeros_like(a)
+        return np.zeros(a.shape, jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
+
+
+def _grouped_ffn_quantized_bwd(row_align, block_rows, res, d_out):
+    """Quantized experts are frozen: the gradient reaches the rows (and, through combine, the routing
+    weights and x), never the codes or scales."""
+    xs, sizes, offsets, wg, wu, wd = res
+
+    def expert_init(e):
+        return (_expert(wg, e), _expert(wu, e), _expert(wd, e))
+
+    def block_fn(dxs, w, e, row0, n):
+        v = lax.dynamic_slice_in_dim(xs, row0, n)
+        dy = lax.dynamic_slice_in_dim(d_out, row0, n)
+        _, vjp = jax.vjp(lambda v: _swiglu(v, *w), v)
+        (dv,) = vjp(dy)
+        return lax.dynamic_update_slice_in_dim(dxs, dv.astype(jnp.float32), row0, 0), w
+
+    dxs = _for_each_block(
+        sizes, offsets, row_align, block_rows, jnp.zeros(xs.shape, jnp.float32), expert_init, block_fn,
+        lambda dxs, w, e: dxs,
+    )  # fmt: skip
+    return (dxs.astype(xs.dtype), None, None, *(_zero_cotangent(w) for w in (wg, wu, wd)))
+
+
+_grouped_ffn_quantized.defvjp(_grouped_ffn_quantized_fwd, _grouped_ffn_quantized_bwd)
+
+
 def _ffn_grouped(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority, row_align, block_rows):
     plan = _dispatch_plan(
         expert_ids,
         weights,
-        num_experts=wg.shape[0],
+        num_experts=_num_experts(wg),
         capacity=capacity,
         drop_priority=drop_priority,
         layout="packed",
@@ -806,7 +922,8 @@ def _ffn_grouped(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority, ro
         min_rows=block_rows,  # every block, a static size, must fit in the buffer
     )
     xs = _gather_rows(x, plan.row_token)
-    ys = _grouped_ffn(xs, plan.group_sizes, plan.group_offsets, wg, wu, wd, row_align, block_rows)
+    ffn = _grouped_ffn_quantized if isinstance(wg, Int4Weight) else _grouped_ffn
+    ys = ffn(xs, plan.group_sizes, plan.group_offsets, wg, wu, wd, row_align, block_rows)
     return _combine(ys, weights, plan.position).astype(x.dtype)
 
 
@@ -869,7 +986,7 @@ def _ffn_ragged(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority):
 
 def _ffn_batched(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority):
     num_tokens, top_k = expert_ids.shape
-    num_experts = wg.shape[0]
+    num_experts = _num_experts(wg)
     cap = num_tokens * top_k if capacity is None else capacity
     plan = _dispatch_plan(
         expert_ids,
@@ -881,6 +998,9 @@ def _ffn_batched(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority):
         row_align=1,
     )
     xs = _gather_rows(x, plan.row_token).reshape(num_experts, cap, -1)
+    if isinstance(wg, Int4Weight):
+        ys = jax.vmap(_swiglu)(xs, wg, wu, wd)
+        return _combine(ys.reshape(num_experts * cap, -1), weights, plan.position).astype(x.dtype)
     g = jnp.einsum("ecd,edf->ecf", xs, wg, preferred_element_type=jnp.float32)
     u = jnp.einsum("ecd,edf->ecf", xs, wu, preferred_element_type=jnp.float32)
     h = (jax.nn.silu(g) * u).astype(wd.dtype)
@@ -889,6 +1009,8 @@ def _ffn_batched(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority):
 
 
 def _ffn_dense(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority):
+    if isinstance(wg, Int4Weight):
+        wg, wu, wd = (jax.vmap(lambda w: w.dequantize())(w) for w in (wg, wu, wd))
     num_experts = wg.shape[0]
     plan = _dispatch_plan(
         expert_ids,
@@ -920,6 +1042,9 @@ def _moe_ffn(x, weights, expert_ids, wg, wu, wd, *, capacity, drop_priority, imp
     )
     if impl == "bucketed" and capacity is not None:
         impl = "batched"
+    if isinstance(wg, Int4Weight) and impl in ("auto", "xla"):
+        # Quantized experts on every backend: the grouped loop reads only the experts that have rows.
+        impl = "batched" if capacity is not None else "grouped"
     if impl in ("auto", "xla"):
         if capacity is not None:
             return _ffn_batched(*args, **common)
@@ -971,7 +1096,7 @@ def moe_ffn(
     num_tokens, top_k = expert_ids.shape
     capacity = None
     if capacity_factor is not None:
-        capacity = expert_capacity(num_tokens, w_gate.shape[0], top_k, capacity_factor)
+        capacity = expert_capacity(num_tokens, _num_experts(w_gate), top_k, capacity_factor)
     return _moe_ffn(
         x,
         weights,
