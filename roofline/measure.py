@@ -11,7 +11,8 @@ kernels on the default JAX device, at the shapes of one layer, with random data 
   kv_lora_rank + qk_rope_head_dim dims, with values of the same width (the kernel's V and K share D).
 - moe_router / moe_experts: a router matmul and `kernels.route`, then `kernels.moe_ffn`, with logits
   drawn like a trained router's (a per-expert popularity offset makes some experts busier than others).
-  Experts are computed in float32 for bf16 weights; int4 experts are not supported by moe_ffn yet.
+  int4 experts are stacks of Int4Weight (moe_ffn runs them through int4_matmul); for bf16 weights the
+  experts are computed in float32.
 Each component is timed with `roofline.timing.time_fn`, rotating copies of its weights so that they come
 from memory, not cache. The step is Σ count × measured time (one layer's time × layers), so a model
 too large for this machine is still measured: only one layer's weights are ever allocated, and the
@@ -85,6 +86,10 @@ def _make_weight(k: int, n: int, fmt: str, rng: np.random.Generator) -> Any:
         )
     w = rng.standard_normal((k, n), dtype=np.float32) / math.sqrt(k)
     return jnp.asarray(w, jnp.bfloat16 if fmt == "bf16" else jnp.float32)
+
+
+def _stack(ws: list) -> Any:
+    return jax.tree.map(lambda *a: jnp.stack(a), *ws)
 
 
 def _matmul(x: jax.Array, w: Any) -> jax.Array:
@@ -213,22 +218,24 @@ def _cases(
         return Case(jax.jit(fn), wr, (x,))
 
     def moe_experts() -> Case:
-        if weights == "int4":
-            raise ValueError(
-                "moe_experts: int4 experts are not supported by kernels.moe_ffn yet; "
-                "use --weights bf16 or fp32 for MoE models"
-            )
         e, f = model.experts + model.shared_experts, model.moe_ffn
-        need = 3 * e * h * f * 4
+        per_weight = 0.52 if weights == "int4" else 4.0
+        need = 3 * e * h * f * per_weight
         if need > MAX_COMPONENT_BYTES:
             raise ValueError(
-                f"moe_experts: one layer's experts take {need / 2**30:.1f} GiB in float32, more than the "
+                f"moe_experts: one layer's experts take {need / 2**30:.1f} GiB as stored here, more than the "
                 f"{MAX_COMPONENT_BYTES / 2**30:.0f} GiB this measurement allows; measure a smaller model"
             )
-        ws = tuple(
-            jnp.asarray(rng.standard_normal(s, dtype=np.float32) / math.sqrt(s[1]))
-            for s in ((e, h, f), (e, h, f), (e, f, h))
-        )
+        if weights == "int4":
+            ws = tuple(
+                _stack([_make_weight(k, n, "int4", rng) for _ in range(e)])
+                for k, n in ((h, f), (h, f), (f, h))
+            )
+        else:
+            ws = tuple(
+                jnp.asarray(rng.standard_normal(s, dtype=np.float32) / math.sqrt(s[1]))
+                for s in ((e, h, f), (e, h, f), (e, f, h))
+            )
         logits = router_logits(x, _make_weight(h, model.experts, "bf16", rng), popularity)
         rw, ids = route(logits, top_k=model.top_k, **route_kw())
         if model.shared_experts:  # shared experts see every token with weight 1

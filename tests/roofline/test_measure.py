@@ -39,7 +39,7 @@ CHIP = Chip(
 
 
 @pytest.mark.parametrize(
-    "model,weights", [(TINY, "int4"), (TINY, "bf16"), (TINY, "fp32"), (TINY_MOE, "bf16")]
+    "model,weights", [(TINY, "int4"), (TINY, "bf16"), (TINY, "fp32"), (TINY_MOE, "bf16"), (TINY_MOE, "int4")]
 )
 def test_measure_step_end_to_end(model, weights):
     m = measure_step(model, CHIP, batch=2, context=48, weights=weights, min_time_s=0.0, progress=False)
@@ -69,8 +69,11 @@ def test_measured_arithmetic_matches_the_analytic_model_when_fed_its_times():
     assert fed.usd_per_mtok == pytest.approx(analytic.usd_per_mtok)
 
 
-def test_moe_int4_experts_are_refused_clearly():
-    with pytest.raises(ValueError, match="int4 experts"):
+def test_moe_experts_too_large_to_measure_are_refused_clearly(monkeypatch):
+    import roofline.measure as measure
+
+    monkeypatch.setattr(measure, "MAX_COMPONENT_BYTES", 1 << 10)
+    with pytest.raises(ValueError, match="moe_experts: one layer's experts take"):
         measure_step(TINY_MOE, CHIP, batch=1, context=16, weights="int4", min_time_s=0.0, progress=False)
 
 
