@@ -105,11 +105,48 @@ inline __m512 LoadZeros(const Int4Args& a, int64_t g, int64_t col) {
 // -s * z * sum(x over the group) is added with the group's first block.
 constexpr int64_t kRowBlock = 8;
 
+template <int M, int NV>
+inline void GemvStep(const Int4Args& a, const float* xsum, int64_t g, bool first_block, const uint8_t* p0,
+                     const float* x0, int64_t nr, int64_t c) {
+  const int64_t groups = a.k / a.group_size;
+  const __m512i lo_mask = _mm512_set1_epi32(0xF);
+  // Even and odd rows accumulate separately: twice the independent FMA chains.
+  __m512 acc_e[M][NV], acc_o[M][NV];
+  for (int m = 0; m < M; ++m)
+    for (int v = 0; v < NV; ++v) acc_e[m][v] = acc_o[m][v] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < nr; ++r) {
+    const uint8_t* p = p0 + r * a.n + c;
+    __m512 lo[NV], hi[NV];
+    for (int v = 0; v < NV; ++v) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v)));
+      lo[v] = _mm512_cvtepi32_ps(_mm512_and_si512(b, lo_mask));
+      hi[v] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m512 xe = _mm512_set1_ps(x0[m * a.k + 2 * r]);
+      const __m512 xo = _mm512_set1_ps(x0[m * a.k + 2 * r + 1]);
+      for (int v = 0; v < NV; ++v) {
+        acc_e[m][v] = _mm512_fmadd_ps(xe, lo[v], acc_e[m][v]);
+        acc_o[m][v] = _mm512_fmadd_ps(xo, hi[v], acc_o[m][v]);
+      }
+    }
+  }
+  for (int v = 0; v < NV; ++v) {
+    const __m512 s = _mm512_loadu_ps(a.scales + g * a.n + c + 16 * v);
+    const __m512 z = first_block ? LoadZeros(a, g, c + 16 * v) : _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) {
+      __m512 acc = _mm512_add_ps(acc_e[m][v], acc_o[m][v]);
+      if (first_block) acc = _mm512_fnmadd_ps(_mm512_set1_ps(xsum[m * groups + g]), z, acc);
+      float* yp = a.y + m * a.n + c + 16 * v;
+      _mm512_storeu_ps(yp, _mm512_fmadd_ps(s, acc, _mm512_loadu_ps(yp)));
+    }
+  }
+}
+
 template <int M>
 void GemvRange(const Int4Args& a, const float* xsum, int64_t c0, int64_t c1) {
   const int64_t groups = a.k / a.group_size;
   const int64_t rows_per_group = a.group_size / 2;
-  const __m512i lo_mask = _mm512_set1_epi32(0xF);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = c0; c < c1; c += 16) _mm512_storeu_ps(a.y + m * a.n + c, _mm512_setzero_ps());
   for (int64_t g = 0; g < groups; ++g) {
@@ -118,29 +155,11 @@ void GemvRange(const Int4Args& a, const float* xsum, int64_t c0, int64_t c1) {
       const int64_t nr = std::min(kRowBlock, rows_per_group - rb);
       const uint8_t* p0 = a.packed + r0 * a.n;
       const float* x0 = a.x + 2 * r0;
-      for (int64_t c = c0; c < c1; c += 16) {
-        __m512 acc[M];
-        for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-        for (int64_t r = 0; r < nr; ++r) {
-          const uint8_t* p = p0 + r * a.n + c;
-          __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-          const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, lo_mask));
-          const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-          for (int m = 0; m < M; ++m) {
-            acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x0[m * a.k + 2 * r]), lo, acc[m]);
-            acc[m] = _mm512_fmadd_ps(_mm512_set1_ps(x0[m * a.k + 2 * r + 1]), hi, acc[m]);
-          }
-        }
-        const __m512 s = _mm512_loadu_ps(a.scales + g * a.n + c);
-        if (rb == 0) {
-          const __m512 z = LoadZeros(a, g, c);
-          for (int m = 0; m < M; ++m) acc[m] = _mm512_fnmadd_ps(_mm512_set1_ps(xsum[m * groups + g]), z, acc[m]);
-        }
-        for (int m = 0; m < M; ++m) {
-          float* yp = a.y + m * a.n + c;
-          _mm512_storeu_ps(yp, _mm512_fmadd_ps(s, acc[m], _mm512_loadu_ps(yp)));
-        }
-      }
+      // Column vectors per step: as many as the registers hold (2 * M * NV accumulators).
+      constexpr int kNV = M <= 2 ? 4 : 2;
+      int64_t c = c0;
+      for (; c + 16 * kNV <= c1; c += 16 * kNV) GemvStep<M, kNV>(a, xsum, g, rb == 0, p0, x0, nr, c);
+      for (; c < c1; c += 16) GemvStep<M, 1>(a, xsum, g, rb == 0, p0, x0, nr, c);
     }
   }
 }
@@ -216,6 +235,7 @@ void TiledColumns(const Int4Args& a, int64_t c0, int64_t c1) {
       }
       int64_t m0 = 0;
       for (; m0 + 6 <= a.m; m0 += 6) SlabMatmul<6>(a, slab, rows, r0, s, m0, col);
+      for (; m0 + 4 <= a.m; m0 += 4) SlabMatmul<4>(a, slab, rows, r0, s, m0, col);
       for (; m0 + 2 <= a.m; m0 += 2) SlabMatmul<2>(a, slab, rows, r0, s, m0, col);
       for (; m0 < a.m; ++m0) SlabMatmul<1>(a, slab, rows, r0, s, m0, col);
     }
