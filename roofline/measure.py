@@ -3,8 +3,9 @@
 For a model, batch B and context L, every component of `roofline.tokens.step_components` is run with real
 kernels on the default JAX device, at the shapes of one layer, with random data of the right structure:
 - qkv_proj, o_proj, mlp, lm_head: the layer's matmuls through `kernels.int4_matmul` (int4, group 128),
-  or a float matmul. bf16 weights are stored in bf16 and, on the CPU, computed in float32 blocks of K
-  (XLA's bf16 dots there are far slower than float32 ones and would flatter int4); "fp32" stores float32.
+  or a float matmul. bf16 weights are stored in bf16 ([N, K], PyTorch's layout) and computed in float32:
+  a fused multiply-reduce per row for up to 8 rows, blocks of K converted to float32 beyond (XLA's bf16
+  dots on the CPU are far slower than float32 ones and would flatter int4); "fp32" stores float32.
   The router and lm_head stay in bf16 storage whatever the weight format, as in the analytic model.
 - attention: `kernels.paged_attention` over a paged cache holding L tokens per sequence, on shuffled pages
   (page size 16), KV in the chosen format. MLA (DeepSeek-V3) is measured as one shared kv head of
@@ -44,6 +45,8 @@ ROTATION_BYTES = 256 << 20
 # Stop with a clear error rather than allocate more than this for one component's inputs.
 MAX_COMPONENT_BYTES = 8 << 30
 _BF16_BLOCK_K = 512
+# Up to this many rows, a bf16 matmul is one fused multiply-reduce per row (see _bf16_matmul).
+_BF16_REDUCE_MAX_ROWS = 8
 
 
 def _progress(step: int, total: int, label: str, stream=None) -> None:
@@ -56,16 +59,24 @@ def _progress(step: int, total: int, label: str, stream=None) -> None:
     stream.flush()
 
 
-def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [M, K] float32 @ w [K, N] bfloat16, converting one block of K rows to float32 at a time."""
-    k, n = w.shape
+def _bf16_matmul(x: jax.Array, w_t: jax.Array) -> jax.Array:
+    """x [M, K] float32 @ W, with W stored transposed as w_t [N, K] bfloat16 (PyTorch's layout).
+
+    XLA on the CPU converts bf16 to float32 at ~1.5 GB/s when it writes the float32 copy, but at full
+    bandwidth when the conversion fuses into a reduction. So for a few rows each output row is a
+    multiply-reduce along K (the contiguous axis); for more rows, one block of K is converted at a time
+    and multiplied in a dot.
+    """
+    n, k = w_t.shape
+    if x.shape[0] <= _BF16_REDUCE_MAX_ROWS:
+        return jnp.stack([jnp.sum(w_t.astype(jnp.float32) * row[None, :], axis=-1) for row in x])
     bk = math.gcd(k, _BF16_BLOCK_K)
     xb = x.reshape(x.shape[0], k // bk, bk).transpose(1, 0, 2)
-    wb = w.reshape(k // bk, bk, n)
+    wb = w_t.reshape(n, k // bk, bk).transpose(1, 0, 2)  # [K/bk, N, bk]
 
     def body(acc, xs):
         xk, wk = xs
-        return acc + xk @ wk.astype(jnp.float32), None
+        return acc + xk @ wk.astype(jnp.float32).T, None
 
     acc, _ = jax.lax.scan(body, jnp.zeros((x.shape[0], n), jnp.float32), (xb, wb))
     return acc
@@ -84,8 +95,9 @@ def _make_weight(k: int, n: int, fmt: str, rng: np.random.Generator) -> Any:
             jnp.asarray(rng.integers(6, 10, (g, n), dtype=np.uint8)),
             group_size=gs,
         )
-    w = rng.standard_normal((k, n), dtype=np.float32) / math.sqrt(k)
-    return jnp.asarray(w, jnp.bfloat16 if fmt == "bf16" else jnp.float32)
+    if fmt == "bf16":  # stored transposed, [N, K]
+        return jnp.asarray(rng.standard_normal((n, k), dtype=np.float32) / math.sqrt(k), jnp.bfloat16)
+    return jnp.asarray(rng.standard_normal((k, n), dtype=np.float32) / math.sqrt(k))
 
 
 def _stack(ws: list) -> Any:
@@ -176,12 +188,12 @@ def _cases(
             heads, kv_heads, d = model.heads, model.kv_heads, model.head_dim
         pages_per_seq = -(-context // PAGE_SIZE)
         num_pages = batch * pages_per_seq
-        dtype = {"bf16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn, "int8": jnp.int8}[kv]
+        dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp8": jnp.float8_e4m3fn, "int8": jnp.int8}[kv]
         shape = (num_pages, PAGE_SIZE, kv_heads, d)
-        if kv == "bf16":
+        if kv in ("fp32", "bf16"):
             pages = tuple(jnp.asarray(rng.standard_normal(shape, dtype=np.float32), dtype) for _ in range(2))
             scales = {}
-            q_dtype = jnp.bfloat16
+            q_dtype = dtype
         else:
             pages = tuple(
                 jnp.asarray(rng.integers(-100, 100, shape).astype(np.float32), dtype) for _ in range(2)

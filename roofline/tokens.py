@@ -24,7 +24,8 @@ Assumptions, each a deliberate simplification:
   per-channel). Quantized weights are computed in
   `compute_dtype` (bf16 by default: W4A16 / W8A16). The router, the embedding and lm_head stay bf16, as
   quantizers leave them.
-- KV formats: "bf16", "fp8" (one scale per tensor), "int8" (one fp16 scale per token and kv head).
+- KV formats: "bf16", "fp8" (one scale per tensor), "int8" (one fp16 scale per token and kv head), and
+  "fp32" (for CPU measurements, where float32 pages run the native decode kernel).
 - MoE at decode: each of the B tokens picks top_k of E experts independently and uniformly, so
   E·(1 − (1 − k/E)^B) distinct experts are read on average; shared experts are always read.
 - MLA (DeepSeek-V3) decodes with the up-projections absorbed: attention reads kv_lora_rank +
@@ -46,7 +47,7 @@ from roofline.hardware import Chip
 from roofline.models import ModelShape
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4", "fp32")
-KV_FORMATS = ("bf16", "fp8", "int8")
+KV_FORMATS = ("bf16", "fp8", "int8", "fp32")
 PHASES = ("decode", "prefill")
 COMPONENTS = ("qkv_proj", "attention", "o_proj", "mlp", "moe_router", "moe_experts", "lm_head")
 ACT_BYTES = 2  # bf16 activations
