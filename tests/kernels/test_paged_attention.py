@@ -319,7 +319,7 @@ def test_foreign_pages_cannot_reach_the_output_under_jit():
     q, kp, vp, lens, bt = make_cache(0, lens=[20, 5])
     bt_bad = bt.copy()
     bt_bad[0, 1] = 10_000  # a covered page with an id outside [0, P)
-    # The XLA path masks such a page; the native CPU kernel rejects it instead (tests/kernels/test_cpu_native.py).
+    # The XLA path masks such a page; the native CPU kernel rejects it (tests/kernels/test_cpu_native.py).
     jitted = jax.jit(lambda *a: paged_attention(*a, impl="xla"))
     other = np.random.default_rng(1).standard_normal(kp.shape).astype(np.float32)
     mine = np.zeros(kp.shape[0], bool)
