@@ -218,19 +218,28 @@ def validate_moe_ffn_inputs(
     """Static checks for `moe_ffn`/`moe_ffn_reference` (and expert id range when concrete)."""
     if len(x.shape) != 2:
         raise ValueError(f"x.shape={tuple(x.shape)} must be [T, d]")
-    num_tokens, d = x.shape
+    num_tokens = x.shape[0]
     quantized = [isinstance(w, Int4Weight) for w in (w_gate, w_up, w_down)]
     if any(quantized):
         if not all(quantized):
             raise ValueError("w_gate, w_up and w_down must all be Int4Weight stacks, or all float arrays")
         _validate_quantized_experts(x, w_gate, w_up, w_down)
-        _validate_routing(weights, expert_ids, _expert_dims(w_gate)[0], num_tokens)
-        if capacity_factor is not None and not (capacity_factor > 0 and math.isfinite(capacity_factor)):
-            raise ValueError(f"capacity_factor={capacity_factor} must be a positive number or None")
-        _validate_capacity_args(None, drop_priority)
+        num_experts = _expert_dims(w_gate)[0]
         if impl not in QUANTIZED_IMPLS:
             raise ValueError(f"impl={impl!r} does not take Int4Weight experts; use one of {QUANTIZED_IMPLS}")
-        return
+    else:
+        _validate_float_experts(x, w_gate, w_up, w_down)
+        num_experts = w_gate.shape[0]
+    _validate_routing(weights, expert_ids, num_experts, num_tokens)
+    if capacity_factor is not None and not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+        raise ValueError(f"capacity_factor={capacity_factor} must be a positive number or None")
+    _validate_capacity_args(None, drop_priority)
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
+
+
+def _validate_float_experts(x: Any, w_gate: Any, w_up: Any, w_down: Any) -> None:
+    d = x.shape[1]
     if len(w_gate.shape) != 3:
         raise ValueError(f"w_gate.shape={tuple(w_gate.shape)} must be [E, d, f]")
     num_experts, dg, f = w_gate.shape
@@ -245,12 +254,6 @@ def validate_moe_ffn_inputs(
             raise ValueError(f"{name}.dtype={a.dtype} must be a floating type")
     if not (w_gate.dtype == w_up.dtype == w_down.dtype):
         raise ValueError(f"w_gate/w_up/w_down dtypes {w_gate.dtype}/{w_up.dtype}/{w_down.dtype} must match")
-    _validate_routing(weights, expert_ids, num_experts, num_tokens)
-    if capacity_factor is not None and not (capacity_factor > 0 and math.isfinite(capacity_factor)):
-        raise ValueError(f"capacity_factor={capacity_factor} must be a positive number or None")
-    _validate_capacity_args(None, drop_priority)
-    if impl not in IMPLS:
-        raise ValueError(f"impl={impl!r} must be one of {IMPLS}")
 
 
 def _expert_dims(w: Int4Weight) -> tuple[int, int, int]:
