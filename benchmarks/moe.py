@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.moe import moe_ffn, moe_ffn_cost, moe_ffn_reference, route
-from roofline import measure_host, time_fn
+from roofline import measure_host, timing
 
 SHAPES = {"mixtral": (8, 2, 1024, 2816), "deepseek": (64, 6, 1024, 512)}  # E, k, d, f
 ROUTER_BIAS_STD = 0.1
@@ -78,8 +78,8 @@ def interleaved_ratio(fn_a, args_a, fn_b, args_b, rounds: int = 5, copies: int =
     """Median over rounds of time(a)/time(b), each round timing a then b back to back."""
     ratios = []
     for _ in range(rounds):
-        ta = time_fn(fn_a, *args_a, copies=copies, min_repeats=2, min_time_s=0.0)
-        tb = time_fn(fn_b, *args_b, copies=copies, min_repeats=2, min_time_s=0.0)
+        ta = timing.time_fn(fn_a, *args_a, copies=copies, min_repeats=2, min_time_s=0.0)
+        tb = timing.time_fn(fn_b, *args_b, copies=copies, min_repeats=2, min_time_s=0.0)
         ratios.append(ta.median_s / tb.median_s)
     return statistics.median(ratios)
 
@@ -144,7 +144,7 @@ class MoEDecode:
 
     def track_ratio_to_weight_read(self, shape, impl):
         """Measured time over (selected experts' weight bytes + activations) / streaming bandwidth."""
-        t = time_fn(self.fn, *self.case["args"], copies=COPIES, min_repeats=5)
+        t = timing.time_fn(self.fn, *self.case["args"], copies=COPIES, min_repeats=5)
         return t.median_s / self.cost.memory_s(measure_host())
 
     track_ratio_to_weight_read.unit = "ratio"
@@ -186,7 +186,7 @@ def main(rounds: int = 5) -> None:
                 fn(*args).block_until_ready()
                 ratio = interleaved_ratio(fn, args, balanced_baseline, base_args, rounds=rounds)
                 speedup = interleaved_ratio(numpy_loop, host, fn, args, rounds=max(1, rounds // 2))
-                t = time_fn(fn, *args, copies=COPIES, min_repeats=3)
+                t = timing.time_fn(fn, *args, copies=COPIES, min_repeats=3)
                 if tokens <= 16:
                     vs_sum = interleaved_ratio(fn, args, weight_read, args[3:], rounds=rounds)
                     vs_sum = f"{vs_sum * num_experts / touched:.2f}"
