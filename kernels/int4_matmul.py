@@ -45,7 +45,7 @@ bk rows of K per block.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -109,40 +109,66 @@ def _planes(block: jax.Array) -> tuple[jax.Array, jax.Array]:
     return (block & 0xF).astype(jnp.float32), (block >> 4).astype(jnp.float32)
 
 
+class _Blocks(NamedTuple):
+    """The packed weight cut into blocks of bk rows of K, each of ns sub-blocks of `sub` rows that share
+    one (scale, zero) row: packed [nb, bk/2, N], scales and zeros [nb, ns, N] float32."""
+
+    bk: int
+    sub: int
+    packed: jax.Array
+    scales: jax.Array
+    zeros: jax.Array
+
+
+def _blocks(packed: jax.Array, scales: jax.Array, zeros: jax.Array, group_size: int) -> _Blocks:
+    r, n = packed.shape
+    k = 2 * r
+    bk = _block_k(k, group_size)
+    sub = min(bk, group_size)
+    nb, ns = k // bk, bk // sub
+    # Scale/zero row of every sub-block: a gather of at most K/sub small rows.
+    group_of_sub = (np.arange(nb * ns) * sub) // group_size
+    s_blk = scales.astype(jnp.float32)[group_of_sub].reshape(nb, ns, n)
+    z_blk = zeros.astype(jnp.float32)[group_of_sub].reshape(nb, ns, n)
+    return _Blocks(bk, sub, packed.reshape(nb, bk // 2, n), s_blk, z_blk)
+
+
+def _dequantized_planes(pk: jax.Array, sk: jax.Array, zk: jax.Array, sub: int) -> tuple[jax.Array, jax.Array]:
+    """One block's even and odd rows [bk/2, N] as float32 weights, (q − z) · s per sub-block."""
+    half, n = pk.shape
+    ns = sk.shape[0]
+    lo, hi = _planes(pk)
+
+    def scale(plane):
+        return ((plane.reshape(ns, sub // 2, n) - zk[:, None]) * sk[:, None]).reshape(half, n)
+
+    return scale(lo), scale(hi)
+
+
 def _scan_matmul(
     x: jax.Array, packed: jax.Array, scales: jax.Array, zeros: jax.Array, *, group_size: int, dequant: bool
 ) -> jax.Array:
     """x: [M, K] float32 (already permuted and scaled), packed [K/2, N] -> [M, N] float32."""
     m, k = x.shape
     n = packed.shape[1]
-    bk = _block_k(k, group_size)
-    sub = min(bk, group_size)  # rows sharing one (scale, zero) row inside a block
+    blk = _blocks(packed, scales, zeros, group_size)
+    bk, sub = blk.bk, blk.sub
     nb, ns = k // bk, bk // sub
-    # Scale/zero row of every sub-block, [nb, ns, N]: a gather of at most K/sub small rows.
-    group_of_sub = (np.arange(nb * ns) * sub) // group_size
-    s_blk = scales.astype(jnp.float32)[group_of_sub].reshape(nb, ns, n)
-    z_blk = zeros.astype(jnp.float32)[group_of_sub].reshape(nb, ns, n)
     x_blk = x.reshape(m, nb, bk).transpose(1, 0, 2)  # [nb, M, bk]
-    p_blk = packed.reshape(nb, bk // 2, n)
 
     def body(acc, xs):
         xk, pk, sk, zk = xs
-        lo, hi = _planes(pk)  # [bk/2, N] each: rows 0, 2, 4, ... and 1, 3, 5, ... of the block
-        xe = xk[:, 0::2].reshape(m, ns, sub // 2)
-        xo = xk[:, 1::2].reshape(m, ns, sub // 2)
-        lo = lo.reshape(ns, sub // 2, n)
-        hi = hi.reshape(ns, sub // 2, n)
+        xe, xo = xk[:, 0::2], xk[:, 1::2]  # rows 0, 2, 4, ... and 1, 3, 5, ... of the block
         if dequant:
-            lo = ((lo - zk[:, None, :]) * sk[:, None, :]).reshape(bk // 2, n)
-            hi = ((hi - zk[:, None, :]) * sk[:, None, :]).reshape(bk // 2, n)
-            acc = acc + xe.reshape(m, bk // 2) @ lo + xo.reshape(m, bk // 2) @ hi
-        else:
-            part = jnp.einsum("msk,skn->smn", xe, lo) + jnp.einsum("msk,skn->smn", xo, hi)  # [ns, M, N]
-            xsum = xk.reshape(m, ns, sub).sum(-1)  # [M, ns]
-            acc = acc + jnp.einsum("smn,sn->mn", part, sk) - xsum @ (sk * zk)
-        return acc, None
+            lo, hi = _dequantized_planes(pk, sk, zk, sub)
+            return acc + xe @ lo + xo @ hi, None
+        lo, hi = (p.reshape(ns, sub // 2, n) for p in _planes(pk))
+        xe, xo = xe.reshape(m, ns, sub // 2), xo.reshape(m, ns, sub // 2)
+        part = jnp.einsum("msk,skn->smn", xe, lo) + jnp.einsum("msk,skn->smn", xo, hi)  # [ns, M, N]
+        xsum = xk.reshape(m, ns, sub).sum(-1)  # [M, ns]
+        return acc + jnp.einsum("smn,sn->mn", part, sk) - xsum @ (sk * zk), None
 
-    acc, _ = jax.lax.scan(body, jnp.zeros((m, n), jnp.float32), (x_blk, p_blk, s_blk, z_blk))
+    acc, _ = jax.lax.scan(body, jnp.zeros((m, n), jnp.float32), (x_blk, blk.packed, blk.scales, blk.zeros))
     return acc
 
 
@@ -151,27 +177,16 @@ def _scan_matmul_transposed(
 ) -> jax.Array:
     """dy: [M, N] float32 -> dy @ W_storedᵀ: [M, K], one dequantized block at a time (reduction over N,
     the contiguous axis)."""
-    m, n = dy.shape
+    m = dy.shape[0]
     k = packed.shape[0] * 2
-    bk = _block_k(k, group_size)
-    sub = min(bk, group_size)
-    nb, ns = k // bk, bk // sub
-    group_of_sub = (np.arange(nb * ns) * sub) // group_size
-    s_blk = scales.astype(jnp.float32)[group_of_sub].reshape(nb, ns, n)
-    z_blk = zeros.astype(jnp.float32)[group_of_sub].reshape(nb, ns, n)
-    p_blk = packed.reshape(nb, bk // 2, n)
+    blk = _blocks(packed, scales, zeros, group_size)
 
     def body(_, xs):
-        pk, sk, zk = xs
-        lo, hi = _planes(pk)
-        lo = ((lo.reshape(ns, sub // 2, n) - zk[:, None]) * sk[:, None]).reshape(bk // 2, n)
-        hi = ((hi.reshape(ns, sub // 2, n) - zk[:, None]) * sk[:, None]).reshape(bk // 2, n)
-        even = dy @ lo.T  # [M, bk/2]
-        odd = dy @ hi.T
-        return None, jnp.stack([even, odd], axis=-1).reshape(m, bk)
+        lo, hi = _dequantized_planes(*xs, blk.sub)
+        return None, jnp.stack([dy @ lo.T, dy @ hi.T], axis=-1).reshape(m, blk.bk)  # interleave even/odd
 
-    _, blocks = jax.lax.scan(body, None, (p_blk, s_blk, z_blk))  # [nb, M, bk]
-    return blocks.transpose(1, 0, 2).reshape(m, k)
+    _, out = jax.lax.scan(body, None, (blk.packed, blk.scales, blk.zeros))  # [nb, M, bk]
+    return out.transpose(1, 0, 2).reshape(m, k)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
