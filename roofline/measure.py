@@ -139,7 +139,6 @@ def _time_case(case: Case, min_time_s: float) -> float:
 
 def _cases(
     model: ModelShape,
-    names: list[str],
     batch: int,
     context: int,
     weights: str,
@@ -152,7 +151,6 @@ def _cases(
     h = model.hidden
     x = jnp.asarray(rng.standard_normal((batch, h), dtype=np.float32))
     shapes = model.linear_shapes()
-    builders: dict[str, Callable[[], Case]] = {}
 
     def qkv() -> Case:
         ws = [_make_weight(k, n, weights, rng) for name, (k, n) in shapes.items() if name != "o"]
@@ -263,7 +261,7 @@ def _cases(
     def lm_head() -> Case:
         return Case(jax.jit(lambda w, a: _matmul(a, w)), _make_weight(h, model.vocab, "bf16", rng), (x,))
 
-    table = {
+    return {
         "qkv_proj": qkv,
         "attention": attention,
         "o_proj": o_proj,
@@ -272,9 +270,6 @@ def _cases(
         "moe_experts": moe_experts,
         "lm_head": lm_head,
     }
-    for name in names:
-        builders[name] = table[name]
-    return builders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +301,7 @@ def measure_step(
     comps = step_components(model, batch=batch, context=context, weights=weights, kv=kv)
     names = [c.name for c in comps]
     rng = np.random.default_rng(seed)
-    builders = _cases(model, names, batch, context, weights, kv, rng)
+    builders = _cases(model, batch, context, weights, kv, rng)
     measured = {}
     for i, name in enumerate(names):
         if progress:
