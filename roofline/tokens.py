@@ -91,6 +91,11 @@ def kv_bytes_per_token(model: ModelShape, kv: str = "bf16") -> float:
     return size
 
 
+def _swiglu_weight_bytes(h: int, f: int, fmt: str, group_size: int | None) -> float:
+    """Bytes of one SwiGLU MLP's weights: gate and up [h, 2f] and down [f, h]."""
+    return weight_bytes(h, 2 * f, fmt, group_size) + weight_bytes(f, h, fmt, group_size)
+
+
 def _matmul(m: int, k: int, n: int, fmt: str, group_size: int | None) -> Cost:
     return Cost(
         flops=2.0 * m * k * n,
@@ -179,10 +184,10 @@ def step_components(
         comps.append(Component("moe_router", mm(h, model.experts, "bf16"), model.moe_layers))
         touched = expected_experts_touched(tokens, model.experts, model.top_k) + model.shared_experts
         routed = tokens * (model.top_k + model.shared_experts)  # token-expert pairs
-        per_expert_w = weight_bytes(h, 2 * f, weights, group_size) + weight_bytes(f, h, weights, group_size)
         experts = Cost(
             flops=2.0 * routed * 3 * h * f,
-            bytes_read=touched * per_expert_w + routed * (h + f) * ACT_BYTES,
+            bytes_read=touched * _swiglu_weight_bytes(h, f, weights, group_size)
+            + routed * (h + f) * ACT_BYTES,
             bytes_written=routed * (2 * f + h) * ACT_BYTES,
         )
         comps.append(Component("moe_experts", experts, model.moe_layers))
@@ -215,12 +220,8 @@ def memory_footprint(
     _check_positive("context", context)
     linear = sum(weight_bytes(k, n, weights, group_size) for k, n in model.linear_shapes().values())
     dense_layers = model.layers - model.moe_layers
-    mlp = weight_bytes(model.hidden, 2 * model.ffn, weights, group_size) + weight_bytes(
-        model.ffn, model.hidden, weights, group_size
-    )
-    expert = weight_bytes(model.hidden, 2 * model.moe_ffn, weights, group_size) + weight_bytes(
-        model.moe_ffn, model.hidden, weights, group_size
-    )
+    mlp = _swiglu_weight_bytes(model.hidden, model.ffn, weights, group_size)
+    expert = _swiglu_weight_bytes(model.hidden, model.moe_ffn, weights, group_size)
     moe = (model.experts + model.shared_experts) * expert + weight_bytes(model.hidden, model.experts, "bf16")
     embed = model.vocab * model.hidden * ACT_BYTES * (1 if model.tied_embeddings else 2)
     total_w = model.layers * linear + dense_layers * mlp + model.moe_layers * moe + embed
