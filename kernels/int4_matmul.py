@@ -199,18 +199,22 @@ def _packed_matmul_fwd(x, packed, scales, zeros, group_size, dequant):
     return y, (packed, scales, zeros)
 
 
+def zero_cotangent(tree: Any) -> Any:
+    """Zero cotangents for a frozen quantized weight's leaves: zeros for float leaves, float0 for the
+    integer ones (codes and zero points), as custom VJPs must return."""
+
+    def zero(a):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            return jnp.zeros_like(a)
+        return np.zeros(a.shape, jax.dtypes.float0)
+
+    return jax.tree.map(zero, tree)
+
+
 def _packed_matmul_bwd(group_size, dequant, res, dy):
     packed, scales, zeros = res
     dx = _scan_matmul_transposed(dy, packed, scales, zeros, group_size=group_size)
-    # The weight is frozen: its cotangents are zero (integer codes have none at all).
-    return (
-        dx,
-        np.zeros(packed.shape, jax.dtypes.float0),
-        jnp.zeros_like(scales),
-        jnp.zeros_like(zeros)
-        if jnp.issubdtype(zeros.dtype, jnp.floating)
-        else np.zeros(zeros.shape, jax.dtypes.float0),
-    )
+    return (dx, *zero_cotangent((packed, scales, zeros)))  # the weight is frozen
 
 
 _packed_matmul.defvjp(_packed_matmul_fwd, _packed_matmul_bwd)

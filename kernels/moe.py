@@ -98,7 +98,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from kernels.int4_matmul import int4_matmul
+from kernels.int4_matmul import int4_matmul, zero_cotangent
 from quant.format import Int4Weight, codes_per_byte, dequantize_reference
 from roofline.counters import Cost, itemsize
 
@@ -879,15 +879,6 @@ def _grouped_ffn_quantized_fwd(xs, sizes, offsets, wg, wu, wd, row_align, block_
     return out, (xs, sizes, offsets, wg, wu, wd)
 
 
-def _zero_cotangent(tree):
-    def zero(a):
-        if jnp.issubdtype(a.dtype, jnp.floating):
-            return jnp.zeros_like(a)
-        return np.zeros(a.shape, jax.dtypes.float0)
-
-    return jax.tree.map(zero, tree)
-
-
 def _grouped_ffn_quantized_bwd(row_align, block_rows, res, d_out):
     """Quantized experts are frozen: the gradient reaches the rows (and, through combine, the routing
     weights and x), never the codes or scales."""
@@ -907,7 +898,7 @@ def _grouped_ffn_quantized_bwd(row_align, block_rows, res, d_out):
         sizes, offsets, row_align, block_rows, jnp.zeros(xs.shape, jnp.float32), expert_init, block_fn,
         lambda dxs, w, e: dxs,
     )  # fmt: skip
-    return (dxs.astype(xs.dtype), None, None, *(_zero_cotangent(w) for w in (wg, wu, wd)))
+    return (dxs.astype(xs.dtype), None, None, *(zero_cotangent(w) for w in (wg, wu, wd)))
 
 
 _grouped_ffn_quantized.defvjp(_grouped_ffn_quantized_fwd, _grouped_ffn_quantized_bwd)
