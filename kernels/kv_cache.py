@@ -48,6 +48,8 @@ def _quantize(x: jax.Array, scale: jax.Array, dtype: np.dtype) -> jax.Array:
 def validate_write_kv_inputs(
     k_pages: Any, v_pages: Any, k: Any, v: Any, slot_mapping: Any, *, k_scale: Any = None, v_scale: Any = None
 ) -> None:
+    if np.ndim(k_pages) != 4:
+        raise ValueError(f"k_pages must be [P, S, K, D]; got shape {np.shape(k_pages)}")
     p, s, kh, d = np.shape(k_pages)
     if np.shape(v_pages) != np.shape(k_pages):
         raise ValueError(f"v_pages.shape={np.shape(v_pages)} must equal k_pages.shape={np.shape(k_pages)}")

@@ -69,6 +69,7 @@ def test_write_kv_per_tensor_clips_instead_of_overflowing():
     "kw,match",
     [
         ({"k": np.zeros((2, K + 1, D), np.float32)}, "k.shape"),
+        ({"k_pages": np.zeros((P, S, K * D), np.float32)}, r"k_pages must be \[P, S, K, D\]"),
         ({"slot_mapping": np.array([0, P * S], np.int32)}, r"slot_mapping\[1\]=32"),
         ({"slot_mapping": np.array([0, -2], np.int32)}, r"slot_mapping\[1\]=-2"),
         (
