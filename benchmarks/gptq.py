@@ -84,4 +84,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m benchmarks.gptq",
+        description="Time GPTQ once (JAX jitted, NumPy float32 and float64); print the times and ratios.",
+        epilog="The same measurement runs under asv as `track_speedup`: asv run --bench gptq",
+    ).parse_args()
     main()

@@ -209,3 +209,14 @@ class Int4MatmulNativeVsXla:
         return self.cost.bytes_read / self._time(self.native, self.w, self.copies) / measure_host().bandwidth
 
     track_native_fraction_of_stream_bandwidth.unit = "fraction of roofline"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m benchmarks.int4_matmul",
+        description=__doc__.split("\n\n")[0],
+        epilog="asv benchmarks, no command-line run of their own: asv run --bench int4_matmul",
+    ).parse_args()
+    print("benchmarks.int4_matmul holds asv benchmarks only; run them with: asv run --bench int4_matmul")

@@ -42,3 +42,14 @@ class Float32Matmul:
         return t.achieved(self.cost, measure_host(), "fp32").fraction
 
     track_fraction_of_roofline.unit = "fraction of roofline"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m benchmarks.matmul",
+        description=__doc__.split("\n\n")[0],
+        epilog="asv benchmarks, no command-line run of their own: asv run --bench matmul",
+    ).parse_args()
+    print("benchmarks.matmul holds asv benchmarks only; run them with: asv run --bench matmul")

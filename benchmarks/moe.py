@@ -201,4 +201,18 @@ def main(rounds: int = 5) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.moe",
+        description="Print every MoE FFN ratio against its baselines, per strategy, measured here.",
+        epilog="The same ratios run under asv as the track_* benchmarks: asv run --bench moe",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds per ratio (the median is printed); >= 1"
+    )
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    main(rounds=args.rounds)

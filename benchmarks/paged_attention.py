@@ -188,3 +188,16 @@ class PagedDecodeNativeVsXla:
         return (timeit.default_timer() - t0) / reps / self._time(self.native)
 
     track_native_speedup_over_torch_sdpa.unit = "x"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m benchmarks.paged_attention",
+        description=__doc__.split("\n\n")[0],
+        epilog="asv benchmarks, no command-line run of their own: asv run --bench paged_attention",
+    ).parse_args()
+    print(
+        "benchmarks.paged_attention holds asv benchmarks only; run them with: asv run --bench paged_attention"
+    )

@@ -52,3 +52,14 @@ class DecodeStepComponents:
         return result["fraction"][component]
 
     track_fraction_of_roofline.unit = "fraction of roofline"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m benchmarks.tokens",
+        description=__doc__.split("\n\n")[0],
+        epilog="asv benchmarks, no command-line run of their own: asv run --bench tokens",
+    ).parse_args()
+    print("benchmarks.tokens holds asv benchmarks only; run them with: asv run --bench tokens")
