@@ -17,53 +17,89 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from roofline.hardware import CHIPS, Chip, get_chip, measure_host
+from roofline.hardware import CHIPS, DTYPES, Chip, get_chip, measure_host
 from roofline.models import MODELS, get_model
 from roofline.tokens import KV_FORMATS, PHASES, WEIGHT_FORMATS, StepEstimate, estimate
 
 
+def _items(text: str, arg: str) -> list[str]:
+    """The comma-separated items of `text`; an empty item (`1,,2`, a trailing comma) is an error."""
+    items = [v.strip() for v in text.split(",")]
+    if any(not v for v in items):
+        raise ValueError(f"{arg}={text!r} has an empty item; give a comma-separated list like 1,16,64")
+    return items
+
+
 def _ints(text: str, arg: str) -> list[int]:
+    items = _items(text, arg)
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in items]
     except ValueError:
         raise ValueError(f"{arg}={text!r} must be a comma-separated list of integers") from None
-    if not values or any(v < 1 for v in values):
+    if any(v < 1 for v in values):
         raise ValueError(f"{arg}={text!r}: every value must be an integer >= 1")
     return values
 
 
 def _names(text: str, arg: str, valid: Sequence[str]) -> list[str]:
-    names = [v.strip() for v in text.split(",") if v.strip()]
+    names = _items(text, arg)
     bad = [n for n in names if n not in valid]
-    if bad or not names:
-        raise ValueError(f"unknown {arg} {bad or text!r}; valid choices: {', '.join(valid)}")
+    if bad:
+        raise ValueError(f"unknown {arg} {bad}; valid choices: {', '.join(valid)}")
     return names
 
 
-def _prices(items: Sequence[str]) -> dict[str, float]:
-    prices = {}
-    for item in items:
-        name, _, value = item.partition("=")
-        if name not in [*CHIPS, "host"]:
-            raise ValueError(
-                f"--price {item!r}: unknown chip {name!r}; valid chips: {', '.join([*CHIPS, 'host'])}"
-            )
-        try:
-            prices[name] = float(value)
-        except ValueError:
-            raise ValueError(f"--price {item!r} must look like CHIP=USD_PER_HOUR") from None
-        if not prices[name] > 0:
-            raise ValueError(f"--price {item!r}: the price must be positive")
+def _prices(items: Sequence[str], *, bare: str | None = None) -> dict[str, float]:
+    """`--price` values: each `CHIP=USD[,CHIP=USD...]` (USD per chip-hour); the option may repeat.
+
+    With `bare` set (the measure command: "host"), a bare number is that chip's price.
+    """
+    valid = [*CHIPS, "host"]
+    prices: dict[str, float] = {}
+    for text in items:
+        for item in _items(text, "--price"):
+            name, sep, value = item.partition("=")
+            if not sep and bare is not None:
+                name, value = bare, item
+            elif not sep:
+                raise ValueError(f"--price {item!r} must look like CHIP=USD_PER_HOUR")
+            name = name.strip()
+            if name not in valid:
+                raise ValueError(f"--price {item!r}: unknown chip {name!r}; valid chips: {', '.join(valid)}")
+            try:
+                usd = float(value)
+            except ValueError:
+                raise ValueError(f"--price {item!r} must look like CHIP=USD_PER_HOUR") from None
+            if not usd > 0 or usd == float("inf"):
+                raise ValueError(f"--price {item!r}: the price must be a positive number of USD per hour")
+            prices[name] = usd
     return prices
 
 
+# int4 group sizes the token model accepts: what GPTQ/AWQ checkpoints use and the lab's int4 layout packs
+# (an even number of rows per group), as powers of two; "channel" is one group per output column.
+GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
+
+
 def _group_size(text: str) -> int | None:
-    if text in ("channel", "none", "-1"):
+    if text in ("channel", "-1"):
         return None
-    values = _ints(text, "--group-size")
-    if len(values) != 1:
-        raise ValueError(f"--group-size={text!r} must be one integer or 'channel'")
-    return values[0]
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in GROUP_SIZES:
+        raise ValueError(
+            f"--group-size={text!r} must be one of {', '.join(map(str, GROUP_SIZES))} or 'channel'"
+        )
+    return value
+
+
+def _positive(value: float, arg: str, *, integer: bool = False) -> None:
+    if integer and not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"{arg}={value} must be an integer >= 1")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{arg}={value} must be a positive number")
 
 
 def _progress(msg: str) -> None:
@@ -88,6 +124,7 @@ def _row(e: StepEstimate) -> dict[str, Any]:
         "usd_per_mtok": e.usd_per_mtok,
         "dominant_bound": e.dominant_bound,
         "fits": e.fits,
+        "chips_needed": e.chips_needed,
         "memory_gb": e.footprint.total / 1e9,
         "notes": list(e.notes),
         "components": [
@@ -113,11 +150,14 @@ def _table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(
+        line = (
             f"{r['chip']:<10} {r['chips']:>5} {r['weights']:>7} {r['batch']:>5} {r['step_s'] * 1e3:>9.2f} "
             f"{r['tokens_per_s']:>10.0f} {_fmt_money(r['usd_per_mtok']):>8} {r['dominant_bound']:>8} "
             f"{r['memory_gb']:>7.1f}"
         )
+        if not r["fits"]:
+            line += f"  does not fit: needs {r['chips_needed']} chips"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -194,16 +234,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     weights = _names(args.weights, "--weights", WEIGHT_FORMATS)
     group_size = _group_size(args.group_size)
     prices = _prices(args.price)
-    if args.tp is not None and args.tp < 1:
-        raise ValueError(f"--tp={args.tp} must be an integer >= 1")
-    if args.context < 1:
-        raise ValueError(f"--context={args.context} must be an integer >= 1")
+    if args.tp is not None:
+        _positive(args.tp, "--tp", integer=True)
+    _positive(args.context, "--context", integer=True)
+    if not 0 < args.mem_fraction <= 1:
+        raise ValueError(f"--mem-fraction={args.mem_fraction} must be in (0, 1]")
+    if args.compute_dtype not in DTYPES:
+        raise ValueError(
+            f"unknown --compute-dtype {args.compute_dtype!r}; valid choices: {', '.join(DTYPES)}"
+        )
+    if not chip_names:
+        raise ValueError("--no-host with --chips host leaves no chip to report on")
 
     chips: list[Chip] = []
     for name in chip_names:
         if name == "host":
-            _progress("measuring this host's roofline (cached per machine after the first run) ...")
-            chip = measure_host()
+            chip = measure_host(progress=_progress)
         else:
             chip = get_chip(name)
         if name in prices:
@@ -330,12 +376,12 @@ def cmd_measure(args: argparse.Namespace) -> int:
     model = get_model(args.model)
     batches = _ints(args.batch, "--batch")
     weights = _names(args.weights, "--weights", MEASURE_WEIGHTS)
-    if args.context < 1:
-        raise ValueError(f"--context={args.context} must be an integer >= 1")
-    _progress("measuring this host's roofline (cached per machine after the first run) ...")
-    chip = measure_host()
-    if args.price is not None:
-        chip = chip.with_price(args.price)
+    _positive(args.context, "--context", integer=True)
+    _positive(args.min_time, "--min-time")
+    prices = _prices(args.price, bare="host")
+    chip = measure_host(progress=_progress)
+    if "host" in prices:
+        chip = chip.with_price(prices["host"])
     results = []
     for w in weights:
         for b in batches:
@@ -387,6 +433,8 @@ def cmd_measure(args: argparse.Namespace) -> int:
         }
         fractions = {c["name"]: c["fraction"] for c in run["components"]}
         for name, cat in CHIPS.items():
+            if name in prices:
+                cat = cat.with_price(prices[name])
             p = estimate(
                 model,
                 cat,
@@ -436,7 +484,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
         print(
             f"step {run['step_s'] * 1e3:.1f} ms -> {run['tokens_per_s']:.2f} tokens/s, "
             f"$/Mtok {_fmt_money(run['usd_per_mtok'])}"
-            + ("" if chip.price_per_hour else " (pass --price USD_PER_HOUR for this machine)")
+            + ("" if chip.price_per_hour else " (pass --price host=USD_PER_HOUR for this machine)")
         )
         for note in run["notes"]:
             print(f"note: {note}")
@@ -450,52 +498,75 @@ def cmd_measure(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m roofline", description=__doc__.split("\n\n")[0])
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m roofline", description=__doc__.split("\n\n")[0], formatter_class=fmt
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("report", help="step time, tokens/s and $/Mtok per chip, and a roofline plot")
+    price_help = (
+        "on-demand USD per chip-hour, CHIP=USD[,CHIP=USD...] (repeatable), overriding the catalogue; "
+        "'host' is this machine, which has no price unless given"
+    )
+    rep = sub.add_parser(
+        "report", help="step time, tokens/s and $/Mtok per chip, and a roofline plot", formatter_class=fmt
+    )
     rep.add_argument("--model", default="llama-3-70b", help=f"one of: {', '.join(MODELS)}")
     rep.add_argument(
         "--chips", default=None, help=f"comma-separated; default all: {', '.join([*CHIPS, 'host'])}"
     )
-    rep.add_argument("--no-host", action="store_true", help="skip measuring this machine")
+    rep.add_argument("--no-host", action="store_true", help="leave this machine out (no measurement)")
     rep.add_argument("--batch", default="1,16,64", help="comma-separated decode batch sizes (>= 1)")
-    rep.add_argument("--context", type=int, default=4096, help="tokens in each sequence's KV cache")
-    rep.add_argument("--phase", default="decode", choices=PHASES)
+    rep.add_argument("--context", type=int, default=4096, help="tokens in each sequence's KV cache (>= 1)")
+    rep.add_argument("--phase", default="decode", choices=PHASES, help="decode (one token) or prefill")
     rep.add_argument(
         "--weights", default="bf16,int4", help=f"comma-separated, of: {', '.join(WEIGHT_FORMATS)}"
     )
-    rep.add_argument("--group-size", default="128", help="int4 group size, or 'channel'")
+    rep.add_argument(
+        "--group-size",
+        default="128",
+        help=f"int4 group size: one of {', '.join(map(str, GROUP_SIZES))}, or 'channel'",
+    )
     rep.add_argument("--kv", default="bf16", choices=KV_FORMATS, help="KV-cache format")
-    rep.add_argument("--compute-dtype", default="bf16", help="dtype whose peak bounds the matmuls")
+    rep.add_argument(
+        "--compute-dtype",
+        default="bf16",
+        help=f"dtype whose peak bounds the matmuls, of: {', '.join(DTYPES)} (the chip must publish it)",
+    )
     rep.add_argument(
         "--tp",
         type=int,
         default=None,
-        help="chips per model replica (default: the fewest, in powers of two, that hold it)",
+        help="chips per model replica, all tensor parallel (default: the fewest, in powers of two, "
+        "that hold the model)",
     )
-    rep.add_argument("--mem-fraction", type=float, default=0.9, help="usable fraction of each chip's memory")
     rep.add_argument(
+        "--mem-fraction", type=float, default=0.9, help="usable fraction of each chip's memory, in (0, 1]"
+    )
+    rep.add_argument("--price", action="append", default=[], metavar="CHIP=USD", help=price_help)
+    rep.add_argument("--out", default="roofline.png", help="roofline plot path ('' for none)")
+    rep.add_argument("--json", action="store_true", help="write only JSON to stdout (progress on stderr)")
+    rep.set_defaults(func=cmd_report)
+    mea = sub.add_parser(
+        "measure",
+        help="run the lab's kernels at one layer's shapes here and price the step",
+        formatter_class=fmt,
+    )
+    mea.add_argument("--model", default="llama-3-8b", help=f"one of: {', '.join(MODELS)}")
+    mea.add_argument("--batch", default="1", help="comma-separated decode batch sizes (>= 1)")
+    mea.add_argument("--context", type=int, default=1024, help="tokens in each sequence's KV cache (>= 1)")
+    mea.add_argument("--weights", default="int4", help="comma-separated, of: fp32, bf16, int4")
+    mea.add_argument("--kv", default="bf16", choices=KV_FORMATS, help="KV-cache format")
+    mea.add_argument(
         "--price",
         action="append",
         default=[],
         metavar="CHIP=USD",
-        help="on-demand USD per chip-hour, overriding the catalogue (host has none)",
+        help=price_help + "; a bare number is this machine's price (host=USD); other chips' prices "
+        "apply to the projection",
     )
-    rep.add_argument("--out", default="roofline.png", help="roofline plot path ('' for none)")
-    rep.add_argument("--json", action="store_true", help="write only JSON to stdout")
-    rep.set_defaults(func=cmd_report)
-    mea = sub.add_parser(
-        "measure", help="run the lab's kernels at one layer's shapes here and price the step"
-    )
-    mea.add_argument("--model", default="llama-3-8b", help=f"one of: {', '.join(MODELS)}")
-    mea.add_argument("--batch", default="1", help="comma-separated decode batch sizes (>= 1)")
-    mea.add_argument("--context", type=int, default=1024, help="tokens in each sequence's KV cache")
-    mea.add_argument("--weights", default="int4", help="comma-separated, of: fp32, bf16, int4")
-    mea.add_argument("--kv", default="bf16", choices=KV_FORMATS, help="KV-cache format")
-    mea.add_argument("--price", type=float, default=None, help="this machine's USD per hour")
-    mea.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per component")
+    mea.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per component (> 0)")
     mea.add_argument("--out", default="roofline_measured.png", help="plot path ('' for none)")
-    mea.add_argument("--json", action="store_true", help="write only JSON to stdout")
+    mea.add_argument("--json", action="store_true", help="write only JSON to stdout (progress on stderr)")
     mea.set_defaults(func=cmd_measure)
     return parser
 

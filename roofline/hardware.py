@@ -24,7 +24,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -217,6 +217,7 @@ def measure_host(
     stream_bytes: int | None = None,
     repeats: int = 5,
     price_per_hour: float | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Chip:
     """Measure (or read from the per-machine cache) this machine's roofline as a `Chip` named "host".
 
@@ -225,6 +226,7 @@ def measure_host(
     bf16 dots on CPU are far slower than float32 ones. bandwidth is the best of an XLA `sum` and a NumPy
     `sum` over `stream_bytes` (default: 4x the last-level cache, at least 1 GiB), so caches do not flatter it.
     memory is the physical RAM (CPU) or the device memory reported by JAX.
+    `progress`, if given, is told in one line whether the roofline is being measured or read from the cache.
     """
     import jax
 
@@ -241,7 +243,11 @@ def measure_host(
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             data = None
+    if data is not None and progress is not None:
+        progress(f"this host's roofline: cached, measured {data['measured_at']} ({path})")
     if data is None:
+        if progress is not None:
+            progress("measuring this host's roofline (cached per machine after the first run) ...")
         data = _measure(matmul_n, stream_bytes, repeats)
         if cache:
             path.parent.mkdir(parents=True, exist_ok=True)

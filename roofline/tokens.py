@@ -274,6 +274,7 @@ class StepEstimate:
     footprint: Footprint
     fits: bool
     notes: tuple[str, ...]
+    chips_needed: int  # the fewest chips (a power of two) whose usable memory holds the footprint
 
     @property
     def dominant_bound(self) -> str:
@@ -359,4 +360,5 @@ def estimate(
         footprint=foot,
         fits=fits,
         notes=tuple(notes),
+        chips_needed=needed,
     )

@@ -67,3 +67,113 @@ def test_cli_as_a_module_rejects_unknown_kv():
         [sys.executable, "-m", "roofline", "report", "--kv", "fp4"], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "fp4" in proc.stderr
+
+
+def _report(capsys, *args):
+    rc = main(["report", "--no-host", "--out", "", *args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_text_report_marks_rows_that_do_not_fit_and_says_how_many_chips_would(capsys):
+    # bf16 Llama-3-70B (141 GB of weights) on one 80 GB H100 does not fit; two do.
+    rc, out, _ = _report(capsys, "--chips", "h100-sxm", "--tp", "1", "--batch", "1", "--weights", "bf16,int4")
+    assert rc == 0
+    rows = [line for line in out.splitlines() if line.startswith("h100-sxm")]
+    assert len(rows) == 2
+    bf16, int4 = rows
+    assert "bf16" in bf16 and "does not fit: needs 2 chips" in bf16
+    assert "int4" in int4 and "does not fit" not in int4
+
+
+def test_text_report_marks_a_tp_that_is_too_small(capsys):
+    # --tp 3 at batch 64: weights and KV need more than 3 x 80 GB x 0.9.
+    rc, out, _ = _report(capsys, "--chips", "h100-sxm", "--tp", "3", "--batch", "64", "--weights", "bf16")
+    assert rc == 0
+    row = next(line for line in out.splitlines() if line.startswith("h100-sxm"))
+    assert "does not fit: needs 4 chips" in row
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--batch", "1,,2"], "empty item"),
+        (["--batch", "1,2,"], "empty item"),
+        (["--chips", "h100-sxm,,l4"], "empty item"),
+        (["--weights", ","], "empty item"),
+        (["--group-size", "100"], "--group-size='100' must be one of 16, 32, 64, 128"),
+        (["--group-size", "0"], "must be one of"),
+        (["--context", "0"], "--context=0 must be an integer >= 1"),
+        (["--tp", "0"], "--tp=0 must be an integer >= 1"),
+        (["--mem-fraction", "0"], "--mem-fraction=0.0 must be in (0, 1]"),
+        (["--mem-fraction", "1.5"], "must be in (0, 1]"),
+        (["--compute-dtype", "fp64"], "valid choices: fp32, tf32, bf16"),
+        (["--price", "h100-sxm=-1"], "must be a positive number"),
+        (["--price", "h100-sxm=2,"], "empty item"),
+        (["--price", "2.0"], "CHIP=USD"),
+    ],
+)
+def test_every_report_option_is_validated(args, message, capsys):
+    rc, _, err = _report(capsys, *args)
+    assert rc == 2
+    assert message in err
+
+
+def test_report_prices_take_commas_and_repeats(capsys):
+    rc, out, _ = _report(
+        capsys, "--chips", "h100-sxm,l4", "--batch", "1", "--weights", "int4", "--json",
+        "--price", "h100-sxm=2.0,l4=1.0", "--price", "l4=0.5",
+    )  # fmt: skip
+    assert rc == 0
+    chips = json.loads(out)["chips"]
+    assert chips["h100-sxm"]["price_per_hour"] == 2.0
+    assert chips["l4"]["price_per_hour"] == 0.5  # the later value wins
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--min-time", "0"], "--min-time=0.0 must be a positive number"),
+        (["--min-time", "-1"], "--min-time=-1.0 must be a positive number"),
+        (["--batch", "1,,2"], "empty item"),
+        (["--context", "-5"], "--context=-5 must be an integer >= 1"),
+        (["--price", "host=0"], "must be a positive number"),
+        (["--price", "tpu=1"], "unknown chip 'tpu'"),
+        (["--weights", "int8"], "valid choices: fp32, bf16, int4"),
+    ],
+)
+def test_every_measure_option_is_validated_before_measuring(args, message, capsys):
+    assert main(["measure", "--out", "", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "roofline" not in err.split("error:")[0]  # refused before the host was measured
+
+
+def test_measure_prices_parse_like_report_prices():
+    from roofline.__main__ import _prices
+
+    assert _prices(["host=0.10,h100-sxm=2.0"], bare="host") == {"host": 0.10, "h100-sxm": 2.0}
+    assert _prices(["0.25"], bare="host") == {"host": 0.25}
+    with pytest.raises(ValueError, match="CHIP=USD"):
+        _prices(["0.25"])
+
+
+@pytest.mark.parametrize("command", ["report", "measure"])
+def test_help_shows_defaults(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default: 0.9)" in out if command == "report" else "(default: 0.2)" in out
+    assert "(default: bf16)" in out
+
+
+def test_host_progress_says_cached_when_it_is(host_chip, capsys):
+    from roofline.hardware import measure_host
+
+    lines = []
+    measure_host(matmul_n=1024, stream_bytes=256 << 20, repeats=3, progress=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("this host's roofline: cached")
+    lines.clear()
+    measure_host(matmul_n=64, stream_bytes=1 << 20, repeats=1, cache=False, progress=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("measuring this host's roofline")

@@ -70,3 +70,16 @@ def test_measure_host_rejects_bad_arguments():
         measure_host(matmul_n=8, cache=False)
     with pytest.raises(ValueError, match="repeats"):
         measure_host(repeats=0, cache=False)
+
+
+@pytest.mark.parametrize("name", sorted(CHIPS))
+def test_memory_matches_the_number_and_unit_in_its_source(name):
+    """The source states memory as '<n> GB' (1e9 bytes) or '<n> GiB' (2^30 bytes); the catalogue holds
+    exactly that many bytes."""
+    import re
+
+    found = re.findall(r"([\d,.]+)\s*(GiB|GB)\b", CHIPS[name].sources["memory"])
+    assert len(found) == 1, f"{name}: memory source should state one size: {CHIPS[name].sources['memory']!r}"
+    number, unit = found[0]
+    expected = float(number.replace(",", "")) * (2**30 if unit == "GiB" else 1e9)
+    assert CHIPS[name].memory == expected

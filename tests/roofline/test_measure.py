@@ -81,7 +81,7 @@ def test_measure_cli_json(tmp_path, capsys, monkeypatch):
     # The command's own path, on the tiny model and chip (the real host measurement is tested elsewhere).
     import roofline.__main__ as cli
 
-    monkeypatch.setattr(cli, "measure_host", lambda: CHIP)
+    monkeypatch.setattr(cli, "measure_host", lambda **kw: CHIP)
     monkeypatch.setattr(cli, "get_model", lambda name: TINY)
     rc = main(
         [
@@ -95,7 +95,7 @@ def test_measure_cli_json(tmp_path, capsys, monkeypatch):
             "--weights",
             "int4",
             "--min-time",
-            "0",
+            "0.001",
             "--json",
             "--out",
             str(tmp_path / "m.png"),
