@@ -1,0 +1,484 @@
+"""W4A16 INT4 matmul as a Pallas kernel for GPUs (Triton lowering): y = x̃ @ W_stored.
+
+What it computes
+----------------
+With stored rows r, group g(r) = r // group_size, codes q, scales s and zero points z (see quant/format.py):
+
+    y[m, n] = Σ_g  s[g, n] · Σ_{r in g} x̃[m, r] · (q[r, n] − z[g, n])
+
+x̃ is x already permuted (act-order) and divided by the AWQ activation scales: the public `int4_matmul`
+does that once on the small activation, exactly as for the XLA path, so this kernel only ever sees the stored
+row order.
+
+Layout and tiling
+-----------------
+The packed weight is read in its canonical layout, `packed: [K/2, N] uint8`, low nibble = even row. Instead
+of interleaving the two nibble planes back into rows inside the kernel (a register shuffle Triton does not do
+cheaply), the activation is split once, outside the kernel, into its even and odd input channels:
+
+    x̃ @ W = x̃[:, 0::2] @ lo + x̃[:, 1::2] @ hi,   lo = packed & 0xF,  hi = packed >> 4
+
+(`split_even_odd`). Each program owns one output tile [bm, bn] and walks its share of K in tiles of bk rows
+(bk/2 packed byte rows, one contiguous slab of `bk/2 · bn` bytes, loaded with wide vector loads along the
+contiguous N axis). A K tile never straddles a group (bk divides group_size), so the tile's work is
+
+    acc += s[g] ⊙ (x_even @ (lo − z[g]) + x_odd @ (hi − z[g]))
+
+with `lo − z` and `hi − z` small integers, exact in bf16/f16/f32: the dots run on the activation's dtype
+(tensor cores for bf16/f16, IEEE float32 for float32 per the precision policy, never TF32) with float32
+accumulation, and the group scale multiplies the [bm, bn] partial product once per tile instead of every
+weight element (the XLA "codes" strategy's identity). This tile step is public (`int4_tile_dot`,
+`unpack_tile`, `dequantize_tile`) for the MoE kernel's quantized experts.
+
+Grid and split-K
+----------------
+grid = (N / bn, ceil(M / bm), split_k). Decode (M ≤ 16) is bandwidth-bound: x is padded to bm = 16 rows
+(the smallest tensor-core tile; the wasted MMA work is free next to the weight bytes) and, when N / bn alone
+gives too few programs to keep every SM's memory pipeline busy, K is split over `split_k` programs that each
+write a float32 partial [M, N]; the partials are summed (float32) outside the kernel. GEMM-sized M uses
+larger tiles and no split. Defaults (`choose_config`) follow the published decode kernels (Marlin: 16-row
+activation tiles, each SM streaming its own K slices, split-K/"stripes" when N alone does not fill the GPU;
+tinygemm: a K-split matvec per output tile) and Triton's standard matmul configurations; they are anchors,
+not measurements: the GPU figures are still to be measured.
+
+Lowering
+--------
+`interpret=None` chooses per lowering platform with `jax.lax.platform_dependent`: interpret mode on cpu,
+the compiled Triton kernel (`CompilerParams(num_warps, num_stages)`) on cuda and rocm, so one jitted
+function runs on the CPU and lowers for a GPU. `interpret=True`/`False` forces one. A function whose cuda
+lowering holds this kernel's custom call exports with `jax.export` only with `disabled_checks`.
+
+Gradients: `jax.grad` with respect to x goes through a custom VJP whose backward is the XLA path's transpose
+(`xla.scan_matmul_transposed`: dx = dy @ W_storedᵀ, one dequantized K block at a time); the weight is frozen
+(zero cotangents).
+
+Axis legend: M rows of x, K input features (stored order), N output features, G groups, bm/bn/bk the tile
+sizes along M, N and K (bk counts unpacked rows: a tile holds bk/2 packed byte rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from kernels.int4_matmul.xla import scan_matmul_transposed, zero_cotangent
+from quant.format import Int4Weight, symmetric_zero
+
+X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+SUPPORTED_BITS = (3, 4)  # the 4-bit container (3-bit codes share it)
+# Smallest K tile: 16 packed rows, the smallest K of a tensor-core dot (Triton needs K >= 16).
+MIN_BLOCK_K = 32
+MIN_BLOCK_N = 16
+# Programs in flight that the decode split-K aims for: about four per SM on a 132-SM H100/H200 (five on a
+# 108-SM A100), so each SM has several independent K slices' loads outstanding (Marlin and tinygemm both
+# size their decode grids to a few CTAs per SM).
+DECODE_TARGET_PROGRAMS = 512
+MAX_SPLIT_K = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Static tiling of one call: tile sizes, K split and Triton launch parameters."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _pow2_divisor(n: int, cap: int, floor: int) -> int | None:
+    """Largest power of two in [floor, cap] that divides n, or None."""
+    b = 1 << (max(cap, 1).bit_length() - 1)
+    while b >= floor:
+        if n % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def pallas_unsupported(x: Any, w: Int4Weight) -> str | None:
+    """Why the Pallas kernel cannot take `x @ w` (None when it can); the caller falls back to the XLA path.
+
+    Takes bits 4 and 3 (the 4-bit container), group sizes that are multiples of 32 (per-channel included),
+    N a multiple of 16, x float32/bfloat16/float16, a single (unstacked) weight.
+    """
+    if not isinstance(w, Int4Weight):
+        return f"w is a {type(w).__name__}, not a quant.Int4Weight"
+    if w.bits not in SUPPORTED_BITS:
+        return f"bits={w.bits} (the Pallas kernel reads the 4-bit container: bits 3 and 4)"
+    if w.packed.ndim != 2:
+        return f"w.packed has shape {tuple(w.packed.shape)}; the kernel takes one [K/2, N] weight"
+    k, n = w.shape
+    if w.group_size % MIN_BLOCK_K:
+        return f"group_size={w.group_size} (must be a multiple of {MIN_BLOCK_K}: the smallest K tile)"
+    if n % MIN_BLOCK_N:
+        return f"N={n} (must be a multiple of {MIN_BLOCK_N}: the smallest N tile)"
+    dtype = np.dtype(getattr(x, "dtype", np.float32))
+    if dtype not in X_DTYPES:
+        return f"x.dtype={dtype} (must be float32, bfloat16 or float16)"
+    if np.shape(x)[-1:] != (k,):
+        return f"x's last dimension {np.shape(x)[-1:]} is not K={k}"
+    return None
+
+
+def choose_config(
+    m: int,
+    k: int,
+    n: int,
+    group_size: int,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+) -> Config:
+    """Default tiles by shape (any given value overrides its default after validation).
+
+    - M ≤ 16 (decode): bm 16, bn 128, bk 128 (a 64 × 128 = 8 KiB packed slab per step), 4 warps, 4 stages so
+      several slabs are in flight per program; split-K doubles until about DECODE_TARGET_PROGRAMS programs
+      run (Marlin/tinygemm: N alone does not fill 132 SMs at decode), keeping ≥ 2 K tiles per program.
+    - 16 < M ≤ 64: bm = M rounded up to a power of two, bn 128, bk 128, 4 warps, 3 stages; split-K only
+      when the grid has fewer programs than about one per SM.
+    - M > 64: bm 128, bn 128, bk 64 (two 32-deep dots), 8 warps, 3 stages: Triton's standard tensor-core
+      GEMM tile, where dequantization is hidden behind the MMAs.
+    bk never exceeds the group size (one scale row per tile) and always divides it.
+    """
+    if m < 1:
+        raise ValueError(f"M={m} must be at least 1")
+    decode = m <= 16
+    if block_m is None:
+        block_m = 16 if decode else (min(128, 1 << (m - 1).bit_length()) if m <= 64 else 128)
+    if not _is_pow2(block_m) or block_m < 16:
+        raise ValueError(f"block_m={block_m} must be a power of two >= 16 (the tensor-core tile)")
+    if block_n is None:
+        block_n = _pow2_divisor(n, 128, MIN_BLOCK_N)
+        if block_n is None:
+            raise ValueError(f"N={n} has no power-of-two divisor >= {MIN_BLOCK_N} for block_n")
+    if not _is_pow2(block_n) or block_n < MIN_BLOCK_N or n % block_n:
+        raise ValueError(f"block_n={block_n} must be a power of two >= {MIN_BLOCK_N} dividing N={n}")
+    if block_k is None:
+        block_k = _pow2_divisor(group_size, 128 if m <= 64 else 64, MIN_BLOCK_K)
+        if block_k is None:
+            raise ValueError(f"group_size={group_size} has no power-of-two divisor >= {MIN_BLOCK_K}")
+    if not _is_pow2(block_k) or block_k < MIN_BLOCK_K or group_size % block_k:
+        raise ValueError(
+            f"block_k={block_k} must be a power of two >= {MIN_BLOCK_K} dividing group_size={group_size}"
+        )
+    tiles = k // block_k
+    if split_k is None:
+        programs = (n // block_n) * -(-m // block_m)
+        target = DECODE_TARGET_PROGRAMS if decode else 128
+        split_k = 1
+        while (
+            programs * split_k < target
+            and split_k * 2 <= MAX_SPLIT_K
+            and tiles % (split_k * 2) == 0
+            and tiles // (split_k * 2) >= 2
+        ):
+            split_k *= 2
+    if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1 or tiles % split_k:
+        raise ValueError(
+            f"split_k={split_k!r} must be a positive int dividing the {tiles} K tiles of {block_k}"
+        )
+    if decode:
+        num_warps, num_stages = 4, 4
+    else:
+        num_warps, num_stages = (8 if block_m * block_n >= 128 * 128 else 4), 3
+    return Config(block_m, block_n, block_k, split_k, num_warps, num_stages)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tile-level pieces, usable inside any Pallas kernel body (Triton lowering or interpret mode).
+
+
+def split_even_odd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [..., K] -> (x[..., 0::2], x[..., 1::2]), each [..., K/2]: the activation layout the tile dot reads.
+
+    Plain JAX, called outside the kernel (once per activation), so the kernel never interleaves nibbles.
+    """
+    return x[..., 0::2], x[..., 1::2]
+
+
+def unpack_tile(
+    packed_tile: jax.Array, zero_row: jax.Array | int, *, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """packed_tile: [bk/2, bn] uint8 (one K tile of one group) -> (lo − z, hi − z), each [bk/2, bn] dtype.
+
+    `zero_row`: [1, bn] (or [bn]) uint8/int zero points of the tile's group, or a Python int (the symmetric
+    zero `2**(bits-1)`). lo holds stored rows 0, 2, 4, ... of the tile and hi rows 1, 3, 5, ...; the values
+    are small integers (|q − z| ≤ 15), exact in float16, bfloat16 and float32.
+    """
+    p = packed_tile.astype(jnp.int32)
+    if isinstance(zero_row, int):
+        z = zero_row
+    else:
+        z = zero_row.astype(jnp.int32).reshape(1, packed_tile.shape[-1])
+    lo = ((p & 0xF) - z).astype(dtype)
+    hi = ((p >> 4) - z).astype(dtype)
+    return lo, hi
+
+
+def dequantize_tile(
+    packed_tile: jax.Array, scale_row: jax.Array, zero_row: jax.Array | int, *, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """packed_tile: [bk/2, bn] uint8 -> the dequantized even and odd rows `(s·(lo − z), s·(hi − z))` in dtype.
+
+    `scale_row`: [1, bn] (or [bn]) float scales of the tile's group; `zero_row` as in `unpack_tile`. The scale
+    multiply runs in float32, then rounds to dtype once. Prefer `int4_tile_dot` when the tile's next use is a
+    dot: it applies the scale to the product instead of to every weight (cheaper, and exact weights).
+    """
+    lo, hi = unpack_tile(packed_tile, zero_row, dtype=jnp.float32)
+    s = scale_row.astype(jnp.float32).reshape(1, packed_tile.shape[-1])
+    return (lo * s).astype(dtype), (hi * s).astype(dtype)
+
+
+def dot_precision(dtype: Any) -> Any:
+    """The precision policy for a tile dot on `dtype` inputs: IEEE float32 for float32 (never TF32), the
+    native low-precision dot otherwise (both accumulate in float32)."""
+    return jax.lax.Precision.HIGHEST if np.dtype(dtype) == np.float32 else None
+
+
+def int4_tile_dot(
+    x_even: jax.Array,
+    x_odd: jax.Array,
+    packed_tile: jax.Array,
+    scale_row: jax.Array,
+    zero_row: jax.Array | int,
+) -> jax.Array:
+    """One K tile's contribution `x_tile @ W_tile` as float32 [bm, bn], for use inside a Pallas kernel body.
+
+    x_even, x_odd: [bm, bk/2] float32|bfloat16|float16, the tile's even and odd input channels (from
+    `split_even_odd`); packed_tile: [bk/2, bn] uint8, the same K rows of the packed weight; scale_row:
+    [1, bn] float and zero_row: [1, bn] uint8 (or a Python int for symmetric weights), the tile's group. The
+    tile must lie inside one group. Computes `s ⊙ (x_even @ (lo − z) + x_odd @ (hi − z))` with the dots in x's
+    dtype (float32: IEEE precision) and float32 accumulation. Under Triton lowering bm, bk/2 ≥ 16 and bn ≥ 16
+    must be powers of two.
+    """
+    lo, hi = unpack_tile(packed_tile, zero_row, dtype=x_even.dtype)
+    precision = dot_precision(x_even.dtype)
+    dims = (((1,), (0,)), ((), ()))
+    part = jax.lax.dot_general(x_even, lo, dims, precision=precision, preferred_element_type=jnp.float32)
+    part = part + jax.lax.dot_general(
+        x_odd, hi, dims, precision=precision, preferred_element_type=jnp.float32
+    )
+    return part * scale_row.astype(jnp.float32).reshape(1, packed_tile.shape[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kernel.
+
+
+def _kernel(
+    xe_ref,
+    xo_ref,
+    p_ref,
+    s_ref,
+    *rest,
+    block_k: int,
+    group_size: int,
+    tiles_per_split: int,
+    sym_zero: int | None,
+):
+    if sym_zero is None:
+        z_ref, o_ref = rest
+    else:
+        (o_ref,) = rest
+    half = block_k // 2
+    split = pl.program_id(2)
+    bm, bn = xe_ref.shape[0], p_ref.shape[1]
+
+    def body(t, acc):
+        kt = split * tiles_per_split + t
+        rows = pl.ds(pl.multiple_of(kt * half, half), half)
+        g = (kt * block_k) // group_size
+        z = sym_zero if sym_zero is not None else z_ref[pl.ds(g, 1), :]
+        return acc + int4_tile_dot(xe_ref[:, rows], xo_ref[:, rows], p_ref[rows, :], s_ref[pl.ds(g, 1), :], z)
+
+    acc = jax.lax.fori_loop(0, tiles_per_split, body, jnp.zeros((bm, bn), jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _forward(
+    x, packed, scales, zeros, *, group_size: int, sym_zero: int, cfg: Config, interpret: bool | None
+):
+    """x: [M, K] -> [M, N] in x's dtype (no custom VJP)."""
+    m, k = x.shape
+    n = packed.shape[1]
+    bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
+    mp = -(-m // bm) * bm
+    if mp != m:
+        x = jnp.pad(x, ((0, mp - m), (0, 0)))
+    xe, xo = split_even_odd(x)
+    g = scales.shape[0]
+    grid = (n // bn, mp // bm, split)
+    in_specs = [
+        pl.BlockSpec((bm, k // 2), lambda j, i, s: (i, 0)),
+        pl.BlockSpec((bm, k // 2), lambda j, i, s: (i, 0)),
+        pl.BlockSpec((k // 2, bn), lambda j, i, s: (0, j)),
+        pl.BlockSpec((g, bn), lambda j, i, s: (0, j)),
+    ]
+    args = [xe, xo, packed, scales]
+    if zeros is not None:
+        in_specs.append(pl.BlockSpec((g, bn), lambda j, i, s: (0, j)))
+        args.append(zeros)
+    if split == 1:
+        out_shape = jax.ShapeDtypeStruct((mp, n), x.dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda j, i, s: (i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((split, mp, n), jnp.float32)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda j, i, s: (s, i, j))
+    kernel = functools.partial(
+        _kernel,
+        block_k=bk,
+        group_size=group_size,
+        tiles_per_split=k // bk // split,
+        sym_zero=sym_zero if zeros is None else None,
+    )
+
+    def call(interp: bool):
+        def run(*a):
+            return pl.pallas_call(
+                kernel,
+                out_shape=out_shape,
+                grid=grid,
+                in_specs=in_specs,
+                out_specs=out_spec,
+                compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+                interpret=interp,
+                name="int4_matmul_w4a16",
+            )(*a)
+
+        return run
+
+    if interpret is None:
+        out = jax.lax.platform_dependent(*args, cpu=call(True), cuda=call(False), rocm=call(False))
+    else:
+        out = call(interpret)(*args)
+    if split > 1:
+        out = out.sum(axis=0).astype(x.dtype)
+    return out[:m]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _matmul(x, packed, scales, zeros, group_size, sym_zero, cfg, interpret):
+    return _forward(
+        x, packed, scales, zeros, group_size=group_size, sym_zero=sym_zero, cfg=cfg, interpret=interpret
+    )
+
+
+def _matmul_fwd(x, packed, scales, zeros, group_size, sym_zero, cfg, interpret):
+    y = _forward(
+        x, packed, scales, zeros, group_size=group_size, sym_zero=sym_zero, cfg=cfg, interpret=interpret
+    )
+    return y, (packed, scales, zeros)
+
+
+def _matmul_bwd(group_size, sym_zero, cfg, interpret, res, dy):
+    packed, scales, zeros = res
+    zp = jnp.full(scales.shape, sym_zero, jnp.uint8) if zeros is None else zeros
+    dx = scan_matmul_transposed(dy.astype(jnp.float32), packed, scales, zp, group_size=group_size)
+    # y, hence dy, has x's dtype; the weight is frozen.
+    return (dx.astype(dy.dtype), *zero_cotangent((packed, scales, zeros)))
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def int4_matmul_pallas(
+    x: jax.Array,
+    packed: jax.Array,
+    scales: jax.Array,
+    zeros: jax.Array | None,
+    *,
+    group_size: int,
+    bits: int,
+    sym_zero: int,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """x̃: [M, K] float32|bfloat16|float16 @ the packed weight -> [M, N] in x's dtype (float32 accumulation).
+
+    x̃ is already permuted (act-order) and divided by the activation scales (the public `int4_matmul` does
+    it). packed: [K/2, N] uint8 (stored row order); scales: [G, N] float; zeros: [G, N] uint8, or None for a
+    symmetric weight whose zero point is `sym_zero` (= 2**(bits-1)); G = K / group_size (per-channel:
+    group_size = K). Tiles default by shape (`choose_config`); `interpret=None` picks interpret mode on cpu
+    and the compiled Triton kernel on cuda/rocm at lowering. Differentiable with respect to x (custom VJP, XLA
+    backward); jittable.
+    """
+    if getattr(x, "ndim", None) != 2:
+        raise ValueError(f"x must be 2-D [M, K], got shape {getattr(x, 'shape', None)}")
+    if np.dtype(x.dtype) not in X_DTYPES:
+        raise ValueError(f"x.dtype={x.dtype} must be one of float32, bfloat16, float16")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(
+            f"bits={bits} is not supported by the Pallas kernel; expected one of {SUPPORTED_BITS}"
+        )
+    if getattr(packed, "ndim", None) != 2 or packed.dtype != np.uint8:
+        raise ValueError(
+            f"packed must be [K/2, N] uint8, got {getattr(packed, 'shape', None)} {packed.dtype}"
+        )
+    m, k = x.shape
+    half, n = packed.shape
+    if k != 2 * half:
+        raise ValueError(f"x's K={k} must be 2 * packed rows = {2 * half}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or k % group_size:
+        raise ValueError(f"group_size={group_size!r} must be a positive int dividing K={k}")
+    g = k // group_size
+    if tuple(scales.shape) != (g, n):
+        raise ValueError(f"scales must be [G, N] = [{g}, {n}], got {tuple(scales.shape)}")
+    if zeros is not None and (tuple(zeros.shape) != (g, n) or zeros.dtype != np.uint8):
+        raise ValueError(f"zeros must be [G, N] = [{g}, {n}] uint8, got {tuple(zeros.shape)} {zeros.dtype}")
+    if group_size % MIN_BLOCK_K:
+        raise ValueError(f"group_size={group_size} must be a multiple of {MIN_BLOCK_K} for the Pallas kernel")
+    if n % MIN_BLOCK_N:
+        raise ValueError(f"N={n} must be a multiple of {MIN_BLOCK_N} for the Pallas kernel")
+    if interpret is not None and not isinstance(interpret, bool):
+        raise ValueError(f"interpret={interpret!r} must be None, True or False")
+    cfg = choose_config(
+        m, k, n, group_size, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k
+    )
+    return _matmul(x, packed, scales, zeros, group_size, int(sym_zero), cfg, interpret)
+
+
+def int4_weight_matmul_pallas(x: jax.Array, w: Int4Weight, **tunables: Any) -> jax.Array:
+    """x: [..., K] in input-channel order @ an Int4Weight -> [..., N] in x's dtype, through the kernel.
+
+    Applies the activation scales and the act-order permutation to x (as the public entry does), then calls
+    `int4_matmul_pallas`; `tunables` are its keyword tunables (block_m, block_n, block_k, split_k, interpret).
+    """
+    reason = pallas_unsupported(x, w)
+    if reason is not None:
+        raise ValueError(f"the Pallas INT4 kernel does not support {reason}")
+    k, n = w.shape
+    xf = x.reshape(-1, k)
+    if w.act_scales is not None:
+        xf = (xf.astype(jnp.float32) / w.act_scales.astype(jnp.float32)).astype(x.dtype)
+    if w.perm is not None:
+        xf = xf[:, w.perm]
+    y = int4_matmul_pallas(
+        xf,
+        w.packed,
+        w.scales,
+        w.zeros,
+        group_size=w.group_size,
+        bits=w.bits,
+        sym_zero=symmetric_zero(w.bits),
+        **tunables,
+    )
+    return y.reshape(*x.shape[:-1], n)
