@@ -1,0 +1,553 @@
+"""Paged attention as a Pallas kernel for GPUs (Triton lowering), interpreted on the CPU.
+
+Computes what `paged_attention_reference` computes (formula, masking and layouts in the package docstring):
+for query row t of sequence b at position p and query head h reading kv head kh = h // G,
+
+    out[t, h] = softmax_j(cap(scale · q[t, h] · k[b, j, kh]) + alibi[h] · (j − p))[kept j] · v[b, kept j, kh]
+
+with j kept iff j ≤ p, j > p − sliding_window and j < kv_len[b]. Flash-decoding structure (FlashAttention-2's
+online softmax, split-K over the context with a log-sum-exp merge, as in vLLM's and FlashInfer's paged decode
+and JAX's `pallas/ops/gpu/paged_attention.py`):
+
+- One program per (query tile, kv head, context split). A query tile is `q_block` consecutive query tokens of
+  one sequence times all G query heads of the kv head, R = q_block × Gq rows (Gq = G rounded up to a power of
+  two; decode tiles have q_block = 1 and Gq ≥ 16, since Triton's `tl.dot` needs 16 rows). Each key and value
+  block is therefore read from HBM once per kv head for the whole group of query heads (GQA/MQA).
+- The program walks its share of the sequence's keys in blocks of `block_k` = `pages_per_block` × S keys
+  (rounded up to a power of two). The block table and kv_lens are ordinary inputs (scalar prefetch is a TPU
+  idea): each key's page id is loaded from the block table inside the kernel and the key's row is gathered
+  from the NHD pages, so any page size works and a block need not align with pages.
+- Logits, the running max/sum and the output accumulator are float32; bf16/f16 operands go to the tensor
+  cores as they are (float32 accumulation), float32 operands with full float32 precision (IEEE, not TF32).
+  int8 / float8_e4m3fn pages are converted to q's dtype in the kernel (exact for both) and their scales are
+  applied to the logits (K) and to the probabilities (V): per tensor or per token and kv head.
+- Split-K: with `num_splits` > 1 each program covers a contiguous share of the sequence's actual key blocks
+  (shares are recomputed per sequence from kv_len, so short and long sequences spread evenly) and writes an
+  unnormalized float32 output with its running max and sum; a small XLA step merges the splits by
+  log-sum-exp. With one split the kernel writes the normalized output in q's dtype directly.
+- Causal and sliding-window limits skip whole blocks: a tile reads keys from max(0, p_first − W + 1) to
+  min(kv_len, p_last + 1) only.
+
+Safety. A block-table entry outside [0, P), or one at or past the sequence's ceil(kv_len / S) pages, is never
+dereferenced: the page index is replaced by 0 and the key masked. Keys and values of masked slots are loaded
+as zeros by masked loads (no memory access), their probabilities are zeroed with `where`, so NaN/Inf garbage
+past kv_len cannot reach the output. A NaN in q reaches exactly the output rows it feeds; only rows with
+nothing to attend to become zeros.
+
+Lowering. `paged_attention_pallas` chooses per lowering platform with `jax.lax.platform_dependent`: Pallas's
+interpret mode on cpu (slow; for tests), the Triton-compiled kernel on cuda and rocm (through
+`jax.experimental.pallas.triton.CompilerParams`, since `pl.pallas_call` on GPUs defaults to Mosaic GPU in
+JAX 0.10), and no branch for tpu. Only the branch of the platform being lowered is lowered, so the same jitted
+function runs interpreted on a CPU and compiled on a GPU. Exporting a function whose cuda lowering holds the
+kernel with `jax.export` needs `disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
+"__gpu$xla.gpu.triton")]`. float8 pages need a GPU with native fp8 conversion (sm89+: Ada, Hopper) in Triton.
+
+Axis legend: T query tokens, B sequences, H query heads, K kv heads, G = H // K, Gq = G padded, D head dim,
+Dp = D padded to a power of two, P pages, S page size, N query tiles, R rows of a tile, BK keys per block.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+_F32 = jnp.float32
+# Head dims the kernel pads to a power of two (Triton tiles are powers of two); at least 16 for tl.dot.
+_MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
+# Rows of one tile at most: q_block × Gq. Beyond this the float32 accumulator no longer fits in registers.
+_MAX_TILE_ROWS = 256
+# Programs to aim for when choosing the number of context splits: about two thread blocks per SM on a
+# 132-SM H100/H200 (flash-decoding splits until the grid covers the GPU; more splits only add merge work).
+_TARGET_PROGRAMS = 256
+_MAX_SPLITS = 64
+# Bytes of one K (or V) block a program holds per step. 32 KiB is 128 bf16 keys of D = 128, the block of
+# JAX's Pallas paged op (8 pages of 16) and of FlashAttention's Triton kernels; with num_stages = 2 the
+# pipelined K and V buffers take 128 KiB of shared memory, within an A100's 164 KiB and an H100's 228 KiB.
+_BLOCK_BYTES = 32 * 1024
+_MAX_BLOCK_K = 128
+# Rows of a multi-token tile: 64 rows × 64 keys, FlashAttention-2's Triton tile for D ≤ 128 with 4 warps.
+_PREFILL_ROWS = 64
+_PREFILL_BLOCK_K = 64
+
+
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _pow2_at_most(x: int) -> int:
+    return 1 << (max(1, int(x)).bit_length() - 1)
+
+
+def _dtype(x: Any) -> np.dtype:
+    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def pallas_unsupported(q: Any, k_pages: Any, v_pages: Any, *, q_lens: Any = None) -> str | None:
+    """Why the Pallas kernel cannot serve these (already validated) inputs; None when it can.
+
+    q: [T, H, D], k_pages/v_pages: [P, S, K, D]. Head dims from 16 to 256 are padded to a power of two
+    inside the kernel (64, 80, 128, 256 all work); any page size works (keys are gathered one by one);
+    a kv head's query rows (G = H // K, padded to a power of two) must fit one tile of 256 rows.
+    """
+    del v_pages, q_lens
+    _, h, d = np.shape(q)
+    kh = np.shape(k_pages)[2]
+    if not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
+        return f"head dim D={d} (the Pallas kernel takes {_MIN_HEAD_DIM} <= D <= {_MAX_HEAD_DIM})"
+    g = h // kh
+    if _pow2_at_least(g) > _MAX_TILE_ROWS:
+        return f"{g} query heads per kv head (the Pallas kernel takes at most {_MAX_TILE_ROWS})"
+    return None
+
+
+def default_tunables(
+    num_tokens: int,
+    num_seqs: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    max_pages: int,
+    kv_itemsize: int,
+    *,
+    decode: bool,
+    block_k: int | None = None,
+    q_block: int | None = None,
+) -> dict[str, int]:
+    """The tunables `paged_attention_pallas` uses for these shapes, given any fixed by the caller: a dict
+    with block_k (keys per block step), q_block, num_splits, num_warps, num_stages. The reasoning is in the
+    module constants' comments and the README's tunable table."""
+    g = num_q_heads // num_kv_heads
+    dp = _pow2_at_least(max(head_dim, _MIN_HEAD_DIM))
+    gq = max(16, _pow2_at_least(g)) if decode else _pow2_at_least(g)
+    if block_k is None:
+        if decode:
+            block_k = min(_MAX_BLOCK_K, max(16, _pow2_at_most(_BLOCK_BYTES // (dp * kv_itemsize))))
+        else:
+            block_k = _PREFILL_BLOCK_K if dp <= 128 else _PREFILL_BLOCK_K // 2
+    if decode:
+        q_block = 1
+    else:
+        q_block = max(1, _PREFILL_ROWS // gq) if q_block is None else q_block
+        # A power of two (Triton tiles), at least 16 rows (tl.dot), at most _MAX_TILE_ROWS rows.
+        q_block = _pow2_at_least(max(q_block, -(-16 // gq)))
+        q_block = max(1, min(q_block, _MAX_TILE_ROWS // gq))
+    rows = q_block * gq
+    tiles = num_tokens if decode else min(num_tokens, -(-num_tokens // q_block) + num_seqs)
+    max_blocks = max(1, -(-max_pages * page_size // block_k))
+    num_splits = max(1, min(_TARGET_PROGRAMS // max(1, tiles * num_kv_heads), max_blocks, _MAX_SPLITS))
+    num_warps = 8 if rows * dp >= 128 * 128 or dp > 128 else 4
+    return dict(block_k=block_k, q_block=q_block, num_splits=num_splits, num_warps=num_warps, num_stages=2)
+
+
+def _kernel(
+    *refs: Any,
+    block_k: int,
+    rows: int,
+    group_rows: int,
+    page_size: int,
+    num_pages: int,
+    max_pages: int,
+    head_dim: int,
+    scale: float,
+    soft_cap: float | None,
+    sliding_window: int | None,
+    per_token_k: bool,
+    per_token_v: bool,
+    tensor_scales: bool,
+    alibi: bool,
+    compute_dtype: Any,
+    split: bool,
+    num_splits: int,
+) -> None:
+    refs = list(refs)
+    tiles_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref = refs[:6]
+    refs = refs[6:]
+    ks_ref = refs.pop(0) if per_token_k else None
+    vs_ref = refs.pop(0) if per_token_v else None
+    ts_ref = refs.pop(0) if tensor_scales else None
+    slope_ref = refs.pop(0) if alibi else None
+    o_ref, *ml_refs = refs
+
+    i, kh, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b = tiles_ref[0, i]
+    row0 = tiles_ref[1, i]
+    count = tiles_ref[2, i]
+    pos0 = tiles_ref[3, i]
+    n = kv_lens_ref[b]
+    # Keys this tile can see: causal up to its last row, the sliding window from its first row.
+    hi = jnp.maximum(jnp.minimum(n, pos0 + count), 0)
+    lo = jnp.zeros_like(hi) if sliding_window is None else jnp.clip(pos0 - sliding_window + 1, 0, hi)
+    blk_lo = lo // block_k
+    blk_hi = (hi + block_k - 1) // block_k
+    if num_splits == 1:
+        first, last = blk_lo, blk_hi
+    else:
+        per = (blk_hi - blk_lo + num_splits - 1) // num_splits
+        first = jnp.minimum(blk_lo + j * per, blk_hi)
+        last = jnp.minimum(first + per, blk_hi)
+
+    dp = q_ref.shape[-1]
+    d_idx = jax.lax.broadcasted_iota(jnp.int32, (1, dp), 1)
+    d_ok = d_idx < head_dim  # padded head-dim lanes are never loaded
+    q = q_ref[kh, pl.ds(row0 * group_rows, rows), :].astype(compute_dtype)  # [R, Dp]
+    rpos = pos0 + jax.lax.broadcasted_iota(jnp.int32, (rows,), 0) // group_rows  # [R] row positions
+    qk_scale = scale
+    if tensor_scales:
+        qk_scale = scale * ts_ref[0]
+    slopes = slope_ref[kh, :] if alibi else None  # [R]
+    precision = jax.lax.Precision.HIGHEST if compute_dtype == _F32 else None
+
+    def load_rows(ref, tok, ok):  # [BK] token rows -> [BK, Dp] in compute dtype; masked rows and lanes are 0
+        mask = ok[:, None] & d_ok
+        # Masked lanes are not read; `where` (not `other`, which Triton cannot cast to float8) makes them 0.
+        x = plgpu.load(ref.at[tok[:, None], kh, d_idx], mask=mask).astype(compute_dtype)
+        return jnp.where(mask, x, jnp.zeros((), compute_dtype))
+
+    def body(blk, carry):
+        m, l, acc = carry
+        kpos = blk * block_k + jax.lax.broadcasted_iota(jnp.int32, (block_k,), 0)  # [BK]
+        slot = kpos // page_size
+        page = bt_ref[b, jnp.minimum(slot, max_pages - 1)]
+        ok = (slot < max_pages) & (kpos < n) & (page >= 0) & (page < num_pages)
+        tok = jnp.where(ok, page, 0) * page_size + kpos % page_size  # never outside [0, P·S)
+        k = load_rows(k_ref, tok, ok)
+        s = jax.lax.dot_general(
+            q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=_F32
+        )  # [R, BK]
+        s = s * qk_scale
+        if per_token_k:
+            s = s * plgpu.load(ks_ref.at[tok, kh], mask=ok, other=0.0)[None, :]
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        if alibi:
+            s = s + slopes[:, None] * (kpos[None, :] - rpos[:, None]).astype(_F32)
+        keep = ok[None, :] & (kpos[None, :] <= rpos[:, None])
+        if sliding_window is not None:
+            keep = keep & (kpos[None, :] > rpos[:, None] - sliding_window)
+        s = jnp.where(keep, s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.where(keep, jnp.exp(s - m_safe[:, None]), 0.0)
+        corr = jnp.exp(m - m_safe)
+        l = l * corr + p.sum(axis=1)
+        if per_token_v:
+            p = p * plgpu.load(vs_ref.at[tok, kh], mask=ok, other=0.0)[None, :]
+        v = load_rows(v_ref, tok, ok)
+        pv = jax.lax.dot_general(
+            p.astype(compute_dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=_F32,
+        )  # [R, Dp]
+        return m_new, l, acc * corr[:, None] + pv
+
+    init = (
+        jnp.full((rows,), -jnp.inf, _F32),
+        jnp.zeros((rows,), _F32),
+        jnp.zeros((rows, dp), _F32),
+    )
+    m, l, acc = jax.lax.fori_loop(first, last, body, init)
+    if tensor_scales:
+        acc = acc * ts_ref[1]
+    if split:
+        o_ref[...] = acc
+        m_ref, l_ref = ml_refs
+        m_ref[...] = m
+        l_ref[...] = l
+    else:
+        # l == 0 only when nothing was attended (then acc == 0); a NaN l stays NaN.
+        out = jnp.where(l[:, None] == 0.0, 0.0, acc / jnp.where(l == 0.0, 1.0, l)[:, None])
+        o_ref[...] = out.astype(o_ref.dtype)
+
+
+def _query_tiles(q_lens: jax.Array, kv_lens: jax.Array, num_tiles: int, q_block: int) -> jax.Array:
+    """[4, N] int32: per tile its sequence, first row of q, number of valid rows, position of its first row.
+
+    Each sequence's q_lens[b] rows are cut into tiles of q_block tokens; tiles past the last have 0 rows.
+    """
+    b = q_lens.shape[0]
+    per_seq = (q_lens + q_block - 1) // q_block
+    ends = jnp.cumsum(per_seq)
+    tile = jnp.arange(num_tiles, dtype=jnp.int32)
+    # seq = how many sequences end at or before the tile (searchsorted without its while loop).
+    ends_seen = jnp.zeros((num_tiles + 1,), jnp.int32).at[jnp.minimum(ends, num_tiles)].add(1)
+    seq = jnp.minimum(jnp.cumsum(ends_seen)[:num_tiles], b - 1).astype(jnp.int32)
+    local = tile - (ends - per_seq)[seq]
+    live = tile < ends[-1]
+    count = jnp.where(live, jnp.clip(q_lens[seq] - local * q_block, 0, q_block), 0)
+    row0 = jnp.where(live, (jnp.cumsum(q_lens) - q_lens)[seq] + local * q_block, 0)
+    pos0 = kv_lens[seq] - q_lens[seq] + local * q_block
+    return jnp.stack([seq, row0, count, pos0]).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "scale",
+        "soft_cap",
+        "sliding_window",
+        "block_k",
+        "q_block",
+        "num_splits",
+        "num_warps",
+        "num_stages",
+        "interpret",
+    ),
+)
+def _paged_attention_pallas(
+    q,
+    k_pages,
+    v_pages,
+    kv_lens,
+    block_tables,
+    q_lens,
+    alibi_slopes,
+    k_scale,
+    v_scale,
+    *,
+    scale,
+    soft_cap,
+    sliding_window,
+    block_k,
+    q_block,
+    num_splits,
+    num_warps,
+    num_stages,
+    interpret,
+):
+    t, h, d = q.shape
+    p, s, kh, _ = k_pages.shape
+    g = h // kh
+    b, max_pages = block_tables.shape
+    decode = q_lens is None
+    dp = _pow2_at_least(max(d, _MIN_HEAD_DIM))
+    gq = max(16, _pow2_at_least(g)) if decode else _pow2_at_least(g)
+    qb = q_block
+    rows = qb * gq
+    kv_lens = kv_lens.astype(jnp.int32)
+    block_tables = block_tables.astype(jnp.int32)
+
+    if decode:
+        num_tiles = b
+        tiles = jnp.stack([jnp.arange(b), jnp.arange(b), jnp.ones((b,), jnp.int32), kv_lens - 1]).astype(
+            jnp.int32
+        )
+        t_pad = t
+    else:
+        num_tiles = min(t, -(-t // qb) + b)
+        tiles = _query_tiles(q_lens.astype(jnp.int32), kv_lens, num_tiles, qb)
+        t_pad = t + qb  # a tile's rows may run past T: they read padding and are dropped
+    # q as [K, T_pad · Gq, Dp]: the rows of one tile and kv head are contiguous, ordered (token, group head).
+    q4 = q.reshape(t, kh, g, d)
+    q4 = jnp.pad(q4, ((0, t_pad - t), (0, 0), (0, gq - g), (0, dp - d)))
+    q_rows = q4.transpose(1, 0, 2, 3).reshape(kh, t_pad * gq, dp)
+
+    per_token_k = k_scale is not None and k_scale.ndim == 3
+    per_token_v = v_scale is not None and v_scale.ndim == 3
+    tensor_scales = (k_scale is not None and not per_token_k) or (v_scale is not None and not per_token_v)
+    args = [
+        tiles,
+        kv_lens,
+        block_tables,
+        q_rows,
+        k_pages.reshape(p * s, kh, d),
+        v_pages.reshape(p * s, kh, d),
+    ]
+    if per_token_k:
+        args.append(k_scale.astype(_F32).reshape(p * s, kh))
+    if per_token_v:
+        args.append(v_scale.astype(_F32).reshape(p * s, kh))
+    if tensor_scales:
+        one = jnp.ones((), _F32)
+        ks = one if k_scale is None or per_token_k else k_scale.astype(_F32)
+        vs = one if v_scale is None or per_token_v else v_scale.astype(_F32)
+        args.append(jnp.stack([ks, vs]))
+    if alibi_slopes is not None:
+        sl = jnp.pad(alibi_slopes.astype(_F32).reshape(kh, g), ((0, 0), (0, gq - g)))
+        args.append(jnp.tile(sl, (1, qb)))  # [K, R], row r = token · Gq + group head
+    split = num_splits > 1
+    compute_dtype = q.dtype
+
+    kernel = functools.partial(
+        _kernel,
+        block_k=block_k,
+        rows=rows,
+        group_rows=gq,
+        page_size=s,
+        num_pages=p,
+        max_pages=max_pages,
+        head_dim=d,
+        scale=scale,
+        soft_cap=soft_cap,
+        sliding_window=sliding_window,
+        per_token_k=per_token_k,
+        per_token_v=per_token_v,
+        tensor_scales=tensor_scales,
+        alibi=alibi_slopes is not None,
+        compute_dtype=compute_dtype,
+        split=split,
+        num_splits=num_splits,
+    )
+    grid = (num_tiles, kh, num_splits)
+    in_specs = [pl.BlockSpec(a.shape, functools.partial(_zeros_index, a.ndim)) for a in args]
+    if split:
+        out_shape = (
+            jax.ShapeDtypeStruct((num_tiles, num_splits, kh, rows, dp), _F32),
+            jax.ShapeDtypeStruct((num_tiles, num_splits, kh, rows), _F32),
+            jax.ShapeDtypeStruct((num_tiles, num_splits, kh, rows), _F32),
+        )
+        out_specs = (
+            pl.BlockSpec((None, None, None, rows, dp), lambda i, k, j: (i, j, k, 0, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda i, k, j: (i, j, k, 0)),
+            pl.BlockSpec((None, None, None, rows), lambda i, k, j: (i, j, k, 0)),
+        )
+    else:
+        out_shape = (jax.ShapeDtypeStruct((num_tiles, kh, rows, dp), q.dtype),)
+        out_specs = (pl.BlockSpec((None, None, rows, dp), lambda i, k, j: (i, k, 0, 0)),)
+
+    def call(use_interpret: bool):
+        def run(*xs):
+            return pl.pallas_call(
+                kernel,
+                out_shape=out_shape,
+                grid=grid,
+                in_specs=in_specs,
+                out_specs=out_specs,
+                interpret=use_interpret,
+                compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+                name=f"paged_attention_r{rows}_bk{block_k}_s{num_splits}",
+            )(*xs)
+
+        return run
+
+    if interpret is None:
+        outs = jax.lax.platform_dependent(*args, cpu=call(True), cuda=call(False), rocm=call(False))
+    else:
+        outs = call(interpret)(*args)
+
+    if split:
+        acc, m, l = outs
+        m_all = m.max(axis=1, keepdims=True)
+        w = jnp.exp(m - jnp.where(m_all == -jnp.inf, 0.0, m_all))  # [N, splits, K, R]
+        l_tot = (l * w).sum(axis=1)
+        acc_tot = (acc * w[..., None]).sum(axis=1)  # [N, K, R, Dp]
+        o = jnp.where(l_tot[..., None] == 0.0, 0.0, acc_tot / jnp.where(l_tot == 0.0, 1.0, l_tot)[..., None])
+    else:
+        (o,) = outs
+    o = o.reshape(num_tiles, kh, qb, gq, dp)[:, :, :, :g, :d].transpose(0, 2, 1, 3, 4)
+    o = o.reshape(num_tiles * qb, h, d).astype(q.dtype)
+    if decode:
+        return o
+    local = jnp.arange(qb, dtype=jnp.int32)[None, :]
+    dest = jnp.where(local < tiles[2][:, None], tiles[1][:, None] + local, t).reshape(-1)
+    return jnp.zeros((t, h, d), q.dtype).at[dest].set(o, mode="drop")
+
+
+def _zeros_index(ndim: int, *_: Any) -> tuple[int, ...]:
+    return (0,) * ndim
+
+
+def paged_attention_pallas(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    kv_lens: jax.Array,
+    block_tables: jax.Array,
+    *,
+    q_lens: jax.Array | None,
+    scale: float,
+    soft_cap: float | None,
+    sliding_window: int | None,
+    alibi_slopes: jax.Array | None,
+    k_scale: jax.Array | float | None,
+    v_scale: jax.Array | float | None,
+    pages_per_block: int | None = None,
+    num_splits: int | None = None,
+    q_block: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Paged attention through the Pallas kernel; inputs already validated by the public entry.
+
+    q: [T, H, D] float32|bfloat16|float16; k_pages, v_pages: [P, S, K, D] q's dtype, int8 or float8_e4m3fn;
+    kv_lens: [B] int; block_tables: [B, max_pages] int; q_lens: [B] int or None (decode, T == B);
+    alibi_slopes: [H] float or None; k_scale, v_scale: scalar or [P, S, K] float for quantized pages, else
+    None. Returns [T, H, D] in q's dtype. Jittable.
+
+    Tunables (keyword-only, static; defaults by shape from `default_tunables`):
+      pages_per_block  pages per block step; the block is pages_per_block × S keys rounded up to a power of
+                       two (default: 32 KiB of K per step, at most 128 keys, for decode; 64 keys for
+                       multi-token tiles; so with pages of 128 or more a step walks part of a page).
+      num_splits       context splits per (tile, kv head), merged by log-sum-exp (default: enough programs
+                       to give about 256, at most one per key block, at most 64).
+      q_block          query tokens per tile for multi-token queries (default 64 // Gq rows' worth; decode
+                       always 1).
+      num_warps, num_stages  Triton launch parameters (default 4 warps, 8 for 128×128 tiles or D = 256; 2
+                       stages).
+      interpret        None: interpret mode on cpu, compiled on cuda/rocm, chosen per lowering platform;
+                       True/False force one (False cannot run on a CPU).
+    """
+    t, h, d = q.shape
+    _, s, kh, _ = k_pages.shape
+    _, max_pages = block_tables.shape
+    for name, v in (
+        ("pages_per_block", pages_per_block),
+        ("num_splits", num_splits),
+        ("q_block", q_block),
+        ("num_warps", num_warps),
+        ("num_stages", num_stages),
+    ):
+        if v is not None and (not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"{name}={v!r} must be an integer >= 1")
+    reason = pallas_unsupported(q, k_pages, v_pages, q_lens=q_lens)
+    if reason is not None:
+        raise ValueError(f"the Pallas paged attention kernel does not support {reason}")
+    decode = q_lens is None
+    if t == 0:
+        return jnp.zeros((t, h, d), q.dtype)
+    tun = default_tunables(
+        t,
+        np.shape(kv_lens)[0],
+        h,
+        kh,
+        d,
+        s,
+        max_pages,
+        _dtype(k_pages).itemsize,
+        decode=decode,
+        block_k=None if pages_per_block is None else max(16, _pow2_at_least(pages_per_block * s)),
+        q_block=q_block,
+    )
+
+    def as_scale(x):
+        return None if x is None else jnp.asarray(x, _F32)
+
+    return _paged_attention_pallas(
+        q,
+        k_pages,
+        v_pages,
+        jnp.asarray(kv_lens),
+        jnp.asarray(block_tables),
+        None if q_lens is None else jnp.asarray(q_lens),
+        None if alibi_slopes is None else jnp.asarray(alibi_slopes),
+        as_scale(k_scale),
+        as_scale(v_scale),
+        scale=float(scale),
+        soft_cap=None if soft_cap is None else float(soft_cap),
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        block_k=tun["block_k"],
+        q_block=tun["q_block"],
+        num_splits=int(num_splits or tun["num_splits"]),
+        num_warps=int(num_warps or tun["num_warps"]),
+        num_stages=int(num_stages or tun["num_stages"]),
+        interpret=interpret,
+    )
