@@ -11,7 +11,7 @@ from roofline.counters import (
     matmul_cost,
     xla_cost,
 )
-from roofline.hardware import CHIPS, Chip, get_chip, load_chips, measure_host
+from roofline.hardware import CHIPS, Chip, catalogue_chip, get_chip, load_chips, measure_host
 from roofline.models import MODELS, ModelShape, get_model
 from roofline.timing import Achieved, Timing, copy_inputs, time_fn
 from roofline.tokens import (
@@ -52,6 +52,7 @@ __all__ = [
     "Timing",
     "XlaCost",
     "attention_cost",
+    "catalogue_chip",
     "chips_needed",
     "compare_with_xla",
     "copy_inputs",

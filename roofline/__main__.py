@@ -397,11 +397,13 @@ def cmd_measure(args: argparse.Namespace) -> int:
                 progress=True,
             )
             results.append(m)
+    sheet = CHIPS[chip.catalogue_entry] if chip.catalogue_entry in CHIPS else None
     report = {
         "model": model.name,
         "context": args.context,
         "kv": args.kv,
         "device": chip.description,
+        "datasheet_chip": None if sheet is None else sheet.name,
         "host_bandwidth": chip.bandwidth,
         "host_peak_flops": dict(chip.peak_flops),
         "price_per_hour": chip.price_per_hour,
@@ -417,10 +419,15 @@ def cmd_measure(args: argparse.Namespace) -> int:
             "components": [
                 {
                     "name": c.name,
+                    "impl": m.impls[c.name],
                     "count": c.count,
                     "measured_s": c.time_s,
                     "bound_s": c.bound_s,
                     "fraction": c.bound_s / c.time_s,
+                    "datasheet_bound_s": None if sheet is None else c.cost.time_bound(sheet, e.compute_dtype),
+                    "fraction_of_datasheet": None
+                    if sheet is None
+                    else c.cost.time_bound(sheet, e.compute_dtype) / c.time_s,
                     "bound": c.bound,
                     "share": c.step_share_s / e.step_s,
                 }
@@ -472,14 +479,16 @@ def cmd_measure(args: argparse.Namespace) -> int:
         )
         head = (
             f"{'component':<12} {'count':>5} {'measured ms':>12} {'bound ms':>10} {'fraction':>9} "
-            f"{'share':>7}"
+            + (f"{'of ' + sheet.name:>13} " if sheet else "")
+            + f"{'share':>7}  implementation"
         )
         print(head)
         print("-" * len(head))
         for c in run["components"]:
+            datasheet = f"{c['fraction_of_datasheet']:>13.1%} " if sheet else ""
             print(
                 f"{c['name']:<12} {c['count']:>5} {c['measured_s'] * 1e3:>12.3f} {c['bound_s'] * 1e3:>10.3f} "
-                f"{c['fraction']:>9.1%} {c['share']:>7.1%}"
+                f"{c['fraction']:>9.1%} {datasheet}{c['share']:>7.1%}  {c['impl']}"
             )
         print(
             f"step {run['step_s'] * 1e3:.1f} ms -> {run['tokens_per_s']:.2f} tokens/s, "

@@ -42,6 +42,8 @@ class Chip:
     memory: main-memory size in bytes.
     price_per_hour: on-demand USD per chip-hour, or None when unknown (the host, unless the user gives one).
     sources: field name -> where the figure comes from, with its date.
+    catalogue_entry: for the measured host, the `CHIPS` key of its device when `catalogue_chip` recognizes
+        it (so its datasheet roof can be compared with the measured one); None otherwise.
     """
 
     name: str
@@ -51,6 +53,7 @@ class Chip:
     memory: float
     price_per_hour: float | None
     sources: Mapping[str, str]
+    catalogue_entry: str | None = None
 
     def peak(self, dtype: str) -> float:
         """Dense peak FLOP/s for `dtype`; raises with the dtypes this chip has when it has none."""
@@ -109,6 +112,36 @@ def get_chip(name: str) -> Chip:
     if name not in CHIPS:
         raise ValueError(f"unknown chip {name!r}; valid chips: {', '.join([*CHIPS, 'host'])}")
     return CHIPS[name]
+
+
+# JAX's `device_kind` (lower-cased, whitespace collapsed) -> catalogue key. Only exact names: a variant with
+# other memory or bandwidth (H100 PCIe or NVL, A100 40GB or PCIe, H200 NVL, GH200) is a different chip and
+# has no entry here until the catalogue has one, so it never borrows a look-alike's roof.
+_DEVICE_KINDS = {
+    "nvidia h100 80gb hbm3": "h100-sxm",
+    "nvidia h200": "h200",
+    "nvidia a100-sxm4-80gb": "a100-80gb",
+    "nvidia l4": "l4",
+    "tpu v5 lite": "tpu-v5e",
+    "tpu v5": "tpu-v5p",
+    "tpu v6 lite": "tpu-v6e",
+    "amd instinct mi300x": "mi300x",
+}
+
+
+def catalogue_chip(device_kind: str) -> str | None:
+    """The `CHIPS` key for a JAX `device_kind` string (`jax.devices()[0].device_kind`), or None.
+
+    Case-insensitive, exact names only: "NVIDIA H100 80GB HBM3" -> "h100-sxm", "NVIDIA H200" -> "h200",
+    "NVIDIA A100-SXM4-80GB" -> "a100-80gb", "NVIDIA L4" -> "l4", "TPU v5 lite" -> "tpu-v5e", "TPU v5" ->
+    "tpu-v5p", "TPU v6 lite" -> "tpu-v6e", "AMD Instinct MI300X" -> "mi300x". Anything else, including
+    variants of these chips with other memory or bandwidth (e.g. "NVIDIA H100 PCIe", "NVIDIA A100-SXM4-40GB"),
+    is None.
+    """
+    if not isinstance(device_kind, str):
+        raise ValueError(f"device_kind={device_kind!r} must be a string (jax.Device.device_kind)")
+    name = _DEVICE_KINDS.get(" ".join(device_kind.lower().split()))
+    return name if name in CHIPS else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -178,42 +211,66 @@ def _measure(matmul_n: int, stream_bytes: int, repeats: int) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
-    # Peak: a square float32 matmul, large enough to be compute-bound on any CPU or accelerator.
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((matmul_n, matmul_n), dtype=np.float32))
-    mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    t_mm = _best_seconds(lambda: mm(a).block_until_ready(), repeats)
-    peak = 2.0 * matmul_n**3 / t_mm
+    device = jax.devices()[0]
+    accelerator = device.platform != "cpu"
+    rng = np.random.default_rng(0)
+    # Peak: a square matmul, large enough to be compute-bound on any CPU or accelerator. On an accelerator
+    # float32 is asked for at full precision (GPUs otherwise run TF32), and bf16 runs as a native bf16 dot
+    # with float32 accumulation.
+    a32 = jnp.asarray(rng.standard_normal((matmul_n, matmul_n), dtype=np.float32) / np.sqrt(matmul_n))
+    precision = jax.lax.Precision.HIGHEST if accelerator else None
+    mm = jax.jit(lambda x: jnp.matmul(x, x, precision=precision))
+    mm(a32).block_until_ready()
+    peak = 2.0 * matmul_n**3 / _best_seconds(lambda: mm(a32).block_until_ready(), repeats)
+    peak_bf16 = None
+    if accelerator:
+        a16 = a32.astype(jnp.bfloat16)
+        mm16 = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+        mm16(a16).block_until_ready()
+        peak_bf16 = 2.0 * matmul_n**3 / _best_seconds(lambda: mm16(a16).block_until_ready(), repeats)
 
-    # Bandwidth: a read-only reduction over an array several times the last-level cache.
+    # Bandwidth: a read-only reduction over an array several times the last-level cache (the GPU's L2 or
+    # the TPU's on-chip memory is tens of MB; the array is GiBs).
     n = stream_bytes // 4
-    host = np.ones(n, dtype=np.float32)
-    dev = jnp.asarray(host)
     total = jax.jit(jnp.sum)
-    total(dev).block_until_ready()
-    t_xla = _best_seconds(lambda: total(dev).block_until_ready(), repeats)
-    t_np = _best_seconds(lambda: host.sum(), repeats)
-    bw_xla, bw_np = stream_bytes / t_xla, stream_bytes / t_np
-    return {
+    if accelerator:
+        dev = jnp.ones(n, dtype=jnp.float32)
+        total(dev).block_until_ready()
+        t_xla = _best_seconds(lambda: total(dev).block_until_ready(), repeats)
+        bw_np = 0.0
+    else:
+        host = np.ones(n, dtype=np.float32)
+        dev = jnp.asarray(host)
+        total(dev).block_until_ready()
+        t_xla = _best_seconds(lambda: total(dev).block_until_ready(), repeats)
+        bw_np = stream_bytes / _best_seconds(lambda: host.sum(), repeats)
+    bw_xla = stream_bytes / t_xla
+    kind = getattr(device, "device_kind", "")
+    data = {
         "fp32_matmul_flops": peak,
         "matmul_n": matmul_n,
         "stream_bytes": stream_bytes,
         "bandwidth_xla": bw_xla,
         "bandwidth_numpy": bw_np,
         "bandwidth": max(bw_xla, bw_np),
-        "device": f"{jax.devices()[0].platform}:{getattr(jax.devices()[0], 'device_kind', '')}",
+        "device": f"{device.platform}:{kind}",
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "jax": jax.__version__,
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    if accelerator:
+        data["bf16_matmul_flops"] = peak_bf16
+        data["device_kind"] = kind
+        data["catalogue_entry"] = catalogue_chip(kind)
+    return data
 
 
 def measure_host(
     *,
     refresh: bool = False,
     cache: bool = True,
-    matmul_n: int = 2048,
+    matmul_n: int | None = None,
     stream_bytes: int | None = None,
     repeats: int = 5,
     price_per_hour: float | None = None,
@@ -221,21 +278,39 @@ def measure_host(
 ) -> Chip:
     """Measure (or read from the per-machine cache) this machine's roofline as a `Chip` named "host".
 
-    peak_flops["fp32"] is the best float32 `matmul_n`³ matmul rate through XLA on the default device. On a
-    CPU, "bf16" maps to the same figure: bf16 weights are computed there in float32 blocks, because XLA's
-    bf16 dots on CPU are far slower than float32 ones. bandwidth is the best of an XLA `sum` and a NumPy
-    `sum` over `stream_bytes` (default: 4x the last-level cache, at least 1 GiB), so caches do not flatter it.
-    memory is the physical RAM (CPU) or the device memory reported by JAX.
+    On a CPU: peak_flops["fp32"] is the best float32 `matmul_n`³ matmul rate through XLA (matmul_n default
+    2048), and "bf16" maps to the same figure: bf16 weights are computed there in float32 blocks, because
+    XLA's bf16 dots on CPU are far slower than float32 ones. bandwidth is the best of an XLA `sum` and a
+    NumPy `sum` over `stream_bytes` (default: 4x the last-level cache, at least 1 GiB), so caches do not
+    flatter it. memory is the physical RAM.
+
+    On a GPU or TPU: peak_flops["bf16"] is a native bf16 `matmul_n`³ matmul (float32 accumulation) and
+    peak_flops["fp32"] a float32 one at full precision (`Precision.HIGHEST`: not TF32), matmul_n default
+    8192; bandwidth is an XLA `sum` over `stream_bytes` of device memory (default 4 GiB, at most a quarter of
+    the device's memory), far beyond the GPU's L2 or the TPU's on-chip memory; memory is what JAX reports.
+    The device is recognized with `catalogue_chip` and recorded in `Chip.catalogue_entry`.
+
     `progress`, if given, is told in one line whether the roofline is being measured or read from the cache.
     """
     import jax
 
-    if stream_bytes is None:
-        stream_bytes = max(1 << 30, 4 * _last_level_cache_bytes())
+    device = jax.devices()[0]
+    accelerator = device.platform != "cpu"
+    if matmul_n is None:
+        matmul_n = 8192 if accelerator else 2048
     if matmul_n < 64:
         raise ValueError(f"matmul_n={matmul_n} must be at least 64")
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be at least 1")
+    if accelerator:
+        memory = float((device.memory_stats() or {}).get("bytes_limit", 0.0))
+    else:
+        memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    if stream_bytes is None:
+        if accelerator:
+            stream_bytes = 4 << 30 if memory <= 0 else min(4 << 30, int(memory // 4) >> 20 << 20)
+        else:
+            stream_bytes = max(1 << 30, 4 * _last_level_cache_bytes())
     path = _cache_dir() / f"host-{host_key()}-mm{matmul_n}-stream{stream_bytes >> 20}MiB.json"
     data = None
     if cache and not refresh and path.exists():
@@ -243,6 +318,8 @@ def measure_host(
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             data = None
+        if data is not None and accelerator and data.get("bf16_matmul_flops") is None:
+            data = None  # written before accelerators were measured in bf16
     if data is not None and progress is not None:
         progress(f"this host's roofline: cached, measured {data['measured_at']} ({path})")
     if data is None:
@@ -253,30 +330,42 @@ def measure_host(
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(data, indent=2))
 
-    device = jax.devices()[0]
-    if device.platform == "cpu":
-        memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        peaks = {"fp32": data["fp32_matmul_flops"], "bf16": data["fp32_matmul_flops"]}
-    else:
-        stats = device.memory_stats() or {}
-        memory = float(stats.get("bytes_limit", 0.0))
-        peaks = {"fp32": data["fp32_matmul_flops"]}
     where = f"measured on this machine {data['measured_at']} ({data['cpu']}, {data['cores']} cores)"
+    entry = None
+    if accelerator:
+        peaks = {"fp32": data["fp32_matmul_flops"], "bf16": data["bf16_matmul_flops"]}
+        entry = catalogue_chip(data.get("device_kind", getattr(device, "device_kind", "")))
+        where = f"measured on this device {data['measured_at']} ({data['device']})"
+        flops_source = (
+            f"{where}: bf16 {data['matmul_n']}^3 matmul (float32 accumulation) and float32 at "
+            "Precision.HIGHEST, through XLA"
+        )
+        bw_source = f"{where}: XLA sum over {data['stream_bytes'] / 2**30:.1f} GiB of device memory"
+    else:
+        peaks = {"fp32": data["fp32_matmul_flops"], "bf16": data["fp32_matmul_flops"]}
+        flops_source = (
+            f"{where}: float32 {data['matmul_n']}^3 matmul through XLA; "
+            "bf16 computed in float32 blocks on CPU"
+        )
+        bw_source = (
+            f"{where}: best of XLA sum ({data['bandwidth_xla'] / 1e9:.1f} GB/s) and NumPy sum "
+            f"({data['bandwidth_numpy'] / 1e9:.1f} GB/s) over {data['stream_bytes'] / 2**20:.0f} MiB"
+        )
     sources = {
-        "peak_flops": f"{where}: float32 {data['matmul_n']}^3 matmul through XLA"
-        + ("; bf16 computed in float32 blocks on CPU" if "bf16" in peaks else ""),
-        "bandwidth": f"{where}: best of XLA sum ({data['bandwidth_xla'] / 1e9:.1f} GB/s) and NumPy sum "
-        f"({data['bandwidth_numpy'] / 1e9:.1f} GB/s) over {data['stream_bytes'] / 2**20:.0f} MiB",
-        "memory": "physical memory reported by the OS" if device.platform == "cpu" else "JAX memory_stats",
+        "peak_flops": flops_source,
+        "bandwidth": bw_source,
+        "memory": "JAX memory_stats" if accelerator else "physical memory reported by the OS",
         "price_per_hour": "not known: pass a price for this machine" if price_per_hour is None else "given",
     }
+    recognized = f"; datasheet: {entry}" if entry else ""
     chip = Chip(
         name="host",
-        description=f"this machine ({data['device']}, {data['cpu']})",
+        description=f"this machine ({data['device']}, {data['cpu']}{recognized})",
         peak_flops=MappingProxyType(peaks),
         bandwidth=float(data["bandwidth"]),
         memory=memory,
         price_per_hour=None,
         sources=MappingProxyType(sources),
+        catalogue_entry=entry,
     )
     return chip if price_per_hour is None else chip.with_price(price_per_hour)

@@ -3,9 +3,11 @@
 For a model, batch B and context L, every component of `roofline.tokens.step_components` is run with real
 kernels on the default JAX device, at the shapes of one layer, with random data of the right structure:
 - qkv_proj, o_proj, mlp, lm_head: the layer's matmuls through `kernels.int4_matmul` (int4, group 128),
-  or a float matmul. bf16 weights are stored in bf16 ([N, K], PyTorch's layout) and computed in float32:
-  a fused multiply-reduce per row for up to 8 rows, blocks of K converted to float32 beyond (XLA's bf16
-  dots on the CPU are far slower than float32 ones and would flatter int4); "fp32" stores float32.
+  or a float matmul. bf16 weights are stored in bf16 ([N, K], PyTorch's layout). On a GPU or TPU they run
+  as native bf16 dots (bf16 activations, float32 accumulation), and int4 weights see bf16 activations
+  (W4A16). On the CPU they are computed in float32: a fused multiply-reduce per row for up to 8 rows,
+  blocks of K converted to float32 beyond (XLA's bf16 dots on the CPU are far slower than float32 ones and
+  would flatter int4), with float32 activations; "fp32" stores float32 everywhere.
   The router and lm_head stay in bf16 storage whatever the weight format, as in the analytic model.
 - attention: `kernels.paged_attention` over a paged cache holding L tokens per sequence, on shuffled pages
   (page size 16), KV in the chosen format. MLA (DeepSeek-V3) is measured as one shared kv head of
@@ -13,7 +15,9 @@ kernels on the default JAX device, at the shapes of one layer, with random data 
 - moe_router / moe_experts: a router matmul and `kernels.route`, then `kernels.moe_ffn`, with logits
   drawn like a trained router's (a per-expert popularity offset makes some experts busier than others).
   int4 experts are stacks of Int4Weight (moe_ffn runs them through int4_matmul); for bf16 weights the
-  experts are computed in float32.
+  experts are bf16 on a GPU or TPU and float32 on the CPU.
+Each component's `Measurement.impls` entry names the kernel and the implementation it ran, e.g.
+"int4_matmul[xla]" (what `impl="auto"` picks, from `kernels.registry.auto_impl` where the registry has it).
 Each component is timed with `roofline.timing.time_fn`, rotating copies of its weights so that they come
 from memory, not cache. The step is Σ count × measured time (one layer's time × layers), so a model
 too large for this machine is still measured: only one layer's weights are ever allocated, and the
@@ -104,14 +108,53 @@ def _stack(ws: list) -> Any:
     return jax.tree.map(lambda *a: jnp.stack(a), *ws)
 
 
-def _matmul(x: jax.Array, w: Any) -> jax.Array:
+def _matmul_any(x: jax.Array, w: Any, native_bf16: bool) -> jax.Array:
+    """x [M, K] @ w: an Int4Weight, a bf16 [N, K] (transposed) or a float32 [K, N] matrix."""
     from kernels import int4_matmul
 
     if not isinstance(w, jax.Array):
         return int4_matmul(x, w)
+    if w.dtype == jnp.bfloat16 and native_bf16:
+        return jnp.dot(x.astype(jnp.bfloat16), w.T, preferred_element_type=jnp.float32).astype(x.dtype)
     if w.dtype == jnp.bfloat16:
         return _bf16_matmul(x, w)
-    return x @ w
+    return jnp.matmul(x, w, precision=jax.lax.Precision.HIGHEST)
+
+
+def on_accelerator() -> bool:
+    """Whether the default device is a GPU or TPU (bf16 then runs as native dots)."""
+    return jax.devices()[0].platform != "cpu"
+
+
+def auto_impl_name(op: str) -> str:
+    """The implementation `impl="auto"` runs for `op` on the default backend, or "auto" when the kernels'
+    registry does not say."""
+    try:
+        from kernels.registry import auto_impl
+    except ImportError:
+        return "auto"
+    try:
+        return str(auto_impl(op))
+    except (TypeError, ValueError):
+        return "auto"
+
+
+def component_impls(model: ModelShape, weights: str, native_bf16: bool) -> dict[str, str]:
+    """Per component, the kernel it runs and its implementation, e.g. "int4_matmul[xla]"."""
+    bf16_dot = "dot[xla, bf16]" if native_bf16 else "dot[xla, bf16 in float32 blocks]"
+    dense = {"int4": f"int4_matmul[{auto_impl_name('int4_matmul')}]", "bf16": bf16_dot}.get(
+        weights, "dot[xla, fp32]"
+    )
+    return {
+        "qkv_proj": dense,
+        "attention": f"paged_attention[{auto_impl_name('paged_attention')}]",
+        "o_proj": dense,
+        "mlp": dense,
+        "moe_router": f"{bf16_dot} + route[xla]",
+        "moe_experts": f"moe_ffn[{auto_impl_name('moe_ffn')}]"
+        + (f" + int4_matmul[{auto_impl_name('int4_matmul')}]" if weights == "int4" else ""),
+        "lm_head": bf16_dot,
+    }
 
 
 def _nbytes(tree: Any) -> int:
@@ -144,21 +187,26 @@ def _cases(
     weights: str,
     kv: str,
     rng: np.random.Generator,
+    native_bf16: bool = False,
 ) -> dict[str, Callable[[], Case]]:
     """Builders (called one at a time, so one component's data is alive at once) per component."""
     from kernels import moe_ffn, paged_attention, route
 
     h = model.hidden
-    x = jnp.asarray(rng.standard_normal((batch, h), dtype=np.float32))
+    act = jnp.bfloat16 if native_bf16 and weights != "fp32" else jnp.float32
+
+    def _matmul(a: jax.Array, w: Any) -> jax.Array:
+        return _matmul_any(a, w, native_bf16)
+
+    def activations(*shape: int) -> jax.Array:
+        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32), act)
+
+    x = activations(batch, h)
     shapes = model.linear_shapes()
 
     def qkv() -> Case:
         ws = [_make_weight(k, n, weights, rng) for name, (k, n) in shapes.items() if name != "o"]
-        xs = tuple(
-            jnp.asarray(rng.standard_normal((batch, k), dtype=np.float32))
-            for name, (k, _) in shapes.items()
-            if name != "o"
-        )
+        xs = tuple(activations(batch, k) for name, (k, _) in shapes.items() if name != "o")
         return Case(jax.jit(lambda ws, *xs: [_matmul(a, w) for a, w in zip(xs, ws, strict=True)]), ws, xs)
 
     def o_proj() -> Case:
@@ -166,7 +214,7 @@ def _cases(
         return Case(
             jax.jit(lambda w, a: _matmul(a, w)),
             _make_weight(k, n, weights, rng),
-            (jnp.asarray(rng.standard_normal((batch, k), dtype=np.float32)),),
+            (activations(batch, k),),
         )
 
     def mlp() -> Case:
@@ -229,7 +277,7 @@ def _cases(
 
     def moe_experts() -> Case:
         e, f = model.experts + model.shared_experts, model.moe_ffn
-        per_weight = 0.52 if weights == "int4" else 4.0
+        per_weight = 0.52 if weights == "int4" else 2.0 if act == jnp.bfloat16 else 4.0
         need = 3 * e * h * f * per_weight
         if need > MAX_COMPONENT_BYTES:
             raise ValueError(
@@ -242,8 +290,9 @@ def _cases(
                 for k, n in ((h, f), (h, f), (f, h))
             )
         else:
+            expert_dtype = act if weights == "bf16" else jnp.float32
             ws = tuple(
-                jnp.asarray(rng.standard_normal(s, dtype=np.float32) / math.sqrt(s[1]))
+                jnp.asarray(rng.standard_normal(s, dtype=np.float32) / math.sqrt(s[1]), expert_dtype)
                 for s in ((e, h, f), (e, h, f), (e, f, h))
             )
         logits = router_logits(x, _make_weight(h, model.experts, "bf16", rng), popularity)
@@ -278,6 +327,7 @@ class Measurement:
     measured_s: dict[str, float]  # per occurrence, on this device
     fits: bool  # whether the whole model (weights + KV) fits this device's memory
     notes: tuple[str, ...]
+    impls: dict[str, str]  # per component, the kernel and implementation it ran, e.g. "int4_matmul[xla]"
 
 
 def measure_step(
@@ -291,17 +341,22 @@ def measure_step(
     min_time_s: float = 0.2,
     seed: int = 0,
     progress: bool = True,
+    native_bf16: bool | None = None,
 ) -> Measurement:
     """Time every component of one decode step of `model` on the default device and price the step.
 
     `chip` is the device's roofline (normally `measure_host()`), used for the bounds, fractions and price.
+    `native_bf16`: run bf16 weights as native bf16 dots with bf16 activations (default: on a GPU or TPU;
+    the CPU computes them in float32 blocks).
     """
+    if native_bf16 is None:
+        native_bf16 = on_accelerator()
     if weights not in MEASURE_WEIGHTS:
         raise ValueError(f"unknown weights={weights!r}; valid choices: {', '.join(MEASURE_WEIGHTS)}")
     comps = step_components(model, batch=batch, context=context, weights=weights, kv=kv)
     names = [c.name for c in comps]
     rng = np.random.default_rng(seed)
-    builders = _cases(model, batch, context, weights, kv, rng)
+    builders = _cases(model, batch, context, weights, kv, rng, native_bf16)
     measured = {}
     for i, name in enumerate(names):
         if progress:
@@ -336,6 +391,13 @@ def measure_step(
         )
     if model.is_mla:
         notes.append("MLA attention measured as one kv head of kv_lora_rank + rope dims, values included")
-    if model.is_moe and weights == "bf16":
+    if model.is_moe and weights == "bf16" and not native_bf16:
         notes.append("MoE experts measured with float32 weights (2x the bytes of bf16)")
-    return Measurement(estimate=est, measured_s=measured, fits=fits, notes=tuple(notes))
+    impls = component_impls(model, weights, native_bf16)
+    return Measurement(
+        estimate=est,
+        measured_s=measured,
+        fits=fits,
+        notes=tuple(notes),
+        impls={name: impls[name] for name in names},
+    )

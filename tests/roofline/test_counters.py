@@ -7,6 +7,15 @@ from roofline.counters import _normalize_cost_analysis, dtype_name, itemsize
 from roofline.hardware import Chip
 from tests.tolerances import COST_BYTES_RTOL, COST_FLOPS_RTOL
 
+# The analytic counts are checked against XLA's cost analysis where its counting rules are known: the CPU
+# compiler's. On GPU and TPU XLA counts fused and tiled programs differently (an H200 gave ratios of
+# 0.29-0.41 for a plain matmul), so the comparison would test XLA, not the model.
+xla_cpu_cost_rules = pytest.mark.skipif(
+    jax.default_backend() != "cpu",
+    reason=f"XLA's cost analysis on {jax.default_backend()} counts differently from the CPU's, whose "
+    "counting rules these cross-checks rely on",
+)
+
 CHIP = Chip(
     "toy", "toy", {"bf16": 100.0, "fp32": 50.0}, bandwidth=10.0, memory=1e9, price_per_hour=1.0, sources={}
 )
@@ -43,6 +52,7 @@ def test_attention_cost_rejects_bad_heads():
         attention_cost(1, 6, 4, 1, 8, 16)
 
 
+@xla_cpu_cost_rules
 @pytest.mark.parametrize("m,k,n", [(1, 1024, 512), (64, 512, 256), (128, 256, 1024)])
 def test_matmul_matches_xla(m, k, n):
     x = jax.ShapeDtypeStruct((m, k), jnp.float32)
@@ -59,6 +69,7 @@ def _dense_attention(q, k, v):
     return jnp.einsum("bkgqs,bksd->bkgqd", jax.nn.softmax(s, axis=-1), v)
 
 
+@xla_cpu_cost_rules
 @pytest.mark.parametrize("b,h,kv,lk,d", [(2, 8, 8, 1024, 128), (4, 8, 8, 512, 128), (2, 8, 4, 1024, 128)])
 def test_decode_attention_matches_xla(b, h, kv, lk, d):
     q = jax.ShapeDtypeStruct((b, kv, h // kv, 1, d), jnp.float32)
@@ -69,6 +80,7 @@ def test_decode_attention_matches_xla(b, h, kv, lk, d):
     assert cmp.bytes_ratio == pytest.approx(1.0, rel=COST_BYTES_RTOL)
 
 
+@xla_cpu_cost_rules
 def test_prefill_attention_flops_match_and_xla_bytes_include_scores():
     b, h, kv, lq, d = 1, 4, 4, 256, 64
     q = jax.ShapeDtypeStruct((b, kv, h // kv, lq, d), jnp.float32)
@@ -99,6 +111,7 @@ def test_cost_analysis_normalization_handles_both_shapes():
     assert _normalize_cost_analysis([]) is None and _normalize_cost_analysis(None) is None
 
 
+@xla_cpu_cost_rules
 def test_xla_cost_counts_a_loop_body_once():
     x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
 

@@ -1,6 +1,7 @@
+import jax
 import pytest
 
-from roofline import CHIPS, get_chip
+from roofline import CHIPS, catalogue_chip, get_chip
 from roofline.hardware import DTYPES, measure_host
 
 REQUIRED_CHIPS = ("h100-sxm", "h200", "a100-80gb", "l4", "mi300x", "tpu-v5e", "tpu-v5p", "tpu-v6e")
@@ -83,3 +84,76 @@ def test_memory_matches_the_number_and_unit_in_its_source(name):
     number, unit = found[0]
     expected = float(number.replace(",", "")) * (2**30 if unit == "GiB" else 1e9)
     assert CHIPS[name].memory == expected
+
+
+@pytest.mark.parametrize(
+    "device_kind,name",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100-sxm"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+        ("NVIDIA L4", "l4"),
+        ("TPU v5 lite", "tpu-v5e"),
+        ("TPU v5", "tpu-v5p"),
+        ("TPU v6 lite", "tpu-v6e"),
+        ("AMD Instinct MI300X", "mi300x"),
+        # Case and spacing do not matter.
+        ("nvidia h100 80gb hbm3", "h100-sxm"),
+        ("NVIDIA  H200 ", "h200"),
+        ("tpu V5 LITE", "tpu-v5e"),
+    ],
+)
+def test_catalogue_chip_recognizes_each_device_kind(device_kind, name):
+    assert catalogue_chip(device_kind) == name
+
+
+@pytest.mark.parametrize(
+    "device_kind",
+    [
+        # Variants with other memory or bandwidth than the catalogue entry they resemble.
+        "NVIDIA H100 PCIe",
+        "NVIDIA H100 NVL",
+        "NVIDIA H100 80GB HBM3e",
+        "NVIDIA H200 NVL",
+        "NVIDIA GH200 480GB",
+        "NVIDIA A100-SXM4-40GB",
+        "NVIDIA A100-PCIE-40GB",
+        "NVIDIA A100 80GB PCIe",
+        "NVIDIA L40S",
+        "AMD Instinct MI300A",
+        "AMD Instinct MI325X",
+        "TPU v4",
+        "TPU v5p lite",
+        "TPU v6",
+        # Unknown devices and the CPU.
+        "cpu",
+        "",
+        "Tesla T4",
+    ],
+)
+def test_catalogue_chip_never_maps_a_look_alike(device_kind):
+    assert catalogue_chip(device_kind) is None
+
+
+def test_catalogue_chip_rejects_a_non_string():
+    with pytest.raises(ValueError, match="device_kind=None must be a string"):
+        catalogue_chip(None)
+
+
+def test_measure_host_on_cpu_has_no_catalogue_entry(host_chip):
+    assert host_chip.catalogue_entry is None
+    assert host_chip.peak("bf16") == host_chip.peak("fp32")  # bf16 runs as float32 blocks on the CPU
+
+
+@pytest.mark.skipif(jax.default_backend() == "cpu", reason="needs a GPU or TPU")
+def test_measure_host_on_an_accelerator_measures_bf16_and_recognizes_the_chip(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENLAB_CACHE", str(tmp_path))
+    chip = measure_host(repeats=3)
+    kind = jax.devices()[0].device_kind
+    assert chip.catalogue_entry == catalogue_chip(kind)
+    assert chip.peak("bf16") > chip.peak("fp32")  # native bf16 dots, fp32 at full precision
+    if chip.catalogue_entry is not None:
+        sheet = CHIPS[chip.catalogue_entry]
+        # Measured roofs land below the datasheet's and within an order of magnitude of it.
+        assert 0.1 * sheet.bandwidth < chip.bandwidth <= 1.05 * sheet.bandwidth
+        assert 0.1 * sheet.peak("bf16") < chip.peak("bf16") <= 1.05 * sheet.peak("bf16")

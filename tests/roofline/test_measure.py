@@ -116,3 +116,66 @@ def test_measure_cli_json(tmp_path, capsys, monkeypatch):
 def test_measure_cli_rejects_unknown_weights(capsys):
     assert main(["measure", "--weights", "int8", "--out", ""]) == 2
     assert "valid choices: fp32, bf16, int4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int4"])
+def test_native_bf16_path_runs_and_names_each_components_implementation(weights):
+    """The accelerator path (native bf16 dots, bf16 activations), run here at tiny shapes."""
+    m = measure_step(
+        TINY_MOE, CHIP, batch=2, context=32, weights=weights, min_time_s=0.0, progress=False, native_bf16=True
+    )
+    assert set(m.impls) == {c.name for c in m.estimate.components}
+    assert m.impls["lm_head"] == "dot[xla, bf16]"
+    assert m.impls["attention"].startswith("paged_attention[")
+    assert m.impls["moe_experts"].startswith("moe_ffn[")
+    if weights == "int4":
+        assert m.impls["qkv_proj"].startswith("int4_matmul[")
+    else:
+        assert m.impls["qkv_proj"] == "dot[xla, bf16]"
+        assert not any("float32 weights" in n for n in m.notes)
+
+
+def test_cpu_path_names_the_float32_workaround():
+    m = measure_step(TINY, CHIP, batch=1, context=16, weights="bf16", min_time_s=0.0, progress=False)
+    assert m.impls["mlp"] == "dot[xla, bf16 in float32 blocks]"
+
+
+def test_native_bf16_dot_and_the_cpu_workaround_match_the_numpy_product():
+    import jax.numpy as jnp
+    import numpy as np
+
+    from roofline.measure import _matmul_any
+    from tests.tolerances import normalized_error, tolerance
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 256), dtype=np.float32))
+    w_t = jnp.asarray(rng.standard_normal((64, 256), dtype=np.float32), jnp.bfloat16)
+    expected = np.asarray(x, np.float64) @ np.asarray(w_t, np.float64).T
+    for native in (True, False):
+        got = _matmul_any(x, w_t, native)
+        assert got.dtype == jnp.float32
+        assert normalized_error(got, expected) < tolerance("bfloat16").nerr
+
+
+def test_measure_cli_reports_the_datasheet_fraction_of_a_recognized_chip(capsys, monkeypatch):
+    import dataclasses
+
+    import roofline.__main__ as cli
+    from roofline import CHIPS
+
+    recognized = dataclasses.replace(CHIP, catalogue_entry="h200")
+    monkeypatch.setattr(cli, "measure_host", lambda **kw: recognized)
+    monkeypatch.setattr(cli, "get_model", lambda name: TINY)
+    args = ["measure", "--batch", "1", "--context", "32", "--min-time", "0.001", "--out", ""]
+    assert main([*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["datasheet_chip"] == "h200"
+    for c in report["runs"][0]["components"]:
+        assert c["impl"]
+        expected = c["datasheet_bound_s"] / c["measured_s"]
+        assert c["fraction_of_datasheet"] == pytest.approx(expected)
+        assert c["datasheet_bound_s"] < c["bound_s"]  # the H200's roof is far above the toy chip's
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "of h200" in text and "implementation" in text and "int4_matmul[" in text
+    assert CHIPS["h200"].bandwidth > CHIP.bandwidth
