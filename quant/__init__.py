@@ -29,6 +29,7 @@ from quant.checkpoints import (
     validate_format,
 )
 from quant.format import (
+    SCALE_DTYPES,
     SUPPORTED_BITS,
     Int4Weight,
     codes_per_byte,
@@ -52,12 +53,21 @@ from quant.gptq import (
     validate_gptq_inputs,
     validate_hessian,
 )
-from quant.rtn import grid_params, quantize_codes, quantize_rtn, rtn_reference, validate_quantize_inputs
+from quant.rtn import (
+    grid_params,
+    quantize_codes,
+    quantize_rtn,
+    round_scale,
+    rtn_reference,
+    validate_quantize_inputs,
+    validate_scale_dtype,
+)
 
 __all__ = [
     "AWQ_ORDER",
     "FORMATS",
     "GPTQ_FORMATS",
+    "SCALE_DTYPES",
     "SUPPORTED_BITS",
     "HessianAccumulator",
     "Int4Weight",
@@ -82,6 +92,7 @@ __all__ = [
     "perm_from_g_idx",
     "quantize_codes",
     "quantize_rtn",
+    "round_scale",
     "rtn_reference",
     "save_checkpoint",
     "symmetric_zero",
@@ -98,4 +109,5 @@ __all__ = [
     "validate_hessian",
     "validate_int4_weight_inputs",
     "validate_quantize_inputs",
+    "validate_scale_dtype",
 ]

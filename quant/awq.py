@@ -23,6 +23,12 @@ This is exactly `Int4Weight`'s `act_scales` convention, so `dequantize()` return
    the shrunk range clip to the end codes. `c = 1` is no clipping; ties keep the larger range.
 3. Codes, scales and zeros are those of `quant.rtn`'s min-max grid on `W · s` (shrunk where clipped).
 
+Every grid, in the searches too, has its scale rounded up to `scale_dtype` (float16 by default, as the
+AutoAWQ layout stores it; see `quant.rtn`) before its zero point and codes are chosen, so the candidates
+are scored on the weight a checkpoint would hold. The activation scales `s` stay float32: no upstream
+layout stores them (they are folded into the producing norm or linear first), and the lab's own format
+keeps them as they are.
+
 Channels whose mean |x| is below `1e-4 ×` the largest are raised to that floor before the power, so a
 channel that is all zeros never produces a zero, NaN or infinite scale (the reference clamps `m^α` at an
 absolute 1e-4); an all-zero calibration set gives `s = 1`.
@@ -62,7 +68,13 @@ import numpy as np
 from jax import lax
 
 from quant.format import Int4Weight, validate_bits
-from quant.rtn import grid_params, quantize_codes, validate_quantize_inputs
+from quant.rtn import (
+    check_scales_fit,
+    grid_params,
+    quantize_codes,
+    validate_quantize_inputs,
+    validate_scale_dtype,
+)
 
 # Channels with a mean |x| below this fraction of the largest are raised to it before the power:
 # the scales stay finite and nonzero, and a dead channel cannot dominate the normalization.
@@ -110,14 +122,14 @@ def awq_act_scales(x_mean: Any, alpha: float) -> Any:
     return s / xp.sqrt(xp.max(s) * xp.min(s))
 
 
-def _fake_quant(W, *, bits, gs, sym, shrink=None):
+def _fake_quant(W, *, bits, gs, sym, scale_dtype, shrink=None):
     """Min-max-grid quantize-dequantize of `W: [K, N]` per (group, column); optional shrink `[G, N]`."""
     k, n = W.shape
     g = W.reshape(k // gs, gs, n)
     lo, hi = g.min(axis=1), g.max(axis=1)
     if shrink is not None:
         lo, hi = lo * shrink, hi * shrink
-    scale, zero = grid_params(lo, hi, bits=bits, sym=sym)
+    scale, zero = grid_params(lo, hi, bits=bits, sym=sym, scale_dtype=scale_dtype)
     q = quantize_codes(g, scale[:, None, :], zero[:, None, :], bits=bits)
     return (scale[:, None, :] * (q - zero[:, None, :])).reshape(k, n), q.reshape(k, n), scale, zero
 
@@ -127,22 +139,25 @@ def _shrinks(grid: int, clip: bool) -> np.ndarray:
     return 1.0 - np.arange(steps) / grid
 
 
-@partial(jax.jit, static_argnames=("bits", "gs", "sym", "grid"))
-def _search_scales(W, H, x_mean, *, bits, gs, sym, grid):
+@partial(jax.jit, static_argnames=("bits", "gs", "sym", "grid", "scale_dtype"))
+def _search_scales(W, H, x_mean, *, bits, gs, sym, grid, scale_dtype):
     """Step 1: the best `s: [K]` and the output error of every candidate `[A]`."""
     alphas = jnp.arange(grid, dtype=jnp.float32) / grid
 
     def loss(alpha):
         s = awq_act_scales(x_mean, alpha)
-        D = W - _fake_quant(W * s[:, None], bits=bits, gs=gs, sym=sym)[0] / s[:, None]
+        D = (
+            W
+            - _fake_quant(W * s[:, None], bits=bits, gs=gs, sym=sym, scale_dtype=scale_dtype)[0] / s[:, None]
+        )
         return jnp.sum(D * (H @ D))
 
     losses = lax.map(loss, alphas)
     return awq_act_scales(x_mean, alphas[jnp.argmin(losses)]), losses
 
 
-@partial(jax.jit, static_argnames=("bits", "gs", "sym"))
-def _clip_and_quantize(W, H, s, shrinks, *, bits, gs, sym):
+@partial(jax.jit, static_argnames=("bits", "gs", "sym", "scale_dtype"))
+def _clip_and_quantize(W, H, s, shrinks, *, bits, gs, sym, scale_dtype):
     """Steps 2-3 on `W · s`: codes `[K, N]`, scales and zeros `[G, N]`."""
     k, n = W.shape
     G = k // gs
@@ -153,13 +168,15 @@ def _clip_and_quantize(W, H, s, shrinks, *, bits, gs, sym):
     Wg = Ws.reshape(G, gs, n)
 
     def group_errors(c):
-        deq = _fake_quant(Ws, bits=bits, gs=gs, sym=sym, shrink=jnp.full((G, n), c))[0]
+        deq = _fake_quant(Ws, bits=bits, gs=gs, sym=sym, scale_dtype=scale_dtype, shrink=jnp.full((G, n), c))[
+            0
+        ]
         D = Wg - deq.reshape(G, gs, n)
         return jnp.einsum("gkn,gkl,gln->gn", D, Hg, D)
 
     errs = lax.map(group_errors, shrinks)  # [C, G, N]; argmin keeps the first (largest range) on ties
     best = shrinks[jnp.argmin(errs, axis=0)]
-    _, q, scale, zero = _fake_quant(Ws, bits=bits, gs=gs, sym=sym, shrink=best)
+    _, q, scale, zero = _fake_quant(Ws, bits=bits, gs=gs, sym=sym, scale_dtype=scale_dtype, shrink=best)
     return q.astype(jnp.uint8), scale, zero.astype(jnp.uint8)
 
 
@@ -173,10 +190,10 @@ def _stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.mean(jnp.abs(x), axis=0), (x.T @ x) / x.shape[0]
 
 
-def _to_weight(codes, scale, zero, s, *, bits, gs, sym) -> Int4Weight:
+def _to_weight(codes, scale, zero, s, *, bits, gs, sym, scale_dtype) -> Int4Weight:
     return Int4Weight.from_codes(
         np.asarray(codes),
-        np.asarray(scale, np.float32),
+        np.asarray(scale).astype(scale_dtype),
         None if sym else np.asarray(zero),
         bits=bits,
         group_size=gs,
@@ -184,24 +201,32 @@ def _to_weight(codes, scale, zero, s, *, bits, gs, sym) -> Int4Weight:
     )
 
 
-def _awq(ws: Sequence[Any], x: Any, *, bits, group_size, grid, clip, sym) -> list[Int4Weight]:
+def _awq(ws: Sequence[Any], x: Any, *, bits, group_size, grid, clip, sym, scale_dtype) -> list[Int4Weight]:
     names = ["w"] if len(ws) == 1 else [f"ws[{i}]" for i in range(len(ws))]
     shapes = [validate_awq_inputs(w, x, bits=bits, group_size=group_size, grid=grid, name=nm)
               for w, nm in zip(ws, names, strict=True)]  # fmt: skip
     bits = validate_bits(bits)
+    sd = validate_scale_dtype(scale_dtype)
     gs = shapes[0][2]
     widths = [int(w.shape[1]) for w in ws]
     # Shared scales: the concatenated output error is the sum of the layers' errors, and the grid is
     # per (group, column), so quantizing the concatenation quantizes each layer.
     W = jnp.concatenate([jnp.asarray(w, jnp.float32) for w in ws], axis=1)
     x_mean, H = _stats(_rows(x))
-    s, _ = _search_scales(W, H, x_mean, bits=bits, gs=gs, sym=bool(sym), grid=int(grid))
+    s, _ = _search_scales(W, H, x_mean, bits=bits, gs=gs, sym=bool(sym), grid=int(grid), scale_dtype=sd.name)
     shrinks = jnp.asarray(_shrinks(int(grid), bool(clip)), jnp.float32)
-    codes, scale, zero = _clip_and_quantize(W, H, s, shrinks, bits=bits, gs=gs, sym=bool(sym))
+    codes, scale, zero = _clip_and_quantize(
+        W, H, s, shrinks, bits=bits, gs=gs, sym=bool(sym), scale_dtype=sd.name
+    )
+    check_scales_fit(scale, sd, name=names[0] if len(ws) == 1 else "ws")
     out, c0 = [], 0
     for width in widths:
         cols = slice(c0, c0 + width)
-        out.append(_to_weight(codes[:, cols], scale[:, cols], zero[:, cols], s, bits=bits, gs=gs, sym=sym))
+        out.append(
+            _to_weight(
+                codes[:, cols], scale[:, cols], zero[:, cols], s, bits=bits, gs=gs, sym=sym, scale_dtype=sd
+            )
+        )
         c0 += width
     return out
 
@@ -215,14 +240,19 @@ def awq_quantize(
     grid: int = 20,
     clip: bool = True,
     sym: bool = False,
+    scale_dtype: Any = np.float16,
 ) -> Int4Weight:
     """AWQ-quantize `w: [K, N] float` (in, out) with calibration activations `x: [n, K]` (or `[..., K]`).
 
     Returns an Int4Weight whose `act_scales: [K] float32` hold the searched `s` (so `dequantize()` is
     `Q(W · s) / s`). `group_size=-1` is per-channel; `grid` candidate exponents α = i / grid; `clip`
-    also searches a per-(group, column) range shrink. Float32 throughout.
+    also searches a per-(group, column) range shrink. Float32 throughout; the group scales are rounded up
+    to `scale_dtype` (float16, as AutoAWQ checkpoints store them, or float32) before codes are chosen, in
+    the searches too, and returned in that dtype.
     """
-    return _awq([w], x, bits=bits, group_size=group_size, grid=grid, clip=clip, sym=sym)[0]
+    return _awq(
+        [w], x, bits=bits, group_size=group_size, grid=grid, clip=clip, sym=sym, scale_dtype=scale_dtype
+    )[0]
 
 
 def awq_quantize_shared(
@@ -234,16 +264,19 @@ def awq_quantize_shared(
     grid: int = 20,
     clip: bool = True,
     sym: bool = False,
+    scale_dtype: Any = np.float16,
 ) -> list[Int4Weight]:
     """AWQ for layers that read the same input `x: [n, K]` (q, k, v): one `s` for all of `ws: [K, N_i]`.
 
     The scale search scores the sum of the layers' output errors; the clip search stays per (group,
     column) of each layer. Every returned weight carries the same `act_scales`, ready for
-    `fold_scales_into_norm`.
+    `fold_scales_into_norm`. `scale_dtype` as in `awq_quantize`.
     """
     if isinstance(ws, np.ndarray | jax.Array) or len(ws) == 0:
         raise ValueError(f"ws must be a non-empty sequence of [K, N] weights, got {type(ws).__name__}")
-    return _awq(list(ws), x, bits=bits, group_size=group_size, grid=grid, clip=clip, sym=sym)
+    return _awq(
+        list(ws), x, bits=bits, group_size=group_size, grid=grid, clip=clip, sym=sym, scale_dtype=scale_dtype
+    )
 
 
 # -- folding the scales into the op that produces the activations ----------------------------------------
@@ -301,7 +334,8 @@ def fold_scales_into_linear(
 
     Valid when the path from the producer's output to `qws`' input is linear per channel (BERT's value
     projection -> softmax(QKᵀ)·V -> attention-output). Returns `(producer', bias', weights without
-    act_scales)`.
+    act_scales)`. The producer's new scales are float32 whatever its scales were: a float16 quotient would
+    round, and the fold would no longer be exact. Saving it in a float16 layout rounds them (with a warning).
     """
     s = _shared_scales(qws, "qws")
     n = producer.shape[1]
@@ -329,8 +363,8 @@ def fold_scales_into_linear(
 # -- the plain NumPy path --------------------------------------------------------------------------------
 
 
-def _np_fake_quant(w: np.ndarray, lo: float, hi: float, bits: int, sym: bool):
-    scale, zero = grid_params(np.array(lo), np.array(hi), bits=bits, sym=sym)
+def _np_fake_quant(w: np.ndarray, lo: float, hi: float, bits: int, sym: bool, scale_dtype):
+    scale, zero = grid_params(np.array(lo), np.array(hi), bits=bits, sym=sym, scale_dtype=scale_dtype)
     q = quantize_codes(w, scale, zero, bits=bits)
     return scale * (q - zero), q, float(scale), float(zero)
 
@@ -344,12 +378,15 @@ def awq_reference(
     grid: int = 20,
     clip: bool = True,
     sym: bool = False,
+    scale_dtype: Any = np.float16,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Plain NumPy float64 AWQ (steps 1-3, one candidate, group and column at a time), scoring on `x`.
 
-    Returns `(codes [K, N] int64, scales [G, N], zeros [G, N], act_scales [K])`.
+    Returns `(codes [K, N] int64, scales [G, N], zeros [G, N], act_scales [K])`; the scales hold values of
+    `scale_dtype`, rounded up before the codes are chosen.
     """
     k, n, gs = validate_awq_inputs(w, x, bits=bits, group_size=group_size, grid=grid)
+    sd = validate_scale_dtype(scale_dtype)
     W = np.asarray(w, np.float64)
     X = np.asarray(x, np.float64).reshape(-1, k)
     x_mean = np.abs(X).mean(axis=0)
@@ -362,7 +399,7 @@ def awq_reference(
         for g0 in range(0, k, gs):
             for col in range(n):
                 blk = Ws[g0 : g0 + gs, col]
-                Wq[g0 : g0 + gs, col] = _np_fake_quant(blk, blk.min(), blk.max(), bits, sym)[0]
+                Wq[g0 : g0 + gs, col] = _np_fake_quant(blk, blk.min(), blk.max(), bits, sym, sd)[0]
         err = np.sum((Y - (X / s) @ Wq) ** 2)
         if err < best[0]:
             best = (err, s)
@@ -377,9 +414,10 @@ def awq_reference(
             target = Xs[:, rows] @ blk
             chosen = None
             for c in _shrinks(grid, clip):
-                deq, q, sc, z = _np_fake_quant(blk, blk.min() * c, blk.max() * c, bits, sym)
+                deq, q, sc, z = _np_fake_quant(blk, blk.min() * c, blk.max() * c, bits, sym, sd)
                 err = np.sum((target - Xs[:, rows] @ deq) ** 2)
                 if chosen is None or err < chosen[0]:
                     chosen = (err, q, sc, z)
             _, codes[rows, col], scales[gi, col], zeros[gi, col] = chosen
+    check_scales_fit(scales, sd)
     return codes, scales, zeros, s

@@ -63,6 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+# Dtypes the quantizers round scales to: float16 (the AutoGPTQ, GPTQModel and AutoAWQ layouts) or float32.
+SCALE_DTYPES = ("float16", "float32")
 # Bits per stored field: 3-bit codes live in a 4-bit container so they share the INT4 layout.
 _FIELD_WIDTH = {2: 2, 3: 4, 4: 4, 8: 8}
 

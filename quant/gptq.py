@@ -16,7 +16,9 @@ factor `Hinv = chol(H⁻¹)ᵀ`:
 
 The steps, in the reference's order (the quirks are kept so that codes match it):
 1. Per-channel grids (`group_size` = K or -1) are found from the original W, before step 2.
-2. Dead channels: where H[i, i] == 0, set H[i, i] = 1 and zero row i of W (it quantizes to 0).
+2. Dead channels: where H[i, i] == 0, set H[i, i] = 1 and zero row i of W (it quantizes to 0). A
+   channel is dead when no calibration input reached it; one warning says how many are. A Hessian whose
+   channels are all dead (all zero: no calibration data was added) is an error, not an all-zero weight.
 3. `static_groups`: every group's grid is found now, from W in input order.
 4. `act_order`: rows are processed in order of decreasing H[i, i] (a stable sort here; the reference's
    `torch.argsort` is not stable, so ties among equal diagonals may be ordered differently there).
@@ -35,6 +37,10 @@ sub-blocks of 16 rows, rows); the trailing update after a block is a full-height
 triangular Hinv zeroes the rows already done), which keeps one compiled shape for every block.
 `gptq_reference` is the plain NumPy version of the same steps (float64 by default).
 
+Every grid's scale is rounded up to `scale_dtype` (float16 by default, as checkpoints store it; see
+`quant.rtn`) as soon as the grid is found, before its zero point and before any row is quantized on it,
+so the error that GPTQ propagates is the error of the weight a checkpoint holds.
+
 Axes: `K` input features (the rows of W, the reference's columns), `N` output features, `n` calibration
 samples, `G = K / group_size`, `B = block_size`.
 """
@@ -52,7 +58,13 @@ import numpy as np
 from jax import lax
 
 from quant.format import Int4Weight, max_code, validate_bits
-from quant.rtn import grid_params, quantize_codes, validate_quantize_inputs
+from quant.rtn import (
+    check_scales_fit,
+    grid_params,
+    quantize_codes,
+    validate_quantize_inputs,
+    validate_scale_dtype,
+)
 
 # Sub-block height inside a GPTQ block: the row-by-row updates then touch a [16, N] slab that stays in
 # L1/L2, and the rest of the block is updated by one small matmul per sub-block.
@@ -65,7 +77,11 @@ _MAX_DAMP = 1e4
 
 
 def validate_hessian(H: Any, k: int, *, name: str = "H") -> None:
-    """H must be a finite, square `[K, K]` float matrix matching the weight's K."""
+    """H must be a finite, square `[K, K]` float matrix matching the weight's K, with calibration data in it.
+
+    An all-zero diagonal (every channel dead: `HessianAccumulator(K).H` before any `.add()`) is an error:
+    GPTQ would quietly return an all-zero weight.
+    """
     shape = getattr(H, "shape", None)
     if shape is None or len(shape) != 2 or shape[0] != shape[1]:
         raise ValueError(f"{name} must be a square [K, K] matrix, got shape {shape}")
@@ -73,8 +89,17 @@ def validate_hessian(H: Any, k: int, *, name: str = "H") -> None:
         raise ValueError(f"{name} has shape {tuple(shape)} but the weight has K={k} input features")
     if not jnp.issubdtype(H.dtype, jnp.floating):
         raise ValueError(f"{name} must be floating point, got dtype {H.dtype}")
-    if not np.all(np.isfinite(np.asarray(H))):
-        raise ValueError(f"{name} contains NaN or Inf")
+    h = np.asarray(H)
+    if not np.all(np.isfinite(h)):
+        raise ValueError(
+            f"{name} contains NaN or Inf: it is not the Hessian of finite calibration data (hessian() and "
+            "HessianAccumulator.add() refuse NaN/Inf inputs; was it built another way, or did it overflow?)"
+        )
+    if k and not np.any(np.diag(h)):
+        raise ValueError(
+            f"{name} is all zero on its diagonal (every input channel is dead): no calibration data was "
+            "added. Pass hessian(x) of the layer's inputs, or call HessianAccumulator.add(x) before using .H"
+        )
 
 
 def validate_gptq_inputs(
@@ -155,24 +180,31 @@ class HessianAccumulator:
 # -- shared preparation (steps 1-4) --------------------------------------------------------------------
 
 
-def _group_grid(W: np.ndarray, gs: int, bits: int, sym: bool) -> tuple[np.ndarray, np.ndarray]:
+def _group_grid(W: np.ndarray, gs: int, bits: int, sym: bool, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
     g = W.reshape(W.shape[0] // gs, gs, W.shape[1])
-    return grid_params(g.min(axis=1), g.max(axis=1), bits=bits, sym=sym)
+    return grid_params(g.min(axis=1), g.max(axis=1), bits=bits, sym=sym, scale_dtype=scale_dtype)
 
 
-def _prepare(w, H, *, gs, bits, sym, act_order, static_groups, dtype):
+def _prepare(w, H, *, gs, bits, sym, act_order, static_groups, dtype, scale_dtype):
     """Steps 1-4 on host arrays. Returns W, H (permuted), perm, fixed grid table and row->table map."""
     W = np.array(w, dtype=dtype)
     H = np.array(H, dtype=dtype)
     k = W.shape[0]
     table = None
     if gs == k:
-        table = _group_grid(W, k, bits, sym)
+        table = _group_grid(W, k, bits, sym, scale_dtype)
     dead = np.diag(H) == 0
+    if np.any(dead):
+        warnings.warn(
+            f"GPTQ: {int(dead.sum())} of {k} input channels are dead (H[i, i] == 0: no calibration input "
+            "reached them); their weights quantize to 0, as in the reference GPTQ",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     H[dead, dead] = 1
     W[dead, :] = 0
     if static_groups and gs != k:
-        table = _group_grid(W, gs, bits, sym)
+        table = _group_grid(W, gs, bits, sym, scale_dtype)
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(k)
     if act_order:
         W = W[perm]
@@ -182,7 +214,7 @@ def _prepare(w, H, *, gs, bits, sym, act_order, static_groups, dtype):
     return W, H, perm, table, row_group
 
 
-def _finish(codes_proc, scales, zeros, perm, *, gs, bits, sym, dynamic) -> Int4Weight:
+def _finish(codes_proc, scales, zeros, perm, *, gs, bits, sym, dynamic, scale_dtype) -> Int4Weight:
     """Back to input order: codes, the group of each channel, and the canonical stored order."""
     k = codes_proc.shape[0]
     codes = np.empty_like(codes_proc)
@@ -192,7 +224,7 @@ def _finish(codes_proc, scales, zeros, perm, *, gs, bits, sym, dynamic) -> Int4W
     g_idx[perm] = (np.arange(k) // gs) if dynamic else (perm // gs)
     zeros = None if sym else np.asarray(zeros).astype(np.uint8)
     return Int4Weight.from_codes(
-        codes, np.asarray(scales, np.float32), zeros, bits=bits, group_size=gs, g_idx=g_idx
+        codes, np.asarray(scales).astype(scale_dtype), zeros, bits=bits, group_size=gs, g_idx=g_idx
     )
 
 
@@ -243,8 +275,10 @@ def _chunk_blocks(n_blocks: int) -> int:
     return max(m for m in range(1, target + 1) if n_blocks % m == 0)
 
 
-@partial(jax.jit, static_argnames=("bits", "gs", "sym", "block_size", "dynamic"))
-def _gptq_blocks(W, U, table_scale, table_zero, row_group, *, bits, gs, sym, block_size, dynamic):
+@partial(jax.jit, static_argnames=("bits", "gs", "sym", "block_size", "dynamic", "scale_dtype"))
+def _gptq_blocks(
+    W, U, table_scale, table_zero, row_group, *, bits, gs, sym, block_size, dynamic, scale_dtype
+):
     """Steps 6-7 on a padded problem (K a multiple of block_size). Returns codes in processing order,
     the dynamic groups' scales/zeros (in processing-order group numbering) and a finiteness flag."""
     K, N = W.shape
@@ -278,7 +312,9 @@ def _gptq_blocks(W, U, table_scale, table_zero, row_group, *, bits, gs, sym, blo
                     def new_grid(_):
                         # The quirk: the block-start W, without this block's own updates.
                         x = lax.dynamic_slice(W, (r, 0), (gs, N))
-                        return grid_params(x.min(axis=0), x.max(axis=0), bits=bits, sym=sym)
+                        return grid_params(
+                            x.min(axis=0), x.max(axis=0), bits=bits, sym=sym, scale_dtype=scale_dtype
+                        )
 
                     cur_s, cur_z = lax.cond(r % gs == 0, new_grid, lambda _: (cur_s, cur_z), None)
                     g_scale = g_scale.at[r // gs].set(cur_s)
@@ -339,17 +375,30 @@ def gptq_quantize(
     static_groups: bool = False,
     damp: float = 0.01,
     block_size: int = 128,
+    scale_dtype: Any = np.float16,
 ) -> Int4Weight:
     """GPTQ-quantize `w: [K, N] float` (in, out) against `H: [K, K]` (see `hessian`).
 
     `group_size=-1` (or K) is per-channel. With `act_order`, the returned weight stores its rows in the
     canonical act-order layout (`Int4Weight.perm`), and `g_idx()` is what a GPTQ checkpoint would hold.
-    Float32 throughout; scales are float32. A failed Cholesky escalates `damp` with a warning.
+    Float32 throughout. Scales are rounded up to `scale_dtype` (float16, as GPTQ checkpoints store them,
+    or float32) before any row is quantized on them, and returned in that dtype. A failed Cholesky
+    escalates `damp` with a warning; dead input channels (`H[i, i] == 0`) quantize to 0 with one warning;
+    an `H` with no calibration data in it (all-zero diagonal) raises.
     """
     k, n, gs = validate_gptq_inputs(w, H, bits=bits, group_size=group_size, block_size=block_size, damp=damp)
     bits = validate_bits(bits)
+    sd = validate_scale_dtype(scale_dtype)
     W, Hp, perm, table, row_group = _prepare(
-        w, H, gs=gs, bits=bits, sym=sym, act_order=act_order, static_groups=static_groups, dtype=np.float32
+        w,
+        H,
+        gs=gs,
+        bits=bits,
+        sym=sym,
+        act_order=act_order,
+        static_groups=static_groups,
+        dtype=np.float32,
+        scale_dtype=sd,
     )
     U = _damped_factor(Hp, damp, lambda h, d: _upper_inverse_factor(jnp.asarray(h), jnp.float32(d)))
     dynamic = table is None
@@ -377,11 +426,15 @@ def gptq_quantize(
         sym=bool(sym),
         block_size=int(block_size),
         dynamic=dynamic,
+        scale_dtype=sd.name,
     )
+    scales, zeros = (g_scale[: k // gs], g_zero[: k // gs]) if dynamic else (t_scale, t_zero)
+    check_scales_fit(scales, sd)
     if not bool(finite):
         raise ValueError("GPTQ produced non-finite intermediate weights; H is too ill-conditioned")
-    scales, zeros = (g_scale[: k // gs], g_zero[: k // gs]) if dynamic else (t_scale, t_zero)
-    return _finish(np.asarray(codes)[:k], scales, zeros, perm, gs=gs, bits=bits, sym=sym, dynamic=dynamic)
+    return _finish(
+        np.asarray(codes)[:k], scales, zeros, perm, gs=gs, bits=bits, sym=sym, dynamic=dynamic, scale_dtype=sd
+    )
 
 
 # -- the plain NumPy path ---------------------------------------------------------------------------------
@@ -410,16 +463,26 @@ def gptq_reference(
     damp: float = 0.01,
     block_size: int = 128,
     dtype: Any = np.float64,
+    scale_dtype: Any = np.float16,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Plain NumPy GPTQ (steps 1-7, row by row, float64 by default).
 
     Returns `(codes [K, N] int64, scales [G, N], zeros [G, N], g_idx [K] int32)`, all indexed by input
-    channel / group id as a checkpoint stores them.
+    channel / group id as a checkpoint stores them; scales hold values of `scale_dtype` in `dtype`.
     """
     k, n, gs = validate_gptq_inputs(w, H, bits=bits, group_size=group_size, block_size=block_size, damp=damp)
     bits = validate_bits(bits)
+    sd = validate_scale_dtype(scale_dtype)
     W, Hp, perm, table, row_group = _prepare(
-        w, H, gs=gs, bits=bits, sym=sym, act_order=act_order, static_groups=static_groups, dtype=dtype
+        w,
+        H,
+        gs=gs,
+        bits=bits,
+        sym=sym,
+        act_order=act_order,
+        static_groups=static_groups,
+        dtype=dtype,
+        scale_dtype=sd,
     )
     U = _damped_factor(Hp, damp, _numpy_upper_inverse_factor)
     dynamic = table is None
@@ -437,7 +500,7 @@ def gptq_reference(
             if not dynamic:
                 s, z = table[0][row_group[r]], table[1][row_group[r]]
             elif r % gs == 0:
-                s, z = _group_grid(W[r : r + gs], gs, bits, sym)
+                s, z = _group_grid(W[r : r + gs], gs, bits, sym, sd)
                 s, z = s[0], z[0]
                 g_scale[r // gs], g_zero[r // gs] = s, z
             q = quantize_codes(W1[i], s, z, bits=bits)
@@ -447,6 +510,7 @@ def gptq_reference(
             Err1[i] = err
         W[i2:] -= U[i1:i2, i2:].T @ Err1
     scales, zeros = (g_scale, g_zero) if dynamic else table
+    check_scales_fit(scales, sd)
     qw_codes = np.empty_like(codes)
     qw_codes[perm] = codes
     g_idx = np.empty(k, np.int32)

@@ -64,12 +64,13 @@ def test_awq_hand_worked_single_active_channel():
     # is active. RTN: scale 1.5 / 15 = 0.1, 0.13 -> code 1 -> 0.1, so each output is off by 0.03.
     # AWQ scales channel 0 up (s0 / s1 = 1e4^α): at α = 0.2 the ratio is 10, W·s = [1.3, 1.5] / sqrt(10),
     # scale 0.1 / sqrt(10), and 0.13 lands exactly on code 13: the active channel is represented exactly.
+    # float32 scales: the grid by hand (float16 would round 0.1 / sqrt(10) up).
     w = np.array([[0.13], [1.5]], np.float32)
     x = np.array([[1.0, 0.0], [-1.0, 0.0]], np.float32)
-    rtn = quant.quantize_rtn(w, group_size=2)
+    rtn = quant.quantize_rtn(w, group_size=2, scale_dtype=np.float32)
     assert_close(x @ np.asarray(rtn.dequantize()), [[0.1], [-0.1]], np.float32)
     for clip in (False, True):
-        qw = quant.awq_quantize(w, x, group_size=2, clip=clip)
+        qw = quant.awq_quantize(w, x, group_size=2, clip=clip, scale_dtype=np.float32)
         s = np.asarray(qw.act_scales)
         assert s[0] > s[1] > 0
         assert_close(x @ np.asarray(qw.dequantize()), x @ w, np.float32)

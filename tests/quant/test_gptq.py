@@ -14,8 +14,17 @@ from tests.tolerances import GPTQ_CODE_AGREEMENT, GPTQ_OVER_RTN_OUTPUT_ERROR, as
 # -- the oracle: the reference algorithm transcribed on its own [out, in] orientation, in float64 --------
 
 
-def _find_params(x, bits, sym):
-    """Grid of each row of x [rows, m] (the reference's per-output-channel min-max grid)."""
+def _round_up(scale, scale_dtype):
+    """The smallest positive value of `scale_dtype` >= scale, elementwise, back in float64."""
+    r = scale.astype(scale_dtype)
+    up = (r.astype(np.float64) < scale) | (r == 0)
+    r[up] = np.nextafter(r[up], np.asarray(np.inf, scale_dtype))
+    return r.astype(np.float64)
+
+
+def _find_params(x, bits, sym, scale_dtype):
+    """Grid of each row of x [rows, m] (the reference's per-output-channel min-max grid), its scale
+    rounded up to the checkpoint's `scale_dtype` before the zero point is chosen."""
     maxq = 2**bits - 1
     xmin = np.minimum(x.min(axis=1), 0)
     xmax = np.maximum(x.max(axis=1), 0)
@@ -24,13 +33,13 @@ def _find_params(x, bits, sym):
         xmin = np.where(xmin < 0, -xmax, xmin)
     dead = (xmin == 0) & (xmax == 0)
     xmin[dead], xmax[dead] = -1, 1
-    scale = (xmax - xmin) / maxq
+    scale = _round_up((xmax - xmin) / maxq, scale_dtype)
     zero = np.full_like(scale, (maxq + 1) / 2) if sym else np.round(-xmin / scale)
     return scale, zero
 
 
 def oracle_gptq(w, H, *, bits=4, group_size=128, sym=False, act_order=False, static_groups=False, damp=0.01,
-                block_size=128):  # fmt: skip
+                block_size=128, scale_dtype=np.float16):  # fmt: skip
     """Codes [K, N] in input order. The weight is transposed to the reference's [out, in] first."""
     W = np.array(w, np.float64).T.copy()
     H = np.array(H, np.float64).copy()
@@ -38,12 +47,15 @@ def oracle_gptq(w, H, *, bits=4, group_size=128, sym=False, act_order=False, sta
     maxq = 2**bits - 1
     per_channel = group_size in (-1, columns)
     if per_channel:
-        scale, zero = _find_params(W, bits, sym)
+        scale, zero = _find_params(W, bits, sym, scale_dtype)
     dead = np.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     if static_groups and not per_channel:
-        groups = [_find_params(W[:, i : i + group_size], bits, sym) for i in range(0, columns, group_size)]
+        groups = [
+            _find_params(W[:, i : i + group_size], bits, sym, scale_dtype)
+            for i in range(0, columns, group_size)
+        ]
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(columns)
     W, H = W[:, perm], H[perm][:, perm]
     H[np.diag_indices(columns)] += damp * np.mean(np.diag(H))
@@ -57,7 +69,7 @@ def oracle_gptq(w, H, *, bits=4, group_size=128, sym=False, act_order=False, sta
                 if static_groups:
                     scale, zero = groups[perm[i1 + i] // group_size]
                 elif (i1 + i) % group_size == 0:
-                    scale, zero = _find_params(W[:, i1 + i : i1 + i + group_size], bits, sym)
+                    scale, zero = _find_params(W[:, i1 + i : i1 + i + group_size], bits, sym, scale_dtype)
             w_col = W1[:, i]
             q = np.clip(np.round(w_col / scale) + zero, 0, maxq)
             Q[:, i1 + i] = q
@@ -132,16 +144,20 @@ def test_gptq_hand_worked():
     # K=4, N=1, one group. H couples channels 0 and 1: H = [[2, 1], [1, 2]] (+ identity for 2, 3), damp 0.
     # Grid: xmin 0, xmax 1.5 -> scale 0.1, zero 0. Channel 0: 0.33 -> code 3, error 0.03. The OBS update
     # moves channel 1 by -0.03 * Hinv[0, 1] / Hinv[0, 0] = +0.015: 0.44 -> 0.455 -> code 5 (RTN: 4).
+    # float32 scales: the grid by hand (float16 would round the scale 0.1 up to 0.10003).
     W = np.array([[0.33], [0.44], [1.5], [0.0]], np.float32)
     H = np.array([[2, 1, 0, 0], [1, 2, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], np.float32)
+    f32 = {"scale_dtype": np.float32}
     for block_size in (1, 2, 128):
-        qw = quant.gptq_quantize(W, H, group_size=4, damp=0.0, block_size=block_size)
+        qw = quant.gptq_quantize(W, H, group_size=4, damp=0.0, block_size=block_size, **f32)
         np.testing.assert_array_equal(np.asarray(qw.codes())[:, 0], [3, 5, 15, 0])
         assert_close(qw.dequantize()[:, 0], [0.3, 0.5, 1.5, 0.0], np.float32)
     np.testing.assert_array_equal(
         np.asarray(quant.quantize_rtn(W, group_size=4).codes())[:, 0], [3, 4, 15, 0]
     )
-    np.testing.assert_array_equal(quant.gptq_reference(W, H, group_size=4, damp=0.0)[0][:, 0], [3, 5, 15, 0])
+    np.testing.assert_array_equal(
+        quant.gptq_reference(W, H, group_size=4, damp=0.0, **f32)[0][:, 0], [3, 5, 15, 0]
+    )
 
 
 def test_gptq_group_params_use_weights_updated_to_the_block_start():
@@ -159,14 +175,35 @@ def test_gptq_dead_channels_and_singular_hessian():
     W, X, _ = problem(1, k=64, n=16, samples=8)  # 8 samples: H has rank 8 of 64
     X[:, [3, 17]] = 0  # dead input channels
     H = np.asarray(quant.hessian(X))
-    qw = quant.gptq_quantize(W, H, group_size=32, act_order=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        qw = quant.gptq_quantize(W, H, group_size=32, act_order=True)
+    # Exactly one warning, naming how many channels are dead; they quantize to 0 as in the reference.
+    dead = [str(w.message) for w in caught if "dead" in str(w.message)]
+    assert len(dead) == 1 and "2 of 64 input channels are dead" in dead[0]
     deq = np.asarray(qw.dequantize())
     assert np.all(np.isfinite(deq))
     np.testing.assert_array_equal(deq[[3, 17]], 0.0)
     assert_codes_agree(qw.codes_in_input_order(), oracle_gptq(W, H, group_size=32, act_order=True))
-    # An all-zero Hessian: every channel is dead and quantizes to 0.
-    zero = quant.gptq_quantize(W, np.zeros((64, 64), np.float32), group_size=32)
-    np.testing.assert_array_equal(np.asarray(zero.dequantize()), 0.0)
+    with pytest.warns(RuntimeWarning, match="2 of 64 input channels are dead"):
+        quant.gptq_reference(W, H, group_size=32)
+
+
+@pytest.mark.parametrize("quantize", [quant.gptq_quantize, quant.gptq_reference], ids=["jax", "reference"])
+def test_gptq_without_calibration_data_is_an_error(quantize):
+    # A Hessian with nothing in it used to give an all-zero weight without a word: every channel "dead".
+    W = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
+    acc = quant.HessianAccumulator(64)
+    for H in (acc.H, np.zeros((64, 64), np.float32)):
+        with pytest.raises(ValueError, match=r"^H is all zero .* no calibration data was added"):
+            quantize(W, H, group_size=32)
+    for bad in (np.nan, np.inf):
+        H = np.eye(64, dtype=np.float32)
+        H[5, 7] = bad
+        with pytest.raises(ValueError, match=r"^H contains NaN or Inf: it is not the Hessian of finite"):
+            quantize(W, H, group_size=32)
+    acc.add(np.ones((4, 64), np.float32))
+    quantize(W, acc.H, group_size=32)  # once data is added, it runs
 
 
 def test_gptq_escalates_damp_with_a_warning():
@@ -288,7 +325,7 @@ def test_jitted_gptq_lowers_for_every_backend():
     platforms = ("cpu", "cuda", "rocm", "tpu")
     blocks = jax.jit(
         lambda W, U, s, z, rg: _gptq_blocks(
-            W, U, s, z, rg, bits=4, gs=16, sym=False, block_size=16, dynamic=True
+            W, U, s, z, rg, bits=4, gs=16, sym=False, block_size=16, dynamic=True, scale_dtype="float16"
         )
     )
     grid = f32((1, n), np.float32)
