@@ -1,12 +1,17 @@
 """Build of the optional CPU-native kernels (kernels/cpu/*.cc) into kernels/cpu/_tokenlab_cpu*.so.
 
 Everything else about the package is in pyproject.toml. The library is compiled against XLA's FFI headers
-from the installed jaxlib (`jax.ffi.include_dir()`), for the machine it is built on (`-march=native`, or
-TOKENLAB_CPU_ARCH, e.g. `x86-64-v3` for a portable AVX2 build or `none` for no arch flag); the kernels keep a
-portable scalar path for any x86-64 or aarch64 CPU. A failed build (no compiler, no headers) does not fail
-the install: the kernels then use the portable XLA path and say so once at run time.
+from the installed jaxlib (`jax.ffi.include_dir()`), for the compiler's baseline of the architecture (plain
+x86-64, or armv8-a), so one build runs on any CPU of that architecture: the AVX2 and AVX-512 paths are
+compiled per function with the target attribute and chosen at run time from what the CPU reports
+(kernels/cpu/isa.h), and NEON is part of the aarch64 baseline. TOKENLAB_CPU_ARCH=<arch> (e.g. `native`, or
+`x86-64-v3`) adds `-march=<arch>` (`-mcpu=` on aarch64) for the portable parts too; such a build only runs on
+CPUs with that instruction set. Only the compiler pip already uses is needed (no system packages). A failed
+build (no compiler, no headers) does not fail the install: the kernels then use the portable XLA path and say
+so once at run time.
 """
 
+import glob
 import importlib.util
 import os
 import sys
@@ -16,7 +21,8 @@ import tempfile
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SOURCES = ["kernels/cpu/int4_matmul.cc", "kernels/cpu/paged_attention.cc"]
+SOURCES = sorted(glob.glob("kernels/cpu/*.cc"))
+HEADERS = sorted(glob.glob("kernels/cpu/*.h"))
 
 
 def _ffi_include_dir():
@@ -53,13 +59,18 @@ class OptionalBuildExt(build_ext):
         include = _ffi_include_dir()
         if include is None:
             return
-        arch = os.environ.get("TOKENLAB_CPU_ARCH", "native")
+        arch = os.environ.get("TOKENLAB_CPU_ARCH", "")
         flags = ["-std=c++17", "-O3", "-fvisibility=hidden", "-Wno-maybe-uninitialized", "-isystem", include]
-        if arch != "none":
+        if arch not in ("", "none"):
             for flag in (f"-march={arch}", f"-mcpu={arch}"):  # x86-64 spells it -march, aarch64 -mcpu
                 if _flag_works(self.compiler, flag):
                     flags.append(flag)
                     break
+            else:
+                print(
+                    f"tokenlab: WARNING: TOKENLAB_CPU_ARCH={arch} is not understood by the compiler; ignored",
+                    file=sys.stderr,
+                )
         ext.extra_compile_args = flags
         try:
             super().build_extension(ext)
@@ -79,6 +90,8 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("kernels.cpu._tokenlab_cpu", SOURCES, language="c++", optional=True)],
+    ext_modules=[
+        Extension("kernels.cpu._tokenlab_cpu", SOURCES, depends=HEADERS, language="c++", optional=True)
+    ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

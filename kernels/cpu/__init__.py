@@ -2,7 +2,18 @@
 
     int4_matmul.cc       INT4 dequant-matmul on the packed Int4Weight layout (matrix-vector and tiled paths)
     paged_attention.cc   paged decode attention (q_lens=None) over NHD pages, online softmax, GQA
-    loader.py            finds the built library and registers the handlers (once per process)
+    *_{avx512,avx2,neon}.cc   each kernel's vector path for one instruction set
+    isa.h, isa.cc        run-time choice of the instruction set, and its C interface
+    loader.py            finds the built library, registers the handlers, applies TOKENLAB_CPU_ISA
+
+Instruction sets, chosen at run time: `isa()` names the path in use: "avx512" (AVX512F + AVX512BW), "avx2"
+(AVX2 + FMA + F16C), "neon" (aarch64) or "scalar" (portable C++). The library is compiled once for the
+architecture's baseline, and each vector path is compiled per function with GCC's/Clang's target attribute and
+chosen with `__builtin_cpu_supports`, because that way one build (a wheel, or one `pip install` on a shared
+file system) runs on every x86-64 or aarch64 CPU and still uses the best path of each: a `-march=native` build
+dies with an illegal instruction on an older CPU, and a dispatch library such as Highway would be a system or
+vendored dependency that pip alone cannot provide. TOKENLAB_CPU_ISA=<name> picks a lower path (see loader.py);
+the raw calls below take `isa=` to run one path for one call (tests run every path the CPU has this way).
 
 The functions here are the raw calls (float32 in and out, already-prepared operands); the public kernels
 (`kernels.int4_matmul`, `kernels.paged_attention`) choose them with `impl="auto"` on the CPU when the
@@ -16,15 +27,84 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.cpu.loader import TARGETS, available, library_path, load
+from kernels.cpu.loader import ISAS, TARGETS, available, handle, library_path, load, runnable_isas
 
-__all__ = ["TARGETS", "available", "int4_matmul_native", "library_path", "load", "paged_decode_native"]
+__all__ = [
+    "ISAS",
+    "TARGETS",
+    "available",
+    "detected_isa",
+    "fast_enough",
+    "int4_matmul_native",
+    "isa",
+    "library_path",
+    "load",
+    "paged_decode_native",
+    "supported_isas",
+]
+
+# Ops whose native kernel `fast_enough` rules on.
+NATIVE_OPS = ("int4_matmul", "paged_attention")
 
 
 def _require() -> None:
     reason = load()
     if reason is not None:
         raise RuntimeError(f"impl='cpu_native' needs the native library: {reason}")
+
+
+def isa() -> str | None:
+    """The instruction-set path the native kernels use: one of "avx512", "avx2", "neon", "scalar".
+
+    The best path this CPU runs, or the one TOKENLAB_CPU_ISA chose; None when the library is not loaded.
+    """
+    lib = handle()
+    return None if lib is None else ISAS[lib.TokenlabCpuIsa()]
+
+
+def detected_isa() -> str | None:
+    """The best path this CPU runs (whatever TOKENLAB_CPU_ISA says); None when the library is not loaded."""
+    lib = handle()
+    return None if lib is None else ISAS[lib.TokenlabCpuDetectedIsa()]
+
+
+def supported_isas() -> tuple[str, ...]:
+    """Every path this CPU runs, lowest first (always "scalar"); empty when the library is not loaded."""
+    lib = handle()
+    return () if lib is None else runnable_isas(lib)
+
+
+def fast_enough(op: str) -> bool:
+    """Whether `impl="auto"` may pick the native kernel of `op` ("int4_matmul" or "paged_attention").
+
+    The rule: the native path is chosen only when it is faster than the portable XLA path on this CPU, which
+    holds for the vector paths (avx512, avx2, neon) and not for the scalar fallback. False when the library
+    is not loaded. Evidence (2-core AMD EPYC, Zen 4, one run each, ratios to XLA in the same run; README
+    "CPU instruction sets"): INT4 (8192, 28672) g128, M=1: avx2 0.067x, avx512 0.060x, scalar 0.76x
+    the XLA path; M=16: avx2 0.29x, scalar 1.6x. Paged decode B8 H32 K8 D128 ctx 4096 (float32 pages):
+    avx2 0.40x, avx512 0.39x, scalar 2.3x the XLA path. The scalar INT4 matrix-vector case is faster than XLA
+    but its M=16 case is not, and decode's scalar path is slower everywhere measured, so "scalar" is never
+    fast enough; NEON was not measured (no aarch64 machine) and is trusted by construction (the same
+    algorithm as the x86 vector paths, a quarter of AVX-512's width).
+    """
+    if op not in NATIVE_OPS:
+        raise ValueError(f"op={op!r} must be one of {', '.join(NATIVE_OPS)}")
+    current = isa()
+    return current is not None and current != "scalar"
+
+
+def _isa_attr(simd: bool, isa_name: str | None) -> np.int64:
+    """The handlers' `isa` attribute: -1 is the process-wide path; otherwise the index of a path in ISAS."""
+    if not simd:
+        if isa_name not in (None, "scalar"):
+            raise ValueError(f"isa={isa_name!r} contradicts simd=False (the scalar path); pass one of them")
+        return np.int64(0)
+    if isa_name is None:
+        return np.int64(-1)
+    runnable = supported_isas()
+    if isa_name not in runnable:
+        raise ValueError(f"isa={isa_name!r} must be a path this CPU runs: one of {', '.join(runnable)}")
+    return np.int64(ISAS.index(isa_name))
 
 
 def int4_matmul_native(
@@ -36,13 +116,15 @@ def int4_matmul_native(
     group_size: int,
     sym_zero: int,
     simd: bool = True,
+    isa: str | None = None,
 ) -> jax.Array:
     """x: [M, K] float32 (permuted and scaled already) @ packed [K/2, N] uint8 -> [M, N] float32.
 
-    scales [G, N] float32; zeros [G, N] uint8, or None for the symmetric zero `sym_zero`. `simd=False`
-    forces the portable scalar path (tests use it to check the fallback on a SIMD machine).
+    scales [G, N] float32; zeros [G, N] uint8, or None for the symmetric zero `sym_zero`. `isa` runs one
+    instruction-set path (one of `supported_isas()`; default: `isa()`); `simd=False` is `isa="scalar"`.
     """
     _require()
+    isa_attr = _isa_attr(simd, isa)
     m = x.shape[0]
     n = packed.shape[1]
     if zeros is None:
@@ -59,7 +141,7 @@ def int4_matmul_native(
         zeros,
         group_size=np.int64(group_size),
         sym_zero=zero_attr,
-        simd=np.int64(simd),
+        isa=isa_attr,
     )
 
 
@@ -75,14 +157,16 @@ def paged_decode_native(
     soft_cap: float | None,
     sliding_window: int | None,
     simd: bool = True,
+    isa: str | None = None,
 ) -> jax.Array:
     """Decode attention: q [B, H, D] float32 over pages [P, S, K, D] float32 -> [B, H, D] float32.
 
     kv_lens [B], block_tables [B, max_pages] (int32); alibi_slopes [H] float32 or None. The handler returns
     an error (raised as an exception) for a page id outside [0, P) among the pages a sequence covers, and
-    for kv_lens outside [0, max_pages × S].
+    for kv_lens outside [0, max_pages × S]. `isa` and `simd` as for `int4_matmul_native`.
     """
     _require()
+    isa_attr = _isa_attr(simd, isa)
     h = q.shape[1]
     slopes = jnp.zeros((h,), jnp.float32) if alibi_slopes is None else alibi_slopes.astype(jnp.float32)
     call = jax.ffi.ffi_call(
@@ -99,5 +183,5 @@ def paged_decode_native(
         soft_cap=np.float32(0.0 if soft_cap is None else soft_cap),
         sliding_window=np.int64(0 if sliding_window is None else sliding_window),
         has_alibi=np.int64(alibi_slopes is not None),
-        simd=np.int64(simd),
+        isa=isa_attr,
     )
