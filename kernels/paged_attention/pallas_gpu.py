@@ -512,7 +512,7 @@ def paged_attention_pallas(
     if reason is not None:
         raise ValueError(f"the Pallas paged attention kernel does not support {reason}")
     decode = q_lens is None
-    if t == 0:
+    if t == 0 or max_pages == 0 or k_pages.shape[0] == 0:  # nothing to read: every row is empty
         return jnp.zeros((t, h, d), q.dtype)
     tun = default_tunables(
         t,
