@@ -40,7 +40,10 @@ interpret mode on cpu (slow; for tests), the Triton-compiled kernel on cuda and 
 JAX 0.10), and no branch for tpu. Only the branch of the platform being lowered is lowered, so the same jitted
 function runs interpreted on a CPU and compiled on a GPU. Exporting a function whose cuda lowering holds the
 kernel with `jax.export` needs `disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
-"__gpu$xla.gpu.triton")]`. float8 pages need a GPU with native fp8 conversion (sm89+: Ada, Hopper) in Triton.
+"__gpu$xla.gpu.triton")]` (platforms ("cuda",), ("rocm",) or both). One export for cpu and cuda together
+is not possible: JAX lowers every `platform_dependent` branch for every exported platform, and a compiled
+`pallas_call` has no cpu lowering. float8 pages need a GPU with native fp8 conversion in Triton (sm89+: Ada,
+Hopper).
 
 Axis legend: T query tokens, B sequences, H query heads, K kv heads, G = H // K, Gq = G padded, D head dim,
 Dp = D padded to a power of two, P pages, S page size, N query tiles, R rows of a tile, BK keys per block.
@@ -120,9 +123,13 @@ def default_tunables(
     block_k: int | None = None,
     q_block: int | None = None,
 ) -> dict[str, int]:
-    """The tunables `paged_attention_pallas` uses for these shapes, given any fixed by the caller: a dict
-    with block_k (keys per block step), q_block, num_splits, num_warps, num_stages. The reasoning is in the
-    module constants' comments and the README's tunable table."""
+    """The tunables `paged_attention_pallas` uses for a call, given any the caller fixed.
+
+    num_tokens T, num_seqs B, num_q_heads H, num_kv_heads K, head_dim D, page_size S, max_pages (the block
+    table's width), kv_itemsize (bytes per stored K/V element), decode (q_lens is None). Returns a dict:
+    block_k (keys per block step), q_block (tokens per tile), num_splits, num_warps, num_stages. The reasons
+    are in the comments of the module constants; nothing here is measured on a GPU yet.
+    """
     g = num_q_heads // num_kv_heads
     dp = _pow2_at_least(max(head_dim, _MIN_HEAD_DIM))
     gq = max(16, _pow2_at_least(g)) if decode else _pow2_at_least(g)
@@ -489,8 +496,8 @@ def paged_attention_pallas(
                        multi-token tiles; so with pages of 128 or more a step walks part of a page).
       num_splits       context splits per (tile, kv head), merged by log-sum-exp (default: enough programs
                        to give about 256, at most one per key block, at most 64).
-      q_block          query tokens per tile for multi-token queries (default 64 // Gq rows' worth; decode
-                       always 1).
+      q_block          query tokens per tile for multi-token queries, rounded up to a power of two with at
+                       least 16 rows (default: 64 rows, i.e. 64 // Gq tokens; decode always 1).
       num_warps, num_stages  Triton launch parameters (default 4 warps, 8 for 128×128 tiles or D = 256; 2
                        stages).
       interpret        None: interpret mode on cpu, compiled on cuda/rocm, chosen per lowering platform;
