@@ -32,14 +32,16 @@ weight element (the XLA "codes" strategy's identity). This tile step is public (
 
 Grid and split-K
 ----------------
-grid = (N / bn, ceil(M / bm), split_k). Decode (M ≤ 16) is bandwidth-bound: x is padded to bm = 16 rows
+grid = (ceil(M / bm), N / bn, split_k). Decode (M ≤ 16) is bandwidth-bound: x is padded to bm = 16 rows
 (the smallest tensor-core tile; the wasted MMA work is free next to the weight bytes) and, when N / bn alone
 gives too few programs to keep every SM's memory pipeline busy, K is split over `split_k` programs that each
 write a float32 partial [M, N]; the partials are summed (float32) outside the kernel. GEMM-sized M uses
-larger tiles and no split. Defaults (`choose_config`) follow the published decode kernels (Marlin: 16-row
-activation tiles, each SM streaming its own K slices, split-K/"stripes" when N alone does not fill the GPU;
-tinygemm: a K-split matvec per output tile) and Triton's standard matmul configurations; they are anchors,
-not measurements: the GPU figures are still to be measured.
+larger tiles and no split. Defaults (`choose_config`) follow the published W4A16 kernels (Marlin and
+tinygemm both run tensor-core MMAs on 16-row activation tiles even at M = 1, and Marlin partitions K across
+SMs when N alone does not fill the GPU) and Triton's standard matmul configurations; they are anchors, not
+measurements: the GPU figures are still to be measured. Float32 activations run IEEE float32 dots on the
+CUDA cores (no tensor cores, per the precision policy), so at decode they pay for the 16-row padding; pass
+bf16/f16 activations for speed.
 
 Lowering
 --------
@@ -342,23 +344,25 @@ def _forward(
         x = jnp.pad(x, ((0, mp - m), (0, 0)))
     xe, xo = split_even_odd(x)
     g = scales.shape[0]
-    grid = (n // bn, mp // bm, split)
+    # M blocks vary fastest in launch order: the programs that share one weight tile run together, so a
+    # weight byte comes from HBM once and x (the smaller operand up to M ~ K) is re-read from L2.
+    grid = (mp // bm, n // bn, split)
     in_specs = [
-        pl.BlockSpec((bm, k // 2), lambda j, i, s: (i, 0)),
-        pl.BlockSpec((bm, k // 2), lambda j, i, s: (i, 0)),
-        pl.BlockSpec((k // 2, bn), lambda j, i, s: (0, j)),
-        pl.BlockSpec((g, bn), lambda j, i, s: (0, j)),
+        pl.BlockSpec((bm, k // 2), lambda i, j, s: (i, 0)),
+        pl.BlockSpec((bm, k // 2), lambda i, j, s: (i, 0)),
+        pl.BlockSpec((k // 2, bn), lambda i, j, s: (0, j)),
+        pl.BlockSpec((g, bn), lambda i, j, s: (0, j)),
     ]
     args = [xe, xo, packed, scales]
     if zeros is not None:
-        in_specs.append(pl.BlockSpec((g, bn), lambda j, i, s: (0, j)))
+        in_specs.append(pl.BlockSpec((g, bn), lambda i, j, s: (0, j)))
         args.append(zeros)
     if split == 1:
         out_shape = jax.ShapeDtypeStruct((mp, n), x.dtype)
-        out_spec = pl.BlockSpec((bm, bn), lambda j, i, s: (i, j))
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
     else:
         out_shape = jax.ShapeDtypeStruct((split, mp, n), jnp.float32)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda j, i, s: (s, i, j))
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
     kernel = functools.partial(
         _kernel,
         block_k=bk,
