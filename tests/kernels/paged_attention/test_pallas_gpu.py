@@ -219,6 +219,21 @@ def test_lowers_for_cuda_as_one_triton_kernel(decode, kv_dtype):
     assert re.search(r"num_warps = \d+ : i32", text)
 
 
+def test_exports_for_gpus_only_with_disabled_checks():
+    case = make_case(q_dtype=jnp.bfloat16)
+    names = ("q", "k_pages", "v_pages", "kv_lens", "block_tables")
+    args = [jax.ShapeDtypeStruct(np.shape(case[n]), case[n].dtype) for n in names]
+
+    def f(*arrays):
+        return paged_attention_pallas(*arrays, **{n: v for n, v in case.items() if n not in names})
+
+    with pytest.raises(ValueError, match="custom calls"):
+        jax.export.export(jax.jit(f), platforms=("cuda",))(*args)
+    checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    exported = jax.export.export(jax.jit(f), platforms=("cuda", "rocm"), disabled_checks=checks)(*args)
+    assert exported.platforms == ("cuda", "rocm")
+
+
 def test_lowers_for_cpu_as_the_interpreter():
     text = _lowered(True, jnp.bfloat16, "cpu")
     assert TRITON_CALL not in text
