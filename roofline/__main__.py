@@ -125,6 +125,9 @@ def _row(e: StepEstimate) -> dict[str, Any]:
         "dominant_bound": e.dominant_bound,
         "fits": e.fits,
         "chips_needed": e.chips_needed,
+        "tp": e.tp,
+        "ep": e.ep,
+        "comm_s": e.comm_s,
         "memory_gb": e.footprint.total / 1e9,
         "notes": list(e.notes),
         "components": [
@@ -136,22 +139,41 @@ def _row(e: StepEstimate) -> dict[str, Any]:
                 "intensity": c.cost.intensity,
                 "bound_s": c.bound_s,
                 "bound": c.bound,
-                "step_share_s": c.step_share_s / e.chips,
+                "step_share_s": c.count * c.chip_s,
             }
             for c in e.components
+        ]
+        + [
+            {
+                "name": "comm",
+                "count": sum(k.count for k in e.collectives),
+                "step_share_s": e.comm_s,
+                "collectives": [
+                    {
+                        "name": k.name,
+                        "count": k.count,
+                        "group": k.group,
+                        "bytes": k.bytes,
+                        "seconds": k.seconds,
+                        "step_s": k.step_s,
+                    }
+                    for k in e.collectives
+                ],
+            }
         ],
     }
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     head = (
-        f"{'chip':<10} {'chips':>5} {'weights':>7} {'batch':>5} {'step ms':>9} {'tokens/s':>10} "
-        f"{'$/Mtok':>8} {'bound':>8} {'GB':>7}"
+        f"{'chip':<10} {'chips':>5} {'tp×ep':>6} {'weights':>7} {'batch':>5} {'step ms':>9} {'comm ms':>8} "
+        f"{'tokens/s':>10} {'$/Mtok':>8} {'bound':>8} {'GB':>7}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         line = (
-            f"{r['chip']:<10} {r['chips']:>5} {r['weights']:>7} {r['batch']:>5} {r['step_s'] * 1e3:>9.2f} "
+            f"{r['chip']:<10} {r['chips']:>5} {str(r['tp']) + '×' + str(r['ep']):>6} {r['weights']:>7} "
+            f"{r['batch']:>5} {r['step_s'] * 1e3:>9.2f} {r['comm_s'] * 1e3:>8.3f} "
             f"{r['tokens_per_s']:>10.0f} {_fmt_money(r['usd_per_mtok']):>8} {r['dominant_bound']:>8} "
             f"{r['memory_gb']:>7.1f}"
         )
@@ -236,6 +258,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     prices = _prices(args.price)
     if args.tp is not None:
         _positive(args.tp, "--tp", integer=True)
+    if args.ep is not None:
+        _positive(args.ep, "--ep", integer=True)
+        if not model.is_moe:
+            raise ValueError(f"--ep={args.ep}: expert parallelism needs an MoE model; {model.name} has none")
     _positive(args.context, "--context", integer=True)
     if not 0 < args.mem_fraction <= 1:
         raise ValueError(f"--mem-fraction={args.mem_fraction} must be in (0, 1]")
@@ -271,7 +297,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                         group_size=group_size,
                         kv=args.kv,
                         compute_dtype=args.compute_dtype,
-                        chips=args.tp,
+                        tp=args.tp,
+                        ep=args.ep,
                         mem_fraction=args.mem_fraction,
                     )
                 )
@@ -301,8 +328,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         },
         "rows": rows,
         "plot": args.out or None,
-        "assumptions": "roofline bounds (an upper bound on throughput); tensor-parallel split with "
-        "communication ignored; see roofline/tokens.py",
+        "assumptions": "roofline bounds (an upper bound on throughput); chips = tp x ep, work split evenly, "
+        "plus ring all-reduces (tp) and all-to-alls (ep) over each chip's link; see roofline/tokens.py",
     }
     if args.json:
         json.dump(report, sys.stdout, indent=2)
@@ -316,7 +343,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     print()
     print(
         "Roofline bounds: each component takes max(FLOPs / peak, bytes / bandwidth); with several chips the "
-        "work splits evenly and communication is ignored. $/Mtok uses on-demand prices "
+        "work splits evenly (chips = tp × ep) and comm ms adds per layer two ring all-reduces (tp > 1) and, "
+        "for MoE with ep > 1, two all-to-alls over the chip's link. $/Mtok uses on-demand prices "
         "(roofline/data/prices.json); n/a where no price is known (pass --price host=USD)."
     )
     for c in chips:
@@ -545,8 +573,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--tp",
         type=int,
         default=None,
-        help="chips per model replica, all tensor parallel (default: the fewest, in powers of two, "
-        "that hold the model)",
+        help="tensor-parallel degree; chips per model replica = tp × ep (default: the fewest chips, in "
+        "powers of two, that hold the model, all tensor parallel)",
+    )
+    rep.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        help="expert-parallel degree for MoE models: experts split over ep groups of tp chips, tokens "
+        "routed by two all-to-alls per MoE layer (default: 1, experts tensor parallel)",
     )
     rep.add_argument(
         "--mem-fraction", type=float, default=0.9, help="usable fraction of each chip's memory, in (0, 1]"

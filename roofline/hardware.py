@@ -44,6 +44,9 @@ class Chip:
     sources: field name -> where the figure comes from, with its date.
     catalogue_entry: for the measured host, the `CHIPS` key of its device when `catalogue_chip` recognizes
         it (so its datasheet roof can be compared with the measured one); None otherwise.
+    link: the chip-to-chip link collectives run over ("NVLink 4", "ICI", ...), None when unknown.
+    link_bandwidth: that link's bandwidth per chip and per direction, bytes/s.
+    link_latency: seconds a collective costs before any byte moves (launch and synchronization).
     """
 
     name: str
@@ -54,6 +57,13 @@ class Chip:
     price_per_hour: float | None
     sources: Mapping[str, str]
     catalogue_entry: str | None = None
+    link: str | None = None
+    link_bandwidth: float | None = None
+    link_latency: float | None = None
+
+    @property
+    def has_interconnect(self) -> bool:
+        return self.link_bandwidth is not None and self.link_latency is not None
 
     def peak(self, dtype: str) -> float:
         """Dense peak FLOP/s for `dtype`; raises with the dtypes this chip has when it has none."""
@@ -80,6 +90,10 @@ def _read_json(name: str) -> dict[str, Any]:
     return json.loads(resources.files("roofline").joinpath("data", name).read_text())
 
 
+def _float_or_none(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def load_chips() -> Mapping[str, Chip]:
     """Read the catalogue from the package's data files (specs and dated prices)."""
     specs = _read_json("chips.json")
@@ -98,6 +112,9 @@ def load_chips() -> Mapping[str, Chip]:
             memory=float(spec["memory"]),
             price_per_hour=None if price is None else float(price["usd_per_chip_hour"]),
             sources=MappingProxyType(sources),
+            link=spec.get("interconnect", {}).get("link"),
+            link_bandwidth=_float_or_none(spec.get("interconnect", {}).get("bandwidth")),
+            link_latency=_float_or_none(spec.get("interconnect", {}).get("latency")),
         )
     return MappingProxyType(chips)
 

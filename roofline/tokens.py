@@ -4,10 +4,24 @@ For one forward step of a decoder at batch B (sequences) and context L (tokens i
 the new one included), every component of every layer gets an analytic `Cost` (FLOPs and main-memory
 bytes), and its time on a chip is its roofline bound:
 
-    t_component = max(flops / peak_flops[compute_dtype], bytes / bandwidth)
-    step_s      = Σ_components count × t_component / chips          (tensor-parallel split, ideal)
+    t_component = max(flops / chips / peak_flops[compute_dtype], bytes_per_chip / bandwidth)
+    step_s      = Σ_components count × t_component + comm_s
     tokens/s    = B / step_s (decode; prefill processes B·L tokens per step)
     $/Mtok      = price_per_hour × chips / (tokens/s × 3600) × 1e6
+
+Layout: chips = tp × ep. Attention, the dense MLPs, the router and lm_head are tensor parallel over tp chips
+(Megatron-style: column- then row-parallel, so two all-reduces per layer), replicated over ep groups that
+each take B / ep of the sequences; MoE experts are split over the ep groups (and tensor parallel inside
+each). So a chip reads 1/tp of the dense weights, 1/chips of the experts and of the KV cache, and does
+1/chips of the FLOPs. The default is tp = chips, ep = 1; then bytes_per_chip = bytes / chips.
+
+Communication (comm_s), from each chip's link (`Chip.link_bandwidth` B per direction, `link_latency` α):
+- tp > 1: per layer, two ring all-reduces (after attention and after the MLP or MoE) of the group's
+  activations, S = (tokens / ep) × hidden × 2 bytes: α + 2 (tp − 1) / tp × S / B each.
+- ep > 1, per MoE layer: two all-to-alls (dispatch to the experts' chips and combine back), each chip
+  scattering S = (tokens / ep) × top_k × hidden × 2 bytes: α + (ep − 1) / ep × S / B each.
+Not modelled: overlap of collectives with compute, lm_head's logit gather, the embedding, replication of
+kv heads when tp exceeds them, and topology beyond one switch or torus (one node).
 
 Components, per layer unless said: "qkv_proj" (q, k, v projections; MLA's q_a, q_b, kv_a, kv_b),
 "attention" (over the KV cache), "o_proj", "mlp" (dense SwiGLU layers), "moe_router", "moe_experts"
@@ -30,10 +44,12 @@ Assumptions, each a deliberate simplification:
   E·(1 − (1 − k/E)^B) distinct experts are read on average; shared experts are always read.
 - MLA (DeepSeek-V3) decodes with the up-projections absorbed: attention reads kv_lora_rank +
   qk_rope_head_dim values per cached token, shared by all heads; prefill runs it unabsorbed.
-- Several chips split every component evenly (tensor parallel). Communication is ignored.
+- Several chips split the work as the layout above says; a chip without link figures (the host) gets no
+  communication cost, and the estimate says so.
 - Memory: weights (all layers, embedding and lm_head) plus the KV cache of B sequences of L tokens must
-  fit in `mem_fraction` of the chips' memory; otherwise the smallest power-of-two chip count that fits
-  is used (or, with `chips` given, the estimate says it does not fit).
+  fit in `mem_fraction` of the chips' memory (per chip, under the layout); otherwise the smallest
+  power-of-two chip count that fits is used (or, with `chips`, `tp` or `ep` given, the estimate says it
+  does not fit and how many chips, all tensor parallel, would).
 """
 
 from __future__ import annotations
@@ -139,6 +155,7 @@ class Component:
     name: str
     cost: Cost
     count: int
+    weight_bytes: float = 0.0  # the part of cost.bytes_read that is weights (split by tensor parallelism)
 
 
 def step_components(
@@ -167,39 +184,50 @@ def step_components(
 
     out_name = "o"
     qkv = Cost(0.0, 0.0, 0.0)
+    qkv_weights = 0.0
     for name, (k, n) in shapes.items():
         if name != out_name:
             qkv = qkv + mm(k, n)
+            qkv_weights += weight_bytes(k, n, weights, group_size)
     comps = [
-        Component("qkv_proj", qkv, model.layers),
+        Component("qkv_proj", qkv, model.layers, qkv_weights),
         Component("attention", _attention(model, batch, context, phase, kv), model.layers),
-        Component("o_proj", mm(*shapes[out_name]), model.layers),
+        Component(
+            "o_proj",
+            mm(*shapes[out_name]),
+            model.layers,
+            weight_bytes(*shapes[out_name], weights, group_size),
+        ),
     ]
     dense_layers = model.layers - model.moe_layers
     if dense_layers:
         h, f = model.hidden, model.ffn
-        comps.append(Component("mlp", mm(h, 2 * f) + mm(f, h), dense_layers))
+        mlp_weights = _swiglu_weight_bytes(h, f, weights, group_size)
+        comps.append(Component("mlp", mm(h, 2 * f) + mm(f, h), dense_layers, mlp_weights))
     if model.moe_layers:
         h, f = model.hidden, model.moe_ffn
-        comps.append(Component("moe_router", mm(h, model.experts, "bf16"), model.moe_layers))
+        router_weights = weight_bytes(h, model.experts, "bf16")
+        comps.append(Component("moe_router", mm(h, model.experts, "bf16"), model.moe_layers, router_weights))
         touched = expected_experts_touched(tokens, model.experts, model.top_k) + model.shared_experts
         routed = tokens * (model.top_k + model.shared_experts)  # token-expert pairs
+        expert_weights = touched * _swiglu_weight_bytes(h, f, weights, group_size)
         experts = Cost(
             flops=2.0 * routed * 3 * h * f,
-            bytes_read=touched * _swiglu_weight_bytes(h, f, weights, group_size)
-            + routed * (h + f) * ACT_BYTES,
+            bytes_read=expert_weights + routed * (h + f) * ACT_BYTES,
             bytes_written=routed * (2 * f + h) * ACT_BYTES,
         )
-        comps.append(Component("moe_experts", experts, model.moe_layers))
+        comps.append(Component("moe_experts", experts, model.moe_layers, expert_weights))
     lm_tokens = batch  # only the last position of each sequence is decoded into logits
-    comps.append(Component("lm_head", _matmul(lm_tokens, model.hidden, model.vocab, "bf16", None), 1))
+    lm_head = _matmul(lm_tokens, model.hidden, model.vocab, "bf16", None)
+    comps.append(Component("lm_head", lm_head, 1, weight_bytes(model.hidden, model.vocab, "bf16", None)))
     return comps
 
 
 @dataclasses.dataclass(frozen=True)
 class Footprint:
-    weight_bytes: float
+    weight_bytes: float  # all weights, experts included
     kv_bytes: float
+    expert_bytes: float = 0.0  # the MoE experts' share of weight_bytes (split over all chips, also with ep)
 
     @property
     def total(self) -> float:
@@ -226,7 +254,8 @@ def memory_footprint(
     embed = model.vocab * model.hidden * ACT_BYTES * (1 if model.tied_embeddings else 2)
     total_w = model.layers * linear + dense_layers * mlp + model.moe_layers * moe + embed
     kv_total = batch * context * model.layers * kv_bytes_per_token(model, kv)
-    return Footprint(weight_bytes=total_w, kv_bytes=kv_total)
+    experts = model.moe_layers * (model.experts + model.shared_experts) * expert
+    return Footprint(weight_bytes=total_w, kv_bytes=kv_total, expert_bytes=experts)
 
 
 def chips_needed(footprint: Footprint, chip: Chip, mem_fraction: float = 0.9) -> int:
@@ -249,11 +278,83 @@ class ComponentTime:
     time_s: float  # time used: measured if given, else bound_s
     measured: bool
     bound: str  # "compute" or "memory"
+    chip_s: float = (
+        0.0  # per occurrence on each chip of the layout (time_s / chips under pure tensor parallel)
+    )
 
     @property
     def step_share_s(self) -> float:
         """Seconds this component adds to the step on one chip (all its occurrences)."""
         return self.count * self.time_s
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One kind of collective in a step: a tensor-parallel all-reduce or an expert-parallel all-to-all."""
+
+    name: str  # "tp_all_reduce" or "ep_all_to_all"
+    count: int  # occurrences per step
+    group: int  # chips taking part in each
+    bytes: float  # all-reduce: the buffer each chip holds; all-to-all: the buffer each chip scatters
+    seconds: float  # per occurrence
+
+    @property
+    def step_s(self) -> float:
+        return self.count * self.seconds
+
+
+def ring_all_reduce_s(nbytes: float, group: int, chip: Chip) -> float:
+    """Seconds to all-reduce an `nbytes` buffer over `group` chips with a ring:
+
+        latency + 2 (p − 1) / p × nbytes / link_bandwidth
+
+    (a reduce-scatter then an all-gather, each moving (p − 1)/p of the buffer through every chip's link
+    in each direction at once). 0 for one chip.
+    """
+    _check_positive("group", group)
+    if group == 1:
+        return 0.0
+    _check_interconnect(chip)
+    return chip.link_latency + 2.0 * (group - 1) / group * nbytes / chip.link_bandwidth
+
+
+def all_to_all_s(nbytes: float, group: int, chip: Chip) -> float:
+    """Seconds for an all-to-all over `group` chips where each chip scatters an `nbytes` buffer evenly:
+
+        latency + (p − 1) / p × nbytes / link_bandwidth
+
+    ((p − 1)/p of it leaves the chip; every chip sends and receives at once through a switch or a fully
+    connected fabric). 0 for one chip.
+    """
+    _check_positive("group", group)
+    if group == 1:
+        return 0.0
+    _check_interconnect(chip)
+    return chip.link_latency + (group - 1) / group * nbytes / chip.link_bandwidth
+
+
+def _check_interconnect(chip: Chip) -> None:
+    if not chip.has_interconnect:
+        raise ValueError(f"chip {chip.name!r} has no interconnect figures (link bandwidth and latency)")
+
+
+def step_collectives(
+    model: ModelShape, *, batch: int, context: int, phase: str, tp: int, ep: int, chip: Chip
+) -> list[Collective]:
+    """The collectives of one step under a (tp, ep) layout (see the module docstring)."""
+    tokens = batch if phase == "decode" else batch * context
+    out = []
+    if tp > 1:
+        nbytes = tokens / ep * model.hidden * ACT_BYTES
+        out.append(
+            Collective("tp_all_reduce", 2 * model.layers, tp, nbytes, ring_all_reduce_s(nbytes, tp, chip))
+        )
+    if ep > 1 and model.moe_layers:
+        nbytes = tokens / ep * model.top_k * model.hidden * ACT_BYTES
+        out.append(
+            Collective("ep_all_to_all", 2 * model.moe_layers, ep, nbytes, all_to_all_s(nbytes, ep, chip))
+        )
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,24 +369,53 @@ class StepEstimate:
     kv: str
     compute_dtype: str
     components: tuple[ComponentTime, ...]
-    step_s: float
+    step_s: float  # Σ components per chip + comm_s
     tokens_per_s: float
     usd_per_mtok: float | None
     footprint: Footprint
     fits: bool
     notes: tuple[str, ...]
     chips_needed: int  # the fewest chips (a power of two) whose usable memory holds the footprint
+    tp: int = 1  # tensor-parallel degree (attention, dense MLPs, router, lm_head; inside each expert)
+    ep: int = 1  # expert-parallel degree (MoE experts split over ep groups of tp chips)
+    comm_s: float = 0.0  # seconds per step in collectives (included in step_s)
+    collectives: tuple[Collective, ...] = ()
 
     @property
     def dominant_bound(self) -> str:
-        """ "memory" or "compute": the roof that sets most of the step time."""
-        memory = sum(c.step_share_s for c in self.components if c.bound == "memory")
-        return "memory" if memory >= 0.5 * sum(c.step_share_s for c in self.components) else "compute"
+        """ "memory", "compute" or "comm": what sets most of the step time."""
+        if self.comm_s >= 0.5 * self.step_s:
+            return "comm"
+        memory = sum(c.count * c.chip_s for c in self.components if c.bound == "memory")
+        return "memory" if memory >= 0.5 * sum(c.count * c.chip_s for c in self.components) else "compute"
 
 
 def usd_per_mtok(price_per_hour: float, chips: int, tokens_per_s: float) -> float:
     """$ per million tokens = price per chip-hour × chips / (tokens/s × 3600) × 1e6."""
     return price_per_hour * chips / (tokens_per_s * 3600.0) * 1e6
+
+
+def _layout(
+    model: ModelShape, chips: int | None, tp: int | None, ep: int | None, needed: int
+) -> tuple[int, int, int]:
+    """(chips, tp, ep) from what was given; chips = tp × ep."""
+    for arg, value in (("chips", chips), ("tp", tp), ("ep", ep)):
+        if value is not None:
+            _check_positive(arg, value)
+    if ep is not None and ep > 1 and not model.is_moe:
+        raise ValueError(f"ep={ep}: expert parallelism needs an MoE model; {model.name} has no experts")
+    if ep is not None and ep > 1 and model.experts % ep:
+        raise ValueError(f"ep={ep} must divide the number of routed experts ({model.experts})")
+    ep = ep or 1
+    if chips is None:
+        chips = tp * ep if tp is not None else max(needed, ep)
+    if chips % ep:
+        raise ValueError(f"ep={ep} must divide chips={chips}")
+    if tp is None:
+        tp = chips // ep
+    if tp * ep != chips:
+        raise ValueError(f"tp={tp} × ep={ep} must equal chips={chips}")
+    return chips, tp, ep
 
 
 def estimate(
@@ -300,10 +430,16 @@ def estimate(
     kv: str = "bf16",
     compute_dtype: str = "bf16",
     chips: int | None = None,
+    tp: int | None = None,
+    ep: int | None = None,
     mem_fraction: float = 0.9,
     measured: Mapping[str, float] | None = None,
 ) -> StepEstimate:
-    """Step time, tokens/s and $/Mtok of `model` on `chip` (see the module docstring)."""
+    """Step time, tokens/s and $/Mtok of `model` on `chip` (see the module docstring).
+
+    Layout: `chips` = `tp` × `ep`. By default every chip is tensor parallel (tp = chips, ep = 1); `chips`
+    defaults to tp × ep when tp is given, else to the fewest (a power of two) that hold the model.
+    """
     comps = step_components(
         model, batch=batch, context=context, phase=phase, weights=weights, group_size=group_size, kv=kv
     )
@@ -312,34 +448,58 @@ def estimate(
         _check_choice("measured component", name, [c.name for c in comps])
         if not seconds > 0:
             raise ValueError(f"measured[{name!r}]={seconds} must be a positive number of seconds")
-    chip.peak(compute_dtype)  # raises with the chip's dtypes when it has no such peak
+    peak = chip.peak(compute_dtype)  # raises with the chip's dtypes when it has no such peak
     foot = memory_footprint(
         model, batch=batch, context=context, weights=weights, group_size=group_size, kv=kv
     )
     needed = chips_needed(foot, chip, mem_fraction)
+    chips, tp, ep = _layout(model, chips, tp, ep, needed)
     notes = []
-    if chips is None:
-        chips = needed
-    else:
-        _check_positive("chips", chips)
-    fits = chips >= needed
+    # Per chip: the experts split over all chips, everything else over the tp chips of its group, and the
+    # KV cache over all chips (sequences over the ep groups, heads over tp).
+    dense_w = foot.weight_bytes - foot.expert_bytes
+    per_chip = dense_w / tp + foot.expert_bytes / chips + foot.kv_bytes / chips
+    fits = per_chip <= chip.memory * mem_fraction
     if not fits:
         notes.append(
-            f"does not fit: {foot.total / 1e9:.1f} GB needed, {chips} × {chip.memory / 1e9:.0f} GB × "
-            f"{mem_fraction} usable; {needed} chips would fit"
+            f"does not fit: {per_chip / 1e9:.1f} GB per chip needed, {chip.memory / 1e9:.0f} GB × "
+            f"{mem_fraction} usable; {needed} chips (all tensor parallel) would fit"
         )
-    if chips > 1:
-        notes.append(f"{chips}-way tensor parallel; communication ignored")
     times = []
     for c in comps:
         bound_s = c.cost.time_bound(chip, compute_dtype)
         t = measured.get(c.name, bound_s)
+        if c.name in measured:
+            chip_s = t / chips
+        else:
+            w_split = chips if c.name == "moe_experts" else tp
+            chip_bytes = c.weight_bytes / w_split + (c.cost.bytes - c.weight_bytes) / chips
+            chip_s = max(c.cost.flops / chips / peak, chip_bytes / chip.bandwidth)
         times.append(
             ComponentTime(
-                c.name, c.count, c.cost, bound_s, t, c.name in measured, c.cost.bound(chip, compute_dtype)
+                c.name,
+                c.count,
+                c.cost,
+                bound_s,
+                t,
+                c.name in measured,
+                c.cost.bound(chip, compute_dtype),
+                chip_s,
             )
         )
-    step_s = sum(t.step_share_s for t in times) / chips
+    collectives: list[Collective] = []
+    if chips > 1:
+        layout = f"{tp}-way tensor parallel" + (f" × {ep}-way expert parallel" if ep > 1 else "")
+        if chip.has_interconnect:
+            collectives = step_collectives(
+                model, batch=batch, context=context, phase=phase, tp=tp, ep=ep, chip=chip
+            )
+            comm = sum(c.step_s for c in collectives)
+            notes.append(f"{layout}; collectives over {chip.link}: {comm * 1e3:.3f} ms per step")
+        else:
+            notes.append(f"{layout}; communication ignored: {chip.name} has no interconnect figures")
+    comm_s = sum(c.step_s for c in collectives)
+    step_s = sum(t.count * t.chip_s for t in times) + comm_s
     tokens = batch if phase == "decode" else batch * context
     tps = tokens / step_s
     price = None if chip.price_per_hour is None else usd_per_mtok(chip.price_per_hour, chips, tps)
@@ -361,4 +521,8 @@ def estimate(
         fits=fits,
         notes=tuple(notes),
         chips_needed=needed,
+        tp=tp,
+        ep=ep,
+        comm_s=comm_s,
+        collectives=tuple(collectives),
     )

@@ -177,3 +177,32 @@ def test_host_progress_says_cached_when_it_is(host_chip, capsys):
     lines.clear()
     measure_host(matmul_n=64, stream_bytes=1 << 20, repeats=1, cache=False, progress=lines.append)
     assert len(lines) == 1 and lines[0].startswith("measuring this host's roofline")
+
+
+def test_report_shows_comm_as_its_own_component(capsys):
+    rc, out, _ = _report(
+        capsys, "--model", "deepseek-v3", "--chips", "h200", "--weights", "int4", "--batch", "64",
+        "--tp", "1", "--ep", "8", "--json",
+    )  # fmt: skip
+    assert rc == 0
+    (row,) = json.loads(out)["rows"]
+    assert (row["chips"], row["tp"], row["ep"]) == (8, 1, 8)
+    comm = next(c for c in row["components"] if c["name"] == "comm")
+    assert comm["step_share_s"] == row["comm_s"] > 0
+    assert [k["name"] for k in comm["collectives"]] == ["ep_all_to_all"]
+    assert sum(c["step_share_s"] for c in row["components"]) == pytest.approx(row["step_s"])
+    rc, out, _ = _report(capsys, "--chips", "h100-sxm", "--tp", "8", "--batch", "1", "--weights", "bf16")
+    assert rc == 0 and "comm ms" in out and "8×1" in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--ep", "0"], "--ep=0 must be an integer >= 1"),
+        (["--ep", "2"], "expert parallelism needs an MoE model"),
+        (["--model", "mixtral-8x7b", "--ep", "3"], "ep=3 must divide the number of routed experts"),
+    ],
+)
+def test_ep_is_validated(args, message, capsys):
+    rc, _, err = _report(capsys, "--chips", "h100-sxm", *args)
+    assert rc == 2 and message in err

@@ -14,6 +14,7 @@ from roofline import (
 )
 from roofline.hardware import Chip
 from roofline.models import ModelShape
+from roofline.tokens import all_to_all_s, ring_all_reduce_s
 
 # A toy model and chip small enough to work every number out by hand.
 TOY = ModelShape(
@@ -121,7 +122,9 @@ def test_int4_is_faster_than_bf16_at_decode_on_every_chip():
     for chip in CHIPS.values():
         bf16 = estimate(m, chip, batch=1, context=1024, weights="bf16", chips=8)
         int4 = estimate(m, chip, batch=1, context=1024, weights="int4", chips=8)
-        assert int4.step_s < bf16.step_s / 2.5
+        # The collectives move activations, the same for both formats: compare the kernels' time.
+        assert int4.comm_s == pytest.approx(bf16.comm_s)
+        assert int4.step_s - int4.comm_s < (bf16.step_s - bf16.comm_s) / 2.5
 
 
 def test_prefill_counts_every_prompt_token():
@@ -150,3 +153,130 @@ def test_bad_input_names_the_argument(kwargs, match):
     args = {"batch": 1, "context": 16} | kwargs
     with pytest.raises(ValueError, match=match):
         estimate(TOY, TOY_CHIP, **args)
+
+
+# A chip with a link: 1000 B/s per direction, 0.5 s per collective.
+LINKED = Chip(
+    "linked",
+    "toy",
+    {"bf16": 1000.0},
+    bandwidth=100.0,
+    memory=1e6,
+    price_per_hour=3.6,
+    sources={},
+    link="toy link",
+    link_bandwidth=1000.0,
+    link_latency=0.5,
+)
+TOY_MOE = ModelShape(
+    name="toy-moe",
+    layers=3,
+    hidden=4,
+    heads=2,
+    kv_heads=1,
+    head_dim=2,
+    ffn=8,
+    vocab=16,
+    experts=4,
+    top_k=2,
+    moe_ffn=8,
+    dense_layers=1,
+    source="test",
+)
+
+
+def test_ring_all_reduce_time_by_hand():
+    # 4 chips, 2000 B: 0.5 s + 2 · 3/4 · 2000 / 1000 = 0.5 + 3 = 3.5 s.
+    assert ring_all_reduce_s(2000.0, 4, LINKED) == pytest.approx(3.5)
+    assert ring_all_reduce_s(2000.0, 1, LINKED) == 0.0
+
+
+def test_one_mib_all_reduce_on_eight_h100s_is_nccl_like():
+    # 12 µs + 2 · 7/8 · 1 MiB / 450 GB/s = 12 + 4.08 µs, inside the 15-25 µs NCCL takes.
+    t = ring_all_reduce_s(2**20, 8, CHIPS["h100-sxm"])
+    assert t == pytest.approx(12e-6 + 2 * 7 / 8 * 2**20 / 450e9)
+    assert 15e-6 <= t <= 25e-6
+
+
+def test_all_to_all_time_by_hand():
+    # 4 chips, each scatters 800 B: 0.5 s + 3/4 · 800 / 1000 = 0.5 + 0.6 = 1.1 s.
+    assert all_to_all_s(800.0, 4, LINKED) == pytest.approx(1.1)
+    assert all_to_all_s(800.0, 1, LINKED) == 0.0
+
+
+def test_comm_is_zero_on_one_chip():
+    e = estimate(TOY, LINKED, batch=2, context=3, chips=1)
+    assert e.comm_s == 0.0 and e.collectives == ()
+    assert e.step_s == pytest.approx(sum(c.count * c.time_s for c in e.components))
+
+
+def test_tensor_parallel_adds_two_all_reduces_per_layer():
+    """TOY on 2 chips, decode batch 2: each all-reduce is over 2 tokens × hidden 4 × 2 bytes = 16 B:
+    0.5 + 2 · 1/2 · 16 / 1000 = 0.516 s, 2 per layer × 2 layers = 4 per step = 2.064 s."""
+    one = estimate(TOY, LINKED, batch=2, context=3, chips=1)
+    two = estimate(TOY, LINKED, batch=2, context=3, chips=2)
+    (ar,) = two.collectives
+    assert (ar.name, ar.count, ar.group, ar.bytes) == ("tp_all_reduce", 4, 2, 16.0)
+    assert ar.seconds == pytest.approx(0.516)
+    assert two.comm_s == pytest.approx(2.064)
+    assert two.step_s == pytest.approx(one.step_s / 2 + 2.064)
+    assert two.tp == 2 and two.ep == 1
+    assert any("collectives over toy link" in n for n in two.notes)
+
+
+def test_expert_parallel_adds_two_all_to_alls_per_moe_layer():
+    """TOY_MOE (3 layers, 2 MoE) on 4 chips as tp=2 × ep=2, decode batch 8:
+    all-reduce: 8 / ep=2 tokens × 4 × 2 B = 32 B over 2 chips: 0.5 + 32/1000 · 2·1/2 = 0.532 s, 6 per step;
+    all-to-all: each chip scatters 8/2 tokens × top_k 2 × 4 × 2 B = 64 B over 2 chips: 0.5 + 1/2 · 64/1000
+    = 0.532 s, 2 per MoE layer = 4 per step."""
+    e = estimate(TOY_MOE, LINKED, batch=8, context=3, chips=4, tp=2, ep=2)
+    by_name = {c.name: c for c in e.collectives}
+    ar, a2a = by_name["tp_all_reduce"], by_name["ep_all_to_all"]
+    assert (ar.count, ar.group, ar.bytes) == (6, 2, 32.0)
+    assert ar.seconds == pytest.approx(0.532)
+    assert (a2a.count, a2a.group, a2a.bytes) == (4, 2, 64.0)
+    assert a2a.seconds == pytest.approx(0.532)
+    assert e.comm_s == pytest.approx(6 * 0.532 + 4 * 0.532)
+    # Expert parallel only: no all-reduce.
+    ep_only = estimate(TOY_MOE, LINKED, batch=8, context=3, ep=4, chips=4)
+    assert [c.name for c in ep_only.collectives] == ["ep_all_to_all"] and ep_only.tp == 1
+
+
+def test_layout_defaults_and_errors():
+    assert estimate(TOY, LINKED, batch=2, context=3, chips=4).tp == 4
+    assert estimate(TOY, LINKED, batch=2, context=3, tp=2).chips == 2
+    moe = estimate(TOY_MOE, LINKED, batch=2, context=3, ep=2)
+    assert (moe.chips, moe.tp, moe.ep) == (2, 1, 2)
+    with pytest.raises(ValueError, match="expert parallelism needs an MoE model"):
+        estimate(TOY, LINKED, batch=2, context=3, ep=2)
+    with pytest.raises(ValueError, match="tp=2 × ep=2 must equal chips=8"):
+        estimate(TOY_MOE, LINKED, batch=2, context=3, chips=8, tp=2, ep=2)
+    with pytest.raises(ValueError, match="ep=3 must divide the number of routed experts"):
+        estimate(TOY_MOE, LINKED, batch=2, context=3, ep=3)
+
+
+def test_data_parallel_groups_each_read_their_own_copy_of_the_dense_weights():
+    """tp=1 × ep=2: each chip reads all of a dense component's weights (split over tp=1), but only half
+    of the activations; under tp=2 it reads half the weights."""
+    tp2 = estimate(TOY_MOE, LINKED, batch=2, context=3, chips=2, tp=2)
+    ep2 = estimate(TOY_MOE, LINKED, batch=2, context=3, chips=2, tp=1, ep=2)
+    o_tp = next(c for c in tp2.components if c.name == "o_proj")
+    o_ep = next(c for c in ep2.components if c.name == "o_proj")
+    assert o_tp.chip_s == pytest.approx(o_tp.bound_s / 2)
+    w = next(c for c in step_components(TOY_MOE, batch=2, context=3) if c.name == "o_proj").weight_bytes
+    assert o_ep.chip_s == pytest.approx((w + (o_ep.cost.bytes - w) / 2) / LINKED.bandwidth)
+
+
+def test_a_chip_without_link_figures_says_communication_is_ignored():
+    e = estimate(TOY, TOY_CHIP, batch=2, context=3, chips=2)
+    assert e.comm_s == 0.0 and any("communication ignored" in n for n in e.notes)
+
+
+@pytest.mark.parametrize("name", sorted(CHIPS))
+def test_every_catalogue_chip_has_a_sourced_link(name):
+    chip = CHIPS[name]
+    assert chip.has_interconnect and chip.link
+    assert chip.link in chip.sources["link_bandwidth"]  # the source names the link
+    assert chip.sources["link_latency"].strip()
+    assert 1e10 <= chip.link_bandwidth <= 2e12
+    assert 1e-6 <= chip.link_latency <= 5e-5
