@@ -487,6 +487,11 @@ def estimate(
                 chip_s,
             )
         )
+    if ep > 1 and batch < ep:
+        notes.append(
+            f"batch={batch} < ep={ep}: some expert-parallel groups have no sequence to attend for; the even "
+            "split assumed here flatters this layout"
+        )
     collectives: list[Collective] = []
     if chips > 1:
         layout = f"{tp}-way tensor parallel" + (f" × {ep}-way expert parallel" if ep > 1 else "")

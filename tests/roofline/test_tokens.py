@@ -240,6 +240,9 @@ def test_expert_parallel_adds_two_all_to_alls_per_moe_layer():
     # Expert parallel only: no all-reduce.
     ep_only = estimate(TOY_MOE, LINKED, batch=8, context=3, ep=4, chips=4)
     assert [c.name for c in ep_only.collectives] == ["ep_all_to_all"] and ep_only.tp == 1
+    assert not any("batch=8 < ep" in n for n in ep_only.notes)
+    small = estimate(TOY_MOE, LINKED, batch=2, context=3, ep=4, chips=4)
+    assert any("batch=2 < ep=4" in n for n in small.notes)
 
 
 def test_layout_defaults_and_errors():
