@@ -1,0 +1,601 @@
+"""The MoE expert FFN as two Pallas (Triton) grouped GEMMs over rows sorted by expert.
+
+Formula. For the dispatched rows xs: [A, d], sorted by expert (the rows of expert e are the contiguous
+range [o_e, o_e + n_e) with o_e = n_0 + ... + n_{e-1}, n = group_sizes):
+
+    h[r]  = silu(xs[r] · w_gate[e]) ⊙ (xs[r] · w_up[e])        kernel 1: [A, f], written once
+    ys[r] = h[r] · w_down[e]                                     kernel 2: [A, d]
+
+for every row r of expert e, and ys[r] = 0 for the rows past Σ n_e (padding rows at the end of the
+buffer). `moe_ffn_pallas` wraps these in the public dispatch plan and the weighted combine.
+
+Tile schedule (MegaBlocks' block-sparse grouped GEMM, JAX's ragged-dot examples). The rows are cut into
+blocks of `block_m`; a tile is a (row block, expert) pair, so a block that straddles an expert
+boundary is visited once per expert it holds, each visit computing the whole block against that
+expert's weights and storing only that expert's rows (a row mask). The schedule is computed in jnp from
+group_sizes: tile i has its expert, its row block and its row range [lo, hi). The grid is static:
+ceil(A / block_m) + E - 1 row tiles (the most there can be) by the column tiles; tiles past the
+schedule do nothing, and tiles for the blocks past the last routed row write zeros. An expert with no
+rows has no tile, so its weights are never read (decode: only the experts that receive tokens cost
+bandwidth).
+
+Kernels. Both keep the whole reduction (d for kernel 1, f for kernel 2) in a loop over `block_k`
+slices inside one program, with float32 accumulators; kernel 1 holds the gate and up accumulators
+side by side and applies the SwiGLU before its single store. Low-precision inputs use the native dot
+with float32 accumulation; float32 inputs ask for `precision=HIGHEST` (IEEE float32 on Triton, never
+TF32). h is stored in the weights' dtype, as the XLA strategies do.
+
+Quantized experts (stacks of `quant.Int4Weight`, leaves with a leading expert axis; bits 4, or 3 in the
+4-bit container): each K tile reads the expert's packed bytes [block_k / 2, block_n] and runs the INT4
+kernel's tile step `kernels.int4_matmul.pallas_gpu.int4_tile_dot` (nibbles unpacked in registers, the
+dots on (code - zero) in the activation dtype, the group scale applied to the [block_m, block_n] product),
+with the activation's even and odd columns read by strided loads and divided by the AWQ activation
+scales if any. Float experts are never materialized. block_k divides the group size (so a K tile lies
+in one group). Act-order weights (`perm`) are not taken (each expert would gather its own activation
+columns), nor are bits 2 and 8: `pallas_unsupported` says so, and `moe_ffn` keeps its XLA path for them.
+
+Platforms. The kernel is chosen per lowering platform with `jax.lax.platform_dependent`: compiled
+Triton on cuda and rocm, interpret mode on cpu (slow: for tests at small shapes), and the XLA
+`jax.lax.ragged_dot` formulation anywhere else (TPU). `interpret=True/False` forces one form.
+
+Gradients. A custom VJP: the forward runs the kernels; the backward differentiates the same FFN
+written with `jax.lax.ragged_dot` (float experts: cotangents for xs and the three weight stacks, exact
+zeros for experts with no rows; quantized experts are frozen: the cotangent reaches xs only, through
+the dequantized weights).
+
+Axis legend: `A` dispatched rows, `E` experts, `d` model width, `f` expert hidden width, `T` tokens,
+`k` experts per token.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from jax.extend import core as jex_core
+from jax.interpreters import mlir
+
+from kernels.int4_matmul.pallas_gpu import dot_precision, int4_tile_dot
+from kernels.int4_matmul.xla import zero_cotangent
+from quant.format import Int4Weight, codes_per_byte, symmetric_zero
+
+__all__ = [
+    "grouped_ffn_pallas",
+    "moe_ffn_pallas",
+    "pallas_unsupported",
+    "tile_schedule",
+]
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+INT4_BITS = (3, 4)  # the 4-bit container that `int4_tile_dot` unpacks
+MIN_BLOCK = 16  # Triton's dot needs every tile dimension >= 16
+DEFAULT_BLOCK_M = 64
+DEFAULT_BLOCK_N = 128
+DEFAULT_BLOCK_K = 64  # 32 for float32 (twice the bytes per element)
+_NUM_WARPS = 4
+_NUM_STAGES = 3
+
+
+# --------------------------------------------------------------------------------------------------
+# shapes, tunables and what the kernel does not take
+
+
+def _dims(w: Any) -> tuple[int, int, int]:
+    """(E, K, N) of a float stack [E, K, N] or of a stack of Int4Weight experts."""
+    if isinstance(w, Int4Weight):
+        e, r, n = w.packed.shape
+        return e, r * codes_per_byte(w.bits), n
+    return tuple(w.shape)
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n (1 if n is odd)."""
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def _quantized_block_k(w: Int4Weight, block_k: int) -> int:
+    """K tile of an INT4 stack: a power of two dividing the group size (and K), at least 32 rows (16 per
+    nibble plane) when the group allows, at most block_k otherwise."""
+    k = _dims(w)[1]
+    return _pow2_divisor(math.gcd(k, w.group_size), max(block_k, 2 * MIN_BLOCK))
+
+
+def pallas_unsupported(
+    x: Any, w_gate: Any, w_up: Any, w_down: Any, *, capacity: int | None = None
+) -> str | None:
+    """Why the Pallas grouped FFN cannot run these operands (a sentence), or None when it can.
+
+    x: [T, d] (or the dispatched rows [A, d]); w_gate, w_up: [E, d, f]; w_down: [E, f, d], float
+    arrays or stacks of Int4Weight. capacity is accepted for symmetry with `moe_ffn` (both dropless and
+    capacity mode run here: the dispatch plan packs the kept rows either way).
+    """
+    del capacity
+    if np.dtype(x.dtype).name not in FLOAT_DTYPES:
+        return f"x.dtype={x.dtype} is not one of {FLOAT_DTYPES}"
+    _, d, f = _dims(w_gate)
+    for name, size in (("d", d), ("f", f)):
+        if size % MIN_BLOCK:
+            return f"{name}={size} is not a multiple of {MIN_BLOCK} (Triton tiles need >= 16 per dimension)"
+    quantized = [isinstance(w, Int4Weight) for w in (w_gate, w_up, w_down)]
+    if not any(quantized):
+        if np.dtype(w_gate.dtype).name not in FLOAT_DTYPES:
+            return f"w_gate.dtype={w_gate.dtype} is not one of {FLOAT_DTYPES}"
+        return None
+    if not all(quantized):
+        return "mixed float and Int4Weight experts"
+    if (w_gate.bits, w_gate.group_size) != (w_up.bits, w_up.group_size):
+        return (
+            "w_gate and w_up differ in bits or group_size (the fused kernel reads both with one tile shape)"
+        )
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        if w.perm is not None:
+            return f"{name} is act-ordered (perm): each expert would gather its own activation columns"
+        if w.bits not in INT4_BITS:
+            return f"{name}.bits={w.bits}: the INT4 tile helper reads the 4-bit container (bits {INT4_BITS})"
+        if _quantized_block_k(w, 1 << 30) < 2 * MIN_BLOCK:
+            return (
+                f"{name}.group_size={w.group_size}: a K tile must lie in one group and hold "
+                f">= {2 * MIN_BLOCK} rows ({MIN_BLOCK} per nibble plane)"
+            )
+    return None
+
+
+def _resolve_blocks(num_rows, num_experts, dtype, block_m, block_n, block_k):
+    for name, v in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+        if v is not None and (not isinstance(v, (int, np.integer)) or v < MIN_BLOCK or v & (v - 1)):
+            raise ValueError(f"{name}={v} must be a power of two >= {MIN_BLOCK} (or None)")
+    if block_m is None:
+        # About one block per expert's balanced share of rows, between 16 (decode) and 64.
+        per_expert = max(1, -(-num_rows // max(1, num_experts)))
+        block_m = min(DEFAULT_BLOCK_M, max(MIN_BLOCK, 1 << (per_expert - 1).bit_length()))
+    if block_n is None:
+        block_n = DEFAULT_BLOCK_N
+    if block_k is None:
+        block_k = DEFAULT_BLOCK_K // 2 if np.dtype(dtype) == np.float32 else DEFAULT_BLOCK_K
+    return int(block_m), int(block_n), int(block_k)
+
+
+# --------------------------------------------------------------------------------------------------
+# the tile schedule
+
+
+def tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> jax.Array:
+    """The row tiles of the grouped GEMM: sched [5, num_rows // block_m + E - 1] int32.
+
+    group_sizes: [E] int rows per expert (their sum at most num_rows; num_rows a multiple of block_m).
+    Column i is one tile: (expert, row block, lo, hi, zero_from). The tile computes row block
+    `block` (rows [block·block_m, (block+1)·block_m)) against expert `expert` and stores its rows in
+    [lo, hi); rows >= zero_from in the block are stored as zeros. Tiles come expert by expert, blocks in
+    order; then one tile per block wholly past the routed rows (lo = hi = 0, zero_from = its first row);
+    the rest do nothing (lo = hi = 0, zero_from = num_rows).
+    """
+    num_experts = group_sizes.shape[0]
+    num_blocks = num_rows // block_m
+    num_tiles = num_blocks + num_experts - 1
+    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    total = ends[-1]
+    first = starts // block_m
+    last = jnp.maximum(ends - 1, 0) // block_m
+    tiles_per_expert = jnp.where(sizes > 0, last - first + 1, 0)
+    tile_end = jnp.cumsum(tiles_per_expert)
+    tile_start = tile_end - tiles_per_expert
+    used = tile_end[-1]
+
+    i = jnp.arange(num_tiles, dtype=jnp.int32)
+    e = jnp.minimum(jnp.searchsorted(tile_end, i, side="right"), num_experts - 1).astype(jnp.int32)
+    block = first[e] + i - tile_start[e]
+    lo = jnp.maximum(starts[e], block * block_m)
+    hi = jnp.minimum(ends[e], (block + 1) * block_m)
+    routed = i < used
+    # The last expert tile also zeroes the rows past the routed ones in its block.
+    zero_from = jnp.where(i == used - 1, total, num_rows)
+    zero_block = (total + block_m - 1) // block_m + (i - used)
+    is_zero = ~routed & (zero_block < num_blocks)
+    block = jnp.where(routed, block, jnp.where(is_zero, zero_block, 0))
+    lo = jnp.where(routed, lo, 0)
+    hi = jnp.where(routed, hi, 0)
+    zero_from = jnp.where(routed, zero_from, jnp.where(is_zero, zero_block * block_m, num_rows))
+    return jnp.stack([e, block, lo, hi, zero_from]).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# one K tile of one expert: x_tile @ W_tile, float or INT4
+
+
+def _x_cols(x_ref, act_ref, e, rows, k0, n, stride, dtype):
+    """x[rows, k0 :: stride][:, :n] in dtype, divided by the expert's AWQ activation scales if any."""
+    cols = pl.ds(k0, n, stride=stride) if stride > 1 else pl.ds(k0, n)
+    v = x_ref[rows, cols]
+    if act_ref is not None:
+        v = v.astype(jnp.float32) / act_ref[pl.ds(e, 1), cols].astype(jnp.float32)
+    return v.astype(dtype)
+
+
+def _tile_dot(x_ref, act_ref, w_refs, meta, e, rows, k0, block_k, cols, dtype):
+    """float32 [bm, bn]: rows `rows` of x (k columns [k0, k0 + block_k)) times expert e's weight tile.
+
+    Float experts: one dot. INT4 experts: the INT4 kernel's `int4_tile_dot` on the tile's packed bytes,
+    with the activation's even and odd columns loaded by strided reads (the tile lies in one group).
+    """
+    if meta is None:
+        xv = _x_cols(x_ref, act_ref, e, rows, k0, block_k, 1, dtype)
+        w = w_refs[0][e, pl.ds(k0, block_k), cols].astype(dtype)
+        return jnp.dot(xv, w, preferred_element_type=jnp.float32, precision=dot_precision(dtype))
+    packed_ref, scales_ref, zeros_ref = w_refs
+    bits, group_size = meta
+    half = block_k // 2
+    g = k0 // group_size
+    x_even = _x_cols(x_ref, act_ref, e, rows, k0, half, 2, dtype)
+    x_odd = _x_cols(x_ref, act_ref, e, rows, k0 + 1, half, 2, dtype)
+    packed = packed_ref[e, pl.ds(pl.multiple_of(k0 // 2, half), half), cols]
+    zero = symmetric_zero(bits) if zeros_ref is None else zeros_ref[e, pl.ds(g, 1), cols]
+    return int4_tile_dot(x_even, x_odd, packed, scales_ref[e, pl.ds(g, 1), cols], zero)
+
+
+# --------------------------------------------------------------------------------------------------
+# the two kernels
+
+
+def _tile_header(sched_ref, block_m, block_n):
+    i = pl.program_id(0)
+    e, block, lo, hi, zero_from = (sched_ref[c, i] for c in range(5))
+    row0 = pl.multiple_of(block * block_m, block_m)
+    rows = row0 + lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
+    cols = pl.ds(pl.multiple_of(pl.program_id(1) * block_n, block_n), block_n)
+    return e, pl.ds(row0, block_m), rows, cols, lo, hi, zero_from
+
+
+def _gate_up_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k):
+    """h[rows of e, cols] = silu(x · w_gate[e]) ⊙ (x · w_up[e]) for one (row tile, column tile)."""
+    sched_ref, x_ref, *rest = refs
+    wg_refs, wu_refs = rest[:n_wrefs], rest[n_wrefs : 2 * n_wrefs]
+    act_g_ref, act_u_ref, h_ref = rest[2 * n_wrefs :]
+    e, xrows, rows, cols, lo, hi, _ = _tile_header(sched_ref, block_m, block_n)
+    dtype = h_ref.dtype
+
+    def step(kk, acc):
+        g, u = acc
+        k0 = pl.multiple_of(kk * block_k, block_k)
+        g = g + _tile_dot(x_ref, act_g_ref, wg_refs, meta, e, xrows, k0, block_k, cols, dtype)
+        u = u + _tile_dot(x_ref, act_u_ref, wu_refs, meta, e, xrows, k0, block_k, cols, dtype)
+        return g, u
+
+    zeros = jnp.zeros((block_m, block_n), jnp.float32)
+    # Tiles with no rows (past the schedule, or wholly past the routed rows) skip the loop: no weight reads.
+    g, u = lax.fori_loop(0, jnp.where(hi > lo, num_k, 0), step, (zeros, zeros))
+    h = (g / (1.0 + jnp.exp(-g)) * u).astype(dtype)
+    keep = jnp.broadcast_to((rows >= lo) & (rows < hi), (block_m, block_n))
+    plgpu.store(h_ref.at[xrows, cols], h, mask=keep)
+
+
+def _down_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k):
+    """ys[rows of e, cols] = h · w_down[e]; rows past the routed ones get zeros."""
+    sched_ref, h_ref, *rest = refs
+    wd_refs = rest[:n_wrefs]
+    act_ref, y_ref = rest[n_wrefs:]
+    e, hrows, rows, cols, lo, hi, zero_from = _tile_header(sched_ref, block_m, block_n)
+    dtype = h_ref.dtype
+
+    def step(kk, acc):
+        k0 = pl.multiple_of(kk * block_k, block_k)
+        return acc + _tile_dot(h_ref, act_ref, wd_refs, meta, e, hrows, k0, block_k, cols, dtype)
+
+    acc = lax.fori_loop(0, jnp.where(hi > lo, num_k, 0), step, jnp.zeros((block_m, block_n), jnp.float32))
+    mine = (rows >= lo) & (rows < hi)
+    y = jnp.where(mine, acc, 0.0).astype(y_ref.dtype)
+    keep = jnp.broadcast_to(mine | (rows >= zero_from), (block_m, block_n))
+    plgpu.store(y_ref.at[hrows, cols], y, mask=keep)
+
+
+# --------------------------------------------------------------------------------------------------
+# pallas_call wrappers
+
+
+def _weight_operands(w):
+    """(static meta, the refs' arrays, act_scales or None): meta is None for a float stack and
+    (bits, group_size) for a stack of Int4Weight (whose zeros are None when symmetric)."""
+    if isinstance(w, Int4Weight):
+        return (w.bits, w.group_size), (w.packed, w.scales, w.zeros), w.act_scales
+    return None, (w,), None
+
+
+def _call(kernel, grid, out_shape, operands, interpret, name):
+    # None operands (symmetric zeros) travel as Python None inside the kernel: drop them from the call.
+    present = [a for a in operands if a is not None]
+    where_none = [a is None for a in operands]
+
+    def body(*refs):
+        it = iter(refs[:-1])
+        kernel(*[None if missing else next(it) for missing in where_none], refs[-1])
+
+    return pl.pallas_call(
+        body,
+        grid=grid,
+        out_shape=out_shape,
+        interpret=interpret,
+        name=name,
+        compiler_params=plgpu.CompilerParams(num_warps=_NUM_WARPS, num_stages=_NUM_STAGES),
+    )(*present)
+
+
+def _kernels(xs, sched, wg, wu, wd, *, blocks, interpret):
+    """Both kernels on rows xs: [A_pad, d] (A_pad a multiple of block_m) -> ys [A_pad, d].
+
+    ys (and h) are in the weights' dtype for float experts and in xs's dtype for INT4 experts.
+    """
+    block_m, block_n, block_k = blocks
+    num_rows, d = xs.shape
+    _, _, f = _dims(wg)
+    num_tiles = sched.shape[1]
+    quantized = isinstance(wg, Int4Weight)
+    dtype = xs.dtype if quantized else wd.dtype
+    xs = xs.astype(dtype)
+
+    meta, gate_arrays, act_g = _weight_operands(wg)
+    _, up_arrays, act_u = _weight_operands(wu)
+    bn = _pow2_divisor(f, block_n)
+    bk = _quantized_block_k(wg, block_k) if quantized else _pow2_divisor(d, block_k)
+    gate_up = functools.partial(
+        _gate_up_kernel, meta=meta, n_wrefs=len(gate_arrays), block_m=block_m, block_n=bn, block_k=bk,
+        num_k=d // bk,
+    )  # fmt: skip
+    h = _call(
+        gate_up,
+        (num_tiles, f // bn),
+        jax.ShapeDtypeStruct((num_rows, f), dtype),
+        (sched, xs, *gate_arrays, *up_arrays, act_g, act_u),
+        interpret,
+        "moe_gate_up_swiglu",
+    )
+
+    meta, down_arrays, act_d = _weight_operands(wd)
+    bn = _pow2_divisor(d, block_n)
+    bk = _quantized_block_k(wd, block_k) if quantized else _pow2_divisor(f, block_k)
+    down = functools.partial(
+        _down_kernel, meta=meta, n_wrefs=len(down_arrays), block_m=block_m, block_n=bn, block_k=bk,
+        num_k=f // bk,
+    )  # fmt: skip
+    return _call(
+        down,
+        (num_tiles, d // bn),
+        jax.ShapeDtypeStruct((num_rows, d), dtype),
+        (sched, h, *down_arrays, act_d),
+        interpret,
+        "moe_down",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# the XLA formulation: other platforms' forward and everyone's backward
+
+
+def _dequantized(w):
+    return jax.vmap(lambda v: v.dequantize())(w) if isinstance(w, Int4Weight) else w
+
+
+def _ragged_ffn(xs, group_sizes, wg, wu, wd):
+    """The same FFN through jax.lax.ragged_dot: [A, d] -> [A, d] float32 (rows past Σ sizes are 0)."""
+    wg, wu, wd = (_dequantized(w) for w in (wg, wu, wd))
+    dtype = wd.dtype
+    xs = xs.astype(dtype)
+
+    def rdot(a, w):
+        return lax.ragged_dot(
+            a, w, group_sizes, precision=dot_precision(dtype), preferred_element_type=jnp.float32
+        )
+
+    g, u = rdot(xs, wg), rdot(xs, wu)
+    h = (jax.nn.silu(g) * u).astype(dtype)
+    return rdot(h, wd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _grouped_ffn(xs, group_sizes, wg, wu, wd, blocks, interpret):
+    return _grouped_ffn_fwd_impl(xs, group_sizes, wg, wu, wd, blocks, interpret)
+
+
+# One primitive whose lowering is chosen per platform: lax.platform_dependent would lower every branch for
+# every platform of a multi-platform export, and a compiled pallas_call cannot lower for cpu or tpu.
+_grouped_ffn_p = jex_core.Primitive("tokenlab_moe_grouped_ffn")
+
+
+def _operands_fn(mode):
+    def run(xp, group_sizes, sched, *leaves, weights_tree, blocks, out_dtype):
+        wg, wu, wd = jax.tree.unflatten(weights_tree, leaves)
+        if mode == "portable":
+            ys = _ragged_ffn(xp, group_sizes, wg, wu, wd)
+        else:
+            ys = _kernels(xp, sched, wg, wu, wd, blocks=blocks, interpret=mode == "interpret")
+        return ys.astype(out_dtype)
+
+    return run
+
+
+_grouped_ffn_p.def_abstract_eval(lambda xp, *_, out_dtype, **__: jax.core.ShapedArray(xp.shape, out_dtype))
+_grouped_ffn_p.def_impl(
+    lambda *args, **params: jax.jit(functools.partial(_grouped_ffn_p.bind, **params))(*args)
+)
+mlir.register_lowering(_grouped_ffn_p, mlir.lower_fun(_operands_fn("portable"), multiple_results=False))
+mlir.register_lowering(
+    _grouped_ffn_p, mlir.lower_fun(_operands_fn("interpret"), multiple_results=False), platform="cpu"
+)
+for _platform in ("cuda", "rocm"):
+    mlir.register_lowering(
+        _grouped_ffn_p, mlir.lower_fun(_operands_fn("compiled"), multiple_results=False), platform=_platform
+    )
+
+
+def _grouped_ffn_fwd_impl(xs, group_sizes, wg, wu, wd, blocks, interpret):
+    num_rows = xs.shape[0]
+    block_m = blocks[0]
+    padded = -(-num_rows // block_m) * block_m
+    xp = jnp.pad(xs, ((0, padded - num_rows), (0, 0))) if padded != num_rows else xs
+    sched = tile_schedule(group_sizes, padded, block_m)
+    leaves, weights_tree = jax.tree.flatten((wg, wu, wd))
+    if interpret is None:
+        ys = _grouped_ffn_p.bind(
+            xp, group_sizes, sched, *leaves, weights_tree=weights_tree, blocks=blocks, out_dtype=xs.dtype
+        )
+    else:
+        ys = _kernels(xp, sched, wg, wu, wd, blocks=blocks, interpret=interpret).astype(xs.dtype)
+    return ys[:num_rows]
+
+
+def _grouped_ffn_fwd(xs, group_sizes, wg, wu, wd, blocks, interpret):
+    ys = _grouped_ffn_fwd_impl(xs, group_sizes, wg, wu, wd, blocks, interpret)
+    return ys, (xs, group_sizes, wg, wu, wd)
+
+
+def _grouped_ffn_bwd(blocks, interpret, res, d_ys):
+    del blocks, interpret
+    xs, group_sizes, wg, wu, wd = res
+    d_ys = d_ys.astype(jnp.float32)
+    if isinstance(wg, Int4Weight):  # frozen experts: the cotangent reaches the rows only
+        _, vjp = jax.vjp(lambda v: _ragged_ffn(v, group_sizes, wg, wu, wd), xs)
+        (dxs,) = vjp(d_ys)
+        return dxs.astype(xs.dtype), None, *(zero_cotangent(w) for w in (wg, wu, wd))
+    _, vjp = jax.vjp(lambda *a: _ragged_ffn(a[0], group_sizes, *a[1:]), xs, wg, wu, wd)
+    dxs, dwg, dwu, dwd = vjp(d_ys)
+    return (
+        dxs.astype(xs.dtype),
+        None,
+        dwg.astype(wg.dtype),
+        dwu.astype(wu.dtype),
+        dwd.astype(wd.dtype),
+    )
+
+
+_grouped_ffn.defvjp(_grouped_ffn_fwd, _grouped_ffn_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# public entry points
+
+
+def _validate(xs, group_sizes, wg, wu, wd):
+    if len(xs.shape) != 2:
+        raise ValueError(f"xs.shape={tuple(xs.shape)} must be [A, d]")
+    e, d, f = _dims(wg)
+    if xs.shape[1] != d:
+        raise ValueError(f"xs.shape={tuple(xs.shape)} must be [A, d={d}] to match w_gate [E, d, f]")
+    if _dims(wu) != (e, d, f):
+        raise ValueError(f"w_up is {list(_dims(wu))}; it must match w_gate's [E, d, f]={[e, d, f]}")
+    if _dims(wd) != (e, f, d):
+        raise ValueError(f"w_down is {list(_dims(wd))}; it must be [E, f, d]={[e, f, d]}")
+    if tuple(group_sizes.shape) != (e,):
+        raise ValueError(f"group_sizes.shape={tuple(group_sizes.shape)} must be (E,)=({e},)")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes.dtype={group_sizes.dtype} must be an integer type")
+    if not isinstance(group_sizes, jax.core.Tracer):
+        sizes = np.asarray(group_sizes)
+        if sizes.size and (sizes.min() < 0 or sizes.sum() > xs.shape[0]):
+            raise ValueError(
+                f"group_sizes={sizes.tolist()} must be non-negative with a sum <= A={xs.shape[0]} rows"
+            )
+    if not isinstance(wg, Int4Weight) and not (wg.dtype == wu.dtype == wd.dtype):
+        raise ValueError(f"w_gate/w_up/w_down dtypes {wg.dtype}/{wu.dtype}/{wd.dtype} must match")
+    reason = pallas_unsupported(xs, wg, wu, wd)
+    if reason is not None:
+        raise ValueError(f"the Pallas grouped FFN does not take these operands: {reason}")
+
+
+def grouped_ffn_pallas(
+    xs: jax.Array,
+    group_sizes: jax.Array,
+    w_gate: Any,
+    w_up: Any,
+    w_down: Any,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """The SwiGLU expert FFN on rows sorted by expert: xs [A, d] -> ys [A, d] (xs.dtype).
+
+    xs: [A, d] float32|bfloat16|float16, the rows of expert e contiguous and in expert order (the
+    packed layout of `dispatch_plan` with row_align=1); group_sizes: [E] int32, rows per expert, summing
+    to at most A. Rows past the sum (padding at the end of the buffer) come out as zeros.
+    w_gate, w_up: [E, d, f], w_down: [E, f, d], all float (one dtype) or all stacks of Int4Weight.
+    block_m/block_n/block_k: powers of two >= 16 (None: 16..64 rows by the balanced load, 128 columns,
+    64 reduction rows, 32 for float32); each kernel uses the largest power of two <= block_n (block_k)
+    that divides its output (reduction) width, and quantized experts cap block_k at the group size.
+    interpret: None chooses per lowering platform (cpu: interpret mode; cuda/rocm: Triton; others: the
+    jax.lax.ragged_dot formulation); True/False forces interpret mode / the compiled kernel.
+    Differentiable with respect to xs and float expert weights (a custom VJP through ragged_dot).
+    """
+    _validate(xs, group_sizes, w_gate, w_up, w_down)
+    e = _dims(w_gate)[0]
+    blocks = _resolve_blocks(xs.shape[0], e, xs.dtype, block_m, block_n, block_k)
+    return _grouped_ffn(xs, group_sizes.astype(jnp.int32), w_gate, w_up, w_down, blocks, interpret)
+
+
+def moe_ffn_pallas(
+    x: jax.Array,
+    weights: jax.Array,
+    expert_ids: jax.Array,
+    w_gate: Any,
+    w_up: Any,
+    w_down: Any,
+    *,
+    capacity: int | None = None,
+    drop_priority: str = "choice",
+    interpret: bool | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+) -> jax.Array:
+    """The MoE FFN through the Pallas grouped GEMMs: x [T, d] -> y [T, d] (x.dtype).
+
+    weights: [T, k] float, expert_ids: [T, k] int; experts as for `grouped_ffn_pallas`. capacity: keep at
+    most this many assignments per expert in drop_priority order (None: dropless). The public
+    `dispatch_plan` (packed, row_align=1) sorts the assignments by expert, the rows are gathered, the two
+    kernels run, and `combine` sums the k weighted outputs per token. Differentiable with respect to x,
+    weights and float expert weights.
+    """
+    from kernels import combine, dispatch_plan  # the package imports this module: import at call time
+
+    if len(x.shape) != 2:
+        raise ValueError(f"x.shape={tuple(x.shape)} must be [T, d]")
+    num_experts = _dims(w_gate)[0]
+    expert_ids = jnp.asarray(expert_ids)
+    plan = dispatch_plan(
+        expert_ids,
+        num_experts,
+        weights=weights,
+        capacity=capacity,
+        drop_priority=drop_priority,
+        layout="packed",
+        row_align=1,
+    )
+    num_rows = plan.row_token.shape[0]
+    blocks = _resolve_blocks(num_rows, num_experts, x.dtype, block_m, block_n, block_k)
+    # Gather straight into a buffer of whole row blocks (extra rows read token T: zeros), so the kernels
+    # need no padded copy; combine reads the first R rows.
+    padded = -(-num_rows // blocks[0]) * blocks[0]
+    row_token = jnp.pad(plan.row_token, (0, padded - num_rows), constant_values=x.shape[0])
+    xs = jnp.take(x, row_token, axis=0, mode="fill", fill_value=0)
+    ys = grouped_ffn_pallas(
+        xs,
+        plan.group_sizes,
+        w_gate,
+        w_up,
+        w_down,
+        block_m=blocks[0],
+        block_n=blocks[1],
+        block_k=blocks[2],
+        interpret=interpret,
+    )
+    return combine(ys[:num_rows], weights, plan).astype(x.dtype)
