@@ -83,11 +83,18 @@ MIN_BLOCK_N = 16
 # size their decode grids to a few CTAs per SM).
 DECODE_TARGET_PROGRAMS = 512
 MAX_SPLIT_K = 16
+# block_m below the tensor-core tile selects the matrix-vector kernel: up to this many rows per program, each
+# an unrolled multiply-and-reduce on the CUDA cores.
+MAX_MATVEC_ROWS = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Static tiling of one call: tile sizes, K split and Triton launch parameters."""
+    """Static tiling of one call: tile sizes, K split and Triton launch parameters.
+
+    block_m >= 16 runs tensor-core dots on [block_m, bn] output tiles; block_m in (1, 2, 4, 8) runs the
+    matrix-vector kernel (`matvec`), block_m rows per program.
+    """
 
     block_m: int
     block_n: int
@@ -95,6 +102,10 @@ class Config:
     split_k: int
     num_warps: int
     num_stages: int
+
+    @property
+    def matvec(self) -> bool:
+        return self.block_m < 16
 
 
 def _pow2_divisor(n: int, cap: int, floor: int) -> int | None:
@@ -142,16 +153,22 @@ def choose_config(
     n: int,
     group_size: int,
     *,
+    dtype: Any = jnp.bfloat16,
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
     split_k: int | None = None,
 ) -> Config:
-    """Default tiles by shape (any given value overrides its default after validation).
+    """Default tiles by shape and x's dtype (any given value overrides its default after validation).
 
-    - M ≤ 16 (decode): bm 16, bn 128, bk 128 (a 64 × 128 = 8 KiB packed slab per step), 4 warps, 4 stages so
-      several slabs are in flight per program; split-K doubles until about DECODE_TARGET_PROGRAMS programs
-      run (Marlin/tinygemm: N alone does not fill 132 SMs at decode), keeping ≥ 2 K tiles per program.
+    - float32 x with M ≤ 8: the matrix-vector kernel, bm = M rounded up to a power of two. IEEE float32 dots
+      run on the CUDA cores anyway, so a 16-row dot tile would multiply the FMA work by 16 / M; the matvec
+      does exactly M multiply-adds per weight. bf16/f16 take it with an explicit block_m < 16 (to measure
+      against the tensor-core path at decode).
+    - M ≤ 16 (decode) otherwise: bm 16, bn 128, bk 128 (a 64 × 128 = 8 KiB packed slab per step), 4 warps,
+      4 stages so several slabs are in flight per program; split-K doubles until about
+      DECODE_TARGET_PROGRAMS programs run (N alone does not fill 132 SMs at decode), keeping ≥ 2 K tiles
+      per program. The matvec kernel uses the same bn, bk, split-K, warps and stages.
     - 16 < M ≤ 64: bm = M rounded up to a power of two, bn 128, bk 128, 4 warps, 3 stages; split-K only
       when the grid has fewer programs than about one per SM.
     - M > 64: bm 128, bn 128, bk 64 (two 32-deep dots), 8 warps, 3 stages: Triton's standard tensor-core
@@ -162,9 +179,20 @@ def choose_config(
         raise ValueError(f"M={m} must be at least 1")
     decode = m <= 16
     if block_m is None:
-        block_m = 16 if decode else (min(128, 1 << (m - 1).bit_length()) if m <= 64 else 128)
-    if not _is_pow2(block_m) or block_m < 16:
-        raise ValueError(f"block_m={block_m} must be a power of two >= 16 (the tensor-core tile)")
+        if np.dtype(dtype) == np.float32 and m <= MAX_MATVEC_ROWS:
+            block_m = 1 << (m - 1).bit_length()
+        elif decode:
+            block_m = 16
+        else:
+            block_m = min(128, 1 << (m - 1).bit_length()) if m <= 64 else 128
+    if isinstance(block_m, bool) or not isinstance(block_m, int) or not _is_pow2(block_m):
+        raise ValueError(
+            f"block_m={block_m!r} must be a power of two (<= {MAX_MATVEC_ROWS}: matvec; >= 16: dots)"
+        )
+    if MAX_MATVEC_ROWS < block_m < 16:
+        raise ValueError(
+            f"block_m={block_m} must be <= {MAX_MATVEC_ROWS} (matvec) or >= 16 (tensor-core dots)"
+        )
     if block_n is None:
         block_n = _pow2_divisor(n, 128, MIN_BLOCK_N)
         if block_n is None:
@@ -312,24 +340,53 @@ def _kernel(
     group_size: int,
     tiles_per_split: int,
     sym_zero: int | None,
+    matvec: bool,
 ):
+    """One output tile, over this program's share of K.
+
+    Dot form: xe_ref, xo_ref [bm, K/2]; matvec form: [K/2, bm] (x transposed, so a row of x loads as a
+    [bk/2, 1] column that broadcasts along N). p_ref [K/2, bn] uint8, s_ref (z_ref) [G, bn], o_ref [bm, bn].
+    """
     if sym_zero is None:
         z_ref, o_ref = rest
     else:
         (o_ref,) = rest
     half = block_k // 2
     split = pl.program_id(2)
-    bm, bn = xe_ref.shape[0], p_ref.shape[1]
+    bm, bn = o_ref.shape
 
-    def body(t, acc):
+    def tile(t):
         kt = split * tiles_per_split + t
         rows = pl.ds(pl.multiple_of(kt * half, half), half)
         g = (kt * block_k) // group_size
         z = sym_zero if sym_zero is not None else z_ref[pl.ds(g, 1), :]
-        return acc + int4_tile_dot(xe_ref[:, rows], xo_ref[:, rows], p_ref[rows, :], s_ref[pl.ds(g, 1), :], z)
+        return rows, p_ref[rows, :], s_ref[pl.ds(g, 1), :], z
 
-    acc = jax.lax.fori_loop(0, tiles_per_split, body, jnp.zeros((bm, bn), jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+    if not matvec:
+
+        def body(t, acc):
+            rows, p, s, z = tile(t)
+            return acc + int4_tile_dot(xe_ref[:, rows], xo_ref[:, rows], p, s, z)
+
+        acc = jax.lax.fori_loop(0, tiles_per_split, body, jnp.zeros((bm, bn), jnp.float32))
+        o_ref[...] = acc.astype(o_ref.dtype)
+        return
+
+    def matvec_body(t, accs):
+        rows, p, s, z = tile(t)
+        lo, hi = unpack_tile(p, z, dtype=jnp.float32)
+        s = s.astype(jnp.float32)
+        out = []
+        for r, acc in enumerate(accs):  # unrolled: bm <= MAX_MATVEC_ROWS
+            xe = xe_ref[rows, pl.ds(r, 1)].astype(jnp.float32)  # [bk/2, 1]
+            xo = xo_ref[rows, pl.ds(r, 1)].astype(jnp.float32)
+            out.append(acc + jnp.sum(xe * lo + xo * hi, axis=0, keepdims=True) * s)
+        return tuple(out)
+
+    zero = jnp.zeros((1, bn), jnp.float32)
+    accs = jax.lax.fori_loop(0, tiles_per_split, matvec_body, (zero,) * bm)
+    for r, acc in enumerate(accs):
+        o_ref[pl.ds(r, 1), :] = acc.astype(o_ref.dtype)
 
 
 def _forward(
@@ -343,13 +400,20 @@ def _forward(
     if mp != m:
         x = jnp.pad(x, ((0, mp - m), (0, 0)))
     xe, xo = split_even_odd(x)
+    if cfg.matvec:
+        xe, xo = xe.T, xo.T  # [K/2, Mp]: tiny at these M
     g = scales.shape[0]
     # M blocks vary fastest in launch order: the programs that share one weight tile run together, so a
     # weight byte comes from HBM once and x (the smaller operand up to M ~ K) is re-read from L2.
     grid = (mp // bm, n // bn, split)
+    x_spec = (
+        pl.BlockSpec((k // 2, bm), lambda i, j, s: (0, i))
+        if cfg.matvec
+        else pl.BlockSpec((bm, k // 2), lambda i, j, s: (i, 0))
+    )
     in_specs = [
-        pl.BlockSpec((bm, k // 2), lambda i, j, s: (i, 0)),
-        pl.BlockSpec((bm, k // 2), lambda i, j, s: (i, 0)),
+        x_spec,
+        x_spec,
         pl.BlockSpec((k // 2, bn), lambda i, j, s: (0, j)),
         pl.BlockSpec((g, bn), lambda i, j, s: (0, j)),
     ]
@@ -369,6 +433,7 @@ def _forward(
         group_size=group_size,
         tiles_per_split=k // bk // split,
         sym_zero=sym_zero if zeros is None else None,
+        matvec=cfg.matvec,
     )
 
     def call(interp: bool):
@@ -474,7 +539,15 @@ def int4_matmul_pallas(
     if interpret is not None and not isinstance(interpret, bool):
         raise ValueError(f"interpret={interpret!r} must be None, True or False")
     cfg = choose_config(
-        m, k, n, group_size, block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k
+        m,
+        k,
+        n,
+        group_size,
+        dtype=x.dtype,
+        block_m=block_m,
+        block_n=block_n,
+        block_k=block_k,
+        split_k=split_k,
     )
     return _matmul(x, packed, scales, zeros, group_size, int(sym_zero), cfg, interpret)
 

@@ -82,11 +82,21 @@ def test_split_k(split_k):
     check(activations(6, 3), make_weight(7), block_n=32, block_k=32, split_k=split_k)
 
 
+@pytest.mark.parametrize(
+    "dtype,m,block_m",
+    [(np.float32, 5, 16), (np.float32, 1, None), (jnp.bfloat16, 1, 1), (np.float16, 3, 4)],
+    ids=["f32-dots", "f32-matvec", "bf16-matvec", "f16-matvec"],
+)
+def test_matvec_and_dot_kernels(dtype, m, block_m):
+    # float32 at M <= 8 takes the matrix-vector kernel by default; block_m picks either kernel explicitly.
+    check(activations(13, m, dtype), make_weight(14, group_size=32), block_m=block_m)
+
+
 def test_explicit_tiles():
     check(activations(8, 20), make_weight(9, group_size=128), block_m=32, block_n=16, block_k=64, split_k=2)
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_values(seed):
     # One shape, so the interpreted kernel compiles once; hypothesis draws weights and activations.
@@ -121,18 +131,18 @@ def _lowered_text(x, qw, platform, **tunables):
     return f.trace(x, qw).lower(lowering_platforms=(platform,)).as_text()
 
 
-@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("m,block_m", [(1, None), (64, None), (2, 2)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_lowers_for_cuda_as_a_triton_kernel(m, dtype):
+def test_lowers_for_cuda_as_a_triton_kernel(m, block_m, dtype):
     qw = make_weight(0, **VARIANTS["act_order_and_scales"])
     x = jax.ShapeDtypeStruct((m, K), dtype)
-    cuda = _lowered_text(x, qw, "cuda")
+    cuda = _lowered_text(x, qw, "cuda", block_m=block_m)
     calls = re.findall(r"custom_call @__gpu\$xla\.gpu\.triton\(", cuda)
     assert len(calls) == 1
-    cfg = pg.choose_config(m, K, N, qw.group_size)
+    cfg = pg.choose_config(m, K, N, qw.group_size, dtype=dtype, block_m=block_m)
     assert f"num_warps = {cfg.num_warps}" in cuda and f"num_stages = {cfg.num_stages}" in cuda
     # The CPU lowering of the same function interprets the kernel: no GPU custom call.
-    assert "xla.gpu.triton" not in _lowered_text(x, qw, "cpu")
+    assert "xla.gpu.triton" not in _lowered_text(x, qw, "cpu", block_m=block_m)
 
 
 def test_float32_dots_ask_for_full_precision():
@@ -156,6 +166,8 @@ def test_choose_config_fills_the_gpu_at_decode():
         assert (cfg.block_m, cfg.block_n, cfg.block_k) == (16, 128, 128)
         assert (n // 128) * cfg.split_k >= pg.DECODE_TARGET_PROGRAMS
         assert (k // cfg.block_k) % cfg.split_k == 0
+    assert pg.choose_config(3, 4096, 14336, 128, dtype=jnp.float32).block_m == 4  # matvec
+    assert pg.choose_config(3, 4096, 14336, 128, dtype=jnp.bfloat16).block_m == 16  # tensor cores
     big = pg.choose_config(512, 4096, 14336, 128)
     assert (big.block_m, big.block_n, big.block_k, big.split_k) == (128, 128, 64, 1)
     assert pg.choose_config(40, 4096, 14336, 32).block_k == 32  # a tile never straddles a group
@@ -182,7 +194,8 @@ def test_unsupported_weights_name_the_reason():
         ),
         ({"split_k": 3}, "split_k=3"),
         ({"block_n": 64}, "block_n=64"),
-        ({"block_m": 8}, "block_m=8"),
+        ({"block_m": 12}, "block_m=12"),
+        ({"block_m": 32, "block_n": 32, "block_k": 32, "split_k": 16}, "split_k=16"),
         ({"interpret": "yes"}, "interpret='yes'"),
     ],
 )
