@@ -39,9 +39,14 @@ write a float32 partial [M, N]; the partials are summed (float32) outside the ke
 larger tiles and no split. Defaults (`choose_config`) follow the published W4A16 kernels (Marlin and
 tinygemm both run tensor-core MMAs on 16-row activation tiles even at M = 1, and Marlin partitions K across
 SMs when N alone does not fill the GPU) and Triton's standard matmul configurations; they are anchors, not
-measurements: the GPU figures are still to be measured. Float32 activations run IEEE float32 dots on the
-CUDA cores (no tensor cores, per the precision policy), so at decode they pay for the 16-row padding; pass
-bf16/f16 activations for speed.
+measurements: the GPU figures are still to be measured.
+
+Matrix-vector form (block_m < 16): up to 8 rows of x per program, each an unrolled multiply-and-reduce on the
+CUDA cores in float32, `acc[r] += s ⊙ Σ_k (x_even[r, k] · (lo − z) + x_odd[r, k] · (hi − z))`. It is the
+default for float32 activations at M ≤ 8: IEEE float32 dots run on the CUDA cores anyway (the precision
+policy rules out TF32), so the 16-row dot tile would multiply the FMA work by 16 / M. bf16/f16 activations
+can ask for it (`block_m=1, 2, 4, 8`) to compare with the tensor-core form at decode (GemLite's Triton
+kernels use a GEMV form at batch 1).
 
 Lowering
 --------
@@ -79,8 +84,8 @@ SUPPORTED_BITS = (3, 4)  # the 4-bit container (3-bit codes share it)
 MIN_BLOCK_K = 32
 MIN_BLOCK_N = 16
 # Programs in flight that the decode split-K aims for: about four per SM on a 132-SM H100/H200 (five on a
-# 108-SM A100), so each SM has several independent K slices' loads outstanding (Marlin and tinygemm both
-# size their decode grids to a few CTAs per SM).
+# 108-SM A100), so each SM has several independent K slices' loads outstanding. Marlin likewise spreads the K
+# work of every output tile over all SMs instead of relying on N alone. To be tuned on a GPU.
 DECODE_TARGET_PROGRAMS = 512
 MAX_SPLIT_K = 16
 # block_m below the tensor-core tile selects the matrix-vector kernel: up to this many rows per program, each
