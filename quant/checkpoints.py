@@ -29,7 +29,11 @@ Files: `save_checkpoint(dir, {name: Int4Weight}, format=...)` writes `dir/model.
 `dir/quantize_config.json` with the fields those tools write (bits, group_size (-1: per-channel),
 desc_act, sym, quant_method, checkpoint_format; AWQ: zero_point, q_group_size, w_bit, version). Each file
 is written under a temporary name and renamed into place, so a crash never leaves a partial file.
-`load_checkpoint(dir)` reads every `*.safetensors` in the directory with `safetensors.numpy` (no pickle).
+`load_checkpoint(dir)` reads every `*.safetensors` in the directory with `safetensors.numpy` (no pickle);
+given the path of a `.safetensors` file instead, it reads that file's directory (the whole checkpoint,
+every shard). Every error names the file and what is wrong with it: a truncated or corrupt tensors file,
+a config that is not JSON (with its line and column) or holds a bad value, a layer whose tensors do not
+fit the config (the config's `group_size` and the one the tensors imply are both named).
 
 Upstream quirks, handled
 ------------------------
@@ -42,9 +46,13 @@ Upstream quirks, handled
 - The upstream layouts have no slot for per-input-channel activation scales (AutoAWQ folds them into the
   previous norm or linear layer before packing): a weight with `act_scales` raises, fold them first or
   use `format="tokenlab"`.
-- Scales are float16 upstream: float32 scales are rounded to float16 on the way out (an overflow to
-  inf raises). A checkpoint read back keeps float16 scales, so checkpoint -> Int4Weight -> checkpoint is
-  exact, and so is Int4Weight -> checkpoint -> Int4Weight when the scales are already float16.
+- Scales are float16 upstream. The quantizers round their scales to float16 before choosing codes
+  (`scale_dtype`, float16 by default), so quantize -> save -> load gives back exactly the quantized
+  weight, in every layout (the lab's own keeps float32 scales too, if asked for). Scales that float16
+  cannot hold (a weight quantized with `scale_dtype=float32`, or a `fold_scales_into_linear` producer)
+  are rounded on the way out with a warning, since the checkpoint then holds a slightly different weight;
+  an overflow to inf raises. A checkpoint read back keeps float16 scales, so checkpoint -> Int4Weight ->
+  checkpoint is exact too.
 - AWQ has no g_idx: an act-order weight cannot be written as AWQ. AWQ always stores zeros: a symmetric
   weight is written with its implicit zeros (2**(bits-1)); pass `sym=True` on reading to get `zeros=None`
   back (checked). The same `sym` switch exists for GPTQ; `load_checkpoint` takes it from the config.
@@ -59,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -143,11 +152,19 @@ def _expect_shape(t: np.ndarray, shape: tuple[int, ...], key: str) -> None:
         raise ValueError(f"checkpoint tensor {key!r} has shape {tuple(t.shape)}; expected {tuple(shape)}")
 
 
-def _scales_f16(qw: Int4Weight) -> np.ndarray:
+def _scales_f16(qw: Int4Weight, format: str) -> np.ndarray:
     s = np.asarray(qw.scales)
     s16 = s.astype(np.float16)
     if not np.all(np.isfinite(s16)):
-        raise ValueError("scales overflow float16, the dtype of upstream checkpoints")
+        raise ValueError(f"scales overflow float16, the dtype of format={format!r} checkpoints")
+    if s.dtype != np.float16 and not np.array_equal(s16.astype(s.dtype), s):
+        warnings.warn(
+            f"format={format!r} stores float16 scales and this weight's {s.dtype} scales are not float16 "
+            "values: they are rounded, so the checkpoint holds a slightly different weight. Quantize with "
+            "scale_dtype=np.float16 (the default) for an exact checkpoint, or save with format='tokenlab'",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return s16
 
 
@@ -192,7 +209,7 @@ def to_autogptq(qw: Int4Weight, *, format: str = "gptq") -> dict[str, np.ndarray
     return {
         "qweight": _pack_words(qw.codes_in_input_order(), qw.bits, axis=0),
         "qzeros": _pack_words(zeros, qw.bits, axis=1),
-        "scales": _scales_f16(qw),
+        "scales": _scales_f16(qw, format),
         "g_idx": qw.g_idx().astype(np.int32),
     }
 
@@ -239,7 +256,10 @@ def from_autogptq(
         raise ValueError(f"scales have G={g} groups, which does not divide K={k}")
     gs = k // g
     if group_size is not None and group_size not in (gs, -1 if g == 1 else gs):
-        raise ValueError(f"group_size={group_size} disagrees with the tensors, which imply {gs}")
+        raise ValueError(
+            f"group_size={group_size} disagrees with the tensors: scales have G={g} groups for K={k} input "
+            f"channels, which imply group_size={-1 if g == 1 else gs}"
+        )
     codes = _unpack_words(qweight, bits, axis=0)
     zeros = _unpack_words(qzeros, bits, axis=1).astype(np.int64)
     if format == "gptq":
@@ -280,7 +300,7 @@ def to_autoawq(qw: Int4Weight) -> dict[str, np.ndarray]:
     return {
         "qweight": _pack_words(np.asarray(qw.codes()), 4, axis=1, order=AWQ_ORDER),
         "qzeros": _pack_words(np.asarray(qw.zero_points()), 4, axis=1, order=AWQ_ORDER),
-        "scales": _scales_f16(qw),
+        "scales": _scales_f16(qw, "awq"),
     }
 
 
@@ -295,6 +315,12 @@ def from_autoawq(tensors: Mapping[str, Any], group_size: int, *, sym: bool = Fal
     gs = k if group_size == -1 else int(group_size)
     if gs <= 0 or k % gs:
         raise ValueError(f"K={k} (qweight rows) is not divisible by group_size={group_size}")
+    g = scales.shape[0]
+    if g != k // gs and g > 0 and k % g == 0 and scales.shape[1] == n:
+        raise ValueError(
+            f"group_size={group_size} disagrees with the tensors: scales have G={g} groups for K={k} input "
+            f"channels, which imply group_size={-1 if g == 1 else k // g}"
+        )
     _expect_shape(scales, (k // gs, n), "scales")
     _expect_shape(qzeros, (k // gs, n // 8), "qzeros")
     if not np.all(np.isfinite(scales.astype(np.float32))):
@@ -422,6 +448,12 @@ def save_checkpoint(
     from safetensors.numpy import save_file
 
     validate_format(format)
+    root = Path(path)
+    if root.suffix == ".safetensors" or root.is_file():
+        raise ValueError(
+            f"path={str(root)!r} names a file; save_checkpoint writes a directory: pass the directory that "
+            f"should hold {TENSORS_NAME} and {CONFIG_NAME}"
+        )
     if not weights:
         raise ValueError("weights is empty: nothing to save")
     for name, qw in weights.items():
@@ -438,7 +470,6 @@ def save_checkpoint(
             layer = _to_tokenlab(qw)
         for key, t in layer.items():
             tensors[f"{name}.{key}"] = np.ascontiguousarray(t)
-    root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     _atomic_write(root / TENSORS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
 
@@ -455,7 +486,7 @@ def _detect_format(config: Mapping[str, Any]) -> str:
         fmt = {"gptq": "gptq", "awq": "awq"}.get(str(config.get("quant_method", "gptq")).lower())
     if fmt is None or fmt not in FORMATS:
         raise ValueError(
-            f"{CONFIG_NAME} names an unknown format (checkpoint_format={config.get('checkpoint_format')!r}, "
+            f"unknown format (checkpoint_format={config.get('checkpoint_format')!r}, "
             f"quant_method={config.get('quant_method')!r}); expected one of {FORMATS}"
         )
     if fmt == "awq" and str(config.get("version", "gemm")).lower() != "gemm":
@@ -463,30 +494,92 @@ def _detect_format(config: Mapping[str, Any]) -> str:
     return fmt
 
 
+def _read_config(config_path: Path) -> tuple[str, int, int, bool]:
+    """`(format, bits, group_size, sym)` from quantize_config.json; every error names the file."""
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{config_path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{config_path} is not UTF-8 text: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got a JSON {type(config).__name__}")
+    try:
+        fmt = _detect_format(config)
+        key = "w_bit" if "w_bit" in config else "bits"
+        bits = validate_bits(config.get(key, 4))
+        key = "q_group_size" if "q_group_size" in config else "group_size"
+        gs = config.get(key, 128)
+        if isinstance(gs, bool) or not isinstance(gs, int) or (gs <= 0 and gs != -1):
+            raise ValueError(f"{key}={gs!r} must be a positive int, or -1 for per-channel")
+        sym = (not config.get("zero_point", True)) if fmt == "awq" else bool(config.get("sym", False))
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from e
+    return fmt, bits, gs, sym
+
+
+def _load_tensors(files: list[Path]) -> tuple[dict[str, np.ndarray], dict[str, Path]]:
+    """Every tensor of every file, and the file each came from; unreadable files name themselves."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    tensors: dict[str, np.ndarray] = {}
+    origin: dict[str, Path] = {}
+    for file in files:
+        try:
+            loaded = load_file(str(file))
+        except SafetensorError as e:
+            raise ValueError(
+                f"{file} cannot be read as safetensors ({e}): the file is truncated or corrupt (an "
+                "interrupted download or copy?)"
+            ) from e
+        tensors.update(loaded)
+        origin.update(dict.fromkeys(loaded, file))
+    return tensors, origin
+
+
+def _layer_group_size(layer: Mapping[str, Any], fmt: str, gs: int) -> int:
+    """The group size to read an AWQ layer with: the tensors' own, so a config that disagrees is named."""
+    if fmt != "awq" or "qweight" not in layer or "scales" not in layer:
+        return gs
+    k, g = np.shape(layer["qweight"])[0], np.shape(layer["scales"])[0]
+    if g > 0 and k % g == 0:
+        return k // g
+    return k if gs == -1 else gs
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Int4Weight]:
     """Read a checkpoint directory (ours, AutoGPTQ's, GPTQModel's or AutoAWQ's) into `{name: Int4Weight}`.
 
     Every `*.safetensors` file in the directory is read (sharded checkpoints too); tensors that are not
-    part of a quantized layer (biases, norms, embeddings) are ignored.
+    part of a quantized layer (biases, norms, embeddings) are ignored. `path` may also name a
+    `.safetensors` file: its directory is read. Every error names the file and what is wrong with it.
     """
-    from safetensors.numpy import load_file
-
     root = Path(path)
+    if root.suffix == ".safetensors" and root.is_file():
+        root = root.parent
+    if not root.exists():
+        raise ValueError(f"{root} does not exist")
+    if not root.is_dir():
+        raise ValueError(
+            f"{root} is a file, not a checkpoint directory: pass the directory that holds {CONFIG_NAME} "
+            "and the *.safetensors files (or one of those .safetensors files)"
+        )
     config_path = root / CONFIG_NAME
     if not config_path.is_file():
         raise ValueError(f"{config_path} is missing: not a quantized checkpoint directory")
-    config = json.loads(config_path.read_text())
-    fmt = _detect_format(config)
-    bits = validate_bits(config.get("w_bit", config.get("bits", 4)))
-    gs = int(config.get("q_group_size", config.get("group_size", 128)))
-    sym = (not config.get("zero_point", True)) if fmt == "awq" else bool(config.get("sym", False))
+    fmt, bits, gs, sym = _read_config(config_path)
     files = sorted(root.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors file in {root}")
-    tensors: dict[str, np.ndarray] = {}
-    for file in files:
-        tensors.update(load_file(str(file)))
+    tensors, origin = _load_tensors(files)
     names = sorted(key[: -len(".qweight")] for key in tensors if key.endswith(".qweight"))
+    if not names:
+        raise ValueError(
+            f"{', '.join(str(f) for f in files)} hold no quantized layer (no '<name>.qweight' tensor)"
+        )
     out: dict[str, Int4Weight] = {}
     for name in names:
         prefix = f"{name}."
@@ -495,14 +588,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Int4Weight]:
             for key, t in tensors.items()
             if key.startswith(prefix) and "." not in key[len(prefix) :]
         }
+        file = origin[f"{name}.qweight"]
         try:
             if fmt in GPTQ_FORMATS:
-                out[name] = from_autogptq(layer, format=fmt, bits=bits, sym=sym)
+                qw = from_autogptq(layer, format=fmt, bits=bits, sym=sym)
             elif fmt == "awq":
-                k = layer["qweight"].shape[0]
-                out[name] = from_autoawq(layer, k if gs == -1 else gs, sym=sym)
+                qw = from_autoawq(layer, _layer_group_size(layer, fmt, gs), sym=sym)
             else:
-                out[name] = _from_tokenlab(layer, bits=bits)
+                qw = _from_tokenlab(layer, bits=bits)
         except ValueError as e:
-            raise ValueError(f"layer {name!r}: {e}") from e
+            raise ValueError(
+                f"{file}: layer {name!r} (read as format={fmt!r}, bits={bits} from {config_path.name}): {e}"
+            ) from e
+        if (qw.num_groups != 1) if gs == -1 else (qw.group_size != gs):
+            implied = -1 if qw.num_groups == 1 else qw.group_size
+            raise ValueError(
+                f"{config_path} says group_size={gs}, but layer {name!r} in {file} has {qw.num_groups} "
+                f"group(s) for K={qw.shape[0]} input channels: group_size={implied}"
+            )
+        out[name] = qw
     return out

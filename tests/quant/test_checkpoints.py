@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -246,8 +248,10 @@ def test_bad_checkpoint_tensors():
     awq = quant.to_autoawq(random_weight(0, (16, 8)))
     with pytest.raises(ValueError, match="not divisible by group_size"):
         quant.from_autoawq(awq, 5)
-    with pytest.raises(ValueError, match="'scales' has shape"):
+    with pytest.raises(ValueError, match="group_size=4 disagrees with the tensors.*imply group_size=8"):
         quant.from_autoawq(awq, 4)
+    with pytest.raises(ValueError, match="'scales' has shape"):
+        quant.from_autoawq({**awq, "scales": awq["scales"][:, :4]}, 8)
 
 
 def test_bad_checkpoint_directory(tmp_path):
@@ -267,3 +271,180 @@ def test_bad_checkpoint_directory(tmp_path):
     with pytest.raises(ValueError, match="layer 'layer'.*'scales' is missing"):
         quant.load_checkpoint(tmp_path)
     assert ckpt.TENSORS_NAME == "model.safetensors"
+
+
+# -- quantize -> save -> load is exact, in every layout ----------------------------------------------------
+
+
+def _calibration(seed, k=64, n=16, samples=96):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((samples, k)).astype(np.float32)
+    x[:, rng.choice(k, 4, replace=False)] *= 12  # outlier channels, so AWQ's scales are not all 1
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    return w, x
+
+
+def _quantized(method, w, x, *, fmt, **kw):
+    """`{name: Int4Weight}` from one quantizer, in the form `fmt` stores (AWQ's scales folded upstream)."""
+    if method == "rtn":
+        return {"rtn": quant.quantize_rtn(w, group_size=16, **kw)}
+    if method == "gptq":
+        # act-order where the layout has a g_idx for it.
+        act_order = fmt != "awq"
+        return {"gptq": quant.gptq_quantize(w, quant.hessian(x), group_size=16, act_order=act_order, **kw)}
+    if fmt == "tokenlab":
+        return {"awq": quant.awq_quantize(w, x, group_size=16, grid=8, **kw)}  # act_scales kept
+    qws = quant.awq_quantize_shared([w, w[:, :8]], x, group_size=16, grid=8, **kw)
+    _, _, folded = quant.fold_scales_into_norm(np.ones(w.shape[0], np.float32), None, qws)
+    return {"awq.q": folded[0], "awq.k": folded[1]}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quantize_save_load_is_exact(tmp_path, fmt, method):
+    # The quantizers choose codes for float16 scales, the dtype every upstream layout stores: the loaded
+    # weight is the quantized one, field for field and in dequantize(), bit for bit.
+    w, x = _calibration(1)
+    weights = _quantized(method, w, x, fmt=fmt)
+    if fmt == "gptq":
+        assert all(np.all(np.asarray(qw.zero_points()) > 0) for qw in weights.values())  # v1 holds no 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no rounding warning: nothing is rounded on the way out
+        quant.save_checkpoint(tmp_path, weights, format=fmt)
+    loaded = quant.load_checkpoint(tmp_path)
+    assert sorted(loaded) == sorted(weights)
+    for name, qw in weights.items():
+        assert qw.scales.dtype == np.float16
+        assert_same_weight(loaded[name], qw)
+        assert_close_dequant(loaded[name], qw)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_float32_scales_round_trip_exactly_in_the_lab_format(tmp_path, method):
+    w, x = _calibration(2)
+    weights = _quantized(method, w, x, fmt="tokenlab", scale_dtype=np.float32)
+    quant.save_checkpoint(tmp_path, weights, format="tokenlab")
+    loaded = quant.load_checkpoint(tmp_path)
+    for name, qw in weights.items():
+        assert qw.scales.dtype == np.float32
+        assert_same_weight(loaded[name], qw)
+        assert_close_dequant(loaded[name], qw)
+
+
+@pytest.mark.parametrize("fmt", ["gptq_v2", "awq"])
+def test_float32_scales_in_a_float16_layout_warn(tmp_path, fmt):
+    w, _ = _calibration(3)
+    qw = quant.quantize_rtn(w, group_size=16, scale_dtype=np.float32)
+    with pytest.warns(RuntimeWarning, match=f"format='{fmt}' stores float16 scales.*scale_dtype=np.float16"):
+        quant.save_checkpoint(tmp_path, {"layer": qw}, format=fmt)
+    back = quant.load_checkpoint(tmp_path)["layer"]
+    np.testing.assert_array_equal(np.asarray(back.scales), np.asarray(qw.scales).astype(np.float16))
+    # Scales that are float16 values already, in a float32 array, are stored without a word.
+    exact = quant.Int4Weight(qw.packed, np.asarray(back.scales, np.float32), qw.zeros, group_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quant.save_checkpoint(tmp_path, {"layer": exact}, format=fmt)
+
+
+# -- checkpoint errors name the file and what is wrong ---------------------------------------------------
+
+
+def _saved(tmp_path, fmt="gptq_v2", **kw):
+    quant.save_checkpoint(tmp_path, {"layer": random_weight(0, (32, 16), min_zero=1, **kw)}, format=fmt)
+    return tmp_path
+
+
+def test_truncated_tensors_file_names_the_file(tmp_path):
+    path = _saved(tmp_path) / "model.safetensors"
+    data = path.read_bytes()
+    for cut in (len(data) - 8, 20, 4):
+        path.write_bytes(data[:cut])
+        with pytest.raises(
+            ValueError, match=rf"^{re.escape(str(path))} cannot be read as safetensors .*truncated"
+        ):
+            quant.load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{\n  "bits": 4,\n  "group_size": 8,,\n}\n', r" is not valid JSON: .* at line 3, column 19"),
+        ("", r" is not valid JSON: .* at line 1, column 1"),
+        ("[4, 8]", r" must hold a JSON object, got a JSON list"),
+        ('{"bits": 5, "checkpoint_format": "gptq_v2"}', r": bits=5 is not supported"),
+        ('{"bits": 4, "group_size": "128", "checkpoint_format": "gptq_v2"}', r": group_size='128' must be"),
+        ('{"bits": 4, "group_size": 0, "checkpoint_format": "gptq_v2"}', r": group_size=0 must be"),
+        ('{"checkpoint_format": "exl2"}', r": unknown format"),
+    ],
+)
+def test_bad_config_names_the_file(tmp_path, text, match):
+    config = _saved(tmp_path) / "quantize_config.json"
+    config.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(config))}{match}"):
+        quant.load_checkpoint(tmp_path)
+
+
+def test_path_to_the_tensors_file_reads_its_directory(tmp_path):
+    _saved(tmp_path)
+    whole = quant.load_checkpoint(tmp_path)
+    assert_same_weight(quant.load_checkpoint(tmp_path / "model.safetensors")["layer"], whole["layer"])
+    assert_same_weight(quant.load_checkpoint(str(tmp_path / "model.safetensors"))["layer"], whole["layer"])
+    with pytest.raises(ValueError, match=r"quantize_config.json is a file, not a checkpoint directory"):
+        quant.load_checkpoint(tmp_path / "quantize_config.json")
+    with pytest.raises(ValueError, match=r"absent does not exist"):
+        quant.load_checkpoint(tmp_path / "absent")
+    with pytest.raises(ValueError, match=r"absent.safetensors does not exist"):
+        quant.load_checkpoint(tmp_path / "absent.safetensors")
+
+
+def test_save_refuses_a_file_path(tmp_path):
+    qw = random_weight(0, (16, 8), min_zero=1)
+    with pytest.raises(ValueError, match=r"names a file; save_checkpoint writes a directory"):
+        quant.save_checkpoint(tmp_path / "model.safetensors", {"layer": qw})
+    assert not list(tmp_path.iterdir())
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"notes.txt' names a file"):
+        quant.save_checkpoint(tmp_path / "notes.txt", {"layer": qw})
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+@pytest.mark.parametrize("config_gs", [16, 4, -1])
+def test_config_group_size_that_disagrees_with_the_tensors_is_an_error(tmp_path, fmt, config_gs):
+    # The tensors hold groups of 8 (K=32: 4 groups); the config says otherwise.
+    config = _saved(tmp_path, fmt=fmt) / "quantize_config.json"
+    fields = json.loads(config.read_text())
+    key = "q_group_size" if fmt == "awq" else "group_size"
+    assert fields[key] == 8
+    config.write_text(json.dumps({**fields, key: config_gs}))
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(config))} says group_size={config_gs}, .* group_size=8$"
+    ):
+        quant.load_checkpoint(tmp_path)
+
+
+def test_per_channel_config_agrees_with_one_group(tmp_path):
+    qw = random_weight(0, (32, 16), gs=32, min_zero=1)
+    for fmt in quant.FORMATS:
+        quant.save_checkpoint(tmp_path / fmt, {"layer": qw}, format=fmt)
+        config = tmp_path / fmt / "quantize_config.json"
+        fields = json.loads(config.read_text())
+        assert fields["group_size"] == -1
+        assert_same_weight(quant.load_checkpoint(tmp_path / fmt)["layer"], qw)
+        # Writing K itself is the same grouping.
+        config.write_text(json.dumps({**fields, "group_size": 32, "q_group_size": 32}))
+        assert_same_weight(quant.load_checkpoint(tmp_path / fmt)["layer"], qw)
+
+
+def test_layer_errors_name_the_file_and_the_layer(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    _saved(tmp_path)
+    path = tmp_path / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["layer.qzeros"] = tensors["layer.qzeros"][:1]
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: layer 'layer' .*'qzeros' has shape"):
+        quant.load_checkpoint(tmp_path)
+    save_file({"model.norm.weight": np.ones(4, np.float16)}, str(path))
+    with pytest.raises(ValueError, match=r"hold no quantized layer"):
+        quant.load_checkpoint(tmp_path)
