@@ -543,6 +543,8 @@ def int4_matmul_pallas(
         raise ValueError(f"N={n} must be a multiple of {MIN_BLOCK_N} for the Pallas kernel")
     if interpret is not None and not isinstance(interpret, bool):
         raise ValueError(f"interpret={interpret!r} must be None, True or False")
+    if m == 0:
+        return jnp.zeros((0, n), x.dtype)
     cfg = choose_config(
         m,
         k,

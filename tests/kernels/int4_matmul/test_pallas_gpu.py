@@ -92,6 +92,11 @@ def test_matvec_and_dot_kernels(dtype, m, block_m):
     check(activations(13, m, dtype), make_weight(14, group_size=32), block_m=block_m)
 
 
+def test_no_rows():
+    out = pg.int4_weight_matmul_pallas(jnp.zeros((0, K), jnp.bfloat16), make_weight(0))
+    assert out.shape == (0, N) and out.dtype == jnp.bfloat16
+
+
 def test_explicit_tiles():
     check(activations(8, 20), make_weight(9, group_size=128), block_m=32, block_n=16, block_k=64, split_k=2)
 
