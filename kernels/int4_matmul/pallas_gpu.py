@@ -276,7 +276,8 @@ def unpack_tile(
     if isinstance(zero_row, int):
         offset = base + zero_row  # a Python float: exact, and folded into the subtraction
     else:
-        offset = zero_row.astype(dtype).reshape(1, bn) + jnp.asarray(base, dtype)
+        # One [1, bn] row per tile: through float32, the conversion every backend lowers; exact.
+        offset = (zero_row.astype(jnp.float32).reshape(1, bn) + base).astype(dtype)
     p = packed_tile.astype(itype)
 
     def plane(codes):
