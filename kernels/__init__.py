@@ -1,4 +1,9 @@
-"""Compute kernels for LLM serving: each a NumPy reference and a jitted JAX implementation."""
+"""Compute kernels for LLM serving, one package per op and one module per backend.
+
+Each op (`paged_attention`, `int4_matmul`, `moe`) has a NumPy reference, the portable jitted XLA path and,
+where it pays, faster paths for one backend (`cpu_native`, `pallas`); `available_impls(op)` lists those that
+run here and `kernels.registry` says how `impl=` is chosen.
+"""
 
 from kernels.int4_matmul import (
     int4_matmul,
@@ -6,7 +11,6 @@ from kernels.int4_matmul import (
     int4_matmul_reference,
     validate_int4_matmul_inputs,
 )
-from kernels.kv_cache import OutOfPages, PageAllocator, copy_pages, validate_write_kv_inputs, write_kv
 from kernels.moe import (
     DispatchPlan,
     combine,
@@ -27,18 +31,25 @@ from kernels.moe import (
     validate_route_inputs,
 )
 from kernels.paged_attention import (
+    OutOfPages,
+    PageAllocator,
+    copy_pages,
     dequantize_pages,
     gather_kv,
     paged_attention,
     paged_attention_cost,
     paged_attention_reference,
     validate_paged_attention_inputs,
+    validate_write_kv_inputs,
+    write_kv,
 )
+from kernels.registry import available_impls
 
 __all__ = [
     "DispatchPlan",
     "OutOfPages",
     "PageAllocator",
+    "available_impls",
     "combine",
     "copy_pages",
     "dequantize_experts",

@@ -1,0 +1,68 @@
+"""INT4 dequant-matmul through the CPU-native kernel (kernels/cpu/int4_matmul.cc, XLA's FFI).
+
+A matrix-vector path for small M and a tiled path for larger M, packed weights dequantized in SIMD registers,
+both cores. Bits 4 and 3 with an even group size; x arrives permuted and scaled (act-order, AWQ) already.
+Chosen per platform at lowering: under `force=False` every other platform runs the XLA scan, so one jitted
+function exports everywhere. The backward pass is the XLA path's transposed scan.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import cpu
+from kernels.int4_matmul.xla import scan_matmul, scan_matmul_transposed
+from kernels.precision import highest_precision
+from quant.format import Int4Weight
+
+
+def _native_or_xla(x, packed, scales, zeros, group_size, dequant, sym_zero, force):
+    """The native kernel on the CPU; under `force=False` every other platform runs the XLA scan."""
+
+    def native(x, packed, scales, zeros):
+        return cpu.int4_matmul_native(x, packed, scales, zeros, group_size=group_size, sym_zero=sym_zero)
+
+    if force:
+        return native(x, packed, scales, zeros)
+
+    def xla(x, packed, scales, zeros):
+        zp = jnp.full(scales.shape, sym_zero, jnp.uint8) if zeros is None else zeros
+        return scan_matmul(x, packed, scales, zp, group_size=group_size, dequant=dequant)
+
+    return jax.lax.platform_dependent(x, packed, scales, zeros, cpu=native, default=xla)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def native_matmul(x, packed, scales, zeros, group_size, dequant, sym_zero, force):
+    return _native_or_xla(x, packed, scales, zeros, group_size, dequant, sym_zero, force)
+
+
+@highest_precision
+def _native_matmul_fwd(x, packed, scales, zeros, group_size, dequant, sym_zero, force):
+    y = _native_or_xla(x, packed, scales, zeros, group_size, dequant, sym_zero, force)
+    return y, (packed, scales, zeros)
+
+
+@highest_precision
+def _native_matmul_bwd(group_size, dequant, sym_zero, force, res, dy):
+    packed, scales, zeros = res
+    zp = jnp.full(scales.shape, sym_zero, jnp.uint8) if zeros is None else zeros
+    dx = scan_matmul_transposed(dy, packed, scales, zp, group_size=group_size)
+    zeros_ct = None if zeros is None else np.zeros(zeros.shape, jax.dtypes.float0)
+    return dx, np.zeros(packed.shape, jax.dtypes.float0), jnp.zeros_like(scales), zeros_ct
+
+
+native_matmul.defvjp(_native_matmul_fwd, _native_matmul_bwd)
+
+
+def native_unsupported(w: Int4Weight) -> str | None:
+    """Why the native CPU kernel cannot take this weight (None when it can)."""
+    if w.bits not in (3, 4):
+        return f"bits={w.bits} (the native kernel reads the 4-bit container: bits 3 and 4)"
+    if w.group_size % 2:
+        return f"group_size={w.group_size} (must be even: a packed byte holds two rows of one group)"
+    return None

@@ -1,0 +1,124 @@
+"""The INT4 matmul suite every implementation faces (`kernels.available_impls("int4_matmul")`).
+
+Each test id names the implementation; weights an implementation does not take (the native kernel reads
+the 4-bit container: bits 3 and 4) are skipped with the reason.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import strategies as st
+
+from kernels.int4_matmul import int4_matmul, int4_matmul_reference
+from tests.kernels.int4_matmul.cases import (
+    VARIANTS,
+    K,
+    N,
+    check,
+    make_weight,
+    nerr_bound,
+    skip_unsupported,
+)
+from tests.kernels.suite import for_each_impl, property_for_each_impl
+
+OP = "int4_matmul"
+SEED = st.integers(0, 2**31)
+FEW = 6
+
+
+@pytest.mark.parametrize("m", [1, 3, 40])
+@property_for_each_impl(OP, FEW, seed=SEED)
+def test_base_case(impl, m, seed):
+    x = np.random.default_rng(seed + 1).standard_normal((m, K)).astype(np.float32)
+    check(x, make_weight(seed), impl)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@property_for_each_impl(OP, FEW, seed=SEED)
+def test_weight_variants(impl, variant, seed):
+    x = np.random.default_rng(seed + 1).standard_normal((4, K)).astype(np.float32)
+    check(x, make_weight(seed, **VARIANTS[variant]), impl)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, np.float16])
+@property_for_each_impl(OP, FEW, seed=SEED)
+def test_low_precision_activations(impl, dtype, seed):
+    x = np.random.default_rng(seed + 1).standard_normal((2, K)).astype(dtype)
+    check(x, make_weight(seed), impl)
+
+
+@for_each_impl(OP)
+def test_leading_axes_and_jit(impl):
+    qw = make_weight(0)
+    x = np.random.default_rng(1).standard_normal((2, 3, K)).astype(np.float32)
+    fn = (
+        (lambda x, w: int4_matmul(x, w, impl=impl))
+        if impl == "reference"
+        else jax.jit(lambda x, w: int4_matmul(x, w, impl=impl))
+    )
+    out = fn(x, qw)
+    assert out.shape == (2, 3, N)
+    expected = int4_matmul_reference(x.reshape(6, K), qw).reshape(2, 3, N)
+    assert normalized_error_ok(out, expected, impl)
+
+
+def normalized_error_ok(out, expected, impl):
+    from tests.tolerances import normalized_error
+
+    return normalized_error(out, np.asarray(expected, np.float64)) <= nerr_bound(impl, np.float32)
+
+
+@for_each_impl(OP)
+def test_vmap_over_stacked_expert_weights(impl):
+    if impl == "reference":
+        pytest.skip("the reference runs eagerly: it cannot be vmapped")
+    experts = [make_weight(i) for i in range(3)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *experts)
+    x = np.random.default_rng(9).standard_normal((3, 5, K)).astype(np.float32)
+    out = jax.vmap(lambda xe, we: int4_matmul(xe, we, impl=impl))(x, stacked)
+    for e in range(3):
+        assert normalized_error_ok(out[e], int4_matmul_reference(x[e], experts[e]), impl)
+
+
+@pytest.mark.parametrize("variant", ["g128", "act_order_and_scales"])
+@for_each_impl(OP)
+def test_grad_with_respect_to_x(impl, variant):
+    if impl == "reference":
+        pytest.skip("the reference runs eagerly: it cannot be differentiated")
+    qw = make_weight(3, **VARIANTS[variant])
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, K)).astype(np.float32)
+    skip_unsupported(impl, x, qw)
+    dy = rng.standard_normal((5, N)).astype(np.float32)
+    dx = jax.grad(lambda x: jnp.sum(int4_matmul(x, qw, impl=impl) * dy))(jnp.asarray(x))
+    w = np.asarray(qw.dequantize(), np.float64)
+    assert normalized_error_ok(dx, dy.astype(np.float64) @ w.T, "xla")
+
+
+@pytest.mark.parametrize(
+    "x,w,match",
+    [
+        (np.zeros((2, K + 1), np.float32), "w", f"last dimension {K + 1} must equal the weight's K={K}"),
+        (np.zeros((2, K), np.int32), "w", "x.dtype=int32"),
+        (np.zeros((2, K), np.float32), np.zeros((K, N)), "must be a quant.Int4Weight"),
+    ],
+)
+@for_each_impl(OP)
+def test_bad_input(impl, x, w, match):
+    w = make_weight(0) if isinstance(w, str) else w
+    with pytest.raises(ValueError, match=match):
+        int4_matmul(x, w, impl=impl)
+
+
+def test_unknown_impl_lists_the_valid_ones():
+    with pytest.raises(
+        ValueError, match=r"impl='tinygemm' is not an implementation of int4_matmul.*'dequant'"
+    ):
+        int4_matmul(np.zeros((2, K), np.float32), make_weight(0), impl="tinygemm")
+
+
+def test_reference_impl_refuses_tracing():
+    qw = make_weight(0)
+    with pytest.raises(ValueError, match="impl='reference' runs the NumPy reference"):
+        jax.jit(lambda x: int4_matmul(x, qw, impl="reference"))(jnp.zeros((2, K)))

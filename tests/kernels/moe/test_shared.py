@@ -1,0 +1,106 @@
+"""The MoE FFN suite every implementation faces (`kernels.available_impls("moe_ffn")`).
+
+Each test id names the implementation. Routing patterns, capacity, low precision, quantized experts,
+gradients against the dense formulation's autodiff, and bad input.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.moe import moe_ffn
+from tests.kernels.moe.cases import (
+    PATTERNS,
+    QD,
+    T,
+    check_ffn,
+    make_routing,
+    make_weights,
+    make_x,
+    quantized_experts,
+)
+from tests.kernels.suite import for_each_impl
+from tests.tolerances import DIRECTIONAL_GRAD_RTOL, normalized_error
+
+OP = "moe_ffn"
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("k", [1, 2])
+@for_each_impl(OP)
+def test_dropless_matches_reference(impl, pattern, k):
+    w, ids = make_routing(k, k, pattern=pattern)
+    check_ffn(make_x(k), w, ids, make_weights(k), impl)
+
+
+@pytest.mark.parametrize("prio", ["choice", "weight"])
+@for_each_impl(OP)
+def test_capacity_matches_reference(impl, prio):
+    w, ids = make_routing(3, 2)
+    ids[:8, 0] = 5  # overload expert 5 so that capacity bites
+    check_ffn(make_x(3), w, ids, make_weights(3), impl, cf=1.0, prio=prio)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@for_each_impl(OP)
+def test_low_precision_against_reference(impl, dtype):
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+
+    w, ids = make_routing(4, 2)
+    ws = tuple(a.astype(dtype) for a in make_weights(4))
+    check_ffn(make_x(4).astype(dtype), w, ids, ws, impl)
+
+
+@pytest.mark.parametrize("pattern", ["random", "empty_experts"])
+@for_each_impl(OP)
+def test_quantized_experts_match_the_dequantized_reference(impl, pattern):
+    ws = quantized_experts(0)
+    w, ids = make_routing(1, 2, pattern=pattern)
+    check_ffn(make_x(2, d=QD), w, ids, ws, impl)
+
+
+@for_each_impl(OP)
+def test_gradients_match_dense_autodiff(impl):
+    if impl == "reference":
+        pytest.skip("the reference runs eagerly: it cannot be differentiated")
+    x, ws = make_x(6), make_weights(6)
+    w, ids = make_routing(6, 2, pattern="empty_experts")
+    cot = np.random.default_rng(7).standard_normal(x.shape).astype(np.float32)
+
+    def loss(x, w, wg, wu, wd, impl):
+        return jnp.sum(cot * moe_ffn(x, w, ids, wg, wu, wd, impl=impl))
+
+    got = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, w, *ws, impl)
+    want = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(x, w, *ws, "dense")
+    for g, r in zip(got, want, strict=True):
+        assert normalized_error(g, r) <= DIRECTIONAL_GRAD_RTOL
+
+
+@for_each_impl(OP)
+def test_bad_input_names_the_argument(impl):
+    x, (wg, wu, wd) = make_x(0), make_weights(0)
+    w, ids = make_routing(0, 2)
+    with pytest.raises(ValueError, match=r"w_up.shape=\(8, 32, 47\)"):
+        moe_ffn(x, w, ids, wg, wu[..., :47], wd, impl=impl)
+    bad = ids.copy()
+    bad[3, 1] = 8
+    with pytest.raises(ValueError, match=r"expert_ids hold values in \[0, 8\]"):
+        moe_ffn(x, w, bad, wg, wu, wd, impl=impl)
+    with pytest.raises(ValueError, match=r"weights.shape=\(16, 1\)"):
+        moe_ffn(x, w[:, :1], ids, wg, wu, wd, impl=impl)
+
+
+def test_unknown_impl_lists_the_valid_ones():
+    x, ws = make_x(0), make_weights(0)
+    w, ids = make_routing(0, 2)
+    with pytest.raises(ValueError, match=r"impl='cuda' is not an implementation of moe_ffn.*'grouped'"):
+        moe_ffn(x, w, ids, *ws, impl="cuda")
+
+
+def test_reference_impl_refuses_tracing():
+    x, ws = make_x(0), make_weights(0)
+    w, ids = make_routing(0, 2)
+    with pytest.raises(ValueError, match="impl='reference' runs the NumPy reference"):
+        jax.jit(lambda x: moe_ffn(x, w, ids, *ws, impl="reference"))(x)
+    assert T == x.shape[0]

@@ -1,0 +1,130 @@
+"""The dispatch shared by every op: `available_impls`, what impl="auto" lowers to on each platform, export,
+and the fallback when the CPU-native library is absent or disabled."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import (
+    available_impls,
+    cpu,
+    int4_matmul,
+    int4_matmul_reference,
+    paged_attention,
+    paged_attention_reference,
+)
+from kernels.cpu import loader
+from kernels.registry import OPS, valid_impls
+from tests.kernels.int4_matmul.cases import K, make_weight
+from tests.kernels.paged_attention.cases import make_cache
+from tests.tolerances import assert_close, normalized_error
+
+needs_lib = pytest.mark.skipif(not cpu.available(), reason=f"CPU-native library not available: {cpu.load()}")
+
+
+def _lowered_text(fn, *args):
+    return jax.jit(fn).lower(*args).as_text()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_available_impls_are_valid_and_include_the_portable_ones(op):
+    names = available_impls(op)
+    assert names[:2] == ("reference", "xla")
+    assert set(names) <= set(valid_impls(op))
+    if jax.default_backend() == "cpu" and cpu.available() and op in ("paged_attention", "int4_matmul"):
+        assert "cpu_native" in names
+
+
+def test_available_impls_names_an_unknown_op():
+    with pytest.raises(ValueError, match="op='conv' is not a kernel of the lab"):
+        available_impls("conv")
+
+
+@needs_lib
+def test_auto_picks_native_on_cpu_and_xla_forces_portable():
+    qw = make_weight(0)
+    x = jnp.ones((2, K), jnp.float32)
+    assert "tokenlab_int4_matmul" in _lowered_text(lambda x: int4_matmul(x, qw), x)
+    assert "tokenlab_int4_matmul" not in _lowered_text(lambda x: int4_matmul(x, qw, impl="xla"), x)
+    q, kp, vp, lens, bt = make_cache(0, lens=[20, 5, 1])
+    assert "tokenlab_paged_decode" in _lowered_text(lambda *a: paged_attention(*a), q, kp, vp, lens, bt)
+    xla_text = _lowered_text(lambda *a: paged_attention(*a, impl="xla"), q, kp, vp, lens, bt)
+    assert "tokenlab_paged_decode" not in xla_text
+
+
+def test_auto_exports_for_other_backends():
+    """The platform choice happens at lowering: cuda, rocm and tpu never see the native custom call."""
+    spec = jax.ShapeDtypeStruct
+    qw = make_weight(0, act_order=True, act_scales=True)
+    q, kp, vp, lens, bt = make_cache(0, lens=[20, 5, 1])
+    dec_args = [spec(a.shape, a.dtype) for a in (q, kp, vp, lens, bt)]
+    for m in (1, 64):
+        exp = jax.export.export(jax.jit(lambda x: int4_matmul(x, qw)), platforms=("cuda", "rocm", "tpu"))(
+            spec((m, K), jnp.float32)
+        )
+        assert "tokenlab" not in exp.mlir_module()
+    exp = jax.export.export(
+        jax.jit(lambda *a: paged_attention(*a, soft_cap=2.0, sliding_window=8)),
+        platforms=("cuda", "rocm", "tpu"),
+    )(*dec_args)
+    assert "tokenlab" not in exp.mlir_module()
+
+
+@needs_lib
+def test_auto_exports_for_all_four_with_the_custom_call_allowed():
+    spec = jax.ShapeDtypeStruct
+    qw = make_weight(0)
+    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in cpu.TARGETS]
+    exp = jax.export.export(
+        jax.jit(lambda x: int4_matmul(x, qw)),
+        platforms=("cpu", "cuda", "rocm", "tpu"),
+        disabled_checks=checks,
+    )(spec((1, K), jnp.float32))
+    assert "tokenlab_int4_matmul" in exp.mlir_module()
+
+
+@pytest.fixture
+def no_library(monkeypatch):
+    """Simulate a build without the library: the loader finds nothing (registration already done stays)."""
+    monkeypatch.setattr(loader, "library_path", lambda: None)
+    loader.load.cache_clear()
+    yield
+    monkeypatch.undo()
+    loader.load.cache_clear()
+
+
+def test_fallback_when_the_library_is_absent(no_library):
+    qw = make_weight(0)
+    x = np.random.default_rng(0).standard_normal((3, K)).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match="was not built"):
+        assert not cpu.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning only: the reason is cached
+        assert not cpu.available()
+        assert "tokenlab" not in _lowered_text(lambda x: int4_matmul(x, qw), x)
+        q, kp, vp, lens, bt = make_cache(0, lens=[20, 5, 1])
+        assert "tokenlab" not in _lowered_text(lambda *a: paged_attention(*a), q, kp, vp, lens, bt)
+        out = int4_matmul(jnp.asarray(x), qw)
+        expected = int4_matmul_reference(x, qw).astype(np.float64)
+        assert normalized_error(out, expected) <= 1e-5
+        assert_close(
+            paged_attention(q, kp, vp, lens, bt), paged_attention_reference(q, kp, vp, lens, bt), q.dtype
+        )
+    with pytest.raises(RuntimeError, match="needs the native CPU library"):
+        int4_matmul(jnp.asarray(x), qw, impl="cpu_native")
+    with pytest.raises(RuntimeError, match="needs the native CPU library"):
+        paged_attention(q, kp, vp, lens, bt, impl="cpu_native")
+
+
+def test_environment_switch_disables_the_library(monkeypatch):
+    monkeypatch.setenv("TOKENLAB_CPU_NATIVE", "0")
+    loader.load.cache_clear()
+    try:
+        assert not cpu.available()
+        assert "TOKENLAB_CPU_NATIVE=0" in cpu.load()
+    finally:
+        monkeypatch.undo()
+        loader.load.cache_clear()
