@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -398,9 +399,81 @@ def plot_measured(path: str, chip: Chip, est: StepEstimate, title: str) -> None:
     plt.close(fig)
 
 
+def cmd_measure_sharded(args: argparse.Namespace) -> int:
+    """`measure --devices N`: the sharded kernels of one layer on N devices against one device."""
+    from roofline.measure_sharded import measure_sharded
+
+    model = get_model(args.model)
+    batches = _ints(args.batch, "--batch")
+    if _items(args.weights, "--weights") != ["int4"]:
+        raise ValueError(
+            f"--weights={args.weights!r}: --devices measures the sharded INT4 kernels; use --weights int4"
+        )
+    _positive(args.context, "--context", integer=True)
+    _positive(args.min_time, "--min-time")
+    runs = []
+    for b in batches:
+        _progress(f"{model.name}, sharded over {args.devices} devices, batch {b}, context {args.context}:")
+        runs.append(
+            measure_sharded(
+                model, devices=args.devices, batch=b, context=args.context, min_time_s=args.min_time
+            )
+        )
+    report = {
+        "model": model.name,
+        "devices": args.devices,
+        "context": args.context,
+        "runs": [
+            {
+                "batch": r.batch,
+                "platform": r.platform,
+                "shared_cores": r.shared_cores,
+                "notes": list(r.notes),
+                "components": [
+                    {
+                        "name": c.name,
+                        "layout": c.layout,
+                        "single_s": c.single_s,
+                        "sharded_s": c.sharded_s,
+                        "speedup": c.speedup,
+                    }
+                    for c in r.components
+                ],
+            }
+            for r in runs
+        ],
+    }
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for r in runs:
+        print(
+            f"\n{model.name}: one layer's kernels sharded over {r.devices} {r.platform} devices, "
+            f"int4 weights, batch {r.batch}, context {r.context}"
+        )
+        sharded_head = f"{r.devices} devices ms"
+        head = f"{'component':<12} {'layout':<40} {'1 device ms':>12} {sharded_head:>14} {'speedup':>8}"
+        print(head)
+        print("-" * len(head))
+        for c in r.components:
+            print(
+                f"{c.name:<12} {c.layout:<40} {c.single_s * 1e3:>12.3f} {c.sharded_s * 1e3:>14.3f} "
+                f"{c.speedup:>7.2f}x"
+            )
+        for note in r.notes:
+            print(f"note: {note}")
+    return 0
+
+
 def cmd_measure(args: argparse.Namespace) -> int:
     from roofline.measure import MEASURE_WEIGHTS, measure_step
 
+    if args.devices is not None:
+        _positive(args.devices, "--devices", integer=True)
+        if args.devices < 2:
+            raise ValueError(f"--devices={args.devices} must be >= 2 (one device is the plain measure)")
+        return cmd_measure_sharded(args)
     model = get_model(args.model)
     batches = _ints(args.batch, "--batch")
     weights = _names(args.weights, "--weights", MEASURE_WEIGHTS)
@@ -609,10 +682,34 @@ def build_parser() -> argparse.ArgumentParser:
         "apply to the projection",
     )
     mea.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per component (> 0)")
+    mea.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="measure the sharded INT4 kernels (kernels.parallel) of one layer on this many devices against "
+        "one; on a CPU-only machine the devices are simulated (they share cores: not a scaling result)",
+    )
     mea.add_argument("--out", default="roofline_measured.png", help="plot path ('' for none)")
     mea.add_argument("--json", action="store_true", help="write only JSON to stdout (progress on stderr)")
     mea.set_defaults(func=cmd_measure)
     return parser
+
+
+def _request_host_devices(argv: Sequence[str]) -> None:
+    """`measure --devices N` on a CPU-only machine needs N simulated devices, which XLA creates only if asked
+    before its CPU backend starts: ask now, before JAX is used (harmless where the devices are GPUs or
+    TPUs). Only the command line does this; `main()` called from Python leaves the environment alone."""
+    if "measure" not in argv:
+        return
+    value = None
+    for i, arg in enumerate(argv):
+        if arg.startswith("--devices="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--devices" and i + 1 < len(argv):
+            value = argv[i + 1]
+    flags = os.environ.get("XLA_FLAGS", "")
+    if value is not None and value.isdigit() and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={value}".strip()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -626,4 +723,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    _request_host_devices(sys.argv[1:])
     sys.exit(main())
