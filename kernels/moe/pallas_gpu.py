@@ -15,7 +15,9 @@ boundary is visited once per expert it holds, each visit computing the whole blo
 expert's weights and storing only that expert's rows (a row mask). The schedule is computed in jnp from
 group_sizes: tile i has its expert, its row block and its row range [lo, hi). The grid is static:
 ceil(A / block_m) + E - 1 row tiles (the most there can be) by the column tiles; tiles past the
-schedule do nothing, and tiles for the blocks past the last routed row write zeros. An expert with no
+schedule do nothing, and tiles for the blocks past the last routed row write zeros. The grid is launched
+1-D in grouped order (`launch_order`: GROUP_M row tiles at a time, so xs rows and weight columns are
+reused from L2). An expert with no
 rows has no tile, so its weights are never read (decode: only the experts that receive tokens cost
 bandwidth).
 
@@ -68,6 +70,7 @@ from quant.format import Int4Weight, codes_per_byte, symmetric_zero
 
 __all__ = [
     "grouped_ffn_pallas",
+    "launch_order",
     "moe_ffn_pallas",
     "pallas_unsupported",
     "tile_schedule",
@@ -79,6 +82,7 @@ MIN_BLOCK = 16  # Triton's dot needs every tile dimension >= 16
 DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_N = 128
 DEFAULT_BLOCK_K = 64  # 32 for float32 (twice the bytes per element)
+GROUP_M = 8  # row tiles per group of the launch order (see launch_order)
 _NUM_WARPS = 4
 _NUM_STAGES = 3
 
@@ -248,21 +252,34 @@ def _tile_dot(x_ref, act_ref, w_refs, meta, e, rows, k0, block_k, cols, dtype):
 # the two kernels
 
 
-def _tile_header(sched_ref, block_m, block_n):
-    i = pl.program_id(0)
+def launch_order(pid: Any, num_row_tiles: int, num_col_tiles: int) -> tuple[Any, Any]:
+    """Program pid of the 1-D grid -> (row tile, column tile), a bijection onto the two tile ranges.
+
+    Groups of GROUP_M row tiles, column tile by column tile within a group (Triton's grouped ordering):
+    the programs in flight share a few row tiles of xs and a few weight columns, so both are served from
+    L2 instead of being re-read from HBM once per column tile (xs) or per row tile (weights).
+    """
+    per_group = GROUP_M * num_col_tiles
+    first = (pid // per_group) * GROUP_M
+    rows_in_group = jnp.minimum(num_row_tiles - first, GROUP_M)
+    return first + (pid % per_group) % rows_in_group, (pid % per_group) // rows_in_group
+
+
+def _tile_header(sched_ref, block_m, block_n, num_col_tiles):
+    i, j = launch_order(pl.program_id(0), sched_ref.shape[1], num_col_tiles)
     e, block, lo, hi, zero_from = (sched_ref[c, i] for c in range(5))
     row0 = pl.multiple_of(block * block_m, block_m)
     rows = row0 + lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
-    cols = pl.ds(pl.multiple_of(pl.program_id(1) * block_n, block_n), block_n)
+    cols = pl.ds(pl.multiple_of(j * block_n, block_n), block_n)
     return e, pl.ds(row0, block_m), rows, cols, lo, hi, zero_from
 
 
-def _gate_up_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k):
+def _gate_up_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k, num_col_tiles):
     """h[rows of e, cols] = silu(x · w_gate[e]) ⊙ (x · w_up[e]) for one (row tile, column tile)."""
     sched_ref, x_ref, *rest = refs
     wg_refs, wu_refs = rest[:n_wrefs], rest[n_wrefs : 2 * n_wrefs]
     act_g_ref, act_u_ref, h_ref = rest[2 * n_wrefs :]
-    e, xrows, rows, cols, lo, hi, _ = _tile_header(sched_ref, block_m, block_n)
+    e, xrows, rows, cols, lo, hi, _ = _tile_header(sched_ref, block_m, block_n, num_col_tiles)
     dtype = h_ref.dtype
 
     def step(kk, acc):
@@ -280,12 +297,12 @@ def _gate_up_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k):
     plgpu.store(h_ref.at[xrows, cols], h, mask=keep)
 
 
-def _down_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k):
+def _down_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k, num_col_tiles):
     """ys[rows of e, cols] = h · w_down[e]; rows past the routed ones get zeros."""
     sched_ref, h_ref, *rest = refs
     wd_refs = rest[:n_wrefs]
     act_ref, y_ref = rest[n_wrefs:]
-    e, hrows, rows, cols, lo, hi, zero_from = _tile_header(sched_ref, block_m, block_n)
+    e, hrows, rows, cols, lo, hi, zero_from = _tile_header(sched_ref, block_m, block_n, num_col_tiles)
     dtype = h_ref.dtype
 
     def step(kk, acc):
@@ -349,11 +366,11 @@ def _kernels(xs, sched, wg, wu, wd, *, blocks, interpret):
     bk = _quantized_block_k(wg, block_k) if quantized else _pow2_divisor(d, block_k)
     gate_up = functools.partial(
         _gate_up_kernel, meta=meta, n_wrefs=len(gate_arrays), block_m=block_m, block_n=bn, block_k=bk,
-        num_k=d // bk,
+        num_k=d // bk, num_col_tiles=f // bn,
     )  # fmt: skip
     h = _call(
         gate_up,
-        (num_tiles, f // bn),
+        (num_tiles * (f // bn),),
         jax.ShapeDtypeStruct((num_rows, f), dtype),
         (sched, xs, *gate_arrays, *up_arrays, act_g, act_u),
         interpret,
@@ -365,11 +382,11 @@ def _kernels(xs, sched, wg, wu, wd, *, blocks, interpret):
     bk = _quantized_block_k(wd, block_k) if quantized else _pow2_divisor(f, block_k)
     down = functools.partial(
         _down_kernel, meta=meta, n_wrefs=len(down_arrays), block_m=block_m, block_n=bn, block_k=bk,
-        num_k=f // bk,
+        num_k=f // bk, num_col_tiles=d // bn,
     )  # fmt: skip
     return _call(
         down,
-        (num_tiles, d // bn),
+        (num_tiles * (d // bn),),
         jax.ShapeDtypeStruct((num_rows, d), dtype),
         (sched, h, *down_arrays, act_d),
         interpret,

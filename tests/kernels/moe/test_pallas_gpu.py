@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from kernels import moe_ffn, moe_ffn_reference
-from kernels.moe.pallas_gpu import grouped_ffn_pallas, moe_ffn_pallas, pallas_unsupported, tile_schedule
+from kernels.moe.pallas_gpu import (
+    grouped_ffn_pallas,
+    launch_order,
+    moe_ffn_pallas,
+    pallas_unsupported,
+    tile_schedule,
+)
 from quant.format import Int4Weight
 from tests.tolerances import normalized_error, tolerance
 
@@ -103,6 +109,13 @@ def test_tile_schedule_covers_every_row_once(sizes, rows):
     total = sum(sizes)
     np.testing.assert_array_equal(owner[:total], np.repeat(np.arange(len(sizes)), sizes))
     assert (owner[total:] == -1).all()
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (8, 3), (13, 5), (20, 1), (3, 7)])
+def test_launch_order_visits_every_tile_once(rows, cols):
+    i, j = launch_order(jnp.arange(rows * cols), rows, cols)
+    pairs = sorted(zip(np.asarray(i).tolist(), np.asarray(j).tolist(), strict=True))
+    assert pairs == [(a, b) for a in range(rows) for b in range(cols)]
 
 
 # ---------------------------------------------------------------------------------------------------------
