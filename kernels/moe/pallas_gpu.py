@@ -10,16 +10,15 @@ for every row r of expert e, and ys[r] = 0 for the rows past Σ n_e (padding row
 buffer). `moe_ffn_pallas` wraps these in the public dispatch plan and the weighted combine.
 
 Tile schedule (MegaBlocks' block-sparse grouped GEMM, JAX's ragged-dot examples). The rows are cut into
-blocks of `block_m`; a tile is a (row block, expert) pair, so a block that straddles an expert
-boundary is visited once per expert it holds, each visit computing the whole block against that
-expert's weights and storing only that expert's rows (a row mask). The schedule is computed in jnp from
-group_sizes: tile i has its expert, its row block and its row range [lo, hi). The grid is static:
-ceil(A / block_m) + E - 1 row tiles (the most there can be) by the column tiles; tiles past the
-schedule do nothing, and tiles for the blocks past the last routed row write zeros. The grid is launched
-1-D in grouped order (`launch_order`: GROUP_M row tiles at a time, so xs rows and weight columns are
-reused from L2). An expert with no
-rows has no tile, so its weights are never read (decode: only the experts that receive tokens cost
-bandwidth).
+blocks of `block_m`; a tile is a (row block, expert) pair, so a block that straddles an expert boundary
+is visited once per expert it holds, each visit computing the whole block against that expert's weights
+and storing only that expert's rows (a row mask). The schedule is computed in jnp from group_sizes
+(`tile_schedule`): tile i has its expert, its row block and its row range [lo, hi). The grid is static:
+ceil(A / block_m) + E - 1 row tiles (the most there can be) by the column tiles, launched 1-D in grouped
+order (`launch_order`: GROUP_M row tiles at a time, so xs rows and weight columns are reused from L2).
+Tiles past the schedule do nothing, and tiles for the blocks past the last routed row write zeros. An
+expert with no rows has no tile, so its weights are never read (decode: only the experts that receive
+tokens cost bandwidth).
 
 Kernels. Both keep the whole reduction (d for kernel 1, f for kernel 2) in a loop over `block_k`
 slices inside one program, with float32 accumulators; kernel 1 holds the gate and up accumulators
