@@ -323,6 +323,9 @@ def cmd_report(args: argparse.Namespace) -> int:
                 "bandwidth": c.bandwidth,
                 "memory": c.memory,
                 "price_per_hour": c.price_per_hour,
+                "link": c.link,
+                "link_bandwidth": c.link_bandwidth,
+                "link_latency": c.link_latency,
                 "sources": dict(c.sources),
             }
             for c in chips

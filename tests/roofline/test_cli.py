@@ -190,6 +190,9 @@ def test_report_shows_comm_as_its_own_component(capsys):
     comm = next(c for c in row["components"] if c["name"] == "comm")
     assert comm["step_share_s"] == row["comm_s"] > 0
     assert [k["name"] for k in comm["collectives"]] == ["ep_all_to_all"]
+    chip = json.loads(out)["chips"]["h200"]
+    assert chip["link"] == "NVLink 4" and chip["link_bandwidth"] == 450e9 and chip["link_latency"] > 0
+    assert "NVLink 4" in chip["sources"]["link_bandwidth"]
     assert sum(c["step_share_s"] for c in row["components"]) == pytest.approx(row["step_s"])
     rc, out, _ = _report(capsys, "--chips", "h100-sxm", "--tp", "8", "--batch", "1", "--weights", "bf16")
     assert rc == 0 and "comm ms" in out and "8×1" in out
