@@ -185,9 +185,10 @@ def tile_schedule(group_sizes: jax.Array, num_rows: int, block_m: int) -> jax.Ar
     num_experts = group_sizes.shape[0]
     num_blocks = num_rows // block_m
     num_tiles = num_blocks + num_experts - 1
-    sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
+    # Traced sizes cannot be validated: clamp them so that no tile can reach past the buffer.
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), num_rows)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    sizes = ends - starts
     total = ends[-1]
     first = starts // block_m
     last = jnp.maximum(ends - 1, 0) // block_m
