@@ -249,12 +249,29 @@ def test_lowers_the_triton_kernels_for_cuda(quantized):
     f.trace(*args).lower(lowering_platforms=("cpu", "cuda", "rocm", "tpu"))
 
 
-def test_float32_asks_for_ieee_dots_on_cuda():
-    ws = _weights(14, 4, dtype=np.float32)
-    args = (_sds((T, D), jnp.float32), _sds((T, 2), jnp.float32), _sds((T, 2), jnp.int32), *ws)
-    f = jax.jit(functools.partial(moe_ffn_pallas, capacity=None, drop_priority="choice"))
-    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "tf32" not in text.lower()
+def _kernel_dots(jaxpr, inside=False):
+    """(operand dtype, precision) of every dot_general inside the pallas_calls of a jaxpr, nested ones too."""
+    for eqn in jaxpr.eqns:
+        if inside and eqn.primitive.name == "dot_general":
+            yield eqn.invars[0].aval.dtype, eqn.params["precision"]
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else (v,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _kernel_dots(sub, inside or eqn.primitive.name == "pallas_call")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_float32_dots_ask_for_ieee_not_tf32(quantized):
+    # Triton lowers a float32 dot with DEFAULT precision to TF32; the kernels must say HIGHEST (IEEE).
+    ws = _quantized_experts(14, 4) if quantized else _weights(14, 4, d=QD)
+    xs, sizes = _sds((T, QD), jnp.float32), _sds((4,), jnp.int32)
+    jaxpr = jax.make_jaxpr(functools.partial(grouped_ffn_pallas, interpret=False))(xs, sizes, *ws)
+    dots = list(_kernel_dots(jaxpr.jaxpr))
+    assert len(dots) >= 3  # gate, up, down
+    for dtype, precision in dots:
+        assert dtype == jnp.float32
+        assert precision in ((jax.lax.Precision.HIGHEST,) * 2, jax.lax.Precision.HIGHEST)
 
 
 def test_pallas_unsupported_reasons():
