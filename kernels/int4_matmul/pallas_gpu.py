@@ -565,10 +565,21 @@ def int4_weight_matmul_pallas(x: jax.Array, w: Int4Weight, **tunables: Any) -> j
 
     Applies the activation scales and the act-order permutation to x (as the public entry does), then calls
     `int4_matmul_pallas`; `tunables` are its keyword tunables (block_m, block_n, block_k, split_k, interpret).
+    Jitted (tunables static), so an eager call is one dispatch.
     """
     reason = pallas_unsupported(x, w)
     if reason is not None:
         raise ValueError(f"the Pallas INT4 kernel does not support {reason}")
+    unknown = sorted(set(tunables) - {"block_m", "block_n", "block_k", "split_k", "interpret"})
+    if unknown:
+        raise ValueError(
+            f"unknown tunables {unknown}; expected block_m, block_n, block_k, split_k, interpret"
+        )
+    return _weight_matmul(x, w, **tunables)
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "split_k", "interpret"))
+def _weight_matmul(x: jax.Array, w: Int4Weight, **tunables: Any) -> jax.Array:
     k, n = w.shape
     xf = x.reshape(-1, k)
     if w.act_scales is not None:
