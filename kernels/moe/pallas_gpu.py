@@ -448,10 +448,12 @@ mlir.register_lowering(_grouped_ffn_p, mlir.lower_fun(_operands_fn("portable"), 
 mlir.register_lowering(
     _grouped_ffn_p, mlir.lower_fun(_operands_fn("interpret"), multiple_results=False), platform="cpu"
 )
-for _platform in ("cuda", "rocm"):
-    mlir.register_lowering(
-        _grouped_ffn_p, mlir.lower_fun(_operands_fn("compiled"), multiple_results=False), platform=_platform
-    )
+mlir.register_lowering(
+    _grouped_ffn_p, mlir.lower_fun(_operands_fn("compiled"), multiple_results=False), platform="cuda"
+)
+mlir.register_lowering(
+    _grouped_ffn_p, mlir.lower_fun(_operands_fn("compiled"), multiple_results=False), platform="rocm"
+)
 
 
 def _grouped_ffn_fwd_impl(xs, group_sizes, wg, wu, wd, blocks, interpret):
@@ -501,7 +503,9 @@ _grouped_ffn.defvjp(_grouped_ffn_fwd, _grouped_ffn_bwd)
 # public entry points
 
 
-def _validate(xs, group_sizes, wg, wu, wd):
+def _validate(xs, group_sizes, wg, wu, wd, interpret):
+    if interpret is not None and not isinstance(interpret, bool):
+        raise ValueError(f"interpret={interpret!r} must be None, True or False")
     if len(xs.shape) != 2:
         raise ValueError(f"xs.shape={tuple(xs.shape)} must be [A, d]")
     e, d, f = _dims(wg)
@@ -553,10 +557,14 @@ def grouped_ffn_pallas(
     jax.lax.ragged_dot formulation); True/False forces interpret mode / the compiled kernel.
     Differentiable with respect to xs and float expert weights (a custom VJP through ragged_dot).
     """
-    _validate(xs, group_sizes, w_gate, w_up, w_down)
-    e = _dims(w_gate)[0]
-    blocks = _resolve_blocks(xs.shape[0], e, xs.dtype, block_m, block_n, block_k)
-    return _grouped_ffn(xs, group_sizes.astype(jnp.int32), w_gate, w_up, w_down, blocks, interpret)
+    _validate(xs, group_sizes, w_gate, w_up, w_down, interpret)
+    blocks = _resolve_blocks(xs.shape[0], _dims(w_gate)[0], xs.dtype, block_m, block_n, block_k)
+    return _grouped_ffn_jit(xs, group_sizes, w_gate, w_up, w_down, blocks=blocks, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
+def _grouped_ffn_jit(xs, group_sizes, wg, wu, wd, *, blocks, interpret):
+    return _grouped_ffn(xs, group_sizes.astype(jnp.int32), wg, wu, wd, blocks, interpret)
 
 
 def moe_ffn_pallas(
@@ -582,15 +590,26 @@ def moe_ffn_pallas(
     kernels run, and `combine` sums the k weighted outputs per token. Differentiable with respect to x,
     weights and float expert weights.
     """
-    from kernels import combine, dispatch_plan  # the package imports this module: import at call time
+    from kernels import validate_moe_ffn_inputs  # the package imports this module: import at call time
 
-    if len(x.shape) != 2:
-        raise ValueError(f"x.shape={tuple(x.shape)} must be [T, d]")
+    validate_moe_ffn_inputs(x, weights, expert_ids, w_gate, w_up, w_down, drop_priority=drop_priority)
+    if capacity is not None and (not isinstance(capacity, (int, np.integer)) or capacity < 1):
+        raise ValueError(f"capacity={capacity} must be a positive int or None")
     num_experts = _dims(w_gate)[0]
-    expert_ids = jnp.asarray(expert_ids)
+    blocks = _resolve_blocks(expert_ids.size, num_experts, x.dtype, block_m, block_n, block_k)
+    return _moe_ffn_pallas(
+        x, weights, expert_ids, w_gate, w_up, w_down, capacity=None if capacity is None else int(capacity),
+        drop_priority=drop_priority, interpret=interpret, blocks=blocks,
+    )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("capacity", "drop_priority", "interpret", "blocks"))
+def _moe_ffn_pallas(x, weights, expert_ids, wg, wu, wd, *, capacity, drop_priority, interpret, blocks):
+    from kernels import combine, dispatch_plan
+
     plan = dispatch_plan(
-        expert_ids,
-        num_experts,
+        expert_ids.astype(jnp.int32),
+        _dims(wg)[0],
         weights=weights,
         capacity=capacity,
         drop_priority=drop_priority,
@@ -598,21 +617,11 @@ def moe_ffn_pallas(
         row_align=1,
     )
     num_rows = plan.row_token.shape[0]
-    blocks = _resolve_blocks(num_rows, num_experts, x.dtype, block_m, block_n, block_k)
     # Gather straight into a buffer of whole row blocks (extra rows read token T: zeros), so the kernels
     # need no padded copy; combine reads the first R rows.
     padded = -(-num_rows // blocks[0]) * blocks[0]
     row_token = jnp.pad(plan.row_token, (0, padded - num_rows), constant_values=x.shape[0])
     xs = jnp.take(x, row_token, axis=0, mode="fill", fill_value=0)
-    ys = grouped_ffn_pallas(
-        xs,
-        plan.group_sizes,
-        w_gate,
-        w_up,
-        w_down,
-        block_m=blocks[0],
-        block_n=blocks[1],
-        block_k=blocks[2],
-        interpret=interpret,
-    )
+    _validate(xs, plan.group_sizes, wg, wu, wd, interpret)
+    ys = _grouped_ffn(xs, plan.group_sizes, wg, wu, wd, blocks, interpret)
     return combine(ys[:num_rows], weights, plan).astype(x.dtype)
