@@ -69,14 +69,23 @@ _MAX_TILE_ROWS = 256
 # 132-SM H100/H200 (flash-decoding splits until the grid covers the GPU; more splits only add merge work).
 _TARGET_PROGRAMS = 256
 _MAX_SPLITS = 64
-# Bytes of one K (or V) block a program holds per step. 32 KiB is 128 bf16 keys of D = 128, the block of
-# JAX's Pallas paged op (8 pages of 16) and of FlashAttention's Triton kernels; with num_stages = 2 the
-# pipelined K and V buffers take 128 KiB of shared memory, within an A100's 164 KiB and an H100's 228 KiB.
+# The defaults below follow the anchors (JAX's Pallas GPU attention ops, FlashAttention's Triton kernels) and
+# what Triton 3.9 + ptxas make of this kernel for sm_90a offline (registers, spills, shared memory; see the
+# README): no GPU timing went into them yet.
+# Decode, 16-bit q: 32 KiB of K per step, i.e. 128 bf16 keys of D = 128 (the block of JAX's Pallas paged
+# op, 8 pages of 16). With 4 warps and 2 stages that is 209 registers, no spills and 107 KiB of shared
+# memory, so two programs fit an SM of an H100/H200 (228 KiB), one an A100 (164 KiB); cp.async keeps a
+# whole K/V block in flight per program, well beyond what HBM latency needs.
 _BLOCK_BYTES = 32 * 1024
 _MAX_BLOCK_K = 128
-# Rows of a multi-token tile: 64 rows × 64 keys, FlashAttention-2's Triton tile for D ≤ 128 with 4 warps.
+# Multi-token tiles, 16-bit q: 64 rows × 64 keys with 8 warps (208 registers, no spills; 4 warps spill),
+# FlashAttention-2's Triton tile for D <= 128; 32 × 32 for D = 256.
 _PREFILL_ROWS = 64
 _PREFILL_BLOCK_K = 64
+# float32 q: the dots run as IEEE float32 FMAs (no tensor cores), whose operands live in registers: 16 rows
+# × 16 keys with 8 warps is the largest tile without spills (166 registers; 64 keys spill 9 KB).
+_F32_ROWS = 16
+_F32_BLOCK_K = 16
 
 
 def _pow2_at_least(x: int) -> int:
@@ -120,28 +129,34 @@ def default_tunables(
     kv_itemsize: int,
     *,
     decode: bool,
+    q_itemsize: int = 2,
     block_k: int | None = None,
     q_block: int | None = None,
 ) -> dict[str, int]:
     """The tunables `paged_attention_pallas` uses for a call, given any the caller fixed.
 
     num_tokens T, num_seqs B, num_q_heads H, num_kv_heads K, head_dim D, page_size S, max_pages (the block
-    table's width), kv_itemsize (bytes per stored K/V element), decode (q_lens is None). Returns a dict:
-    block_k (keys per block step), q_block (tokens per tile), num_splits, num_warps, num_stages. The reasons
-    are in the comments of the module constants; nothing here is measured on a GPU yet.
+    table's width), kv_itemsize and q_itemsize (bytes per stored K/V and q element), decode (q_lens is None).
+    Returns a dict: block_k (keys per block step), q_block (tokens per tile), num_splits, num_warps,
+    num_stages. The reasons are in the comments of the module constants.
     """
     g = num_q_heads // num_kv_heads
     dp = _pow2_at_least(max(head_dim, _MIN_HEAD_DIM))
     gq = max(16, _pow2_at_least(g)) if decode else _pow2_at_least(g)
+    f32 = q_itemsize >= 4
     if block_k is None:
-        if decode:
+        if f32:
+            block_k = _F32_BLOCK_K
+        elif decode:
             block_k = min(_MAX_BLOCK_K, max(16, _pow2_at_most(_BLOCK_BYTES // (dp * kv_itemsize))))
         else:
             block_k = _PREFILL_BLOCK_K if dp <= 128 else _PREFILL_BLOCK_K // 2
     if decode:
         q_block = 1
     else:
-        q_block = max(1, _PREFILL_ROWS // gq) if q_block is None else q_block
+        if q_block is None:
+            target = _F32_ROWS if f32 else (_PREFILL_ROWS if dp <= 128 else _PREFILL_ROWS // 2)
+            q_block = max(1, target // gq)
         # A power of two (Triton tiles), at least 16 rows (tl.dot), at most _MAX_TILE_ROWS rows.
         q_block = _pow2_at_least(max(q_block, -(-16 // gq)))
         q_block = max(1, min(q_block, _MAX_TILE_ROWS // gq))
@@ -149,7 +164,7 @@ def default_tunables(
     tiles = num_tokens if decode else min(num_tokens, -(-num_tokens // q_block) + num_seqs)
     max_blocks = max(1, -(-max_pages * page_size // block_k))
     num_splits = max(1, min(_TARGET_PROGRAMS // max(1, tiles * num_kv_heads), max_blocks, _MAX_SPLITS))
-    num_warps = 8 if rows * dp >= 128 * 128 or dp > 128 else 4
+    num_warps = 8 if f32 or dp > 128 or rows >= 64 else 4
     return dict(block_k=block_k, q_block=q_block, num_splits=num_splits, num_warps=num_warps, num_stages=2)
 
 
@@ -492,14 +507,16 @@ def paged_attention_pallas(
 
     Tunables (keyword-only, static; defaults by shape from `default_tunables`):
       pages_per_block  pages per block step; the block is pages_per_block × S keys rounded up to a power of
-                       two (default: 32 KiB of K per step, at most 128 keys, for decode; 64 keys for
-                       multi-token tiles; so with pages of 128 or more a step walks part of a page).
+                       two (default for 16-bit q: 32 KiB of K per step, at most 128 keys, for decode, 64 keys
+                       for multi-token tiles; 16 keys for float32 q; with pages larger than the default
+                       block a step walks part of a page).
       num_splits       context splits per (tile, kv head), merged by log-sum-exp (default: enough programs
                        to give about 256, at most one per key block, at most 64).
       q_block          query tokens per tile for multi-token queries, rounded up to a power of two with at
-                       least 16 rows (default: 64 rows, i.e. 64 // Gq tokens; decode always 1).
-      num_warps, num_stages  Triton launch parameters (default 4 warps, 8 for 128×128 tiles or D = 256; 2
-                       stages).
+                       least 16 rows (default: 64 rows, i.e. 64 // Gq tokens; 32 rows for D = 256; 16
+                       rows for float32 q; decode always 1).
+      num_warps, num_stages  Triton launch parameters (default 4 warps; 8 for tiles of 64 rows or more,
+                       D = 256 or float32 q; 2 stages).
       interpret        None: interpret mode on cpu, compiled on cuda/rocm, chosen per lowering platform;
                        True/False force one (False cannot run on a CPU).
     """
@@ -531,6 +548,7 @@ def paged_attention_pallas(
         max_pages,
         _dtype(k_pages).itemsize,
         decode=decode,
+        q_itemsize=_dtype(q).itemsize,
         block_k=None if pages_per_block is None else max(16, _pow2_at_least(pages_per_block * s)),
         q_block=q_block,
     )

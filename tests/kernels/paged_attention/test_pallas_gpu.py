@@ -264,7 +264,10 @@ def test_default_tunables_follow_the_shape():
     big = default_tunables(64, 64, 32, 8, 128, 16, 256, 2, decode=True)
     assert small["block_k"] == big["block_k"] == 128
     assert small["num_splits"] > 1 and big["num_splits"] == 1  # split the context only when B·K is small
-    fp32 = default_tunables(8, 8, 32, 8, 128, 16, 256, 4, decode=True)
-    assert fp32["block_k"] == 64  # the same bytes per step
+    fp8 = default_tunables(8, 8, 32, 8, 128, 16, 256, 1, decode=True)
+    assert fp8["block_k"] == 128  # at most 128 keys a step
+    fp32 = default_tunables(8, 8, 32, 8, 128, 16, 256, 4, decode=True, q_itemsize=4)
+    assert fp32["block_k"] == 16 and fp32["num_warps"] == 8  # FMA dots: small tiles, more warps
     chunk = default_tunables(519, 8, 32, 8, 128, 16, 256, 2, decode=False)
-    assert chunk["q_block"] * 4 == 64  # 16 tokens × 4 heads of a group
+    assert chunk["q_block"] * 4 == 64 and chunk["num_warps"] == 8  # 16 tokens × 4 heads of a group
+    assert default_tunables(519, 8, 32, 8, 128, 16, 256, 2, decode=False, q_block=3)["q_block"] == 4
