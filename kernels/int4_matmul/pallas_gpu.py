@@ -76,6 +76,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels.int4_matmul.xla import scan_matmul_transposed, zero_cotangent
+from kernels.precision import highest_precision
 from quant.format import Int4Weight, symmetric_zero
 
 X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
@@ -480,6 +481,7 @@ def _matmul_fwd(x, packed, scales, zeros, group_size, sym_zero, cfg, interpret):
     return y, (packed, scales, zeros)
 
 
+@highest_precision  # the XLA transpose's float32 dots: IEEE on every backend, never TF32
 def _matmul_bwd(group_size, sym_zero, cfg, interpret, res, dy):
     packed, scales, zeros = res
     zp = jnp.full(scales.shape, sym_zero, jnp.uint8) if zeros is None else zeros

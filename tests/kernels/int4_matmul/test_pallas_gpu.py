@@ -121,6 +121,16 @@ def test_grad_with_respect_to_x(dtype):
     assert normalized_error(dx, expected) <= tolerance(dtype).nerr
 
 
+def test_backward_dots_ask_for_full_precision():
+    # bf16 forward tiles take the native dot; the XLA transpose behind the gradient is float32 at HIGHEST.
+    qw = make_weight(15)
+    x = jax.ShapeDtypeStruct((3, K), jnp.bfloat16)
+    fwd = str(jax.make_jaxpr(lambda x: pg.int4_weight_matmul_pallas(x, qw))(x))
+    grad = str(jax.make_jaxpr(jax.grad(lambda x: pg.int4_weight_matmul_pallas(x, qw).sum()))(x))
+    assert "Precision.HIGHEST" not in fwd
+    assert "Precision.HIGHEST" in grad
+
+
 def test_vmap_over_stacked_expert_weights():
     experts = [make_weight(20 + e) for e in range(2)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *experts)
