@@ -1,0 +1,70 @@
+"""`python -m benchmarks.accel --smoke`: the accelerator check, end to end at tiny shapes on this backend."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import accel
+
+STATUS_PREFIXES = ("missing: ", "failed: ")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("accel") / "accel.json"
+    code = accel.main(["--smoke", "--out", str(out)])
+    return code, json.loads(out.read_text())
+
+
+def test_smoke_run_exits_cleanly_and_names_the_device(smoke):
+    code, result = smoke
+    assert code == 0, [r for r in result["records"] if r["status"].startswith("failed")]
+    assert result["smoke"] is True
+    assert result["device"]["platform"]
+    assert set(result["device"]) >= {"device_kind", "chip", "datasheet_bandwidth", "measured_bandwidth"}
+
+
+def test_every_kernel_has_a_lab_row_and_a_baseline_that_ran(smoke):
+    _, result = smoke
+    for kernel in accel.KERNELS:
+        rows = [r for r in result["records"] if r["kernel"] == kernel]
+        assert any(r["role"] == "lab" and r["status"] == "ok" for r in rows), kernel
+        assert any(r["role"] == "baseline" and r["status"] == "ok" for r in rows), kernel
+
+
+def test_statuses_are_valid_and_missing_peers_are_reported_not_dropped(smoke):
+    _, result = smoke
+    records = result["records"]
+    for r in records:
+        assert r["status"] == "ok" or r["status"].startswith(STATUS_PREFIXES), r
+        assert r["status"] not in ("missing: ", "failed: "), "a missing or failed row says why"
+    impls = {(r["kernel"], r["impl"]) for r in records}
+    # The GPU-only peers appear on every backend, as rows of their own.
+    assert ("paged_attention", "jax.experimental.pallas.ops.gpu.paged_attention") in impls
+    assert ("moe_ffn", "jax.experimental.pallas.ops.gpu.ragged_dot_mgpu") in impls
+    assert ("int4_matmul", "torch _weight_int4pack_mm (tinygemm)") in impls
+
+
+def test_numbers_of_rows_that_ran_are_positive_and_consistent(smoke):
+    _, result = smoke
+    for r in result["records"]:
+        if r["status"] != "ok":
+            assert r["ms"] is None and r["ratio"] is None, r
+            continue
+        for key in ("ms", "ms_dispatch", "bytes", "frac_measured", "ratio"):
+            assert r[key] is not None and r[key] > 0 and math.isfinite(r[key]), (key, r)
+        assert r["calls"] >= r["copies"] >= 1, r
+        if result["device"]["datasheet_bandwidth"]:
+            assert r["frac_datasheet"] > 0, r
+    for case in {(r["kernel"], r["case"]) for r in result["records"]}:
+        ok = [r for r in result["records"] if (r["kernel"], r["case"]) == case and r["status"] == "ok"]
+        baselines = [r["ratio"] for r in ok if r["role"] == "baseline"]
+        assert min(baselines) == pytest.approx(1.0), case  # the best baseline is the unit
+
+
+def test_module_keeps_heavy_imports_and_benchmark_names_out_of_module_level():
+    assert not [n for n in vars(accel) if n.startswith(("time_", "track_", "mem_", "peakmem_"))]
+    assert "torch" not in vars(accel) and "jax" not in vars(accel)
