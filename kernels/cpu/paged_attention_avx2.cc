@@ -60,58 +60,145 @@ TOKENLAB_TARGET_AVX2 inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 
-// Keys [jc, jc + cnt) of one page (cnt <= 8) for kv head kv, all G query heads.
-TOKENLAB_TARGET_AVX2 void Chunk(const Args& a, int64_t b, int64_t kv, int64_t jc, int64_t cnt, Partial st) {
-  const int64_t pos = a.lens[b] - 1;
-  const int64_t dv = a.d / 8;
-  const int64_t row_stride = a.kh * a.d;  // floats between consecutive tokens of a page
-  alignas(32) float pbuf[8];
+constexpr int64_t kChunk = 16;  // keys per chunk: a whole page at the common page size
+constexpr int kHeadBlock = 4;   // query heads of one kv head served by each load of its keys and values
+
+// Why the loops run this way: consecutive tokens of a kv head sit K * D floats apart (4 KiB for K=8, D=128), so
+// the same head-dim slice of a chunk's tokens falls into one L1 set, and a chunk holds more such lines than
+// the set has ways. Every key and value line is therefore used by all the block's query heads as soon as it
+// is loaded, instead of being reloaded (from L2) once per query head.
+
+// dots[gi][t] = the 8 partial sums of q[gi] . k[t] (summed across lanes later), two tokens per step.
+template <int GN>
+TOKENLAB_TARGET_AVX2 inline void KeyDots(const float* const* q, const float* kbase, int64_t row_stride,
+                                         int64_t dv, int64_t cnt, __m256 (*dots)[kChunk]) {
+  int64_t t = 0;
+  for (; t + 2 <= cnt; t += 2) {
+    const float* k0 = kbase + t * row_stride;
+    const float* k1 = k0 + row_stride;
+    __m256 acc[GN][2];
+    for (int gi = 0; gi < GN; ++gi) acc[gi][0] = acc[gi][1] = _mm256_setzero_ps();
+    for (int64_t v = 0; v < dv; ++v) {
+      const __m256 a0 = _mm256_loadu_ps(k0 + 8 * v), a1 = _mm256_loadu_ps(k1 + 8 * v);
+      for (int gi = 0; gi < GN; ++gi) {
+        const __m256 qv = _mm256_loadu_ps(q[gi] + 8 * v);
+        acc[gi][0] = _mm256_fmadd_ps(qv, a0, acc[gi][0]);
+        acc[gi][1] = _mm256_fmadd_ps(qv, a1, acc[gi][1]);
+      }
+    }
+    for (int gi = 0; gi < GN; ++gi) dots[gi][t] = acc[gi][0], dots[gi][t + 1] = acc[gi][1];
+  }
+  if (t < cnt) {
+    const float* k0 = kbase + t * row_stride;
+    __m256 acc[GN];
+    for (int gi = 0; gi < GN; ++gi) acc[gi] = _mm256_setzero_ps();
+    for (int64_t v = 0; v < dv; ++v) {
+      const __m256 a0 = _mm256_loadu_ps(k0 + 8 * v);
+      for (int gi = 0; gi < GN; ++gi) acc[gi] = _mm256_fmadd_ps(_mm256_loadu_ps(q[gi] + 8 * v), a0, acc[gi]);
+    }
+    for (int gi = 0; gi < GN; ++gi) dots[gi][t] = acc[gi];
+  }
+  for (++t; t < kChunk; ++t)
+    for (int gi = 0; gi < GN; ++gi) dots[gi][t] = _mm256_setzero_ps();
+}
+
+// out[gi] = corr[gi] * out[gi] + sum_t p[gi][t] * v[t], 16 floats of the head dim (NV = 2 vectors) at a time.
+template <int GN, int NV>
+TOKENLAB_TARGET_AVX2 inline void ValueBlock(const float* vbase, int64_t row_stride, int64_t cnt,
+                                            const float (*p)[kChunk], const float* corr, float* acc, int64_t d,
+                                            int64_t off) {
+  __m256 o[GN][NV];
+  for (int gi = 0; gi < GN; ++gi)
+    for (int j = 0; j < NV; ++j)
+      o[gi][j] = _mm256_mul_ps(_mm256_loadu_ps(acc + gi * d + off + 8 * j), _mm256_set1_ps(corr[gi]));
+  for (int64_t t = 0; t < cnt; ++t) {
+    __m256 vv[NV];
+    for (int j = 0; j < NV; ++j) vv[j] = _mm256_loadu_ps(vbase + t * row_stride + off + 8 * j);
+    for (int gi = 0; gi < GN; ++gi) {
+      const __m256 pb = _mm256_broadcast_ss(&p[gi][t]);
+      for (int j = 0; j < NV; ++j) o[gi][j] = _mm256_fmadd_ps(pb, vv[j], o[gi][j]);
+    }
+  }
+  for (int gi = 0; gi < GN; ++gi)
+    for (int j = 0; j < NV; ++j) _mm256_storeu_ps(acc + gi * d + off + 8 * j, o[gi][j]);
+}
+
+template <int GN>
+TOKENLAB_TARGET_AVX2 inline void WeightedValues(const float* vbase, int64_t row_stride, int64_t cnt,
+                                                const float (*p)[kChunk], const float* corr, float* acc,
+                                                int64_t d) {
+  int64_t off = 0;
+  for (; off + 16 <= d; off += 16) ValueBlock<GN, 2>(vbase, row_stride, cnt, p, corr, acc, d, off);
+  if (off < d) ValueBlock<GN, 1>(vbase, row_stride, cnt, p, corr, acc, d, off);
+}
+
+// Softmax terms of one query head for the chunk: logits from its dots, the running max, p = exp(x - m_new)
+// into p_out (zero past cnt), and the returned sum of p; *shift = m_old - m_new.
+TOKENLAB_TARGET_AVX2 inline float SoftmaxTerms(const Args& a, const __m256* dots, int64_t cnt, float slope,
+                                               float jpos0, float* m, float* shift, float* p_out) {
   const __m256 lane = _mm256_set_ps(7, 6, 5, 4, 3, 2, 1, 0);
+  __m256 x[2];
+  for (int half = 0; half < 2; ++half) {
+    __m256 y = _mm256_mul_ps(TransposeSum8(dots + 8 * half), _mm256_set1_ps(a.scale));
+    if (a.soft_cap > 0.f) {
+      const __m256 cap = _mm256_set1_ps(a.soft_cap);
+      y = _mm256_mul_ps(cap, Tanh(_mm256_div_ps(y, cap)));
+    }
+    const __m256 j = _mm256_add_ps(lane, _mm256_set1_ps(jpos0 + 8.f * half));
+    if (a.slopes) y = _mm256_fmadd_ps(_mm256_set1_ps(slope), j, y);
+    const __m256 valid = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(cnt - 8 * half)), _CMP_LT_OQ);
+    x[half] = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), y, valid);
+  }
+  const float m_old = *m;
+  const float m_new = std::max(m_old, HorizontalMax(_mm256_max_ps(x[0], x[1])));
+  const __m256 mv = _mm256_set1_ps(m_new);
+  __m256 sum = _mm256_setzero_ps();
+  for (int half = 0; half < 2; ++half) {
+    // Lanes past cnt hold -inf, which Exp turns into ~1e-38: zero them.
+    const __m256 keep = _mm256_cmp_ps(x[half], _mm256_set1_ps(kNegInf), _CMP_NEQ_OQ);
+    const __m256 pr = _mm256_and_ps(keep, Exp(_mm256_sub_ps(x[half], mv)));
+    _mm256_store_ps(p_out + 8 * half, pr);
+    sum = _mm256_add_ps(sum, pr);
+  }
+  *shift = m_old - m_new;  // -inf on the first chunk, whose state is still zero
+  *m = m_new;
+  return HorizontalSum(sum);
+}
+
+template <int GN>
+TOKENLAB_TARGET_AVX2 void HeadBlock(const Args& a, int64_t b, int64_t kv, int64_t g0, int64_t jc, int64_t cnt,
+                                    const float* kbase, const float* vbase, Partial st) {
+  const int64_t pos = a.lens[b] - 1;
+  const int64_t row_stride = a.kh * a.d;
+  alignas(32) __m256 dots[GN][kChunk];
+  alignas(32) float p[GN][kChunk];
+  alignas(32) float corr[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float lsum[GN];
+  const float* q[GN];
+  for (int gi = 0; gi < GN; ++gi) q[gi] = a.q + (b * a.h + kv * a.g + g0 + gi) * a.d;
+  KeyDots<GN>(q, kbase, row_stride, a.d / 8, cnt, dots);
+  for (int gi = 0; gi < GN; ++gi) {
+    const int64_t g = g0 + gi;
+    const float slope = a.slopes ? a.slopes[kv * a.g + g] : 0.f;
+    lsum[gi] = SoftmaxTerms(a, dots[gi], cnt, slope, static_cast<float>(jc - pos), &st.m[g], &corr[gi], p[gi]);
+  }
+  _mm256_store_ps(corr, Exp(_mm256_load_ps(corr)));
+  for (int gi = 0; gi < GN; ++gi) st.l[g0 + gi] = st.l[g0 + gi] * corr[gi] + lsum[gi];
+  WeightedValues<GN>(vbase, row_stride, cnt, p, corr, st.acc + g0 * a.d, a.d);
+}
+
+// Keys [jc, jc + cnt) of one page (cnt <= kChunk) for kv head kv and its G query heads.
+TOKENLAB_TARGET_AVX2 void Chunk(const Args& a, int64_t b, int64_t kv, int64_t jc, int64_t cnt, Partial st) {
   const int64_t page = a.bt[b * a.max_pages + jc / a.s];
   const int64_t t0 = jc % a.s;
   const float* kbase = a.kp + ((page * a.s + t0) * a.kh + kv) * a.d;
   const float* vbase = a.vp + ((page * a.s + t0) * a.kh + kv) * a.d;
-  const __m256 valid = _mm256_cmp_ps(lane, _mm256_set1_ps(static_cast<float>(cnt)), _CMP_LT_OQ);
-  const __m256 jpos = _mm256_add_ps(lane, _mm256_set1_ps(static_cast<float>(jc - pos)));  // j - pos
-  for (int64_t g = 0; g < a.g; ++g) {
-    const int64_t h = kv * a.g + g;
-    const float* qr = a.q + (b * a.h + h) * a.d;
-    __m256 part[8];
-    for (int t = 0; t < 8; ++t) part[t] = _mm256_setzero_ps();
-    if (cnt == 8) {
-      for (int64_t v = 0; v < dv; ++v) {
-        const __m256 qv = _mm256_loadu_ps(qr + 8 * v);
-        for (int t = 0; t < 8; ++t)
-          part[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kbase + t * row_stride + 8 * v), part[t]);
-      }
-    } else {
-      for (int64_t v = 0; v < dv; ++v) {
-        const __m256 qv = _mm256_loadu_ps(qr + 8 * v);
-        for (int t = 0; t < 8; ++t)
-          if (t < cnt) part[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kbase + t * row_stride + 8 * v), part[t]);
-      }
-    }
-    __m256 x = _mm256_mul_ps(TransposeSum8(part), _mm256_set1_ps(a.scale));
-    if (a.soft_cap > 0.f) {
-      const __m256 cap = _mm256_set1_ps(a.soft_cap);
-      x = _mm256_mul_ps(cap, Tanh(_mm256_div_ps(x, cap)));
-    }
-    if (a.slopes) x = _mm256_fmadd_ps(_mm256_set1_ps(a.slopes[h]), jpos, x);
-    x = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), x, valid);
-    const float m_old = st.m[g];
-    const float m_new = std::max(m_old, HorizontalMax(x));
-    const float corr = std::exp(m_old - m_new);
-    const __m256 pr = _mm256_and_ps(valid, Exp(_mm256_sub_ps(x, _mm256_set1_ps(m_new))));
-    st.l[g] = st.l[g] * corr + HorizontalSum(pr);
-    st.m[g] = m_new;
-    _mm256_store_ps(pbuf, pr);
-    float* acc = st.acc + g * a.d;
-    const __m256 cv = _mm256_set1_ps(corr);
-    for (int64_t v = 0; v < dv; ++v) {
-      __m256 o = _mm256_mul_ps(_mm256_loadu_ps(acc + 8 * v), cv);
-      for (int t = 0; t < 8; ++t)
-        if (t < cnt) o = _mm256_fmadd_ps(_mm256_broadcast_ss(pbuf + t), _mm256_loadu_ps(vbase + t * row_stride + 8 * v), o);
-      _mm256_storeu_ps(acc + 8 * v, o);
+  for (int64_t g0 = 0; g0 < a.g; g0 += kHeadBlock) {
+    switch (std::min<int64_t>(kHeadBlock, a.g - g0)) {
+      case 4: HeadBlock<4>(a, b, kv, g0, jc, cnt, kbase, vbase, st); break;
+      case 3: HeadBlock<3>(a, b, kv, g0, jc, cnt, kbase, vbase, st); break;
+      case 2: HeadBlock<2>(a, b, kv, g0, jc, cnt, kbase, vbase, st); break;
+      default: HeadBlock<1>(a, b, kv, g0, jc, cnt, kbase, vbase, st); break;
     }
   }
 }
@@ -132,7 +219,7 @@ inline void PrefetchPage(const Args& a, int64_t page) {
 
 TOKENLAB_TARGET_AVX2 void Range(const Args& a, int64_t b, int64_t j0, int64_t j1, float* unit_state) {
   for (int64_t jc = j0; jc < j1;) {
-    const int64_t cnt = std::min<int64_t>({kLanes, a.s - jc % a.s, j1 - jc});
+    const int64_t cnt = std::min<int64_t>({kChunk, a.s - jc % a.s, j1 - jc});
     const int64_t next = jc + cnt;
     if (next < j1 && next % a.s == 0) PrefetchPage(a, a.bt[b * a.max_pages + next / a.s]);
     for (int64_t kv = 0; kv < a.kh; ++kv) Chunk(a, b, kv, jc, cnt, StateAt(a, unit_state, kv));

@@ -52,50 +52,120 @@ TOKENLAB_TARGET_AVX512 inline __m512 TransposeSum16(__m512 v[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(f01, f23, 0x88), _mm512_shuffle_f32x4(f01, f23, 0xDD));
 }
 
-// Keys [jc, jc + cnt) of one page (cnt <= 16) for kv head kv, all G query heads.
-TOKENLAB_TARGET_AVX512 void Chunk(const Args& a, int64_t b, int64_t kv, int64_t jc, int64_t cnt, Partial st) {
+constexpr int kHeadBlock = 4;  // query heads of one kv head served by each load of its keys and values
+
+// Why the loops run this way: consecutive tokens of a kv head sit K * D floats apart (4 KiB for K=8, D=128), so
+// the same head-dim slice of a chunk's tokens falls into one L1 set, and a chunk holds more such lines than
+// the set has ways. Every key and value line is therefore used by all the block's query heads as soon as it
+// is loaded, instead of being reloaded (from L2) once per query head.
+
+// dots[gi][t] = the 16 partial sums of q[gi] . k[t] (summed across lanes later), two tokens per step.
+template <int GN>
+TOKENLAB_TARGET_AVX512 inline void KeyDots(const float* const* q, const float* kbase, int64_t row_stride,
+                                           int64_t dv, int64_t cnt, __m512 (*dots)[16]) {
+  int64_t t = 0;
+  for (; t + 2 <= cnt; t += 2) {
+    const float* k0 = kbase + t * row_stride;
+    const float* k1 = k0 + row_stride;
+    __m512 acc[GN][2];
+    for (int gi = 0; gi < GN; ++gi) acc[gi][0] = acc[gi][1] = _mm512_setzero_ps();
+    for (int64_t v = 0; v < dv; ++v) {
+      const __m512 a0 = _mm512_loadu_ps(k0 + 16 * v), a1 = _mm512_loadu_ps(k1 + 16 * v);
+      for (int gi = 0; gi < GN; ++gi) {
+        const __m512 qv = _mm512_loadu_ps(q[gi] + 16 * v);
+        acc[gi][0] = _mm512_fmadd_ps(qv, a0, acc[gi][0]);
+        acc[gi][1] = _mm512_fmadd_ps(qv, a1, acc[gi][1]);
+      }
+    }
+    for (int gi = 0; gi < GN; ++gi) dots[gi][t] = acc[gi][0], dots[gi][t + 1] = acc[gi][1];
+  }
+  if (t < cnt) {
+    const float* k0 = kbase + t * row_stride;
+    __m512 acc[GN];
+    for (int gi = 0; gi < GN; ++gi) acc[gi] = _mm512_setzero_ps();
+    for (int64_t v = 0; v < dv; ++v) {
+      const __m512 a0 = _mm512_loadu_ps(k0 + 16 * v);
+      for (int gi = 0; gi < GN; ++gi) acc[gi] = _mm512_fmadd_ps(_mm512_loadu_ps(q[gi] + 16 * v), a0, acc[gi]);
+    }
+    for (int gi = 0; gi < GN; ++gi) dots[gi][t] = acc[gi];
+  }
+  for (++t; t < 16; ++t)
+    for (int gi = 0; gi < GN; ++gi) dots[gi][t] = _mm512_setzero_ps();
+}
+
+// out[gi] = corr[gi] * out[gi] + sum_t p[gi][t] * v[t], 16 * NV floats of the head dim at a time.
+template <int GN, int NV>
+TOKENLAB_TARGET_AVX512 inline void ValueBlock(const float* vbase, int64_t row_stride, int64_t cnt,
+                                              const float (*p)[16], const float* corr, float* acc, int64_t d,
+                                              int64_t off) {
+  __m512 o[GN][NV];
+  for (int gi = 0; gi < GN; ++gi)
+    for (int j = 0; j < NV; ++j)
+      o[gi][j] = _mm512_mul_ps(_mm512_loadu_ps(acc + gi * d + off + 16 * j), _mm512_set1_ps(corr[gi]));
+  for (int64_t t = 0; t < cnt; ++t) {
+    __m512 vv[NV];
+    for (int j = 0; j < NV; ++j) vv[j] = _mm512_loadu_ps(vbase + t * row_stride + off + 16 * j);
+    for (int gi = 0; gi < GN; ++gi) {
+      const __m512 pb = _mm512_set1_ps(p[gi][t]);
+      for (int j = 0; j < NV; ++j) o[gi][j] = _mm512_fmadd_ps(pb, vv[j], o[gi][j]);
+    }
+  }
+  for (int gi = 0; gi < GN; ++gi)
+    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(acc + gi * d + off + 16 * j, o[gi][j]);
+}
+
+template <int GN>
+TOKENLAB_TARGET_AVX512 void HeadBlock(const Args& a, int64_t b, int64_t kv, int64_t g0, int64_t jc, int64_t cnt,
+                                      const float* kbase, const float* vbase, Partial st) {
   const int64_t pos = a.lens[b] - 1;
-  const int64_t dv = a.d / 16;
-  const int64_t row_stride = a.kh * a.d;  // floats between consecutive tokens of a page
-  alignas(64) float pbuf[16];
+  const int64_t row_stride = a.kh * a.d;
   const __m512 lane = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  const int64_t page = a.bt[b * a.max_pages + jc / a.s];
-  const int64_t t0 = jc % a.s;
-  const float* kbase = a.kp + ((page * a.s + t0) * a.kh + kv) * a.d;
-  const float* vbase = a.vp + ((page * a.s + t0) * a.kh + kv) * a.d;
   const __mmask16 valid = static_cast<__mmask16>((1u << cnt) - 1);
   const __m512 jpos = _mm512_add_ps(lane, _mm512_set1_ps(static_cast<float>(jc - pos)));  // j - pos
-  for (int64_t g = 0; g < a.g; ++g) {
-    const int64_t h = kv * a.g + g;
-    const float* qr = a.q + (b * a.h + h) * a.d;
-    __m512 part[16];
-    for (int t = 0; t < 16; ++t) part[t] = _mm512_setzero_ps();
-    for (int64_t v = 0; v < dv; ++v) {
-      const __m512 qv = _mm512_loadu_ps(qr + 16 * v);
-      for (int t = 0; t < 16; ++t)
-        if (t < cnt) part[t] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kbase + t * row_stride + 16 * v), part[t]);
-    }
-    __m512 x = _mm512_mul_ps(TransposeSum16(part), _mm512_set1_ps(a.scale));
+  alignas(64) __m512 dots[GN][16];
+  alignas(64) float p[GN][16];
+  alignas(64) float corr[16] = {};
+  float lsum[GN];
+  const float* q[GN];
+  for (int gi = 0; gi < GN; ++gi) q[gi] = a.q + (b * a.h + kv * a.g + g0 + gi) * a.d;
+  KeyDots<GN>(q, kbase, row_stride, a.d / 16, cnt, dots);
+  for (int gi = 0; gi < GN; ++gi) {
+    const int64_t g = g0 + gi;
+    __m512 x = _mm512_mul_ps(TransposeSum16(dots[gi]), _mm512_set1_ps(a.scale));
     if (a.soft_cap > 0.f) {
       const __m512 cap = _mm512_set1_ps(a.soft_cap);
       x = _mm512_mul_ps(cap, Tanh(_mm512_div_ps(x, cap)));
     }
-    if (a.slopes) x = _mm512_fmadd_ps(_mm512_set1_ps(a.slopes[h]), jpos, x);
+    if (a.slopes) x = _mm512_fmadd_ps(_mm512_set1_ps(a.slopes[kv * a.g + g]), jpos, x);
     x = _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf), x);
     const float m_old = st.m[g];
     const float m_new = std::max(m_old, _mm512_mask_reduce_max_ps(valid, x));
-    const float corr = std::exp(m_old - m_new);
     const __m512 pr = _mm512_maskz_mov_ps(valid, Exp(_mm512_sub_ps(x, _mm512_set1_ps(m_new))));
-    st.l[g] = st.l[g] * corr + _mm512_reduce_add_ps(pr);
+    _mm512_store_ps(p[gi], pr);
+    lsum[gi] = _mm512_reduce_add_ps(pr);
+    corr[gi] = m_old - m_new;  // -inf on the first chunk, whose state is still zero
     st.m[g] = m_new;
-    _mm512_store_ps(pbuf, pr);
-    float* acc = st.acc + g * a.d;
-    const __m512 cv = _mm512_set1_ps(corr);
-    for (int64_t v = 0; v < dv; ++v) {
-      __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * v), cv);
-      for (int t = 0; t < 16; ++t)
-        if (t < cnt) o = _mm512_fmadd_ps(_mm512_set1_ps(pbuf[t]), _mm512_loadu_ps(vbase + t * row_stride + 16 * v), o);
-      _mm512_storeu_ps(acc + 16 * v, o);
+  }
+  _mm512_store_ps(corr, Exp(_mm512_load_ps(corr)));
+  for (int gi = 0; gi < GN; ++gi) st.l[g0 + gi] = st.l[g0 + gi] * corr[gi] + lsum[gi];
+  float* acc = st.acc + g0 * a.d;
+  int64_t off = 0;
+  for (; off + 32 <= a.d; off += 32) ValueBlock<GN, 2>(vbase, row_stride, cnt, p, corr, acc, a.d, off);
+  if (off < a.d) ValueBlock<GN, 1>(vbase, row_stride, cnt, p, corr, acc, a.d, off);
+}
+
+// Keys [jc, jc + cnt) of one page (cnt <= 16) for kv head kv and its G query heads.
+TOKENLAB_TARGET_AVX512 void Chunk(const Args& a, int64_t b, int64_t kv, int64_t jc, int64_t cnt, Partial st) {
+  const int64_t page = a.bt[b * a.max_pages + jc / a.s];
+  const int64_t t0 = jc % a.s;
+  const float* kbase = a.kp + ((page * a.s + t0) * a.kh + kv) * a.d;
+  const float* vbase = a.vp + ((page * a.s + t0) * a.kh + kv) * a.d;
+  for (int64_t g0 = 0; g0 < a.g; g0 += kHeadBlock) {
+    switch (std::min<int64_t>(kHeadBlock, a.g - g0)) {
+      case 4: HeadBlock<4>(a, b, kv, g0, jc, cnt, kbase, vbase, st); break;
+      case 3: HeadBlock<3>(a, b, kv, g0, jc, cnt, kbase, vbase, st); break;
+      case 2: HeadBlock<2>(a, b, kv, g0, jc, cnt, kbase, vbase, st); break;
+      default: HeadBlock<1>(a, b, kv, g0, jc, cnt, kbase, vbase, st); break;
     }
   }
 }
