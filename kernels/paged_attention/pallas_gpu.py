@@ -34,16 +34,18 @@ as zeros by masked loads (no memory access), their probabilities are zeroed with
 past kv_len cannot reach the output. A NaN in q reaches exactly the output rows it feeds; only rows with
 nothing to attend to become zeros.
 
-Lowering. `paged_attention_pallas` chooses per lowering platform with `jax.lax.platform_dependent`: Pallas's
-interpret mode on cpu (slow; for tests), the Triton-compiled kernel on cuda and rocm (through
-`jax.experimental.pallas.triton.CompilerParams`, since `pl.pallas_call` on GPUs defaults to Mosaic GPU in
-JAX 0.10), and no branch for tpu. Only the branch of the platform being lowered is lowered, so the same jitted
-function runs interpreted on a CPU and compiled on a GPU. Exporting a function whose cuda lowering holds the
-kernel with `jax.export` needs `disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
-"__gpu$xla.gpu.triton")]` (platforms ("cuda",), ("rocm",) or both). One export for cpu and cuda together
-is not possible: JAX lowers every `platform_dependent` branch for every exported platform, and a compiled
-`pallas_call` has no cpu lowering. float8 pages need a GPU with native fp8 conversion in Triton (sm89+: Ada,
-Hopper).
+Lowering. `paged_attention_pallas` chooses per lowering platform through one primitive with a lowering rule
+per platform: Pallas's interpret mode on cpu (slow; for tests), the Triton-compiled kernel on cuda and rocm
+(through `jax.experimental.pallas.triton.CompilerParams`, since `pl.pallas_call` on GPUs defaults to Mosaic
+GPU in JAX 0.10), and a clear error when tpu is the only platform. The choice is never made from
+`jax.default_backend()`, so the same jitted function runs interpreted on a CPU and compiled on a GPU.
+`jax.lax.platform_dependent` is not used here because it lowers every branch for every platform of a
+multi-platform export, and a compiled `pallas_call` cannot lower for cpu or tpu. With per-platform rules, a
+caller's own per-platform choice (`impl="auto"`) can hold this kernel in its GPU branch and still export for
+cpu, cuda, rocm and tpu together. In such a multi-platform lowering, the rule for a platform without a kernel
+lowers to NaN outputs that the caller never selects. Exporting the kernel with `jax.export` needs
+`disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]`. float8 pages need a
+GPU with native fp8 conversion in Triton (sm89+: Ada, Hopper); Triton refuses them for sm80.
 
 Axis legend: T query tokens, B sequences, H query heads, K kv heads, G = H // K, Gq = G padded, D head dim,
 Dp = D padded to a power of two, P pages, S page size, N query tiles, R rows of a tile, BK keys per block.
@@ -55,10 +57,12 @@ import functools
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.interpreters import mlir
 
 _F32 = jnp.float32
 # Head dims the kernel pads to a power of two (Triton tiles are powers of two); at least 16 for tl.dot.
@@ -451,7 +455,9 @@ def _paged_attention_pallas(
         return run
 
     if interpret is None:
-        outs = jax.lax.platform_dependent(*args, cpu=call(True), cuda=call(False), rocm=call(False))
+        outs = _per_platform_p.bind(
+            *args, interpreted=call(True), compiled=call(False), out_avals=tuple(map(_aval, out_shape))
+        )
     else:
         outs = call(interpret)(*args)
 
@@ -475,6 +481,45 @@ def _paged_attention_pallas(
 
 def _zeros_index(ndim: int, *_: Any) -> tuple[int, ...]:
     return (0,) * ndim
+
+
+def _aval(x: jax.ShapeDtypeStruct) -> jax.core.ShapedArray:
+    return jax.core.ShapedArray(x.shape, x.dtype)
+
+
+# One primitive whose lowering is chosen per platform: the interpreted kernel on cpu, the Triton kernel on
+# cuda/rocm. `jax.lax.platform_dependent` would lower every branch for every platform of a multi-platform
+# export (and a compiled pallas_call refuses to lower for cpu or tpu); a per-platform lowering rule is lowered
+# only for its own platforms, so `impl="auto"` can hold this kernel in its GPU branch and still export for
+# cpu, cuda, rocm and tpu at once. Defining the primitive registers its rules with JAX once, at import.
+_per_platform_p = jax.extend.core.Primitive("tokenlab_paged_attention_pallas")
+_per_platform_p.multiple_results = True
+_per_platform_p.def_abstract_eval(lambda *args, interpreted, compiled, out_avals: list(out_avals))
+
+
+def _lower_with(which: str, ctx: Any, *args: Any, interpreted: Any, compiled: Any, out_avals: Any) -> Any:
+    fn = interpreted if which == "interpreted" else compiled
+    return mlir.lower_fun(lambda *xs: fn(*xs), multiple_results=True)(ctx, *args)
+
+
+def _lower_elsewhere(ctx: Any, *args: Any, interpreted: Any, compiled: Any, out_avals: Any) -> Any:
+    platforms = tuple(ctx.module_context.platforms)
+    if len(platforms) == 1:
+        raise ValueError(
+            f"the Pallas paged attention kernel runs on cpu (interpreted), cuda and rocm, not {platforms[0]}"
+        )
+    # A multi-platform lowering also lowers the branches that the caller's own per-platform choice never
+    # takes on this platform; they get NaN, so that a wrong choice could not pass for a result.
+    del interpreted, compiled
+    return mlir.lower_fun(
+        lambda *xs: [jnp.full(a.shape, jnp.nan, a.dtype) for a in out_avals], multiple_results=True
+    )(ctx, *args)
+
+
+mlir.register_lowering(_per_platform_p, functools.partial(_lower_with, "interpreted"), platform="cpu")
+mlir.register_lowering(_per_platform_p, functools.partial(_lower_with, "compiled"), platform="cuda")
+mlir.register_lowering(_per_platform_p, functools.partial(_lower_with, "compiled"), platform="rocm")
+mlir.register_lowering(_per_platform_p, _lower_elsewhere)
 
 
 def paged_attention_pallas(

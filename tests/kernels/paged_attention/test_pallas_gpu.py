@@ -232,6 +232,13 @@ def test_exports_for_gpus_only_with_disabled_checks():
     checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
     exported = jax.export.export(jax.jit(f), platforms=("cuda", "rocm"), disabled_checks=checks)(*args)
     assert exported.platforms == ("cuda", "rocm")
+    # With cpu and tpu too: each platform lowers only its own rule (a caller's per-platform choice keeps
+    # the kernel off tpu; on its own, tpu is refused).
+    everywhere = ("cpu", "cuda", "rocm", "tpu")
+    exported = jax.export.export(jax.jit(f), platforms=everywhere, disabled_checks=checks)(*args)
+    assert exported.mlir_module().count(TRITON_CALL) == 2  # cuda's and rocm's
+    with pytest.raises(ValueError, match="not tpu"):
+        jax.export.export(jax.jit(f), platforms=("tpu",), disabled_checks=checks)(*args)
 
 
 def test_lowers_for_cpu_as_the_interpreter():
