@@ -70,10 +70,12 @@ import functools
 from typing import Any
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+from jax.interpreters import batching, mlir
 
 from kernels.int4_matmul.xla import scan_matmul_transposed, zero_cotangent
 from kernels.precision import highest_precision
@@ -396,73 +398,126 @@ def _kernel(
         o_ref[pl.ds(r, 1), :] = acc.astype(o_ref.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything static about one pallas_call: the tiling, the group size, the symmetric zero (None when
+    zero points are passed), K, N, the padded rows Mp and x's dtype."""
+
+    cfg: Config
+    group_size: int
+    sym_zero: int | None
+    k: int
+    n: int
+    mp: int
+    dtype: np.dtype
+
+    @property
+    def out_shape(self) -> jax.ShapeDtypeStruct:
+        if self.cfg.split_k == 1:
+            return jax.ShapeDtypeStruct((self.mp, self.n), self.dtype)
+        return jax.ShapeDtypeStruct((self.cfg.split_k, self.mp, self.n), jnp.float32)
+
+
+def _pallas_kernel(*args: jax.Array, spec: _Spec, interpret: bool) -> jax.Array:
+    """(xe, xo, packed, scales[, zeros]) -> [Mp, N] in x's dtype, or float32 partials [split_k, Mp, N]."""
+    cfg, k, n = spec.cfg, spec.k, spec.n
+    bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
+    g = k // spec.group_size
+    # M blocks vary fastest in launch order: the programs that share one weight tile run together, so a
+    # weight byte comes from HBM once and x (the smaller operand up to M ~ K) is re-read from L2.
+    grid = (spec.mp // bm, n // bn, split)
+    x_spec = (
+        pl.BlockSpec((k // 2, bm), lambda i, j, s: (0, i))
+        if cfg.matvec
+        else pl.BlockSpec((bm, k // 2), lambda i, j, s: (i, 0))
+    )
+    w_specs = [
+        pl.BlockSpec((k // 2, bn), lambda i, j, s: (0, j)),
+        pl.BlockSpec((g, bn), lambda i, j, s: (0, j)),
+    ]
+    if spec.sym_zero is None:
+        w_specs.append(pl.BlockSpec((g, bn), lambda i, j, s: (0, j)))
+    if split == 1:
+        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
+    else:
+        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
+    kernel = functools.partial(
+        _kernel,
+        block_k=bk,
+        group_size=spec.group_size,
+        tiles_per_split=k // bk // split,
+        sym_zero=spec.sym_zero,
+        matvec=cfg.matvec,
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=spec.out_shape,
+        grid=grid,
+        in_specs=[x_spec, x_spec, *w_specs],
+        out_specs=out_spec,
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="int4_matmul_w4a16",
+    )(*args)
+
+
+def _by_platform(*args: jax.Array, spec: _Spec) -> jax.Array:
+    """The kernel, interpreted or compiled according to the platform it runs on (eager calls, vmap)."""
+    interp = functools.partial(_pallas_kernel, spec=spec, interpret=True)
+    compiled = functools.partial(_pallas_kernel, spec=spec, interpret=False)
+    return jax.lax.platform_dependent(*args, cuda=compiled, rocm=compiled, default=interp)
+
+
+# The kernel as one primitive whose lowering is chosen per platform: the compiled Triton kernel on cuda and
+# rocm, interpret mode (plain HLO) everywhere else. Unlike a `platform_dependent` around two pallas_calls,
+# this also lowers in a multi-platform module (`jax.export` for ("cpu", "cuda", "rocm", "tpu")): there every
+# branch of a `platform_dependent` is lowered for every platform, and a compiled pallas_call refuses the CPU.
+# Registering a primitive's rules at import is how JAX extensions add primitives; nothing else is global.
+_int4_pallas_p = jax.extend.core.Primitive("tokenlab_int4_matmul_pallas")
+_int4_pallas_p.def_impl(_by_platform)
+_int4_pallas_p.def_abstract_eval(
+    lambda *avals, spec: jax.core.ShapedArray(spec.out_shape.shape, spec.out_shape.dtype)
+)
+mlir.register_lowering(
+    _int4_pallas_p,
+    mlir.lower_fun(functools.partial(_pallas_kernel, interpret=True), multiple_results=False),
+)
+for _platform in ("cuda", "rocm"):
+    mlir.register_lowering(
+        _int4_pallas_p,
+        mlir.lower_fun(functools.partial(_pallas_kernel, interpret=False), multiple_results=False),
+        platform=_platform,
+    )
+
+
+def _batch_rule(args, dims, *, spec):
+    # vmap (stacks of expert weights): Pallas batches its own call with an extra grid axis; the platform
+    # choice then falls back to `platform_dependent`, which lowers for one platform at a time.
+    return jax.vmap(functools.partial(_by_platform, spec=spec), in_axes=dims)(*args), 0
+
+
+batching.primitive_batchers[_int4_pallas_p] = _batch_rule
+
+
 def _forward(
     x, packed, scales, zeros, *, group_size: int, sym_zero: int, cfg: Config, interpret: bool | None
 ):
     """x: [M, K] -> [M, N] in x's dtype (no custom VJP)."""
     m, k = x.shape
     n = packed.shape[1]
-    bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
-    mp = -(-m // bm) * bm
+    mp = -(-m // cfg.block_m) * cfg.block_m
     if mp != m:
         x = jnp.pad(x, ((0, mp - m), (0, 0)))
     xe, xo = split_even_odd(x)
     if cfg.matvec:
         xe, xo = xe.T, xo.T  # [K/2, Mp]: tiny at these M
-    g = scales.shape[0]
-    # M blocks vary fastest in launch order: the programs that share one weight tile run together, so a
-    # weight byte comes from HBM once and x (the smaller operand up to M ~ K) is re-read from L2.
-    grid = (mp // bm, n // bn, split)
-    x_spec = (
-        pl.BlockSpec((k // 2, bm), lambda i, j, s: (0, i))
-        if cfg.matvec
-        else pl.BlockSpec((bm, k // 2), lambda i, j, s: (i, 0))
-    )
-    in_specs = [
-        x_spec,
-        x_spec,
-        pl.BlockSpec((k // 2, bn), lambda i, j, s: (0, j)),
-        pl.BlockSpec((g, bn), lambda i, j, s: (0, j)),
-    ]
-    args = [xe, xo, packed, scales]
-    if zeros is not None:
-        in_specs.append(pl.BlockSpec((g, bn), lambda i, j, s: (0, j)))
-        args.append(zeros)
-    if split == 1:
-        out_shape = jax.ShapeDtypeStruct((mp, n), x.dtype)
-        out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (i, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((split, mp, n), jnp.float32)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda i, j, s: (s, i, j))
-    kernel = functools.partial(
-        _kernel,
-        block_k=bk,
-        group_size=group_size,
-        tiles_per_split=k // bk // split,
-        sym_zero=sym_zero if zeros is None else None,
-        matvec=cfg.matvec,
-    )
-
-    def call(interp: bool):
-        def run(*a):
-            return pl.pallas_call(
-                kernel,
-                out_shape=out_shape,
-                grid=grid,
-                in_specs=in_specs,
-                out_specs=out_spec,
-                compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-                interpret=interp,
-                name="int4_matmul_w4a16",
-            )(*a)
-
-        return run
-
+    args = [xe, xo, packed, scales] + ([] if zeros is None else [zeros])
+    spec = _Spec(cfg, group_size, sym_zero if zeros is None else None, k, n, mp, np.dtype(x.dtype))
     if interpret is None:
-        out = jax.lax.platform_dependent(*args, cpu=call(True), cuda=call(False), rocm=call(False))
+        out = _int4_pallas_p.bind(*args, spec=spec)
     else:
-        out = call(interpret)(*args)
-    if split > 1:
+        out = _pallas_kernel(*args, spec=spec, interpret=interpret)
+    if cfg.split_k > 1:
         out = out.sum(axis=0).astype(x.dtype)
     return out[:m]
 

@@ -160,6 +160,22 @@ def test_lowers_for_cuda_as_a_triton_kernel(m, block_m, dtype):
     assert "xla.gpu.triton" not in _lowered_text(x, qw, "cpu", block_m=block_m)
 
 
+def test_exports_for_every_platform_and_runs_the_export_on_the_cpu():
+    # One jitted function, serialized for cpu, cuda, rocm and tpu at once (the Triton custom call needs
+    # `disabled_checks`); the cuda branch holds the Triton kernel and the CPU runs the interpreted one.
+    qw = make_weight(16, **VARIANTS["act_order_and_scales"])
+    x = activations(17, 4, jnp.bfloat16)
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    exported = jax.export.export(
+        jax.jit(pg.int4_weight_matmul_pallas),
+        platforms=("cpu", "cuda", "rocm", "tpu"),
+        disabled_checks=[triton],
+    )(jax.ShapeDtypeStruct(x.shape, x.dtype), qw)
+    assert "xla.gpu.triton" in exported.mlir_module()
+    expected = int4_matmul_reference(x, qw).astype(np.float64)
+    assert normalized_error(exported.call(jnp.asarray(x), qw), expected) <= tolerance(x.dtype).nerr
+
+
 def test_float32_dots_ask_for_full_precision():
     # The precision policy for the tile dot the kernel runs: float32 is IEEE (HIGHEST), never TF32;
     # bf16/f16 take the native dot; both accumulate in float32.
