@@ -50,10 +50,14 @@ kernels use a GEMV form at batch 1).
 
 Lowering
 --------
-`interpret=None` chooses per lowering platform with `jax.lax.platform_dependent`: interpret mode on cpu,
-the compiled Triton kernel (`CompilerParams(num_warps, num_stages)`) on cuda and rocm, so one jitted
-function runs on the CPU and lowers for a GPU. `interpret=True`/`False` forces one. A function whose cuda
-lowering holds this kernel's custom call exports with `jax.export` only with `disabled_checks`.
+`interpret=None` chooses per lowering platform: the kernel is one primitive whose lowering rule is the
+compiled Triton kernel (`CompilerParams(num_warps, num_stages)`) on cuda and rocm and interpret mode (plain
+HLO) on every other platform, so one jitted function runs on the CPU, lowers for a GPU, and exports for
+("cpu", "cuda", "rocm", "tpu") at once (a `platform_dependent` around two pallas_calls would not: a
+multi-platform module lowers every branch for every platform). `jax.export` needs
+`disabled_checks=[DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]` for the Triton custom call.
+Under `jax.vmap` the choice falls back to `platform_dependent` (single-platform lowering only).
+`interpret=True`/`False` forces one form.
 
 Gradients: `jax.grad` with respect to x goes through a custom VJP whose backward is the XLA path's transpose
 (`xla.scan_matmul_transposed`: dx = dy @ W_storedᵀ, one dequantized K block at a time); the weight is frozen
