@@ -19,6 +19,7 @@ test suite then runs against it (tests/kernels/<op>/ parametrizes over `availabl
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -38,10 +39,10 @@ class OpImpls:
 
 
 _OPS = {
-    "paged_attention": OpImpls(native=True, pallas=False),
-    "int4_matmul": OpImpls(native=True, pallas=False, strategies=("codes", "dequant", "dense")),
+    "paged_attention": OpImpls(native=True, pallas=True),
+    "int4_matmul": OpImpls(native=True, pallas=True, strategies=("codes", "dequant", "dense")),
     "moe_ffn": OpImpls(
-        native=False, pallas=False, strategies=("grouped", "bucketed", "ragged", "batched", "dense")
+        native=False, pallas=True, strategies=("grouped", "bucketed", "ragged", "batched", "dense")
     ),
 }
 OPS = tuple(_OPS)
@@ -104,6 +105,24 @@ def check_impl(op: str, impl: Any) -> str:
     if not isinstance(impl, str) or impl not in valid:
         raise ValueError(f"impl={impl!r} is not an implementation of {op}; expected one of {valid}")
     return impl
+
+
+def per_platform(
+    *args: Any,
+    xla: Callable[..., Any],
+    cpu: Callable[..., Any] | None = None,
+    gpu: Callable[..., Any] | None = None,
+) -> Any:
+    """impl="auto": `cpu` when lowered for the CPU, `gpu` for cuda and rocm, `xla` everywhere else (and where
+    a branch is None), chosen at lowering so one jitted function exports for every platform."""
+    branches = {}
+    if cpu is not None:
+        branches["cpu"] = cpu
+    if gpu is not None:
+        branches["cuda"] = branches["rocm"] = gpu
+    if not branches:
+        return xla(*args)
+    return jax.lax.platform_dependent(*args, default=xla, **branches)
 
 
 def require_concrete(op: str, *arrays: Any) -> None:

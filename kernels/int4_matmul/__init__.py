@@ -57,6 +57,7 @@ import numpy as np
 
 from kernels import cpu, registry
 from kernels.int4_matmul.cpu_native import native_matmul, native_unsupported
+from kernels.int4_matmul.pallas_gpu import int4_weight_matmul_pallas, pallas_unsupported
 from kernels.int4_matmul.reference import X_DTYPES, int4_matmul_reference, validate_int4_matmul_inputs
 from kernels.int4_matmul.xla import GEMM_MIN_M, choose_strategy, packed_matmul, zero_cotangent
 from kernels.precision import highest_precision
@@ -117,11 +118,22 @@ def _int4_matmul(x: jax.Array, w: Int4Weight, strategy: str, native: str = "off"
     return y.astype(x.dtype).reshape(*x.shape[:-1], n)
 
 
-def int4_matmul(x: jax.Array, w: Int4Weight, *, impl: str = "auto") -> jax.Array:
+def int4_matmul(
+    x: jax.Array,
+    w: Int4Weight,
+    *,
+    impl: str = "auto",
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    split_k: int | None = None,
+) -> jax.Array:
     """x: [..., K] float32|bfloat16|float16 @ w (an Int4Weight [K, N]) -> [..., N] in x's dtype.
 
-    `impl`: "auto" (native on the CPU when built, else by M), "reference", "xla" (pick by M), "codes",
-    "dequant", "dense" or "cpu_native" (see the module docstring).
+    `impl`: "auto" (the native kernel on the CPU when built, the Pallas kernel on GPUs, else the XLA
+    strategy for M), "reference", "xla" (pick by M), "codes", "dequant", "dense", "cpu_native" or "pallas"
+    (see the module docstring). `block_m`, `block_n`, `block_k`, `split_k`: the Pallas kernel's tiles
+    (keyword-only, static; defaults by shape, see kernels/int4_matmul/pallas_gpu.py).
     Jittable, vmappable over a leading axis of stacked weights, differentiable with respect to x.
     """
     registry.check_impl("int4_matmul", impl)
@@ -129,9 +141,25 @@ def int4_matmul(x: jax.Array, w: Int4Weight, *, impl: str = "auto") -> jax.Array
     if impl == "reference":
         registry.require_concrete("int4_matmul", x, w)
         return jnp.asarray(int4_matmul_reference(np.asarray(x), w))
+    tiles = dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
+    pallas_reason = pallas_unsupported(x, w)
+    if impl == "pallas":
+        if pallas_reason is not None:
+            raise ValueError(f"impl='pallas' does not support {pallas_reason}; use impl='auto' or 'xla'")
+        return int4_weight_matmul_pallas(x, w, **tiles)
     m = int(np.prod(np.shape(x)[:-1], dtype=np.int64))
     native = _native_mode(impl, w)
-    return _int4_matmul(x, w, choose_strategy(impl, m, w.bits, w.group_size), native)
+    strategy = choose_strategy(impl, m, w.bits, w.group_size)
+    if impl != "auto":
+        return _int4_matmul(x, w, strategy, native)
+    return registry.per_platform(
+        x,
+        w,
+        xla=lambda x, w: _int4_matmul(x, w, strategy, "off"),
+        # The cpu branch calls the native kernel directly: the platform choice is made once, here.
+        cpu=(lambda x, w: _int4_matmul(x, w, strategy, "force")) if native != "off" else None,
+        gpu=(lambda x, w: int4_weight_matmul_pallas(x, w, **tiles)) if pallas_reason is None else None,
+    )
 
 
 def int4_matmul_cost(

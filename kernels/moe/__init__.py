@@ -54,6 +54,9 @@ assignments in priority order; `drop_priority`:
 - "weight": higher routing weight first (batch-prioritized routing, Riquelme et al. 2021), ties by
   choice rank then token.
 `moe_ffn(capacity_factor=cf)` uses C = max(1, ceil(cf · T · k / E)) (`expert_capacity`).
+Expert ids outside [0, E): an eager call raises a ValueError naming them; under `jax.jit`, where values
+cannot be checked, every strategy (and every implementation) drops such an assignment: it contributes zero,
+like a capacity drop, and takes no expert's capacity.
 
 FFN strategies (`impl`):
 - "grouped": packed layout; a loop over the non-empty experts, each expert's rows in blocks of
@@ -109,6 +112,7 @@ from kernels.moe.dispatch import (
     dispatch_plan,
     expert_capacity,
 )
+from kernels.moe.pallas_gpu import moe_ffn_pallas, pallas_unsupported
 from kernels.moe.reference import (
     QUANTIZED_IMPLS,
     dequantize_experts,
@@ -169,6 +173,9 @@ def moe_ffn(
     impl: str = "auto",
     row_align: int = 8,
     block_rows: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
 ) -> jax.Array:
     """The SwiGLU MoE FFN: x [T, d] -> y [T, d] (x.dtype), dropless unless capacity_factor is given.
 
@@ -176,7 +183,8 @@ def moe_ffn(
     capacity_factor: C = expert_capacity(T, E, k, capacity_factor) rows per expert; assignments past
     C in drop_priority order ("choice", "token" or "weight") contribute zero. impl: see the module
     docstring. row_align/block_rows (powers of two, row_align <= block_rows): the "grouped" strategy's
-    row granularity and largest block. Differentiable with respect to x, weights and the expert
+    row granularity and largest block. block_m/block_n/block_k: the Pallas kernels' tiles (defaults by
+    shape, see kernels/moe/pallas_gpu.py). Differentiable with respect to x, weights and the expert
     weights; empty experts get zero gradients.
     """
     validate_moe_ffn_inputs(
@@ -200,19 +208,31 @@ def moe_ffn(
     capacity = None
     if capacity_factor is not None:
         capacity = expert_capacity(num_tokens, num_experts_of(w_gate), top_k, capacity_factor)
-    return moe_ffn_xla(
-        x,
-        weights,
-        expert_ids,
-        w_gate,
-        w_up,
-        w_down,
-        capacity=capacity,
-        drop_priority=drop_priority,
-        impl=impl,
-        row_align=int(row_align),
-        block_rows=int(block_rows),
-    )
+    args = (x, weights, expert_ids, w_gate, w_up, w_down)
+    tiles = dict(block_m=block_m, block_n=block_n, block_k=block_k)
+
+    def pallas(*a):
+        return moe_ffn_pallas(*a, capacity=capacity, drop_priority=drop_priority, **tiles)
+
+    pallas_reason = pallas_unsupported(x, w_gate, w_up, w_down, capacity=capacity)
+    if impl == "pallas":
+        if pallas_reason is not None:
+            raise ValueError(f"impl='pallas' does not support {pallas_reason}; use impl='auto' or 'xla'")
+        return pallas(*args)
+
+    def portable(*a):
+        return moe_ffn_xla(
+            *a,
+            capacity=capacity,
+            drop_priority=drop_priority,
+            impl=impl,
+            row_align=int(row_align),
+            block_rows=int(block_rows),
+        )
+
+    if impl != "auto":
+        return portable(*args)
+    return registry.per_platform(*args, xla=portable, gpu=pallas if pallas_reason is None else None)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -109,6 +109,10 @@ def plan_rows(expert_ids, weights, *, num_experts, capacity, drop_priority, layo
     num_tokens, top_k = expert_ids.shape
     num_assign = num_tokens * top_k
     ids = expert_ids.reshape(-1).astype(jnp.int32)
+    # An id outside [0, E) (possible only under jit, where values cannot be checked) is dropped like a
+    # capacity drop: it sorts after every expert, in a bucket E that is never kept.
+    valid = (ids >= 0) & (ids < num_experts)
+    ids = jnp.where(valid, ids, num_experts)
     flat = jnp.arange(num_assign, dtype=jnp.int32)
     # Sort by (expert, priority...): a stable lexicographic sort, so ranks within an expert follow the
     # drop priority exactly.
@@ -117,12 +121,14 @@ def plan_rows(expert_ids, weights, *, num_experts, capacity, drop_priority, layo
     )
     *_, order = lax.sort((ids, *keys, flat), num_keys=1 + len(keys))
     sorted_ids = ids[order]
-    counts = jnp.zeros((num_experts,), jnp.int32).at[ids].add(1)
-    starts = jnp.cumsum(counts) - counts
+    counts_all = jnp.zeros((num_experts + 1,), jnp.int32).at[ids].add(1)
+    starts = jnp.cumsum(counts_all) - counts_all
+    counts = counts_all[:num_experts]
     rank_sorted = jnp.arange(num_assign, dtype=jnp.int32) - starts[sorted_ids]
     rank = jnp.zeros((num_assign,), jnp.int32).at[order].set(rank_sorted)
     cap = num_assign if capacity is None else int(capacity)
-    keep = rank < cap
+    keep = (rank < cap) & valid
+    ids = jnp.minimum(ids, num_experts - 1)  # in range for the offsets gather; dropped rows are not placed
     sizes = jnp.minimum(counts, cap)
     if layout == "padded":
         rows = num_experts * cap

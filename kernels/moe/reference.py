@@ -17,7 +17,7 @@ from quant.format import Int4Weight, codes_per_byte, dequantize_reference
 
 # Implementations that take stacks of Int4Weight experts (ragged_dot and the bucketed switch need float
 # weights).
-QUANTIZED_IMPLS = ("auto", "reference", "xla", "grouped", "batched", "dense")
+QUANTIZED_IMPLS = ("auto", "reference", "xla", "pallas", "grouped", "batched", "dense")
 
 
 def validate_moe_ffn_inputs(
@@ -54,6 +54,14 @@ def validate_moe_ffn_inputs(
     validate_capacity_args(None, drop_priority)
 
 
+X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+def _validate_x_dtype(x: Any) -> None:
+    if np.dtype(x.dtype) not in X_DTYPES:
+        raise ValueError(f"x.dtype={x.dtype} must be one of float32, bfloat16, float16")
+
+
 def _validate_float_experts(x: Any, w_gate: Any, w_up: Any, w_down: Any) -> None:
     d = x.shape[1]
     if len(w_gate.shape) != 3:
@@ -65,11 +73,12 @@ def _validate_float_experts(x: Any, w_gate: Any, w_up: Any, w_down: Any) -> None
         raise ValueError(f"w_up.shape={tuple(w_up.shape)} must equal w_gate.shape={tuple(w_gate.shape)}")
     if tuple(w_down.shape) != (num_experts, f, d):
         raise ValueError(f"w_down.shape={tuple(w_down.shape)} must be [E, f, d]=({num_experts}, {f}, {d})")
-    for name, a in (("x", x), ("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-        if not jnp.issubdtype(a.dtype, jnp.floating):
-            raise ValueError(f"{name}.dtype={a.dtype} must be a floating type")
-    if not (w_gate.dtype == w_up.dtype == w_down.dtype):
-        raise ValueError(f"w_gate/w_up/w_down dtypes {w_gate.dtype}/{w_up.dtype}/{w_down.dtype} must match")
+    _validate_x_dtype(x)
+    for name, a in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        if np.dtype(a.dtype) != np.dtype(x.dtype):
+            raise ValueError(
+                f"{name}.dtype={a.dtype} must equal x.dtype={x.dtype} (or be a stack of Int4Weight)"
+            )
 
 
 def _expert_dims(w: Int4Weight) -> tuple[int, int, int]:
@@ -89,8 +98,7 @@ def _validate_quantized_experts(x: Any, w_gate: Int4Weight, w_up: Int4Weight, w_
         raise ValueError(f"w_up is {list(_expert_dims(w_up))}; it must match w_gate's [E, d, f]={[e, d, f]}")
     if _expert_dims(w_down) != (e, f, d):
         raise ValueError(f"w_down is {list(_expert_dims(w_down))}; it must be [E, f, d]={[e, f, d]}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x.dtype={x.dtype} must be a floating type")
+    _validate_x_dtype(x)
 
 
 def num_experts_of(w: Any) -> int:

@@ -67,6 +67,7 @@ from kernels.paged_attention.kv_cache import (
     validate_write_kv_inputs,
     write_kv,
 )
+from kernels.paged_attention.pallas_gpu import paged_attention_pallas, pallas_unsupported
 from kernels.paged_attention.reference import (
     FLOAT_DTYPES,
     QUANT_DTYPES,
@@ -155,6 +156,25 @@ def paged_attention(
     _, s, kh, _ = k_pages.shape
     b, max_pages = block_tables.shape
     decode = q_lens is None
+    sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    pallas_args = (q, k_pages, v_pages, jnp.asarray(kv_lens), jnp.asarray(block_tables))
+    pallas_kw = dict(
+        q_lens=None if q_lens is None else jnp.asarray(q_lens),
+        scale=sc,
+        soft_cap=None if soft_cap is None else float(soft_cap),
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        alibi_slopes=None if alibi_slopes is None else jnp.asarray(alibi_slopes),
+        k_scale=None if k_scale is None else jnp.asarray(k_scale, jnp.float32),
+        v_scale=None if v_scale is None else jnp.asarray(v_scale, jnp.float32),
+        pages_per_block=block_pages,
+        num_splits=num_splits,
+        q_block=None if decode else q_tile,
+    )
+    pallas_reason = pallas_unsupported(q, k_pages, v_pages, q_lens=q_lens)
+    if impl == "pallas":
+        if pallas_reason is not None:
+            raise ValueError(f"impl='pallas' does not support {pallas_reason}; use impl='auto' or 'xla'")
+        return paged_attention_pallas(*pallas_args, **pallas_kw)
     qt = 1 if decode else (q_tile or 32)
     for name, v in (("q_tile", q_tile), ("block_pages", block_pages), ("num_splits", num_splits)):
         if v is not None and (not isinstance(v, int) or v < 1):
@@ -168,7 +188,6 @@ def paged_attention(
         # Multi-token tiles are compute-bound: larger blocks make larger dots.
         block_pages = max(1, PREFILL_BLOCK_TOKENS // s)
         block_pages = min(block_pages, max(1, -(-max_pages // num_splits)))
-    sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
 
     def as_scale(x):
         return None if x is None else jnp.asarray(x, jnp.float32)
@@ -180,37 +199,44 @@ def paged_attention(
         why = cpu.load()
         if why is not None:
             raise RuntimeError(f"impl='cpu_native' needs the native CPU library: {why}")
-    if impl == "cpu_native" or (impl == "auto" and reason is None and cpu.available()):
+    native = impl == "cpu_native" or (impl == "auto" and reason is None and cpu.available())
+
+    def portable(*arrays):
+        return paged_attention_xla(
+            *arrays,
+            None if q_lens is None else jnp.asarray(q_lens),
+            None if alibi_slopes is None else jnp.asarray(alibi_slopes),
+            as_scale(k_scale),
+            as_scale(v_scale),
+            scale=sc,
+            soft_cap=None if soft_cap is None else float(soft_cap),
+            sliding_window=None if sliding_window is None else int(sliding_window),
+            q_tile=qt,
+            block_pages=int(block_pages),
+            num_splits=int(num_splits),
+            decode=decode,
+        )
+
+    def native_decode(*arrays, force=True):
         return paged_decode_native(
-            q,
-            k_pages,
-            v_pages,
-            jnp.asarray(kv_lens),
-            jnp.asarray(block_tables),
+            *arrays,
             None if alibi_slopes is None else jnp.asarray(alibi_slopes),
             scale=sc,
             soft_cap=None if soft_cap is None else float(soft_cap),
             sliding_window=None if sliding_window is None else int(sliding_window),
             xla_kw=(("q_tile", 1), ("block_pages", int(block_pages)), ("num_splits", int(num_splits))),
-            force=impl == "cpu_native",
+            force=force,
         )
-    return paged_attention_xla(
-        q,
-        k_pages,
-        v_pages,
-        jnp.asarray(kv_lens),
-        jnp.asarray(block_tables),
-        None if q_lens is None else jnp.asarray(q_lens),
-        None if alibi_slopes is None else jnp.asarray(alibi_slopes),
-        as_scale(k_scale),
-        as_scale(v_scale),
-        scale=sc,
-        soft_cap=None if soft_cap is None else float(soft_cap),
-        sliding_window=None if sliding_window is None else int(sliding_window),
-        q_tile=qt,
-        block_pages=int(block_pages),
-        num_splits=int(num_splits),
-        decode=decode,
+
+    if impl == "cpu_native":
+        return native_decode(*pallas_args)
+    if impl != "auto":
+        return portable(*pallas_args)
+    return registry.per_platform(
+        *pallas_args,
+        xla=portable,
+        cpu=native_decode if native else None,
+        gpu=(lambda *a: paged_attention_pallas(*a, **pallas_kw)) if pallas_reason is None else None,
     )
 
 

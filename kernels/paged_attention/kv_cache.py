@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 _QMAX = {np.dtype(np.int8): 127.0, np.dtype(ml_dtypes.float8_e4m3fn): 448.0}
 
 
@@ -70,6 +71,14 @@ def validate_write_kv_inputs(
                 raise ValueError(f"{name[0]}_scale.shape={np.shape(sc)} must be () or {(p, s, kh)}")
         elif sc is not None:
             raise ValueError(f"{name[0]}_scale is only for int8/float8_e4m3fn pages; {name}.dtype={dt}")
+    # One dtype rule with the kernels: no silent change of precision. Float pages take k/v of their own
+    # dtype; quantized pages take any of the float dtypes (they are quantized with the scales).
+    for name, x, pages in (("k", k, k_pages), ("v", v, v_pages)):
+        xt, pt = np.dtype(x.dtype), np.dtype(pages.dtype)
+        if xt not in FLOAT_DTYPES:
+            raise ValueError(f"{name}.dtype={xt} must be one of float32, bfloat16, float16")
+        if pt not in _QMAX and xt != pt:
+            raise ValueError(f"{name}.dtype={xt} must equal the pages' dtype {pt} (cast it explicitly)")
     if not isinstance(slot_mapping, jax.core.Tracer):
         slots = np.asarray(slot_mapping)
         bad = np.flatnonzero((slots < -1) | (slots >= p * s))

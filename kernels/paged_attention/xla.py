@@ -179,7 +179,11 @@ def paged_attention_xla(
     w = jnp.exp(m - m_all_safe)  # [N, splits, K, R]
     l_tot = (l * w).sum(1)
     acc_tot = (acc * w[..., None]).sum(1)  # [N, K, R, D]
-    out = jnp.where(l_tot[..., None] > 0, acc_tot / jnp.where(l_tot > 0, l_tot, 1.0)[..., None], 0.0)
+    # A row with no key to attend to has l = 0 and is zeros; any other row is acc / l, so a NaN from q or from
+    # a used key or value (which makes l NaN) stays NaN instead of turning into zeros. (The running max is no
+    # witness: XLA's max reductions on the CPU may drop a NaN.)
+    empty = l_tot == 0
+    out = jnp.where(empty[..., None], 0.0, acc_tot / jnp.where(empty, 1.0, l_tot)[..., None])
     out = out.reshape(num_tiles, kh, qt, g, d).transpose(0, 2, 1, 3, 4).reshape(num_tiles * qt, h, d)
     dest = jnp.where(row_ok, rows, t_total).reshape(-1)  # invalid rows are dropped
     res = jnp.zeros((t_total, h, d), f32).at[dest].set(out, mode="drop")

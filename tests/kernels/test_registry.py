@@ -55,35 +55,51 @@ def test_auto_picks_native_on_cpu_and_xla_forces_portable():
     assert "tokenlab_paged_decode" not in xla_text
 
 
+TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call that holds a Pallas Triton kernel
+PALLAS_GPU_CALLS = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+
+
 def test_auto_exports_for_other_backends():
-    """The platform choice happens at lowering: cuda, rocm and tpu never see the native custom call."""
+    """The platform choice happens at lowering: cuda, rocm and tpu never see the native custom call; tpu sees
+    no Pallas GPU kernel either, while cuda and rocm get the Triton kernel (exportable only with the custom
+    call allowed, as for any Pallas kernel)."""
     spec = jax.ShapeDtypeStruct
     qw = make_weight(0, act_order=True, act_scales=True)
     q, kp, vp, lens, bt = make_cache(0, lens=[20, 5, 1])
     dec_args = [spec(a.shape, a.dtype) for a in (q, kp, vp, lens, bt)]
-    for m in (1, 64):
-        exp = jax.export.export(jax.jit(lambda x: int4_matmul(x, qw)), platforms=("cuda", "rocm", "tpu"))(
-            spec((m, K), jnp.float32)
+
+    def int4(x):
+        return int4_matmul(x, qw)
+
+    def decode(*a):
+        return paged_attention(*a, soft_cap=2.0, sliding_window=8)
+
+    for fn, args in (
+        (int4, [spec((1, K), jnp.float32)]),
+        (int4, [spec((64, K), jnp.float32)]),
+        (decode, dec_args),
+    ):
+        tpu = jax.export.export(jax.jit(fn), platforms=("tpu",))(*args).mlir_module()
+        assert not any(f"@{t}(" in tpu for t in cpu.TARGETS) and TRITON_CALL not in tpu
+        gpu = jax.export.export(jax.jit(fn), platforms=("cuda", "rocm"), disabled_checks=PALLAS_GPU_CALLS)(
+            *args
         )
-        assert "tokenlab" not in exp.mlir_module()
-    exp = jax.export.export(
-        jax.jit(lambda *a: paged_attention(*a, soft_cap=2.0, sliding_window=8)),
-        platforms=("cuda", "rocm", "tpu"),
-    )(*dec_args)
-    assert "tokenlab" not in exp.mlir_module()
+        assert (
+            not any(f"@{t}(" in gpu.mlir_module() for t in cpu.TARGETS) and TRITON_CALL in gpu.mlir_module()
+        )
 
 
 @needs_lib
 def test_auto_exports_for_all_four_with_the_custom_call_allowed():
     spec = jax.ShapeDtypeStruct
     qw = make_weight(0)
-    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in cpu.TARGETS]
+    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in cpu.TARGETS] + PALLAS_GPU_CALLS
     exp = jax.export.export(
         jax.jit(lambda x: int4_matmul(x, qw)),
         platforms=("cpu", "cuda", "rocm", "tpu"),
         disabled_checks=checks,
     )(spec((1, K), jnp.float32))
-    assert "tokenlab_int4_matmul" in exp.mlir_module()
+    assert "@tokenlab_int4_matmul(" in exp.mlir_module() and TRITON_CALL in exp.mlir_module()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import pytest
 
 from kernels.int4_matmul import int4_matmul, int4_matmul_reference
 from kernels.int4_matmul.cpu_native import native_unsupported
+from kernels.int4_matmul.pallas_gpu import pallas_unsupported
 from quant import Int4Weight, quantize_rtn
 from tests.tolerances import NATIVE_INT4_NERR, normalized_error, tolerance
 
@@ -49,6 +50,8 @@ def unsupported(impl, x, qw):
     """Why `impl` does not serve this weight (None when it does)."""
     if impl == "cpu_native":
         return native_unsupported(qw)
+    if impl == "pallas":
+        return pallas_unsupported(x, qw)
     return None
 
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.moe import moe_ffn
+from kernels.moe import moe_ffn, moe_ffn_reference
 from tests.kernels.moe.cases import (
     PATTERNS,
     QD,
@@ -21,7 +21,7 @@ from tests.kernels.moe.cases import (
     quantized_experts,
 )
 from tests.kernels.suite import for_each_impl
-from tests.tolerances import DIRECTIONAL_GRAD_RTOL, normalized_error
+from tests.tolerances import DIRECTIONAL_GRAD_RTOL, normalized_error, tolerance
 
 OP = "moe_ffn"
 
@@ -104,3 +104,23 @@ def test_reference_impl_refuses_tracing():
     with pytest.raises(ValueError, match="impl='reference' runs the NumPy reference"):
         jax.jit(lambda x: moe_ffn(x, w, ids, *ws, impl="reference"))(x)
     assert T == x.shape[0]
+
+
+def _out_of_range_case():
+    x, ws = make_x(11), make_weights(11)
+    w, ids = make_routing(11, 2)
+    bad = ids.copy()
+    bad[2, 0], bad[5, 1], bad[9, 0] = 8, -1, 1000  # E = 8
+    dropped = (bad < 0) | (bad >= 8)
+    # The documented behaviour: the assignment contributes zero, like a capacity drop.
+    expected = moe_ffn_reference(x, np.where(dropped, 0.0, w), np.where(dropped, 0, bad), *ws)
+    return x, w, bad, ws, expected
+
+
+@for_each_impl(OP)
+def test_out_of_range_expert_ids_are_dropped_under_jit(impl):
+    if impl == "reference":
+        pytest.skip("the reference runs eagerly and rejects the ids (test_bad_input_names_the_argument)")
+    x, w, bad, ws, expected = _out_of_range_case()
+    y = jax.jit(lambda x, w, ids: moe_ffn(x, w, ids, *ws, impl=impl))(x, w, bad)
+    assert normalized_error(y, expected) <= tolerance(x.dtype).nerr

@@ -355,3 +355,17 @@ def test_quantized_experts_lower_for_every_backend():
         platforms=("cpu", "cuda", "rocm", "tpu"),
         disabled_checks=checks,
     )(make_x(2, d=QD), w, ids, *ws)
+
+
+@pytest.mark.parametrize("impl", (*STRATEGIES, "auto"))
+@pytest.mark.parametrize("cf", [None, 4.0])  # 4.0: capacity mode with a capacity that keeps every assignment
+def test_out_of_range_expert_ids_are_dropped_under_jit_by_every_strategy(impl, cf):
+    from tests.kernels.moe.test_shared import _out_of_range_case
+
+    x, w, bad, ws, _ = _out_of_range_case()
+    dropped = (bad < 0) | (bad >= E)
+    expected = moe_ffn_reference(
+        x, np.where(dropped, 0.0, w), np.where(dropped, 0, bad), *ws, capacity_factor=cf
+    )
+    y = jax.jit(lambda x, w, ids: moe_ffn(x, w, ids, *ws, impl=impl, capacity_factor=cf))(x, w, bad)
+    assert normalized_error(y, expected) <= tolerance(x.dtype).nerr

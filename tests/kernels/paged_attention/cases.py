@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from kernels import paged_attention, paged_attention_reference, write_kv
 from kernels.paged_attention.cpu_native import native_unsupported
+from kernels.paged_attention.pallas_gpu import pallas_unsupported
 from tests.tolerances import assert_close
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -68,6 +69,8 @@ def unsupported(impl, q, kp, vp, q_lens=None):
     """Why `impl` does not serve these inputs (None when it does)."""
     if impl == "cpu_native":
         return native_unsupported(q, kp, vp, q_lens=q_lens)
+    if impl == "pallas":
+        return pallas_unsupported(q, kp, vp, q_lens=q_lens)
     return None
 
 

@@ -24,6 +24,7 @@ from tests.kernels.paged_attention.cases import (
     skip_unsupported,
 )
 from tests.kernels.suite import for_each_impl, property_for_each_impl
+from tests.tolerances import assert_close
 
 OP = "paged_attention"
 SEED = st.integers(0, 2**31)
@@ -195,3 +196,29 @@ def test_reference_impl_refuses_tracing():
     q, kp, vp, lens, bt = make_cache(0, lens=[5, 20, 1])
     with pytest.raises(ValueError, match="impl='reference' runs the NumPy reference"):
         jax.jit(lambda q: paged_attention(q, kp, vp, lens, bt, impl="reference"))(q)
+
+
+@pytest.mark.parametrize("where", ["q", "used_key", "used_value", "unused_slot"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@for_each_impl(OP)
+def test_non_finite_inputs_reach_exactly_the_outputs_they_feed(impl, where, value):
+    """As in the reference: a NaN/Inf in q or in a used key/value reaches the outputs it feeds (and only
+    those); one in a slot past kv_len reaches nothing."""
+    q, kp, vp, lens, bt = make_cache(0, lens=[20, 5, 0])
+    skip_unsupported(impl, q, kp, vp)
+    q, kp, vp = q.copy(), kp.copy(), vp.copy()
+    if where == "q":
+        q[1, 0, 0] = value  # sequence 1, head 0
+    elif where == "used_key":
+        kp[bt[0, 1], 2, 1, 0] = value  # sequence 0's token 18, kv head 1
+    elif where == "used_value":
+        vp[bt[0, 0], 3, 0, 5] = value  # sequence 0's token 3, kv head 0
+    else:
+        kp[bt[1, 0], 7, :, :] = value  # past sequence 1's 5 tokens
+        vp[bt[1, 0], 7, :, :] = value
+    expected = paged_attention_reference(q, kp, vp, lens, bt)
+    out = np.asarray(run(impl, q, kp, vp, lens, bt, jit=True), np.float64)
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(expected))
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(np.isfinite(out), finite)
+    assert_close(out[finite], expected[finite], np.float32)
