@@ -124,3 +124,14 @@ def test_out_of_range_expert_ids_are_dropped_under_jit(impl):
     x, w, bad, ws, expected = _out_of_range_case()
     y = jax.jit(lambda x, w, ids: moe_ffn(x, w, ids, *ws, impl=impl))(x, w, bad)
     assert normalized_error(y, expected) <= tolerance(x.dtype).nerr
+
+
+@for_each_impl(OP)
+def test_dtype_rule(impl):
+    """x float32|bfloat16|float16, float experts of x's dtype, output in x's dtype; nothing else silently."""
+    x, ws = make_x(0), make_weights(0)
+    w, ids = make_routing(0, 2)
+    with pytest.raises(ValueError, match=r"x.dtype=float64 must be one of float32, bfloat16, float16"):
+        moe_ffn(x.astype(np.float64), w, ids, *(a.astype(np.float64) for a in ws), impl=impl)
+    with pytest.raises(ValueError, match=r"w_gate.dtype=float32 must equal x.dtype=bfloat16"):
+        moe_ffn(jnp.asarray(x, jnp.bfloat16), w, ids, *ws, impl=impl)

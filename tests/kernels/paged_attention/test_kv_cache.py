@@ -77,6 +77,11 @@ def test_write_kv_per_tensor_clips_instead_of_overflowing():
             "needs k_scale",
         ),
         ({"k_scale": 1.0}, "k_scale is only for"),
+        ({"k": np.zeros((2, K, D), np.float64)}, "k.dtype=float64 must be one of float32, bfloat16, float16"),
+        (
+            {"v": np.zeros((2, K, D), ml_dtypes.bfloat16)},
+            "v.dtype=bfloat16 must equal the pages' dtype float32",
+        ),
     ],
 )
 def test_write_kv_bad_input(kw, match):
