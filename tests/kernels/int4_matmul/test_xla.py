@@ -1,6 +1,8 @@
 """The XLA strategies of int4_matmul ("codes", "dequant", "dense") beyond the shared suite: each strategy
 against the reference, the gradient through each, export to every backend, and the cost against XLA's."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,3 +88,19 @@ def test_cost_counts_packed_bytes_and_matches_xla_flops():
     # under 1% of 2·M FLOPs per weight at M = 256.
     cmp = compare_with_xla(cost, lambda x, w: int4_matmul(x, w, impl="dequant"), jnp.zeros((m, k)), qw)
     assert cmp.flops_ratio == pytest.approx(1.0, rel=COST_FLOPS_RTOL)
+
+
+@pytest.mark.parametrize("impl", ["codes", "dequant"])
+def test_awq_weights_keep_the_deinterleave_out_of_the_gpu_dot(impl):
+    """XLA's GPU GEMM fusion aborted on `(x / act_scales)[:, 0::2]` fused into a dot operand (INT4 with AWQ
+    scales, K=256, N=96, g64). The XLA path deinterleaves x once behind an optimization barrier; on a GPU the
+    shared suite's act_scales case compiles this very program."""
+    qw = make_weight(0, act_scales=True)
+    x = jax.ShapeDtypeStruct((4, K), jnp.float32)
+    traced = jax.jit(lambda x: int4_matmul(x, qw, impl=impl)).trace(x)
+    text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    strided = re.findall(r"(%\S+) = stablehlo\.slice %\S+ \[[^\]]*:2\]", text)
+    assert len(strided) == 2  # the even and odd columns, taken once
+    barrier = next(line for line in text.split("\n") if "stablehlo.optimization_barrier" in line)
+    assert all(name in barrier for name in strided)  # ... and fed only to the barrier
+    assert text.index("stablehlo.while") > text.index("stablehlo.optimization_barrier")
