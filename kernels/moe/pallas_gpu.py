@@ -82,6 +82,7 @@ DEFAULT_BLOCK_M = 64
 DEFAULT_BLOCK_N = 128
 DEFAULT_BLOCK_K = 64  # 32 for float32 (twice the bytes per element)
 GROUP_M = 8  # row tiles per group of the launch order (see launch_order)
+WGRAD_BLOCK = 64  # weight-gradient tiles: 64 x 64 float32 accumulators, two of them for gate and up
 _NUM_WARPS = 4
 _NUM_STAGES = 3
 
@@ -329,13 +330,15 @@ def _weight_operands(w):
 
 
 def _call(kernel, grid, out_shape, operands, interpret, name):
-    # None operands (symmetric zeros) travel as Python None inside the kernel: drop them from the call.
+    # None operands (symmetric zeros, absent activation scales) travel as Python None inside the kernel:
+    # drop them from the call. out_shape: one ShapeDtypeStruct, or a tuple of them.
     present = [a for a in operands if a is not None]
     where_none = [a is None for a in operands]
+    num_out = len(out_shape) if isinstance(out_shape, tuple) else 1
 
     def body(*refs):
-        it = iter(refs[:-1])
-        kernel(*[None if missing else next(it) for missing in where_none], refs[-1])
+        it = iter(refs[: len(refs) - num_out])
+        kernel(*[None if missing else next(it) for missing in where_none], *refs[len(refs) - num_out :])
 
     return pl.pallas_call(
         body,
@@ -392,6 +395,139 @@ def _kernels(xs, sched, wg, wu, wd, *, blocks, interpret):
         interpret,
         "moe_down",
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# the backward kernels (float experts)
+
+
+def _gate_up_bwd_kernel(sched_ref, x_ref, dy_ref, wg_ref, wu_ref, wd_ref, h_ref, dg_ref, du_ref, *, block_m,
+                        block_n, block_k, num_k, num_col_tiles):  # fmt: skip
+    """For one (row tile, f-column tile): recompute g = x·w_gate[e] and u = x·w_up[e], and with
+    dh = dy·w_down[e]ᵀ (the same reduction over d) store h = silu(g)·u, dg = dh·u·silu'(g) and
+    du = dh·silu(g)."""
+    e, xrows, rows, cols, lo, hi, _ = _tile_header(sched_ref, block_m, block_n, num_col_tiles)
+    dtype = h_ref.dtype
+    precision = dot_precision(dtype)
+
+    def step(kk, acc):
+        g, u, dh = acc
+        ks = pl.ds(pl.multiple_of(kk * block_k, block_k), block_k)
+        xv, dyv = x_ref[xrows, ks], dy_ref[xrows, ks]
+        g = g + jnp.dot(xv, wg_ref[e, ks, cols], preferred_element_type=jnp.float32, precision=precision)
+        u = u + jnp.dot(xv, wu_ref[e, ks, cols], preferred_element_type=jnp.float32, precision=precision)
+        wdt = wd_ref[e, cols, ks]  # [block_n, block_k]: w_down[e]ᵀ's tile, contracted on its second axis
+        dh = dh + jnp.dot(dyv, wdt.T, preferred_element_type=jnp.float32, precision=precision)
+        return g, u, dh
+
+    zeros = jnp.zeros((block_m, block_n), jnp.float32)
+    g, u, dh = lax.fori_loop(0, jnp.where(hi > lo, num_k, 0), step, (zeros, zeros, zeros))
+    sig = 1.0 / (1.0 + jnp.exp(-g))
+    keep = jnp.broadcast_to((rows >= lo) & (rows < hi), (block_m, block_n))
+    plgpu.store(h_ref.at[xrows, cols], (g * sig * u).astype(dtype), mask=keep)
+    plgpu.store(dg_ref.at[xrows, cols], (dh * u * sig * (1.0 + g * (1.0 - sig))).astype(dtype), mask=keep)
+    plgpu.store(du_ref.at[xrows, cols], (dh * g * sig).astype(dtype), mask=keep)
+
+
+def _dx_kernel(sched_ref, dg_ref, du_ref, wg_ref, wu_ref, dx_ref, *, block_m, block_n, block_k, num_k,
+               num_col_tiles):  # fmt: skip
+    """dx[rows of e, d-cols] = dg·w_gate[e]ᵀ + du·w_up[e]ᵀ (reduction over f); other rows get zeros."""
+    e, xrows, rows, cols, lo, hi, zero_from = _tile_header(sched_ref, block_m, block_n, num_col_tiles)
+    precision = dot_precision(dg_ref.dtype)
+
+    def step(kk, acc):
+        ks = pl.ds(pl.multiple_of(kk * block_k, block_k), block_k)
+        for a_ref, w_ref in ((dg_ref, wg_ref), (du_ref, wu_ref)):
+            wt = w_ref[e, cols, ks]  # [block_n, block_k]
+            acc = acc + jnp.dot(
+                a_ref[xrows, ks], wt.T, preferred_element_type=jnp.float32, precision=precision
+            )
+        return acc
+
+    acc = lax.fori_loop(0, jnp.where(hi > lo, num_k, 0), step, jnp.zeros((block_m, block_n), jnp.float32))
+    mine = (rows >= lo) & (rows < hi)
+    keep = jnp.broadcast_to(mine | (rows >= zero_from), (block_m, block_n))
+    plgpu.store(dx_ref.at[xrows, cols], jnp.where(mine, acc, 0.0).astype(dx_ref.dtype), mask=keep)
+
+
+def _weight_grad_kernel(bounds_ref, a_ref, *refs, block_m, block_p, block_q):
+    """dW[e][p-tile, q-tile] = Σ over expert e's rows r of a[r, p]ᵀ · b[r, q], for each (b, dW) pair: a GEMM
+    whose reduction (the rows) is ragged. Rows outside the expert are masked off at the load; an expert with
+    no rows runs no step and stores zeros."""
+    b_refs, o_refs = refs[: len(refs) // 2], refs[len(refs) // 2 :]
+    e = pl.program_id(0)
+    pcols = pl.ds(pl.multiple_of(pl.program_id(1) * block_p, block_p), block_p)
+    qcols = pl.ds(pl.multiple_of(pl.program_id(2) * block_q, block_q), block_q)
+    start, end = bounds_ref[0, e], bounds_ref[1, e]
+    first = start // block_m
+    steps = jnp.where(end > start, (end + block_m - 1) // block_m - first, 0)
+    precision = dot_precision(a_ref.dtype)
+
+    def step(t, accs):
+        row0 = pl.multiple_of((first + t) * block_m, block_m)
+        rows = row0 + lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
+        inside = (rows >= start) & (rows < end)
+        rblock = pl.ds(row0, block_m)
+        av = plgpu.load(a_ref.at[rblock, pcols], mask=jnp.broadcast_to(inside, (block_m, block_p)), other=0)
+        qmask = jnp.broadcast_to(inside, (block_m, block_q))
+        return tuple(
+            acc + jnp.dot(av.T, plgpu.load(b_ref.at[rblock, qcols], mask=qmask, other=0),
+                          preferred_element_type=jnp.float32, precision=precision)
+            for acc, b_ref in zip(accs, b_refs, strict=True)
+        )  # fmt: skip
+
+    zeros = tuple(jnp.zeros((block_p, block_q), jnp.float32) for _ in b_refs)
+    accs = lax.fori_loop(0, steps, step, zeros)
+    for acc, o_ref in zip(accs, o_refs, strict=True):
+        o_ref[e, pcols, qcols] = acc.astype(o_ref.dtype)
+
+
+def _backward_kernels(xp, dyp, sched, bounds, wg, wu, wd, *, blocks, interpret):
+    """The float experts' cotangents: (dxs [A_pad, d], dw_gate, dw_up [E, d, f], dw_down [E, f, d]), from
+    rows xp [A_pad, d] and their cotangents dyp [A_pad, d]. Three kernels: the gate/up backward (h, dg, du
+    [A_pad, f], written once), dx, and the ragged-reduction weight gradients."""
+    block_m, block_n, block_k = blocks
+    num_rows, d = xp.shape
+    num_experts, _, f = wg.shape
+    dtype = wd.dtype
+    xp, dyp = xp.astype(dtype), dyp.astype(dtype)
+    num_tiles = sched.shape[1]
+    bn, bk = _pow2_divisor(f, block_n), _pow2_divisor(d, block_k)
+    rows_f = jax.ShapeDtypeStruct((num_rows, f), dtype)
+    h, dg, du = _call(
+        functools.partial(
+            _gate_up_bwd_kernel, block_m=block_m, block_n=bn, block_k=bk, num_k=d // bk, num_col_tiles=f // bn
+        ),
+        (num_tiles * (f // bn),),
+        (rows_f, rows_f, rows_f),
+        (sched, xp, dyp, wg, wu, wd),
+        interpret,
+        "moe_gate_up_bwd",
+    )
+    bn, bk = _pow2_divisor(d, block_n), _pow2_divisor(f, block_k)
+    dx = _call(
+        functools.partial(
+            _dx_kernel, block_m=block_m, block_n=bn, block_k=bk, num_k=f // bk, num_col_tiles=d // bn
+        ),
+        (num_tiles * (d // bn),),
+        jax.ShapeDtypeStruct((num_rows, d), dtype),
+        (sched, dg, du, wg, wu),
+        interpret,
+        "moe_dx",
+    )
+
+    def weight_grads(a, bs, name):
+        p, q = a.shape[1], bs[0].shape[1]
+        bp, bq = _pow2_divisor(p, WGRAD_BLOCK), _pow2_divisor(q, WGRAD_BLOCK)
+        out = jax.ShapeDtypeStruct((num_experts, p, q), jnp.float32)
+        kernel = functools.partial(_weight_grad_kernel, block_m=block_m, block_p=bp, block_q=bq)
+        return _call(
+            kernel, (num_experts, p // bp, q // bq), (out,) * len(bs), (bounds, a, *bs), interpret, name
+        )
+
+    dwg, dwu = weight_grads(xp, (dg, du), "moe_dw_gate_up")
+    (dwd,) = weight_grads(h, (dyp,), "moe_dw_down")
+    return dx, dwg, dwu, dwd
 
 
 # --------------------------------------------------------------------------------------------------
@@ -477,18 +613,87 @@ def _grouped_ffn_fwd(xs, group_sizes, wg, wu, wd, blocks, interpret):
     return ys, (xs, group_sizes, wg, wu, wd)
 
 
+def _ragged_cotangents(xp, dyp, group_sizes, wg, wu, wd):
+    _, vjp = jax.vjp(lambda *a: _ragged_ffn(a[0], group_sizes, *a[1:]), xp, wg, wu, wd)
+    return vjp(dyp)
+
+
+# The backward's per-platform choice, for the same reason as the forward's.
+_grouped_ffn_bwd_p = jex_core.Primitive("tokenlab_moe_grouped_ffn_bwd")
+_grouped_ffn_bwd_p.multiple_results = True
+
+
+def _bwd_operands_fn(mode):
+    def run(xp, dyp, group_sizes, sched, bounds, wg, wu, wd, *, blocks):
+        if mode == "portable":
+            out = _ragged_cotangents(xp, dyp, group_sizes, wg, wu, wd)
+        else:
+            out = _backward_kernels(
+                xp, dyp, sched, bounds, wg, wu, wd, blocks=blocks, interpret=mode == "interpret"
+            )
+        # Every platform's branch returns the abstract eval's dtypes.
+        dxs, *dws = out
+        return [dxs.astype(wd.dtype), *(dw.astype(jnp.float32) for dw in dws)]
+
+    return run
+
+
+def _bwd_abstract_eval(xp, dyp, group_sizes, sched, bounds, wg, wu, wd, *, blocks):
+    del dyp, group_sizes, sched, bounds, blocks
+    return [jax.core.ShapedArray(xp.shape, wd.dtype)] + [
+        jax.core.ShapedArray(w.shape, jnp.float32) for w in (wg, wu, wd)
+    ]
+
+
+_grouped_ffn_bwd_p.def_abstract_eval(_bwd_abstract_eval)
+_grouped_ffn_bwd_p.def_impl(
+    lambda *args, **params: jax.jit(functools.partial(_grouped_ffn_bwd_p.bind, **params))(*args)
+)
+mlir.register_lowering(
+    _grouped_ffn_bwd_p, mlir.lower_fun(_bwd_operands_fn("portable"), multiple_results=True)
+)
+mlir.register_lowering(
+    _grouped_ffn_bwd_p, mlir.lower_fun(_bwd_operands_fn("interpret"), multiple_results=True), platform="cpu"
+)
+mlir.register_lowering(
+    _grouped_ffn_bwd_p, mlir.lower_fun(_bwd_operands_fn("compiled"), multiple_results=True), platform="cuda"
+)
+mlir.register_lowering(
+    _grouped_ffn_bwd_p, mlir.lower_fun(_bwd_operands_fn("compiled"), multiple_results=True), platform="rocm"
+)
+
+
+def _row_bounds(group_sizes, num_rows):
+    """[2, E] int32: the first and one-past-last row of every expert (clamped to the buffer, as in the
+    tile schedule)."""
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), num_rows)
+    starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
+    return jnp.stack([starts, ends])
+
+
 def _grouped_ffn_bwd(blocks, interpret, res, d_ys):
-    del blocks, interpret
     xs, group_sizes, wg, wu, wd = res
     d_ys = d_ys.astype(jnp.float32)
     if isinstance(wg, Int4Weight):  # frozen experts: the cotangent reaches the rows only
         _, vjp = jax.vjp(lambda v: _ragged_ffn(v, group_sizes, wg, wu, wd), xs)
         (dxs,) = vjp(d_ys)
         return dxs.astype(xs.dtype), None, *(zero_cotangent(w) for w in (wg, wu, wd))
-    _, vjp = jax.vjp(lambda *a: _ragged_ffn(a[0], group_sizes, *a[1:]), xs, wg, wu, wd)
-    dxs, dwg, dwu, dwd = vjp(d_ys)
+    num_rows, block_m = xs.shape[0], blocks[0]
+    padded = -(-num_rows // block_m) * block_m
+    xp = jnp.pad(xs, ((0, padded - num_rows), (0, 0)))
+    dyp = jnp.pad(d_ys, ((0, padded - num_rows), (0, 0)))
+    sched = tile_schedule(group_sizes, padded, block_m)
+    bounds = _row_bounds(group_sizes, padded)
+    if interpret is None:
+        dxs, dwg, dwu, dwd = _grouped_ffn_bwd_p.bind(
+            xp, dyp, group_sizes, sched, bounds, wg, wu, wd, blocks=blocks
+        )
+    else:
+        dxs, dwg, dwu, dwd = _backward_kernels(
+            xp, dyp, sched, bounds, wg, wu, wd, blocks=blocks, interpret=interpret
+        )
     return (
-        dxs.astype(xs.dtype),
+        dxs[:num_rows].astype(xs.dtype),
         None,
         dwg.astype(wg.dtype),
         dwu.astype(wu.dtype),
@@ -519,7 +724,7 @@ def _validate(xs, group_sizes, wg, wu, wd, interpret):
         raise ValueError(f"group_sizes.shape={tuple(group_sizes.shape)} must be (E,)=({e},)")
     if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"group_sizes.dtype={group_sizes.dtype} must be an integer type")
-    if not isinstance(group_sizes, jax.core.Tracer):
+    if isinstance(group_sizes, (np.ndarray, jax.Array)) and not isinstance(group_sizes, jax.core.Tracer):
         sizes = np.asarray(group_sizes)
         if sizes.size and (sizes.min() < 0 or sizes.sum() > xs.shape[0]):
             raise ValueError(

@@ -131,14 +131,26 @@ def test_grouped_ffn_rows_and_padding():
     sizes = np.array([6, 0, 13, 2], np.int32)
     xs = _x(1, t=24)
     ws = _weights(1, e)
-    ys = jax.jit(grouped_ffn_pallas)(xs, sizes, *ws)
     # Each routed row as a token of its own with weight 1; padding rows with weight 0.
     ids = np.repeat(np.arange(e), sizes).astype(np.int32)
     ids = np.concatenate([ids, np.zeros(3, np.int32)])[:, None]
     w = np.concatenate([np.ones(21), np.zeros(3)]).astype(np.float32)[:, None]
+    ys = jax.jit(grouped_ffn_pallas)(xs, sizes, *ws)
     ref = moe_ffn_reference(xs, w, ids, *ws)
     assert normalized_error(ys, ref) <= tolerance(np.float32).nerr
     assert not np.asarray(ys)[21:].any()
+    # The backward kernels: every tile shape (straddling blocks, a padded tail, an empty expert).
+    cot = np.random.default_rng(1).standard_normal(xs.shape).astype(np.float32)
+    got = jax.jit(
+        jax.grad(lambda *a: jnp.sum(cot * grouped_ffn_pallas(a[0], sizes, *a[1:])), argnums=(0, 1, 2, 3))
+    )(xs, *ws)
+    want = jax.grad(
+        lambda *a: jnp.sum(cot * moe_ffn(a[0], w, ids, *a[1:], impl="dense")), argnums=(0, 1, 2, 3)
+    )(xs, *ws)
+    for a, b in zip(got, want, strict=True):
+        assert normalized_error(a, b) <= tolerance(np.float32).nerr
+    assert not np.asarray(got[0])[21:].any()
+    assert not any(np.asarray(g)[1].any() for g in got[1:])
 
 
 @pytest.mark.parametrize(
@@ -170,14 +182,15 @@ def _loss(x, w, wg, wu, wd, ids, pallas):
     return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape)))
 
 
-def test_gradients_match_dense_autodiff():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradients_match_dense_autodiff(dtype):
     w, ids = _routing(7, 8, 2, pattern="skewed")
-    args = [_x(7), w, *_weights(7, 8)]
+    args = [_x(7, dtype=dtype), w, *(a.astype(dtype) for a in _weights(7, 8))]
     grad = functools.partial(jax.grad(_loss, argnums=(0, 1, 2, 3, 4)), ids=ids)
     got = jax.jit(functools.partial(grad, pallas=True))(*args)
     want = grad(*args, pallas=False)
     for a, b in zip(got, want, strict=True):
-        assert normalized_error(a, b) <= tolerance(np.float32).nerr
+        assert normalized_error(a, b) <= tolerance(dtype).nerr
     for g in got[2:]:  # expert 1 receives no token: exact zero gradients
         assert not np.asarray(g)[1].any()
 
@@ -234,6 +247,9 @@ def test_quantized_experts_gradient_reaches_x():
 # Lowering, support, bad input.
 
 
+TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call target of a Pallas Triton kernel
+
+
 def _sds(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype)
 
@@ -244,9 +260,19 @@ def test_lowers_the_triton_kernels_for_cuda(quantized):
     args = (_sds((T, QD), jnp.bfloat16), _sds((T, 2), jnp.float32), _sds((T, 2), jnp.int32), *ws)
     f = jax.jit(functools.partial(moe_ffn_pallas, capacity=None, drop_priority="choice"))
     text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("triton") >= 2  # the two kernels, as Triton custom calls
+    assert text.count(TRITON_CALL) == 2  # the gate/up and down kernels
     # One jitted function lowers for every platform: Triton on cuda/rocm, interpret mode on cpu, XLA on tpu.
     f.trace(*args).lower(lowering_platforms=("cpu", "cuda", "rocm", "tpu"))
+    if quantized:
+        return
+
+    def loss(x, w, ids, *ws):
+        return jnp.sum(moe_ffn_pallas(x, w, ids, *ws).astype(jnp.float32) ** 2)
+
+    g = jax.jit(jax.grad(loss, argnums=(0, 1, 3, 4, 5)))
+    text = g.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count(TRITON_CALL) == 6  # the forward's two, then gate/up backward, dx, two weight gradients
+    g.trace(*args).lower(lowering_platforms=("cpu", "cuda", "rocm", "tpu"))
 
 
 def _kernel_dots(jaxpr, inside=False):
@@ -266,9 +292,13 @@ def test_float32_dots_ask_for_ieee_not_tf32(quantized):
     # Triton lowers a float32 dot with DEFAULT precision to TF32; the kernels must say HIGHEST (IEEE).
     ws = _quantized_experts(14, 4) if quantized else _weights(14, 4, d=QD)
     xs, sizes = _sds((T, QD), jnp.float32), _sds((4,), jnp.int32)
-    jaxpr = jax.make_jaxpr(functools.partial(grouped_ffn_pallas, interpret=False))(xs, sizes, *ws)
+    fn = functools.partial(grouped_ffn_pallas, interpret=False)
+    jaxpr = jax.make_jaxpr(fn)(xs, sizes, *ws)
+    if not quantized:  # and the backward kernels' dots
+        loss = lambda x, s, *w: jnp.sum(fn(x, s, *w))  # noqa: E731
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 2, 3, 4)))(xs, sizes, *ws)
     dots = list(_kernel_dots(jaxpr.jaxpr))
-    assert len(dots) >= 3  # gate, up, down
+    assert len(dots) >= (3 if quantized else 3 + 7)  # gate, up, down (+ dh, dx twice, dw three times, g, u)
     for dtype, precision in dots:
         assert dtype == jnp.float32
         assert precision in ((jax.lax.Precision.HIGHEST,) * 2, jax.lax.Precision.HIGHEST)
