@@ -39,10 +39,14 @@ Platforms. The kernel is chosen per lowering platform with `jax.lax.platform_dep
 Triton on cuda and rocm, interpret mode on cpu (slow: for tests at small shapes), and the XLA
 `jax.lax.ragged_dot` formulation anywhere else (TPU). `interpret=True/False` forces one form.
 
-Gradients. A custom VJP: the forward runs the kernels; the backward differentiates the same FFN
-written with `jax.lax.ragged_dot` (float experts: cotangents for xs and the three weight stacks, exact
-zeros for experts with no rows; quantized experts are frozen: the cotangent reaches xs only, through
-the dequantized weights).
+Gradients. A custom VJP whose backward is three more Pallas kernels for float experts, on the same
+tile schedule: (1) per (row tile, f-column tile), recompute g and u and, in the same reduction over d,
+dh = dy · w_down[e]ᵀ, then store h = silu(g)·u, dg = dh·u·silu'(g) and du = dh·silu(g) once; (2) dx =
+dg · w_gate[e]ᵀ + du · w_up[e]ᵀ; (3) the weight gradients dw_gate[e] = xs_eᵀ dg_e, dw_up[e] = xs_eᵀ du_e
+(one kernel) and dw_down[e] = h_eᵀ dy_e, a grid over (expert, output tile) whose loop walks that expert's
+rows (masked loads at its ragged ends; an expert with no rows stores exact zeros and reads nothing).
+Other platforms differentiate the ragged_dot formulation. Quantized experts are frozen: the cotangent
+reaches xs only, through the ragged_dot formulation on the dequantized weights.
 
 Axis legend: `A` dispatched rows, `E` experts, `d` model width, `f` expert hidden width, `T` tokens,
 `k` experts per token.
@@ -760,7 +764,7 @@ def grouped_ffn_pallas(
     that divides its output (reduction) width, and quantized experts cap block_k at the group size.
     interpret: None chooses per lowering platform (cpu: interpret mode; cuda/rocm: Triton; others: the
     jax.lax.ragged_dot formulation); True/False forces interpret mode / the compiled kernel.
-    Differentiable with respect to xs and float expert weights (a custom VJP through ragged_dot).
+    Differentiable with respect to xs and float expert weights (a custom VJP with its own kernels).
     """
     _validate(xs, group_sizes, w_gate, w_up, w_down, interpret)
     blocks = _resolve_blocks(xs.shape[0], _dims(w_gate)[0], xs.dtype, block_m, block_n, block_k)
