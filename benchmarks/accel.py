@@ -26,9 +26,9 @@ Timing, as a GPU needs it:
 - `ms`: device-side time per call: one jitted program runs the call many times (a `lax.fori_loop` whose
   body calls the kernel once on each of C rotated copies of the inputs, C chosen so the copies exceed
   ~128 MB, beyond the 50–60 MB L2 of an H100/H200, and at most ~40 GB), median of a few such runs. Each call
-  reads its activation perturbed by the loop carry and the carry takes the sum of the output, so XLA can
-  neither hoist a call out of the loop nor drop it (the sum adds one read of the output). Torch rows
-  replay a CUDA graph of the same calls, timed with CUDA events.
+  takes its inputs through an optimization barrier with the loop carry, and the carry takes the sum of the
+  output, so XLA can neither hoist any part of a call out of the loop nor drop it (the sum adds one read of
+  the output). Torch rows replay a CUDA graph of the same calls, timed with CUDA events.
 - `ms_dispatch`: the same calls dispatched back to back from Python, one sync at the end (includes JAX's
   10–16 µs host dispatch per call).
 - `frac_datasheet`, `frac_measured`: bytes the row's implementation must move (from roofline's cost
@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -141,7 +142,7 @@ def _sync(out: Any) -> None:
 
 
 def _measure_jax(fn: Callable, args: tuple, cfg: dict) -> dict:
-    """Device-side and dispatch-inclusive ms per call of `fn(*args)`; args[0] is the (small) activation."""
+    """Device-side and dispatch-inclusive ms per call of `fn(*args)` (see the module docstring)."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -169,9 +170,10 @@ def _measure_jax(fn: Callable, args: tuple, cfg: dict) -> dict:
     def loop(all_sets):
         def body(_, acc):
             for s in all_sets:
-                x = s[0]
-                x = x + (acc * 1e-30).astype(x.dtype)  # depends on the carry: no hoisting out of the loop
-                out = fn(x, *s[1:])
+                # Tie every input to the loop carry (free: the barrier only orders), so that no part of
+                # the call (a page gather, a dequantized weight) is loop-invariant and hoisted out.
+                acc, s = lax.optimization_barrier((acc, s))
+                out = fn(*s)
                 acc = acc + jnp.sum(out.astype(jnp.float32)) * 1e-30
             return acc
 
@@ -938,4 +940,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # PyTorch shares the device: keep JAX from reserving 75% of it when it starts.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     sys.exit(main())

@@ -59,11 +59,14 @@ def paged_inputs(seed: int, h: int, kh: int, d: int = 16, lens=(5, 17, 0, 9)):
     return q, kp, vp, np.asarray(lens, np.int32), bt
 
 
-def check_paged(h: int, kh: int, n: int, **kw) -> None:
+def check_paged(h: int, kh: int, n: int, impl: str = "xla", **kw) -> None:
     q, kp, vp, lens, bt = paged_inputs(h * 100 + kh, h, kh)
     args = [jnp.asarray(a) for a in (q, kp, vp, lens, bt)]
+    if kw.get("q_lens") is not None:  # multi-token: q holds sum(q_lens) tokens
+        tokens = int(np.sum(kw["q_lens"]))
+        args[0] = jnp.asarray(np.random.default_rng(h).standard_normal((tokens, h, q.shape[2])), jnp.float32)
     want = paged_attention(*args, impl="xla", **kw)
-    got = parallel.paged_attention(*args, mesh=mesh_of(n), axis="model", impl="xla", **kw)
+    got = parallel.paged_attention(*args, mesh=mesh_of(n), axis="model", impl=impl, **kw)
     assert got.shape == want.shape, (got.shape, want.shape)
     assert len(got.sharding.device_set) == n, got.sharding
     assert_close(got, want, np.float32)
@@ -74,6 +77,11 @@ def paged_checks():
         yield f"paged_attention H8 K8 n{n} (kv heads split)", lambda n=n: check_paged(8, 8, n)
     for n in (4, 8):
         yield f"paged_attention H8 K2 n{n} (kv heads replicated)", lambda n=n: check_paged(8, 2, n)
+    yield "paged_attention H8 K2 n4 impl=auto", lambda: check_paged(8, 2, 4, impl="auto")
+    yield (
+        "paged_attention H8 K4 n2 multi-token q_lens",
+        lambda: check_paged(8, 4, 2, q_lens=jnp.asarray([2, 3, 0, 1], jnp.int32)),
+    )
     yield (
         "paged_attention H16 K4 n8 alibi + soft cap",
         lambda: check_paged(
