@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
 _F32 = jnp.float32
 # Head dims the kernel pads to a power of two (Triton tiles are powers of two); at least 16 for tl.dot.
@@ -520,6 +520,22 @@ mlir.register_lowering(_per_platform_p, functools.partial(_lower_with, "interpre
 mlir.register_lowering(_per_platform_p, functools.partial(_lower_with, "compiled"), platform="cuda")
 mlir.register_lowering(_per_platform_p, functools.partial(_lower_with, "compiled"), platform="rocm")
 mlir.register_lowering(_per_platform_p, _lower_elsewhere)
+
+
+def _batch(args: Any, dims: Any, *, interpreted: Any, compiled: Any, out_avals: Any) -> Any:
+    """vmap: both kernels vmapped (pallas_call batches by adding a grid axis), batch axis in front."""
+    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+    in_axes = tuple(dims)  # None: not mapped
+    outs = _per_platform_p.bind(
+        *args,
+        interpreted=jax.vmap(interpreted, in_axes),
+        compiled=jax.vmap(compiled, in_axes),
+        out_avals=tuple(jax.core.ShapedArray((size, *a.shape), a.dtype) for a in out_avals),
+    )
+    return outs, [0] * len(outs)
+
+
+batching.primitive_batchers[_per_platform_p] = _batch
 
 
 def paged_attention_pallas(

@@ -184,6 +184,15 @@ def test_nan_in_q_reaches_exactly_its_outputs():
     assert_close(out, expected(case), np.float32)  # NaN where the reference has NaN, equal elsewhere
 
 
+def test_vmap_over_query_batches():
+    case = make_case(seed=5)
+    qs = np.stack([case["q"], -case["q"]])
+    rest = {n: v for n, v in case.items() if n != "q"}
+    out = jax.vmap(lambda q: paged_attention_pallas(q, **rest))(qs)
+    for q, o in zip(qs, np.asarray(out), strict=True):
+        assert_close(o, expected(dict(case, q=q)), np.float32)
+
+
 def test_out_of_range_pages_are_never_read():
     # The same inputs with every unread page and slot overwritten by other garbage give the same result.
     case = make_case(seed=4)
