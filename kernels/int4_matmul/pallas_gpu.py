@@ -56,7 +56,8 @@ HLO) on every other platform, so one jitted function runs on the CPU, lowers for
 ("cpu", "cuda", "rocm", "tpu") at once (a `platform_dependent` around two pallas_calls would not: a
 multi-platform module lowers every branch for every platform). `jax.export` needs
 `disabled_checks=[DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]` for the Triton custom call.
-Under `jax.vmap` the choice falls back to `platform_dependent` (single-platform lowering only).
+`jax.vmap` (stacks of expert weights) batches the pallas_call with an extra grid axis, inside the same
+primitive.
 `interpret=True`/`False` forces one form.
 
 Gradients: `jax.grad` with respect to x goes through a custom VJP whose backward is the XLA path's transpose
@@ -465,41 +466,53 @@ def _pallas_kernel(*args: jax.Array, spec: _Spec, interpret: bool) -> jax.Array:
     )(*args)
 
 
-def _by_platform(*args: jax.Array, spec: _Spec) -> jax.Array:
-    """The kernel, interpreted or compiled according to the platform it runs on (eager calls, vmap)."""
-    interp = functools.partial(_pallas_kernel, spec=spec, interpret=True)
-    compiled = functools.partial(_pallas_kernel, spec=spec, interpret=False)
-    return jax.lax.platform_dependent(*args, cuda=compiled, rocm=compiled, default=interp)
+def _kernel_fn(spec: _Spec, vmaps: tuple, interpret: bool):
+    """The pallas_call, vmapped once per level of `vmaps` (the in_axes of each enclosing `jax.vmap`,
+    innermost first): Pallas batches its own call with an extra grid axis."""
+    fn = functools.partial(_pallas_kernel, spec=spec, interpret=interpret)
+    for in_axes in vmaps:
+        fn = jax.vmap(fn, in_axes=in_axes)
+    return fn
+
+
+def _by_platform(*args: jax.Array, spec: _Spec, vmaps: tuple) -> jax.Array:
+    """Eager calls: the kernel, interpreted or compiled according to the platform it runs on."""
+    compiled = _kernel_fn(spec, vmaps, interpret=False)
+    return jax.lax.platform_dependent(
+        *args, cuda=compiled, rocm=compiled, default=_kernel_fn(spec, vmaps, interpret=True)
+    )
+
+
+def _abstract_eval(*avals, spec: _Spec, vmaps: tuple):
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
+    out = jax.eval_shape(_kernel_fn(spec, vmaps, interpret=True), *shapes)
+    return jax.core.ShapedArray(out.shape, out.dtype)
+
+
+def _lowering(interpret: bool):
+    def rule(*args, spec: _Spec, vmaps: tuple):
+        return _kernel_fn(spec, vmaps, interpret)(*args)
+
+    return mlir.lower_fun(rule, multiple_results=False)
+
+
+def _batch_rule(args, dims, *, spec: _Spec, vmaps: tuple):
+    in_axes = tuple(None if d is None else int(d) for d in dims)  # None: not mapped
+    return _int4_pallas_p.bind(*args, spec=spec, vmaps=(*vmaps, in_axes)), 0
 
 
 # The kernel as one primitive whose lowering is chosen per platform: the compiled Triton kernel on cuda and
 # rocm, interpret mode (plain HLO) everywhere else. Unlike a `platform_dependent` around two pallas_calls,
 # this also lowers in a multi-platform module (`jax.export` for ("cpu", "cuda", "rocm", "tpu")): there every
 # branch of a `platform_dependent` is lowered for every platform, and a compiled pallas_call refuses the CPU.
-# Registering a primitive's rules at import is how JAX extensions add primitives; nothing else is global.
+# Under vmap the primitive stays one primitive (its `vmaps` parameter records the batching). Registering a
+# primitive's rules at import is how JAX extensions add primitives; nothing else is global.
 _int4_pallas_p = jax.extend.core.Primitive("tokenlab_int4_matmul_pallas")
 _int4_pallas_p.def_impl(_by_platform)
-_int4_pallas_p.def_abstract_eval(
-    lambda *avals, spec: jax.core.ShapedArray(spec.out_shape.shape, spec.out_shape.dtype)
-)
-mlir.register_lowering(
-    _int4_pallas_p,
-    mlir.lower_fun(functools.partial(_pallas_kernel, interpret=True), multiple_results=False),
-)
-for _platform in ("cuda", "rocm"):
-    mlir.register_lowering(
-        _int4_pallas_p,
-        mlir.lower_fun(functools.partial(_pallas_kernel, interpret=False), multiple_results=False),
-        platform=_platform,
-    )
-
-
-def _batch_rule(args, dims, *, spec):
-    # vmap (stacks of expert weights): Pallas batches its own call with an extra grid axis; the platform
-    # choice then falls back to `platform_dependent`, which lowers for one platform at a time.
-    return jax.vmap(functools.partial(_by_platform, spec=spec), in_axes=dims)(*args), 0
-
-
+_int4_pallas_p.def_abstract_eval(_abstract_eval)
+mlir.register_lowering(_int4_pallas_p, _lowering(interpret=True))
+mlir.register_lowering(_int4_pallas_p, _lowering(interpret=False), platform="cuda")
+mlir.register_lowering(_int4_pallas_p, _lowering(interpret=False), platform="rocm")
 batching.primitive_batchers[_int4_pallas_p] = _batch_rule
 
 
@@ -518,7 +531,7 @@ def _forward(
     args = [xe, xo, packed, scales] + ([] if zeros is None else [zeros])
     spec = _Spec(cfg, group_size, sym_zero if zeros is None else None, k, n, mp, np.dtype(x.dtype))
     if interpret is None:
-        out = _int4_pallas_p.bind(*args, spec=spec)
+        out = _int4_pallas_p.bind(*args, spec=spec, vmaps=())
     else:
         out = _pallas_kernel(*args, spec=spec, interpret=interpret)
     if cfg.split_k > 1:

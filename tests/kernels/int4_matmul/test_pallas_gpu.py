@@ -176,6 +176,23 @@ def test_exports_for_every_platform_and_runs_the_export_on_the_cpu():
     assert normalized_error(exported.call(jnp.asarray(x), qw), expected) <= tolerance(x.dtype).nerr
 
 
+def test_vmapped_kernel_exports_for_every_platform():
+    experts = [make_weight(18 + e) for e in range(2)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *experts)
+    x = np.stack([activations(20 + e, 3) for e in range(2)])
+    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    exported = jax.export.export(
+        jax.jit(jax.vmap(pg.int4_weight_matmul_pallas)),
+        platforms=("cpu", "cuda", "rocm", "tpu"),
+        disabled_checks=[triton],
+    )(jax.ShapeDtypeStruct(x.shape, x.dtype), stacked)
+    assert "xla.gpu.triton" in exported.mlir_module()
+    out = exported.call(x, stacked)
+    for e in range(2):
+        expected = int4_matmul_reference(x[e], experts[e]).astype(np.float64)
+        assert normalized_error(out[e], expected) <= tolerance(np.float32).nerr
+
+
 def test_float32_dots_ask_for_full_precision():
     # The precision policy for the tile dot the kernel runs: float32 is IEEE (HIGHEST), never TF32;
     # bf16/f16 take the native dot; both accumulate in float32.
