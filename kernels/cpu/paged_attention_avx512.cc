@@ -170,26 +170,38 @@ TOKENLAB_TARGET_AVX512 void Chunk(const Args& a, int64_t b, int64_t kv, int64_t 
   }
 }
 
-// Prefetch the first lines of a page's keys and values; the hardware prefetcher follows the rest of the
-// (contiguous) page once the walk starts.
-inline void PrefetchPage(const Args& a, int64_t page) {
-  const int64_t bytes = a.s * a.kh * a.d * 4;
-  const char* k = reinterpret_cast<const char*>(a.kp + page * a.s * a.kh * a.d);
-  const char* v = reinterpret_cast<const char*>(a.vp + page * a.s * a.kh * a.d);
-  for (int64_t off = 0; off < std::min<int64_t>(bytes, 4096); off += 64) {
-    _mm_prefetch(k + off, _MM_HINT_T1);
-    _mm_prefetch(v + off, _MM_HINT_T1);
-  }
+// The walk prefetches the next chunk's keys and values (whole 64-byte lines, into L2) while it computes the
+// current one, a kv head's share at a time: the chunk is read kv head by kv head, at a stride of K * D floats,
+// which the hardware prefetchers do not follow as they follow a sequential stream.
+inline const char* ChunkBytes(const Args& a, const float* pages, int64_t b, int64_t j) {
+  const int64_t page = a.bt[b * a.max_pages + j / a.s];
+  return reinterpret_cast<const char*>(pages + (page * a.s + j % a.s) * a.kh * a.d);
+}
+
+inline void PrefetchLines(const char* base, int64_t from, int64_t to) {
+  for (int64_t off = from; off < to; off += 64) _mm_prefetch(base + off, _MM_HINT_T1);
 }
 
 }  // namespace
 
 TOKENLAB_TARGET_AVX512 void Range(const Args& a, int64_t b, int64_t j0, int64_t j1, float* unit_state) {
+  const int64_t token_bytes = a.kh * a.d * 4;
   for (int64_t jc = j0; jc < j1;) {
-    const int64_t cnt = std::min<int64_t>({kLanes, a.s - jc % a.s, j1 - jc});
+    const int64_t cnt = std::min<int64_t>({int64_t{16}, a.s - jc % a.s, j1 - jc});
     const int64_t next = jc + cnt;
-    if (next < j1 && next % a.s == 0) PrefetchPage(a, a.bt[b * a.max_pages + next / a.s]);
-    for (int64_t kv = 0; kv < a.kh; ++kv) Chunk(a, b, kv, jc, cnt, StateAt(a, unit_state, kv));
+    const int64_t next_cnt = next < j1 ? std::min<int64_t>({int64_t{16}, a.s - next % a.s, j1 - next}) : 0;
+    const char* nk = next_cnt ? ChunkBytes(a, a.kp, b, next) : nullptr;
+    const char* nv = next_cnt ? ChunkBytes(a, a.vp, b, next) : nullptr;
+    const int64_t next_bytes = next_cnt * token_bytes;
+    const int64_t share = (next_bytes / a.kh + 63) / 64 * 64;
+    for (int64_t kv = 0; kv < a.kh; ++kv) {
+      if (next_cnt) {
+        const int64_t from = kv * share, to = std::min(next_bytes, from + share);
+        PrefetchLines(nk, from, to);
+        PrefetchLines(nv, from, to);
+      }
+      Chunk(a, b, kv, jc, cnt, StateAt(a, unit_state, kv));
+    }
     jc = next;
   }
 }
