@@ -57,8 +57,7 @@ HLO) on every other platform, so one jitted function runs on the CPU, lowers for
 multi-platform module lowers every branch for every platform). `jax.export` needs
 `disabled_checks=[DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]` for the Triton custom call.
 `jax.vmap` (stacks of expert weights) batches the pallas_call with an extra grid axis, inside the same
-primitive.
-`interpret=True`/`False` forces one form.
+primitive. `interpret=True`/`False` forces one form.
 
 Gradients: `jax.grad` with respect to x goes through a custom VJP whose backward is the XLA path's transpose
 (`xla.scan_matmul_transposed`: dx = dy @ W_storedᵀ, one dequantized K block at a time); the weight is frozen
