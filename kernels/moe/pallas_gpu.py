@@ -65,7 +65,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.extend import core as jex_core
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
 from kernels.int4_matmul.pallas_gpu import dot_precision, int4_tile_dot
 from kernels.int4_matmul.xla import zero_cotangent
@@ -563,6 +563,24 @@ def _grouped_ffn(xs, group_sizes, wg, wu, wd, blocks, interpret):
     return _grouped_ffn_fwd_impl(xs, group_sizes, wg, wu, wd, blocks, interpret)
 
 
+def _map_over_batch(prim):
+    """A batching rule for `prim` (jax.vmap): a sequential lax.map over the mapped axis, the unmapped
+    operands (the expert weights, typically) closed over rather than broadcast."""
+
+    def rule(args, dims, **params):
+        mapped = [d is not None for d in dims]  # None: an operand the vmap does not map
+        moved = [jnp.moveaxis(a, d, 0) for a, d, m in zip(args, dims, mapped, strict=True) if m]
+
+        def one(slices):
+            it = iter(slices)
+            return prim.bind(*[next(it) if m else a for a, m in zip(args, mapped, strict=True)], **params)
+
+        out = lax.map(one, moved)
+        return out, [0] * len(out) if prim.multiple_results else 0
+
+    return rule
+
+
 # One primitive whose lowering is chosen per platform: lax.platform_dependent would lower every branch for
 # every platform of a multi-platform export, and a compiled pallas_call cannot lower for cpu or tpu.
 _grouped_ffn_p = jex_core.Primitive("tokenlab_moe_grouped_ffn")
@@ -580,6 +598,7 @@ def _operands_fn(mode):
     return run
 
 
+batching.primitive_batchers[_grouped_ffn_p] = _map_over_batch(_grouped_ffn_p)
 _grouped_ffn_p.def_abstract_eval(lambda xp, *_, out_dtype, **__: jax.core.ShapedArray(xp.shape, out_dtype))
 _grouped_ffn_p.def_impl(
     lambda *args, **params: jax.jit(functools.partial(_grouped_ffn_p.bind, **params))(*args)
@@ -650,6 +669,7 @@ def _bwd_abstract_eval(xp, dyp, group_sizes, sched, bounds, wg, wu, wd, *, block
 
 
 _grouped_ffn_bwd_p.def_abstract_eval(_bwd_abstract_eval)
+batching.primitive_batchers[_grouped_ffn_bwd_p] = _map_over_batch(_grouped_ffn_bwd_p)
 _grouped_ffn_bwd_p.def_impl(
     lambda *args, **params: jax.jit(functools.partial(_grouped_ffn_bwd_p.bind, **params))(*args)
 )

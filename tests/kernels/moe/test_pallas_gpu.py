@@ -168,6 +168,16 @@ def test_decode_few_tokens_many_experts():
     _check(_x(3, t=2), w, ids, _weights(3, 8))
 
 
+def test_vmap_over_batches_of_tokens():
+    w, ids = _routing(4, 4, 2, t=2 * T)
+    x, ws = _x(4, t=2 * T), _weights(4, 4)
+    batched = jax.jit(jax.vmap(moe_ffn_pallas, in_axes=(0, 0, 0, None, None, None)))
+    y = batched(x.reshape(2, T, D), w.reshape(2, T, 2), ids.reshape(2, T, 2), *ws)
+    for b in range(2):
+        ref = moe_ffn_reference(x[b * T : (b + 1) * T], w[b * T : (b + 1) * T], ids[b * T : (b + 1) * T], *ws)
+        assert normalized_error(y[b], ref) <= tolerance(np.float32).nerr
+
+
 @pytest.mark.parametrize("drop_priority", ["choice", "weight"])
 def test_capacity_mode_matches_reference(drop_priority):
     w, ids = _routing(5, 8, 2, pattern="skewed")
