@@ -30,8 +30,9 @@ groups, E experts, k experts per token, d model width, f expert hidden width, n 
   a second `all_to_all` returns the rows, and each token sums its k rows in float32.
   Buffers: dropless (default) sizes every (source, destination) slot for the worst case, C_send = T/n·k
   (all of a device's assignments may go to one device), so each device receives n·T/n·k = T·k rows of d,
-  as many as the whole batch's assignments; padding rows are zeros with weight 0, routed to the first
-  local expert (a strategy whose work follows the rows, like "grouped", pays for them).
+  as many as the whole batch's assignments. Padding rows are zeros with weight 0 and an expert id outside
+  the device's [0, E/n), which the single-device kernel drops under jit (no expert's work or capacity), so
+  a strategy whose work follows the routed rows ("grouped") does not pay for the worst-case buffer.
   Capacity mode (`capacity_factor`): the same drops as on one device (C = expert_capacity(T, E, k, cf)
   rows per expert, kept in `drop_priority` order over the *global* batch): the routing [T, k] (ids and
   weights, small) is all-gathered so every device computes the global keep mask, and
@@ -413,7 +414,10 @@ def moe_ffn(
             .at[dest_or_drop, slot]
             .set(weights.reshape(-1).astype(jnp.float32), mode="drop")
         )
-        send_e = jnp.zeros((n, c_send), jnp.int32).at[dest_or_drop, slot].set(flat_ids % e_loc, mode="drop")
+        # Padding rows name expert e_loc, outside the local [0, E/n): the kernel drops them under jit.
+        send_e = (
+            jnp.full((n, c_send), e_loc, jnp.int32).at[dest_or_drop, slot].set(flat_ids % e_loc, mode="drop")
+        )
         recv_x = lax.all_to_all(send_x, axis, 0, 0, tiled=True)
         recv_w = lax.all_to_all(send_w, axis, 0, 0, tiled=True)
         recv_e = lax.all_to_all(send_e, axis, 0, 0, tiled=True)
