@@ -798,8 +798,8 @@ def _moe_rows(cfg: dict) -> list[tuple[dict, Callable[[], dict]]]:
                         b,
                         group_sizes=sizes,
                         block_m=128,
-                        block_n=128,
-                        block_k=64,
+                        block_n=math.gcd(128, b.shape[2]),  # whole blocks at the smoke shapes too
+                        block_k=math.gcd(64, a.shape[1]),
                         max_concurrent_steps=4,
                         grid_block_n=1,
                     )
