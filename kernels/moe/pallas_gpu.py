@@ -496,7 +496,8 @@ def _backward_kernels(xp, dyp, sched, bounds, wg, wu, wd, *, blocks, interpret):
     dtype = wd.dtype
     xp, dyp = xp.astype(dtype), dyp.astype(dtype)
     num_tiles = sched.shape[1]
-    bn, bk = _pow2_divisor(f, block_n), _pow2_divisor(d, block_k)
+    # Three float32 accumulators (g, u, dh): half the forward's columns keep them in registers.
+    bn, bk = _pow2_divisor(f, max(MIN_BLOCK, block_n // 2)), _pow2_divisor(d, block_k)
     rows_f = jax.ShapeDtypeStruct((num_rows, f), dtype)
     h, dg, du = _call(
         functools.partial(
