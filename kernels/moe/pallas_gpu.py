@@ -35,9 +35,14 @@ scales if any. Float experts are never materialized. block_k divides the group s
 in one group). Act-order weights (`perm`) are not taken (each expert would gather its own activation
 columns), nor are bits 2 and 8: `pallas_unsupported` says so, and `moe_ffn` keeps its XLA path for them.
 
-Platforms. The kernel is chosen per lowering platform with `jax.lax.platform_dependent`: compiled
+Platforms. The kernels are chosen per lowering platform, never from `jax.default_backend()`: compiled
 Triton on cuda and rocm, interpret mode on cpu (slow: for tests at small shapes), and the XLA
-`jax.lax.ragged_dot` formulation anywhere else (TPU). `interpret=True/False` forces one form.
+`jax.lax.ragged_dot` formulation anywhere else (TPU). The choice is a small primitive (forward, and one
+for the backward) with one lowering rule per platform rather than `jax.lax.platform_dependent`, which
+lowers every branch for every platform of a multi-platform lowering, where a compiled pallas_call fails
+for cpu and tpu; so one jitted function lowers for cpu, cuda, rocm and tpu at once (`jax.export` needs
+`disabled_checks` for the Triton custom calls). `interpret=True/False` forces one form. Under `jax.vmap`
+the primitives run a sequential `lax.map` over the mapped axis.
 
 Gradients. A custom VJP whose backward is three more Pallas kernels for float experts, on the same
 tile schedule: (1) per (row tile, f-column tile), recompute g and u and, in the same reduction over d,
