@@ -129,19 +129,6 @@ def moe_ffn_reference(
 ) -> np.ndarray:
     """The MoE FFN as a NumPy loop over experts, in compute_dtype (float64 by default) -> y [T, d]."""
     x, weights, expert_ids = np.asarray(x), np.asarray(weights), np.asarray(expert_ids)
-    if isinstance(w_gate, Int4Weight):  # quantized experts: compare against the dequantized weights
-        validate_moe_ffn_inputs(
-            x,
-            weights,
-            expert_ids,
-            w_gate,
-            w_up,
-            w_down,
-            capacity_factor=capacity_factor,
-            drop_priority=drop_priority,
-        )
-        w_gate, w_up, w_down = (dequantize_experts(w) for w in (w_gate, w_up, w_down))
-    w_gate, w_up, w_down = np.asarray(w_gate), np.asarray(w_up), np.asarray(w_down)
     validate_moe_ffn_inputs(
         x,
         weights,
@@ -152,6 +139,9 @@ def moe_ffn_reference(
         capacity_factor=capacity_factor,
         drop_priority=drop_priority,
     )
+    if isinstance(w_gate, Int4Weight):  # quantized experts: compare against the dequantized weights
+        w_gate, w_up, w_down = (dequantize_experts(w) for w in (w_gate, w_up, w_down))
+    w_gate, w_up, w_down = np.asarray(w_gate), np.asarray(w_up), np.asarray(w_down)
     num_tokens, top_k = expert_ids.shape
     num_experts = w_gate.shape[0]
     capacity = None
