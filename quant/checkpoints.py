@@ -443,7 +443,9 @@ def save_checkpoint(
     """Write `{name: Int4Weight}` to the directory `path` as `model.safetensors` + `quantize_config.json`.
 
     `format`: "gptq" (AutoGPTQ v1), "gptq_v2" (GPTQModel), "awq" (AutoAWQ GEMM) or "tokenlab".
-    All weights must share bits, group size (or all be per-channel) and symmetry.
+    All weights must share bits, group size (or all be per-channel) and symmetry. `path` is created if
+    missing; a path that names a file (or ends in `.safetensors`) is refused. Scales that are not float16
+    values are rounded, with a warning, by the float16 layouts (see the module docstring).
     """
     from safetensors.numpy import save_file
 
