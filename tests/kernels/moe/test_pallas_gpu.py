@@ -10,7 +10,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
 import pytest
 
-from kernels import moe_ffn, moe_ffn_reference
+from kernels import expert_capacity, moe_ffn, moe_ffn_reference
 from kernels.moe.pallas_gpu import (
     grouped_ffn_pallas,
     launch_order,
@@ -39,9 +39,8 @@ def _x(seed, t=T, d=D, dtype=np.float32):
 
 def _routing(seed, e, k, t=T, pattern="random"):
     rng = np.random.default_rng(seed)
-    if (
-        pattern == "skewed"
-    ):  # a trained router's popularity skew (as benchmarks.accel draws it), expert 1 empty
+    # "skewed": a trained router's popularity skew (as benchmarks.accel draws it), and expert 1 empty.
+    if pattern == "skewed":
         logits = rng.standard_normal((t, e)) + np.linspace(0.0, 3.0, e)
         logits[:, 1] = -np.inf
         ids = np.argsort(-logits, axis=1, kind="stable")[:, :k].astype(np.int32)
@@ -50,19 +49,12 @@ def _routing(seed, e, k, t=T, pattern="random"):
     return rng.uniform(0.1, 1.0, (t, k)).astype(np.float32), ids
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "drop_priority"))
-def _pallas(x, w, ids, wg, wu, wd, capacity=None, drop_priority="choice"):
-    return moe_ffn_pallas(x, w, ids, wg, wu, wd, capacity=capacity, drop_priority=drop_priority)
-
-
 def _check(x, w, ids, ws, capacity_factor=None, drop_priority="choice"):
     capacity = None
     if capacity_factor is not None:
-        from kernels import expert_capacity
-
         num_experts = (ws[0].packed if isinstance(ws[0], Int4Weight) else ws[0]).shape[0]
         capacity = expert_capacity(ids.shape[0], num_experts, ids.shape[1], capacity_factor)
-    y = _pallas(x, w, ids, *ws, capacity=capacity, drop_priority=drop_priority)
+    y = moe_ffn_pallas(x, w, ids, *ws, capacity=capacity, drop_priority=drop_priority)
     ref = moe_ffn_reference(x, w, ids, *ws, capacity_factor=capacity_factor, drop_priority=drop_priority)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert normalized_error(y, ref) <= tolerance(x.dtype).nerr
