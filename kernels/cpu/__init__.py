@@ -77,15 +77,19 @@ def supported_isas() -> tuple[str, ...]:
 def fast_enough(op: str) -> bool:
     """Whether `impl="auto"` may pick the native kernel of `op` ("int4_matmul" or "paged_attention").
 
-    The rule: the native path is chosen only when it is faster than the portable XLA path on this CPU, which
-    holds for the vector paths (avx512, avx2, neon) and not for the scalar fallback. False when the library
-    is not loaded. Evidence (2-core AMD EPYC, Zen 4, one run each, ratios to XLA in the same run; README
-    "CPU instruction sets"): INT4 (8192, 28672) g128, M=1: avx2 0.067x, avx512 0.060x, scalar 0.76x
-    the XLA path; M=16: avx2 0.29x, scalar 1.6x. Paged decode B8 H32 K8 D128 ctx 4096 (float32 pages):
-    avx2 0.40x, avx512 0.39x, scalar 2.3x the XLA path. The scalar INT4 matrix-vector case is faster than XLA
-    but its M=16 case is not, and decode's scalar path is slower everywhere measured, so "scalar" is never
-    fast enough; NEON was not measured (no aarch64 machine) and is trusted by construction (the same
-    algorithm as the x86 vector paths, a quarter of AVX-512's width).
+    The rule: `impl="auto"` picks a native kernel only where it is faster than the portable XLA path on the
+    running CPU. That holds for the vector paths ("avx512", "avx2", "neon") and not for the scalar fallback,
+    so this is True exactly when `isa()` names a vector path (False without the library).
+
+    Evidence (2-core AMD EPYC Zen 4 VM shared with other jobs; native time over the XLA path's, both in one
+    round-robin run; README "CPU instruction sets"): INT4 (8192, 28672) group 128 — M=1: avx512 0.08x, avx2
+    0.10x, scalar 0.31x; M=16: avx512 0.31x, avx2 0.37x, scalar 2.0x (and the same pattern at (4096, 14336)).
+    Paged decode B8 H32 K8 D128, float32 pages, contexts 4096 / 16384: avx512 0.53x / 0.55x, avx2 0.55x /
+    0.57x, scalar 4.3x / 5.2x. The scalar INT4 kernel wins at M=1 but loses at M=16, and the scalar decode
+    kernel loses everywhere, so "scalar" is never fast enough. (In one of five decode runs, taken while other
+    jobs cut the streaming bandwidth to 7 GB/s, the vector decode paths were 1.2-1.5x the XLA path's time;
+    the XLA path degrades less under memory contention.) NEON was not timed (no aarch64 machine); it runs
+    the x86 paths' algorithms at a quarter of AVX-512's width.
     """
     if op not in NATIVE_OPS:
         raise ValueError(f"op={op!r} must be one of {', '.join(NATIVE_OPS)}")
