@@ -32,7 +32,16 @@ def validate_moe_ffn_inputs(
     drop_priority: str = "choice",
     impl: str = "auto",
 ) -> None:
-    """Static checks for `moe_ffn`/`moe_ffn_reference` (and expert id range when concrete)."""
+    """Static checks for `moe_ffn` (and expert id range when concrete)."""
+    _validate_inputs(
+        x, weights, expert_ids, w_gate, w_up, w_down, capacity_factor=capacity_factor,
+        drop_priority=drop_priority, impl=impl, reference=False,
+    )  # fmt: skip
+
+
+def _validate_inputs(
+    x, weights, expert_ids, w_gate, w_up, w_down, *, capacity_factor, drop_priority, impl, reference
+) -> None:
     registry.check_impl("moe_ffn", impl)
     if len(x.shape) != 2:
         raise ValueError(f"x.shape={tuple(x.shape)} must be [T, d]")
@@ -41,12 +50,12 @@ def validate_moe_ffn_inputs(
     if any(quantized):
         if not all(quantized):
             raise ValueError("w_gate, w_up and w_down must all be Int4Weight stacks, or all float arrays")
-        _validate_quantized_experts(x, w_gate, w_up, w_down)
+        _validate_quantized_experts(x, w_gate, w_up, w_down, reference)
         num_experts = _expert_dims(w_gate)[0]
         if impl not in QUANTIZED_IMPLS:
             raise ValueError(f"impl={impl!r} does not take Int4Weight experts; use one of {QUANTIZED_IMPLS}")
     else:
-        _validate_float_experts(x, w_gate, w_up, w_down)
+        _validate_float_experts(x, w_gate, w_up, w_down, reference)
         num_experts = w_gate.shape[0]
     validate_routing(weights, expert_ids, num_experts, num_tokens)
     if capacity_factor is not None and not (capacity_factor > 0 and math.isfinite(capacity_factor)):
@@ -57,12 +66,15 @@ def validate_moe_ffn_inputs(
 X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 
-def _validate_x_dtype(x: Any) -> None:
-    if np.dtype(x.dtype) not in X_DTYPES:
-        raise ValueError(f"x.dtype={x.dtype} must be one of float32, bfloat16, float16")
+def _validate_x_dtype(x: Any, reference: bool) -> None:
+    # The kernels take float32/bfloat16/float16; the NumPy reference also takes float64 (finite differences).
+    allowed = (*X_DTYPES, np.dtype(np.float64)) if reference else X_DTYPES
+    if np.dtype(x.dtype) not in allowed:
+        names = ", ".join(d.name for d in allowed)
+        raise ValueError(f"x.dtype={x.dtype} must be one of {names}")
 
 
-def _validate_float_experts(x: Any, w_gate: Any, w_up: Any, w_down: Any) -> None:
+def _validate_float_experts(x: Any, w_gate: Any, w_up: Any, w_down: Any, reference: bool) -> None:
     d = x.shape[1]
     if len(w_gate.shape) != 3:
         raise ValueError(f"w_gate.shape={tuple(w_gate.shape)} must be [E, d, f]")
@@ -73,7 +85,7 @@ def _validate_float_experts(x: Any, w_gate: Any, w_up: Any, w_down: Any) -> None
         raise ValueError(f"w_up.shape={tuple(w_up.shape)} must equal w_gate.shape={tuple(w_gate.shape)}")
     if tuple(w_down.shape) != (num_experts, f, d):
         raise ValueError(f"w_down.shape={tuple(w_down.shape)} must be [E, f, d]=({num_experts}, {f}, {d})")
-    _validate_x_dtype(x)
+    _validate_x_dtype(x, reference)
     for name, a in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         if np.dtype(a.dtype) != np.dtype(x.dtype):
             raise ValueError(
@@ -89,7 +101,9 @@ def _expert_dims(w: Int4Weight) -> tuple[int, int, int]:
     return e, r * codes_per_byte(w.bits), n
 
 
-def _validate_quantized_experts(x: Any, w_gate: Int4Weight, w_up: Int4Weight, w_down: Int4Weight) -> None:
+def _validate_quantized_experts(
+    x: Any, w_gate: Int4Weight, w_up: Int4Weight, w_down: Int4Weight, reference: bool
+) -> None:
     d = x.shape[1]
     e, dg, f = _expert_dims(w_gate)
     if dg != d:
@@ -98,7 +112,7 @@ def _validate_quantized_experts(x: Any, w_gate: Int4Weight, w_up: Int4Weight, w_
         raise ValueError(f"w_up is {list(_expert_dims(w_up))}; it must match w_gate's [E, d, f]={[e, d, f]}")
     if _expert_dims(w_down) != (e, f, d):
         raise ValueError(f"w_down is {list(_expert_dims(w_down))}; it must be [E, f, d]={[e, f, d]}")
-    _validate_x_dtype(x)
+    _validate_x_dtype(x, reference)
 
 
 def num_experts_of(w: Any) -> int:
@@ -129,16 +143,10 @@ def moe_ffn_reference(
 ) -> np.ndarray:
     """The MoE FFN as a NumPy loop over experts, in compute_dtype (float64 by default) -> y [T, d]."""
     x, weights, expert_ids = np.asarray(x), np.asarray(weights), np.asarray(expert_ids)
-    validate_moe_ffn_inputs(
-        x,
-        weights,
-        expert_ids,
-        w_gate,
-        w_up,
-        w_down,
-        capacity_factor=capacity_factor,
-        drop_priority=drop_priority,
-    )
+    _validate_inputs(
+        x, weights, expert_ids, w_gate, w_up, w_down, capacity_factor=capacity_factor,
+        drop_priority=drop_priority, impl="reference", reference=True,
+    )  # fmt: skip
     if isinstance(w_gate, Int4Weight):  # quantized experts: compare against the dequantized weights
         w_gate, w_up, w_down = (dequantize_experts(w) for w in (w_gate, w_up, w_down))
     w_gate, w_up, w_down = np.asarray(w_gate), np.asarray(w_up), np.asarray(w_down)
