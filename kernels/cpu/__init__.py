@@ -31,6 +31,7 @@ from kernels.cpu.loader import ISAS, TARGETS, available, handle, library_path, l
 
 __all__ = [
     "ISAS",
+    "NATIVE_OPS",
     "TARGETS",
     "available",
     "detected_isa",

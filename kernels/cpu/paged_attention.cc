@@ -67,11 +67,14 @@ void ScalarUnit(const Args& a, int64_t b, int64_t kv, int64_t j0, int64_t j1, Pa
 
 using RangeFn = void (*)(const Args&, int64_t, int64_t, int64_t, float*);
 
-// The chunk walker of an instruction set, or ScalarRange when it has none or D is not a multiple of its lanes.
+// The chunk walker of an instruction set, or of the next lower one whose lanes divide D (an AVX-512 CPU also
+// runs the AVX2 path), or ScalarRange.
 RangeFn RangeFor(Isa isa, int64_t d) {
   switch (isa) {
 #if defined(TOKENLAB_X86)
-    case Isa::kAvx512: return d % avx512::kLanes == 0 ? avx512::Range : ScalarRange;
+    case Isa::kAvx512:
+      if (d % avx512::kLanes == 0) return avx512::Range;
+      [[fallthrough]];
     case Isa::kAvx2: return d % avx2::kLanes == 0 ? avx2::Range : ScalarRange;
 #endif
 #if defined(TOKENLAB_NEON)
