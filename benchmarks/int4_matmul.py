@@ -220,3 +220,43 @@ if __name__ == "__main__":
         epilog="asv benchmarks, no command-line run of their own: asv run --bench int4_matmul",
     ).parse_args()
     print("benchmarks.int4_matmul holds asv benchmarks only; run them with: asv run --bench int4_matmul")
+
+
+class Int4MatmulOnGPU:
+    """W4A16 on a GPU: the Pallas kernel (impl="pallas") and the XLA path against the bf16 matmul,
+    (8192, 28672), group 128, bf16 activations. Skipped (NotImplementedError in setup) on any other backend.
+
+    `track_ratio_to_bf16` is our time over the bf16 matmul's in the same process (lower is better).
+    """
+
+    params = ([1, 16, 64], ["pallas", "xla"])
+    param_names = ["m", "impl"]
+    timer = timeit.default_timer
+    number = 1
+    repeat = (3, 10, 20.0)
+    timeout = 900
+
+    def setup(self, m, impl):
+        if jax.default_backend() != "gpu":
+            raise NotImplementedError("GPU only")
+        from quant import Int4Weight
+
+        k, n = 8192, 28672
+        x, packed, scales, zeros = make_inputs(k, n, m)
+        self.x = x.astype(jnp.bfloat16)
+        self.w = Int4Weight(packed, scales.astype(jnp.float16), zeros, group_size=GROUP)
+        self.fn = jax.jit(lambda x, w: int4_matmul(x, w, impl=impl))
+        self.fn(self.x, self.w).block_until_ready()
+        wb = np.random.default_rng(1).standard_normal((k, n), dtype=np.float32)
+        self.wb = jnp.asarray(wb, jnp.bfloat16)
+        self.bf16 = jax.jit(jnp.matmul)
+        self.bf16(self.x, self.wb).block_until_ready()
+
+    def time_int4_matmul(self, m, impl):
+        self.fn(self.x, self.w).block_until_ready()
+
+    def track_ratio_to_bf16(self, m, impl):
+        ours = timing.time_fn(self.fn, self.x, self.w, min_time_s=0.5).median_s
+        return ours / timing.time_fn(self.bf16, self.x, self.wb, min_time_s=0.5).median_s
+
+    track_ratio_to_bf16.unit = "x"

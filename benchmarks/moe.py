@@ -123,6 +123,37 @@ class MoEPrefill:
     track_load_imbalance.unit = "ratio"
 
 
+class MoEOnGPU:
+    """The Pallas grouped GEMM (impl="pallas") and the XLA path (ragged_dot) against the balanced batched
+    einsum, bf16, T = 256 and 4096. Skipped (NotImplementedError in setup) on any other backend."""
+
+    params = (list(SHAPES), [256, 4096], ["pallas", "xla"])
+    param_names = ["shape", "tokens", "impl"]
+    timer = timeit.default_timer
+    number = 1
+    repeat = (3, 10, 20.0)
+
+    def setup(self, shape, tokens, impl):
+        if jax.default_backend() != "gpu":
+            raise NotImplementedError("GPU only")
+        case = make_case(shape, tokens)
+        bf16 = [jnp.asarray(a, jnp.bfloat16) if a.dtype == jnp.float32 else a for a in case["args"]]
+        bf16[1] = case["args"][1]  # the routing weights stay float32
+        self.args = tuple(bf16)
+        self.fn = jax.jit(functools.partial(moe_ffn, impl=impl))
+        self.fn(*self.args).block_until_ready()
+        self.base_args = (jnp.asarray(case["balanced_x"], jnp.bfloat16), *self.args[3:])
+        balanced_baseline(*self.base_args).block_until_ready()
+
+    def time_moe_ffn(self, shape, tokens, impl):
+        self.fn(*self.args).block_until_ready()
+
+    def track_ratio_to_balanced_baseline(self, shape, tokens, impl):
+        return interleaved_ratio(self.fn, self.args, balanced_baseline, self.base_args)
+
+    track_ratio_to_balanced_baseline.unit = "ratio"
+
+
 class MoEDecode:
     params = (list(SHAPES), ["auto", "grouped", "bucketed"])
     param_names = ["shape", "impl"]

@@ -201,3 +201,43 @@ if __name__ == "__main__":
     print(
         "benchmarks.paged_attention holds asv benchmarks only; run them with: asv run --bench paged_attention"
     )
+
+
+class PagedDecodeOnGPU:
+    """The Pallas kernel (impl="pallas") against the XLA path on a GPU, bf16, B=8/64 sequences at 4096 tokens.
+
+    Skipped (NotImplementedError in setup) on any other backend, where Pallas runs interpreted.
+    `track_fraction_of_hbm` is the KV read rate over the measured device bandwidth.
+    """
+
+    params = ([8, 64], ["pallas", "xla"])
+    param_names = ["batch", "impl"]
+    timer = timeit.default_timer
+    number = 1
+    repeat = (3, 10, 20.0)
+    timeout = 600
+
+    def setup(self, batch, impl):
+        if jax.default_backend() != "gpu":
+            raise NotImplementedError("GPU only")
+        rng = np.random.default_rng(0)
+        context, pages = 4096, 4096 // S
+        num_pages = batch * pages
+        kp = jnp.asarray(rng.standard_normal((num_pages, S, K, D), dtype=np.float32), jnp.bfloat16)
+        vp = jnp.asarray(rng.standard_normal((num_pages, S, K, D), dtype=np.float32), jnp.bfloat16)
+        bt = jnp.asarray(rng.permutation(num_pages).reshape(batch, pages).astype(np.int32))
+        lens = jnp.full((batch,), context, jnp.int32)
+        q = jnp.asarray(rng.standard_normal((batch, H, D), dtype=np.float32), jnp.bfloat16)
+        self.args = (q, kp, vp, lens, bt)
+        self.fn = jax.jit(lambda *a: paged_attention(*a, impl=impl))
+        self.fn(*self.args).block_until_ready()
+        self.cost = paged_attention_cost(batch, H, K, D, np.asarray(lens), dtype="bf16")
+
+    def time_paged_decode(self, batch, impl):
+        self.fn(*self.args).block_until_ready()
+
+    def track_fraction_of_hbm(self, batch, impl):
+        seconds = timing.time_fn(self.fn, *self.args, min_time_s=0.5).median_s
+        return self.cost.bytes_read / seconds / measure_host().bandwidth
+
+    track_fraction_of_hbm.unit = "fraction of roofline"
