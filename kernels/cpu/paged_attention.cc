@@ -54,7 +54,8 @@ void ScalarUnit(const Args& a, int64_t b, int64_t kv, int64_t j0, int64_t j1, Pa
       float x = dot * a.scale;
       if (a.soft_cap > 0.f) x = a.soft_cap * std::tanh(x / a.soft_cap);
       if (a.slopes) x += a.slopes[h] * static_cast<float>(j - pos);
-      const float m_new = std::max(st.m[g], x);
+      // A NaN logit makes the head's output NaN, as in the reference (std::max alone would drop it).
+      const float m_new = std::isnan(x) ? x : std::max(st.m[g], x);
       const float corr = std::exp(st.m[g] - m_new);  // exp(-inf) = 0 on the first key
       const float pr = std::exp(x - m_new);
       st.l[g] = st.l[g] * corr + pr;
@@ -175,7 +176,10 @@ ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     for (int64_t kv = 0; kv < a.kh; ++kv)
       for (int64_t g = 0; g < a.g; ++g) {
         float m = kNegInf;
-        for (int64_t sp = 0; sp < splits; ++sp) m = std::max(m, state(b, sp, kv).m[g]);
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const float sm = state(b, sp, kv).m[g];
+          m = std::isnan(sm) ? sm : std::max(m, sm);  // a NaN running max (a NaN logit) stays NaN
+        }
         float* o = outp + (b * a.h + kv * a.g + g) * a.d;
         std::fill(o, o + a.d, 0.f);
         if (m == kNegInf) continue;

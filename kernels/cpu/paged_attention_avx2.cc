@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "paged_attention.h"
 
@@ -18,8 +19,9 @@ namespace {
 // below -87.3 give about 1e-38 instead of less (the callers mask or never need those), so 2^n stays a normal
 // float built from its exponent bits.
 TOKENLAB_TARGET_AVX2 inline __m256 Exp(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.3f));
+  // max/min return their second operand when either is NaN: NaN stays NaN.
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);
+  x = _mm256_min_ps(_mm256_set1_ps(88.3f), x);
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -150,12 +152,16 @@ TOKENLAB_TARGET_AVX2 inline float SoftmaxTerms(const Args& a, const __m256* dots
     x[half] = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), y, valid);
   }
   const float m_old = *m;
-  const float m_new = std::max(m_old, HorizontalMax(_mm256_max_ps(x[0], x[1])));
+  // A NaN logit makes the head's output NaN, as in the reference: the running max becomes NaN and stays so.
+  const bool nan = _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(x[0], x[0], _CMP_UNORD_Q),
+                                                   _mm256_cmp_ps(x[1], x[1], _CMP_UNORD_Q))) != 0;
+  const float m_new = nan ? std::numeric_limits<float>::quiet_NaN()
+                          : std::max(m_old, HorizontalMax(_mm256_max_ps(x[0], x[1])));
   const __m256 mv = _mm256_set1_ps(m_new);
   __m256 sum = _mm256_setzero_ps();
   for (int half = 0; half < 2; ++half) {
-    // Lanes past cnt hold -inf, which Exp turns into ~1e-38: zero them.
-    const __m256 keep = _mm256_cmp_ps(x[half], _mm256_set1_ps(kNegInf), _CMP_NEQ_OQ);
+    // Lanes past cnt hold -inf, which Exp turns into ~1e-38: zero them (and keep NaN).
+    const __m256 keep = _mm256_cmp_ps(x[half], _mm256_set1_ps(kNegInf), _CMP_NEQ_UQ);
     const __m256 pr = _mm256_and_ps(keep, Exp(_mm256_sub_ps(x[half], mv)));
     _mm256_store_ps(p_out + 8 * half, pr);
     sum = _mm256_add_ps(sum, pr);

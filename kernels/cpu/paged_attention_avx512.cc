@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "paged_attention.h"
 
@@ -16,8 +17,9 @@ namespace {
 
 // exp for float32 lanes: 2^n * e^r with |r| <= ln2/2, degree-6 Taylor polynomial (rel. error ~2e-7).
 TOKENLAB_TARGET_AVX512 inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-103.f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.7f));
+  // max/min return their second operand when either is NaN: NaN stays NaN.
+  x = _mm512_max_ps(_mm512_set1_ps(-103.f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(88.7f), x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -139,7 +141,10 @@ TOKENLAB_TARGET_AVX512 void HeadBlock(const Args& a, int64_t b, int64_t kv, int6
     if (a.slopes) x = _mm512_fmadd_ps(_mm512_set1_ps(a.slopes[kv * a.g + g]), jpos, x);
     x = _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf), x);
     const float m_old = st.m[g];
-    const float m_new = std::max(m_old, _mm512_mask_reduce_max_ps(valid, x));
+    // A NaN logit makes the head's output NaN, as in the reference: the running max becomes NaN and stays so.
+    const bool nan = _mm512_mask_cmp_ps_mask(valid, x, x, _CMP_UNORD_Q) != 0;
+    const float m_new = nan ? std::numeric_limits<float>::quiet_NaN()
+                            : std::max(m_old, _mm512_mask_reduce_max_ps(valid, x));
     const __m512 pr = _mm512_maskz_mov_ps(valid, Exp(_mm512_sub_ps(x, _mm512_set1_ps(m_new))));
     _mm512_store_ps(p[gi], pr);
     lsum[gi] = _mm512_reduce_add_ps(pr);

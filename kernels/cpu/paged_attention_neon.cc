@@ -43,9 +43,9 @@ void Chunk(const Args& a, int64_t b, int64_t kv, int64_t jc, int64_t cnt, Partia
       if (a.soft_cap > 0.f) x = a.soft_cap * std::tanh(x / a.soft_cap);
       if (a.slopes) x += a.slopes[h] * static_cast<float>(jc + t - pos);
       logit[t] = x;
-      m_chunk = std::max(m_chunk, x);
+      m_chunk = std::isnan(x) || std::isnan(m_chunk) ? NAN : std::max(m_chunk, x);  // NaN stays NaN
     }
-    const float m_new = std::max(st.m[g], m_chunk);
+    const float m_new = std::isnan(m_chunk) ? m_chunk : std::max(st.m[g], m_chunk);
     const float corr = std::exp(st.m[g] - m_new);  // exp(-inf) = 0 on the first chunk
     float l = 0.f;
     for (int64_t t = 0; t < cnt; ++t) l += (pr[t] = std::exp(logit[t] - m_new));
