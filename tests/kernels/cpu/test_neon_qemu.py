@@ -51,6 +51,7 @@ def test_neon_kernels_match_double_precision_loops(tmp_path):
     assert result["isa"] == "neon"  # the run-time detection on an aarch64 CPU
     assert result["int4_nerr"] <= NATIVE_INT4_NERR
     assert result["decode_nerr"] <= tolerance(np.float32).nerr
+    assert result["nan_reaches_its_heads"]  # a NaN key makes exactly its query heads' outputs NaN
 
 
 @pytest.mark.slow
