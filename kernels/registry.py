@@ -75,13 +75,14 @@ def auto_impl(op: str, platform: str | None = None) -> str:
     """The backend `impl="auto"` prefers for `op` on `platform` ("cpu", "cuda", "rocm", "tpu"; default: the
     default backend's), for inputs that backend serves; inputs it does not serve fall back to "xla".
 
-    On the CPU the native kernel where the op has one and the library is loaded; on cuda/rocm the Pallas
-    kernel where the op has one; everywhere else the XLA path.
+    On the CPU the native kernel where the op has one, the library is loaded and its instruction-set path
+    is faster than the XLA path (`kernels.cpu.fast_enough`: not the scalar fallback); on cuda/rocm the
+    Pallas kernel where the op has one; everywhere else the XLA path.
     """
     spec = op_impls(op)
     if platform is None:
         platform = jax.devices()[0].platform
-    if platform == "cpu" and spec.native and cpu.available():
+    if platform == "cpu" and spec.native and cpu.available() and cpu.fast_enough(op):
         return "cpu_native"
     if platform in ("cuda", "rocm", "gpu") and spec.pallas:
         return "pallas"

@@ -85,7 +85,13 @@ def _native_mode(impl: str, w: Int4Weight) -> str:
         if why is not None:
             raise RuntimeError(f"impl='cpu_native' needs the native CPU library: {why}")
         return "force"
-    if impl == "auto" and native_unsupported(w) is None and cpu.available():
+    # auto never picks a native path slower than the XLA path on this CPU (the scalar fallback).
+    if (
+        impl == "auto"
+        and native_unsupported(w) is None
+        and cpu.available()
+        and cpu.fast_enough("int4_matmul")
+    ):
         return "auto"
     return "off"
 

@@ -199,7 +199,10 @@ def paged_attention(
         why = cpu.load()
         if why is not None:
             raise RuntimeError(f"impl='cpu_native' needs the native CPU library: {why}")
-    native = impl == "cpu_native" or (impl == "auto" and reason is None and cpu.available())
+    # auto never picks a native path slower than the XLA path on this CPU (the scalar fallback).
+    native = impl == "cpu_native" or (
+        impl == "auto" and reason is None and cpu.available() and cpu.fast_enough("paged_attention")
+    )
 
     def portable(*arrays):
         return paged_attention_xla(

@@ -17,7 +17,7 @@ from kernels import (
     paged_attention_reference,
 )
 from kernels.cpu import loader
-from kernels.registry import OPS, valid_impls
+from kernels.registry import OPS, auto_impl, valid_impls
 from tests.kernels.int4_matmul.cases import K, make_weight
 from tests.kernels.paged_attention.cases import make_cache
 from tests.tolerances import assert_close, normalized_error
@@ -144,3 +144,19 @@ def test_environment_switch_disables_the_library(monkeypatch):
     finally:
         monkeypatch.undo()
         loader.load.cache_clear()
+
+
+@needs_lib
+def test_auto_never_picks_a_native_path_slower_than_xla(monkeypatch):
+    """The rule of kernels.cpu.fast_enough: on a CPU whose native path is the scalar fallback, impl="auto"
+    lowers the XLA path."""
+    qw = make_weight(0)
+    x = jnp.ones((2, K), jnp.float32)
+    q, kp, vp, lens, bt = make_cache(0, lens=[20, 5, 1])
+    monkeypatch.setattr(cpu, "fast_enough", lambda op: False)
+    assert "@tokenlab_int4_matmul(" not in _lowered_text(lambda x: int4_matmul(x, qw), x)
+    assert "@tokenlab_paged_decode(" not in _lowered_text(lambda *a: paged_attention(*a), q, kp, vp, lens, bt)
+    assert auto_impl("int4_matmul", "cpu") == auto_impl("paged_attention", "cpu") == "xla"
+    monkeypatch.setattr(cpu, "fast_enough", lambda op: True)
+    assert "@tokenlab_int4_matmul(" in _lowered_text(lambda x: int4_matmul(x, qw), x)
+    assert auto_impl("int4_matmul", "cpu") == "cpu_native"
