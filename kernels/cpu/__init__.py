@@ -82,15 +82,15 @@ def fast_enough(op: str) -> bool:
     running CPU. That holds for the vector paths ("avx512", "avx2", "neon") and not for the scalar fallback,
     so this is True exactly when `isa()` names a vector path (False without the library).
 
-    Evidence (2-core AMD EPYC Zen 4 VM shared with other jobs; native time over the XLA path's, both in one
-    round-robin run; README "CPU instruction sets"): INT4 (8192, 28672) group 128 — M=1: avx512 0.08x, avx2
-    0.10x, scalar 0.31x; M=16: avx512 0.31x, avx2 0.37x, scalar 2.0x (and the same pattern at (4096, 14336)).
-    Paged decode B8 H32 K8 D128, float32 pages, contexts 4096 / 16384: avx512 0.53x / 0.55x, avx2 0.55x /
-    0.57x, scalar 4.3x / 5.2x. The scalar INT4 kernel wins at M=1 but loses at M=16, and the scalar decode
-    kernel loses everywhere, so "scalar" is never fast enough. (In one of five decode runs, taken while other
-    jobs cut the streaming bandwidth to 7 GB/s, the vector decode paths were 1.2-1.5x the XLA path's time;
-    the XLA path degrades less under memory contention.) NEON was not timed (no aarch64 machine); it runs
-    the x86 paths' algorithms at a quarter of AVX-512's width.
+    Evidence (2-core AMD EPYC Zen 4 VM shared with other jobs; native time over the XLA path's, every case of
+    a shape timed round-robin in one run; README "CPU instruction sets"): INT4 (8192, 28672) group 128 —
+    M=1: avx512 0.05x, avx2 0.09x, scalar 0.23x; M=16: avx512 0.26x, avx2 0.29x, scalar 1.65x (the same
+    pattern at (4096, 14336)). Paged decode B8 H32 K8 D128, float32 pages, contexts 4096 / 16384: avx512
+    0.51x / 0.45x, avx2 0.57x / 0.49x, scalar 3.5x / 3.9x. The scalar INT4 kernel wins at M=1 but loses at
+    M=16, and the scalar decode kernel loses everywhere, so "scalar" is never fast enough. (In one of six
+    decode runs, taken while other jobs held the streaming read near 7 GB/s, the vector decode paths took
+    1.2-1.5x the XLA path's time: the XLA path degrades less under memory contention.) NEON was not timed
+    (no aarch64 machine); it runs the x86 paths' algorithms at a quarter of AVX-512's width.
     """
     if op not in NATIVE_OPS:
         raise ValueError(f"op={op!r} must be one of {', '.join(NATIVE_OPS)}")
