@@ -2,7 +2,8 @@
 
     int4_matmul.cc       INT4 dequant-matmul on the packed Int4Weight layout (matrix-vector and tiled paths)
     paged_attention.cc   paged decode attention (q_lens=None) over NHD pages, online softmax, GQA
-    *_{avx512,avx2,neon}.cc   each kernel's vector path for one instruction set
+    moe_ffn.cc           the MoE grouped SwiGLU expert FFN over rows sorted by expert, weights read in place
+    *_{avx512,avx2,neon}.cc   each kernel's vector path for one instruction set (moe_ffn: no NEON path yet)
     isa.h, isa.cc        run-time choice of the instruction set, and its C interface
     loader.py            finds the built library, registers the handlers, applies TOKENLAB_CPU_ISA
 
@@ -16,9 +17,10 @@ vendored dependency that pip alone cannot provide. TOKENLAB_CPU_ISA=<name> picks
 the raw calls below take `isa=` to run one path for one call (tests run every path the CPU has this way).
 
 The functions here are the raw calls (float32 in and out, already-prepared operands); the public kernels
-(`kernels.int4_matmul`, `kernels.paged_attention`) choose them with `impl="auto"` on the CPU when the
-library is built, or with `impl="cpu_native"`. They run inside jitted programs; under `jax.vmap` they loop
-over the batch (one native call per element). They exist only on the CPU: other platforms never lower them.
+(`kernels.int4_matmul`, `kernels.paged_attention`, and `kernels.moe_ffn`'s grouped strategy) choose them
+with `impl="auto"` on the CPU when the library is built, or with `impl="cpu_native"`. They run inside jitted
+programs; under `jax.vmap` they loop over the batch (one native call per element). They exist only on the
+CPU: other platforms never lower them.
 """
 
 from __future__ import annotations
@@ -40,12 +42,13 @@ __all__ = [
     "isa",
     "library_path",
     "load",
+    "moe_ffn_native",
     "paged_decode_native",
     "supported_isas",
 ]
 
 # Ops whose native kernel `fast_enough` rules on.
-NATIVE_OPS = ("int4_matmul", "paged_attention")
+NATIVE_OPS = ("int4_matmul", "paged_attention", "moe_ffn")
 
 
 def _require() -> None:
@@ -188,5 +191,40 @@ def paged_decode_native(
         soft_cap=np.float32(0.0 if soft_cap is None else soft_cap),
         sliding_window=np.int64(0 if sliding_window is None else sliding_window),
         has_alibi=np.int64(alibi_slopes is not None),
+        isa=isa_attr,
+    )
+
+
+def moe_ffn_native(
+    xs: jax.Array,
+    group_sizes: jax.Array,
+    group_offsets: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    simd: bool = True,
+    isa: str | None = None,
+) -> jax.Array:
+    """The grouped SwiGLU expert FFN: xs [R, d] float32, rows sorted by expert -> ys [R, d] float32.
+
+    Expert e owns rows [group_offsets[e], group_offsets[e] + group_sizes[e]) (int32 [E]) and maps them to
+    (silu(v @ w_gate[e]) * (v @ w_up[e])) @ w_down[e]; w_gate, w_up [E, d, f] and w_down [E, f, d] float32
+    are read in place, only for experts with rows. Rows outside every group (padding) are zeros. The handler
+    returns an error (raised as an exception) for a group outside [0, R) or two overlapping groups, and for
+    mismatched shapes. `isa` and `simd` as for `int4_matmul_native`.
+    """
+    _require()
+    isa_attr = _isa_attr(simd, isa)
+    call = jax.ffi.ffi_call(
+        "tokenlab_moe_ffn", jax.ShapeDtypeStruct(xs.shape, jnp.float32), vmap_method="sequential"
+    )
+    return call(
+        xs.astype(jnp.float32),
+        group_sizes.astype(jnp.int32),
+        group_offsets.astype(jnp.int32),
+        w_gate.astype(jnp.float32),
+        w_up.astype(jnp.float32),
+        w_down.astype(jnp.float32),
         isa=isa_attr,
     )

@@ -26,6 +26,7 @@ import jax
 TARGETS = {
     "tokenlab_int4_matmul": "TokenlabInt4Matmul",
     "tokenlab_paged_decode": "TokenlabPagedDecode",
+    "tokenlab_moe_ffn": "TokenlabMoeFfn",
 }
 # Instruction-set paths by the library's numbering (isa.h), lowest first within an architecture.
 ISAS = ("scalar", "neon", "avx2", "avx512")

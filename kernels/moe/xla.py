@@ -1,5 +1,11 @@
 """The MoE expert FFN, the portable XLA strategies: grouped, bucketed, ragged, batched, dense (see the
-`kernels.moe` docstring for when each wins)."""
+`kernels.moe` docstring for when each wins).
+
+On the CPU, with float32 experts and the native library built, the grouped strategy's forward runs the native
+grouped SwiGLU FFN (kernels/cpu/moe_ffn.cc: each touched expert's weights read in place, no per-expert weight
+copy), chosen per platform at lowering so one jitted function still exports for cuda, rocm and tpu; its
+backward stays the XLA grouped loop. Only `impl="auto"` takes it (dropless; for every E, see
+`_native_grouped`); "xla" and the named strategies stay portable XLA."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kernels import cpu
 from kernels.int4_matmul import int4_matmul, zero_cotangent
 from kernels.moe.dispatch import combine_rows, gather_rows, plan_rows
 from kernels.moe.reference import expert_weights, num_experts_of
@@ -89,19 +96,30 @@ def _grouped_fwd_impl(xs, sizes, offsets, wg, wu, wd, row_align, block_rows):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _grouped_ffn(xs, sizes, offsets, wg, wu, wd, row_align, block_rows):
-    return _grouped_fwd_impl(xs, sizes, offsets, wg, wu, wd, row_align, block_rows)
+def _grouped_fwd_any(xs, sizes, offsets, wg, wu, wd, row_align, block_rows, native):
+    """The grouped forward: with `native`, the C++ kernel on the CPU and the XLA loop on other platforms."""
+
+    def xla(xs, sizes, offsets, wg, wu, wd):
+        return _grouped_fwd_impl(xs, sizes, offsets, wg, wu, wd, row_align, block_rows)
+
+    if not native:
+        return xla(xs, sizes, offsets, wg, wu, wd)
+    return lax.platform_dependent(xs, sizes, offsets, wg, wu, wd, cpu=cpu.moe_ffn_native, default=xla)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _grouped_ffn(xs, sizes, offsets, wg, wu, wd, row_align, block_rows, native):
+    return _grouped_fwd_any(xs, sizes, offsets, wg, wu, wd, row_align, block_rows, native)
 
 
 @highest_precision
-def _grouped_ffn_fwd(xs, sizes, offsets, wg, wu, wd, row_align, block_rows):
-    out = _grouped_fwd_impl(xs, sizes, offsets, wg, wu, wd, row_align, block_rows)
+def _grouped_ffn_fwd(xs, sizes, offsets, wg, wu, wd, row_align, block_rows, native):
+    out = _grouped_fwd_any(xs, sizes, offsets, wg, wu, wd, row_align, block_rows, native)
     return out, (xs, sizes, offsets, wg, wu, wd)
 
 
 @highest_precision
-def _grouped_ffn_bwd(row_align, block_rows, res, d_out):
+def _grouped_ffn_bwd(row_align, block_rows, native, res, d_out):
     xs, sizes, offsets, wg, wu, wd = res
     f32 = jnp.float32
     init = (
@@ -186,7 +204,20 @@ def _grouped_ffn_quantized_bwd(row_align, block_rows, res, d_out):
 _grouped_ffn_quantized.defvjp(_grouped_ffn_quantized_fwd, _grouped_ffn_quantized_bwd)
 
 
-def _ffn_grouped(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority, row_align, block_rows):
+def _native_grouped(x, wg, wu, wd) -> bool:
+    """Whether the grouped strategy's forward runs the native kernel on the CPU (decided at trace time).
+
+    The rule: float32 x and float32 experts (INT4 experts go through the native INT4 kernel already), the
+    library built, and `kernels.cpu.fast_enough("moe_ffn")` (a vector path: the scalar fallback is slower
+    than XLA's loop)."""
+    if isinstance(wg, Int4Weight) or any(a.dtype != jnp.float32 for a in (x, wg, wu, wd)):
+        return False
+    return cpu.available() and cpu.fast_enough("moe_ffn")
+
+
+def _ffn_grouped(
+    x, weights, expert_ids, wg, wu, wd, capacity, drop_priority, row_align, block_rows, native=False
+):
     plan = plan_rows(
         expert_ids,
         weights,
@@ -198,8 +229,11 @@ def _ffn_grouped(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority, ro
         min_rows=block_rows,  # every block, a static size, must fit in the buffer
     )
     xs = gather_rows(x, plan.row_token)
-    ffn = _grouped_ffn_quantized if isinstance(wg, Int4Weight) else _grouped_ffn
-    ys = ffn(xs, plan.group_sizes, plan.group_offsets, wg, wu, wd, row_align, block_rows)
+    sizes, offsets = plan.group_sizes, plan.group_offsets
+    if isinstance(wg, Int4Weight):
+        ys = _grouped_ffn_quantized(xs, sizes, offsets, wg, wu, wd, row_align, block_rows)
+    else:
+        ys = _grouped_ffn(xs, sizes, offsets, wg, wu, wd, row_align, block_rows, native)
     return combine_rows(ys, weights, plan.position).astype(x.dtype)
 
 
@@ -325,8 +359,11 @@ def moe_ffn_xla(x, weights, expert_ids, wg, wu, wd, *, capacity, drop_priority, 
     if impl in ("auto", "xla"):
         if capacity is not None:
             return _ffn_batched(*args, **common)
-        cpu = bucketed if wg.shape[0] <= BUCKETED_MAX_EXPERTS else grouped
-        return lax.platform_dependent(*args, cpu=cpu, default=ragged)
+        if impl == "auto" and _native_grouped(x, wg, wu, wd):
+            on_cpu = functools.partial(grouped, native=True)
+        else:
+            on_cpu = bucketed if wg.shape[0] <= BUCKETED_MAX_EXPERTS else grouped
+        return lax.platform_dependent(*args, cpu=on_cpu, default=ragged)
     if impl == "grouped":
         return grouped(*args)
     if impl == "bucketed":
