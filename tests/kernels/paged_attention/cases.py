@@ -1,6 +1,8 @@
 """Cases for the paged attention suites: caches on shuffled pages, ragged and mixed batches, and the check
 of one implementation against the reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -86,9 +88,15 @@ def run(impl, q, kp, vp, lens, bt, *, jit=False, **kw):
     arrays = [jnp.asarray(a) for a in (q, kp, vp, lens, bt)]
     if jit and impl != "reference":
         arrays_kw = {k: v for k, v in args.items() if isinstance(v, jax.Array)}
-        static = {k: v for k, v in args.items() if not isinstance(v, jax.Array)}
-        return jax.jit(lambda *a, **d: paged_attention(*a, impl=impl, **static, **d))(*arrays, **arrays_kw)
+        static = tuple(sorted((k, v) for k, v in args.items() if not isinstance(v, jax.Array)))
+        return _jitted(impl, static)(*arrays, **arrays_kw)
     return paged_attention(*arrays, impl=impl, **args)
+
+
+@functools.cache
+def _jitted(impl, static):
+    """One jitted function per (impl, static arguments), so hypothesis examples of one shape compile once."""
+    return jax.jit(functools.partial(paged_attention, impl=impl, **dict(static)))
 
 
 def check(impl, q, kp, vp, lens, bt, **kw):
