@@ -79,7 +79,7 @@ def supported_isas() -> tuple[str, ...]:
 
 
 def fast_enough(op: str) -> bool:
-    """Whether `impl="auto"` may pick the native kernel of `op` ("int4_matmul" or "paged_attention").
+    """Whether `impl="auto"` may pick the native kernel of `op` (one of NATIVE_OPS).
 
     The rule: `impl="auto"` picks a native kernel only where it is faster than the portable XLA path on the
     running CPU. That holds for the vector paths ("avx512", "avx2", "neon") and not for the scalar fallback,
@@ -94,6 +94,12 @@ def fast_enough(op: str) -> bool:
     decode runs, taken while other jobs held the streaming read near 7 GB/s, the vector decode paths took
     1.2-1.5x the XLA path's time: the XLA path degrades less under memory contention.) NEON was not timed
     (no aarch64 machine); it runs the x86 paths' algorithms at a quarter of AVX-512's width.
+
+    MoE grouped FFN ("moe_ffn", 2-core AVX-512 VM, native over XLA's grouped loop; benchmarks.moe shapes):
+    Mixtral-like T=8 / 256: avx512 0.28x / 0.59x, avx2 0.29x / 1.18x, scalar 0.42x / 2.6x; DeepSeek-like:
+    avx512 0.68x / 1.03x, avx2 0.69x / 1.98x, scalar 0.54x / 3.1x. Prefill loses on the AVX2 and scalar
+    paths, so `kernels.moe` adds a token bound for the paths other than AVX-512 (NATIVE_MAX_TOKENS in
+    kernels/moe/xla.py); it has no NEON path (its NEON build runs the scalar code, not timed).
     """
     if op not in NATIVE_OPS:
         raise ValueError(f"op={op!r} must be one of {', '.join(NATIVE_OPS)}")

@@ -4,8 +4,8 @@
 On the CPU, with float32 experts and the native library built, the grouped strategy's forward runs the native
 grouped SwiGLU FFN (kernels/cpu/moe_ffn.cc: each touched expert's weights read in place, no per-expert weight
 copy), chosen per platform at lowering so one jitted function still exports for cuda, rocm and tpu; its
-backward stays the XLA grouped loop. Only `impl="auto"` takes it (dropless; for every E, see
-`_native_grouped`); "xla" and the named strategies stay portable XLA."""
+backward stays the XLA grouped loop. Only `impl="auto"` takes it (dropless, for every E, where
+`_native_grouped` says it wins); "xla" and the named strategies stay portable XLA."""
 
 from __future__ import annotations
 
@@ -204,15 +204,34 @@ def _grouped_ffn_quantized_bwd(row_align, block_rows, res, d_out):
 _grouped_ffn_quantized.defvjp(_grouped_ffn_quantized_fwd, _grouped_ffn_quantized_bwd)
 
 
+# The native grouped FFN's prefill (its register-blocked algorithm) beats XLA only on the AVX-512 path; the
+# other vector paths take it up to this many tokens (evidence in `_native_grouped`).
+NATIVE_MAX_TOKENS = 128
+NATIVE_PREFILL_ISAS = ("avx512",)
+# The paths with vector code in the native grouped FFN (its aarch64 build runs the scalar code: not taken).
+NATIVE_ISAS = ("avx512", "avx2")
+
+
 def _native_grouped(x, wg, wu, wd) -> bool:
-    """Whether the grouped strategy's forward runs the native kernel on the CPU (decided at trace time).
+    """Whether `impl="auto"` runs the native grouped FFN on the CPU (decided at trace time).
 
     The rule: float32 x and float32 experts (INT4 experts go through the native INT4 kernel already), the
-    library built, and `kernels.cpu.fast_enough("moe_ffn")` (a vector path: the scalar fallback is slower
-    than XLA's loop)."""
+    library built, `kernels.cpu.fast_enough("moe_ffn")` (a vector path: the scalar fallback loses to XLA's
+    loop at prefill) and the path in NATIVE_ISAS, and T <= NATIVE_MAX_TOKENS unless the path is in
+    NATIVE_PREFILL_ISAS.
+
+    Evidence (2-core AVX-512 VM shared with other jobs; native forward over the XLA grouped loop, both as
+    `moe_ffn`, interleaved in one process; benchmarks.moe shapes and routing): AVX-512 path — Mixtral-like
+    T=8 / 256: 0.28x / 0.59-0.68x; DeepSeek-like T=8 / 256: 0.68x / 0.96-1.08x (a tie). AVX2 path (on the same
+    AVX-512 CPU, so against XLA's AVX-512 code) — Mixtral-like T=8, 16, 32, 64, 128, 256: 0.29, 0.32, 0.59,
+    0.87, 0.88, 1.13-1.34x; DeepSeek-like: 0.69, 0.64, 0.84, 0.74, 0.90, 1.98-2.18x. Scalar path: T=8
+    0.42x / 0.54x, T=256 2.6x / 3.1x. (On an AVX2-only CPU XLA's own code is AVX2 too; not measured there.)
+    """
     if isinstance(wg, Int4Weight) or any(a.dtype != jnp.float32 for a in (x, wg, wu, wd)):
         return False
-    return cpu.available() and cpu.fast_enough("moe_ffn")
+    if not (cpu.available() and cpu.fast_enough("moe_ffn") and cpu.isa() in NATIVE_ISAS):
+        return False
+    return x.shape[0] <= NATIVE_MAX_TOKENS or cpu.isa() in NATIVE_PREFILL_ISAS
 
 
 def _ffn_grouped(

@@ -176,3 +176,16 @@ def test_handler_rejects_bad_shapes_and_isa():
         _raw(xs, [1, 1, 1], [0, 1], (wg, wu, wd))
     with pytest.raises(ValueError, match=r"isa='bogus' must be a path this CPU runs"):
         _raw(xs, [1, 1], [0, 1], (wg, wu, wd), isa="bogus")
+
+
+@pytest.mark.parametrize("path", ["avx2", "avx512"])
+def test_auto_prefill_rule(monkeypatch, path):
+    """Above NATIVE_MAX_TOKENS tokens only the NATIVE_PREFILL_ISAS paths take the native kernel."""
+    from kernels.moe.xla import NATIVE_MAX_TOKENS, NATIVE_PREFILL_ISAS
+
+    monkeypatch.setattr(cpu, "isa", lambda: path)
+    d = {"avx2": 12, "avx512": 14}[path]  # shapes not traced elsewhere, so nothing is cached
+    for t, want in ((NATIVE_MAX_TOKENS, True), (NATIVE_MAX_TOKENS + 1, path in NATIVE_PREFILL_ISAS)):
+        w, ids = make_routing(10, 2, t=t)
+        text = jax.jit(_auto).lower(make_x(10, t=t, d=d), w, ids, *make_weights(10, d=d, f=16)).as_text()
+        assert (NATIVE_CALL in text) == want, (t, path)
