@@ -24,14 +24,16 @@ Strategies (all portable XLA; `impl="auto"`/`"xla"` picks by M, the number of ro
 Every strategy accumulates in float32 and returns x's dtype.
 
 Implementations (`impl=`; `kernels.available_impls("int4_matmul")` lists those that run here): the
-reference (reference.py, NumPy in float64), the XLA strategies (xla.py) and the native kernel
-(cpu_native.py).
+reference (reference.py, NumPy in float64), the XLA strategies (xla.py), the native kernel (cpu_native.py)
+and the W4A16 Pallas kernel for GPUs (pallas_gpu.py, interpreted on the CPU).
 
-Dispatch: `impl="auto"` uses the native kernel when the CPU library is built (`kernels.cpu.available()`) and
-the weight is supported, chosen per platform at lowering (`jax.lax.platform_dependent`): the CPU runs the
-native kernel, every other backend the XLA strategy for M, so the same jitted function still exports for
-cuda, rocm and tpu. `impl="xla"` (or a named strategy) forces the portable path; `impl="cpu_native"` forces
-the native kernel (CPU only; an error when the library is absent or the weight unsupported).
+Dispatch: `impl="auto"` is chosen per platform at lowering (`jax.lax.platform_dependent`, so the same jitted
+function exports for every platform): the CPU runs the native kernel when the library is built, the weight
+is supported and the instruction-set path beats the XLA path (`kernels.cpu.fast_enough`); cuda/rocm run the
+Pallas kernel for the weights it takes; everything else the XLA strategy for M. `impl="xla"` (or a named
+strategy) forces the portable path; `impl="cpu_native"` forces the native kernel (CPU only; an error when
+the library is absent or the weight unsupported); `impl="pallas"` forces the Pallas kernel (interpreted on
+the CPU; an error for a weight it does not take).
 
 Why blocks: converting a whole 16M-element uint8 matrix to float32 on this CPU costs more than the float32
 matmul itself; a block of a few hundred rows is converted in cache and consumed at once. Bits 4 and 3

@@ -43,10 +43,12 @@ Implementations (`impl=`; `kernels.available_impls("paged_attention")` lists tho
     reference.py   validation, layout bridges (`gather_kv`, `dequantize_pages`) and the NumPy reference
     xla.py         the portable path: page blocks with an online softmax and a log-sum-exp split merge
     cpu_native.py  the C++ decode kernel through XLA's FFI (decode, float32 q and pages)
+    pallas_gpu.py  the Pallas (Triton) kernel for GPUs, interpreted on the CPU
     kv_cache.py    the paged cache itself: PageAllocator, write_kv, copy_pages
-`impl="auto"` picks the native kernel for the cases it serves when the library is built
-(`kernels.cpu.available()`), chosen per platform at lowering (`jax.lax.platform_dependent`), so the same
-jitted function still exports for cuda, rocm and tpu; otherwise the XLA path.
+`impl="auto"` picks, per platform at lowering (`jax.lax.platform_dependent`, so the same jitted function
+exports for every platform): on the CPU the native kernel for the cases it serves when the library is built
+and its instruction-set path beats the XLA path (`kernels.cpu.fast_enough`); on cuda/rocm the Pallas kernel
+for the inputs it takes; otherwise the XLA path.
 """
 
 from __future__ import annotations
