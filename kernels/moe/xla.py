@@ -97,13 +97,16 @@ def _grouped_fwd_impl(xs, sizes, offsets, wg, wu, wd, row_align, block_rows):
 
 
 def _grouped_fwd_any(xs, sizes, offsets, wg, wu, wd, row_align, block_rows, native):
-    """The grouped forward: with `native`, the C++ kernel on the CPU and the XLA loop on other platforms."""
+    """The grouped forward. native False: the XLA loop; "auto": the C++ kernel on the CPU and the XLA loop on
+    other platforms (chosen at lowering); "force": the C++ kernel only (impl="cpu_native")."""
 
     def xla(xs, sizes, offsets, wg, wu, wd):
         return _grouped_fwd_impl(xs, sizes, offsets, wg, wu, wd, row_align, block_rows)
 
     if not native:
         return xla(xs, sizes, offsets, wg, wu, wd)
+    if native == "force":
+        return cpu.moe_ffn_native(xs, sizes, offsets, wg, wu, wd)
     return lax.platform_dependent(xs, sizes, offsets, wg, wu, wd, cpu=cpu.moe_ffn_native, default=xla)
 
 
@@ -370,6 +373,17 @@ def moe_ffn_xla(x, weights, expert_ids, wg, wu, wd, *, capacity, drop_priority, 
     bucketed = functools.partial(
         _ffn_bucketed, drop_priority=drop_priority, row_align=row_align, block_rows=block_rows
     )
+    if impl == "cpu_native":
+        # The native grouped FFN wherever it runs (float32 experts; with a capacity too); CPU only.
+        if isinstance(wg, Int4Weight) or any(a.dtype != jnp.float32 for a in (x, wg, wu, wd)):
+            raise ValueError(
+                "impl='cpu_native' needs float32 x and float32 experts (quantized experts run the native "
+                "INT4 kernel under impl='auto'); use impl='auto' or 'xla'"
+            )
+        why = cpu.load()
+        if why is not None:
+            raise RuntimeError(f"impl='cpu_native' needs the native CPU library: {why}")
+        return grouped(*args, native="force")
     if impl == "bucketed" and capacity is not None:
         impl = "batched"
     if isinstance(wg, Int4Weight) and impl in ("auto", "xla"):
@@ -379,7 +393,7 @@ def moe_ffn_xla(x, weights, expert_ids, wg, wu, wd, *, capacity, drop_priority, 
         if capacity is not None:
             return _ffn_batched(*args, **common)
         if impl == "auto" and _native_grouped(x, wg, wu, wd):
-            on_cpu = functools.partial(grouped, native=True)
+            on_cpu = functools.partial(grouped, native="auto")
         else:
             on_cpu = bucketed if wg.shape[0] <= BUCKETED_MAX_EXPERTS else grouped
         return lax.platform_dependent(*args, cpu=on_cpu, default=ragged)
