@@ -42,7 +42,7 @@ _OPS = {
     "paged_attention": OpImpls(native=True, pallas=True),
     "int4_matmul": OpImpls(native=True, pallas=True, strategies=("codes", "dequant", "dense")),
     "moe_ffn": OpImpls(
-        native=False, pallas=True, strategies=("grouped", "bucketed", "ragged", "batched", "dense")
+        native=True, pallas=True, strategies=("grouped", "bucketed", "ragged", "batched", "dense")
     ),
 }
 OPS = tuple(_OPS)

@@ -72,11 +72,17 @@ FFN strategies (`impl`):
 - "batched": padded layout, one batched einsum over [E, C, d]; the capacity-mode strategy everywhere
   (dropless it needs C = A, E times the work: a test oracle).
 - "dense": every expert on every token, masked: the simplest formulation, a test oracle.
-- "xla" / "auto": with a capacity, "batched"; dropless, "ragged" on GPU/TPU and on the CPU "bucketed"
-  for E <= BUCKETED_MAX_EXPERTS (few large experts: XLA on the CPU copies a dynamically indexed
-  expert's weights before its GEMM, which costs more than padding rows) and "grouped" for more (many
-  small experts), chosen at lowering by `jax.lax.platform_dependent` so one jitted function exports
-  for cpu, cuda, rocm and tpu.
+- "xla": with a capacity, "batched"; dropless, "ragged" off the CPU and on the CPU "bucketed" for
+  E <= BUCKETED_MAX_EXPERTS (few large experts: XLA on the CPU copies a dynamically indexed expert's
+  weights before its GEMM, which costs more than padding rows) and "grouped" for more (many small
+  experts).
+- "auto": on cuda/rocm the Pallas grouped GEMM (pallas_gpu.py) for the experts it takes; on the CPU, for
+  float32 dropless calls where `kernels.cpu.fast_enough("moe_ffn")`, the "grouped" loop with its forward
+  in the native C++ kernel (kernels/cpu/moe_ffn*.cc: each touched expert's weights read in place; on AVX2
+  up to NATIVE_MAX_TOKENS tokens, where it was measured to win); otherwise as "xla". Chosen at lowering by
+  `jax.lax.platform_dependent`, so one jitted function exports for cpu, cuda, rocm and tpu.
+- "cpu_native": that native forward always (float32 x and experts; CPU only); "pallas": the Pallas kernel
+  (interpreted on the CPU).
 Quantized experts: w_gate, w_up and w_down may each be a stack of `quant.Int4Weight` (leaves with a
 leading expert axis, e.g. `jax.tree.map(jnp.stack, *experts)`); every expert matmul then runs through
 `kernels.int4_matmul`. "auto"/"xla" use "grouped" on every backend (only the experts that have rows are
@@ -85,8 +91,9 @@ oracle). "bucketed" and "ragged" need float weights and refuse. The experts are 
 x and the routing weights. `moe_ffn_reference` compares against the dequantized experts.
 
 Modules: routing.py (routers, losses, their references), dispatch.py (plan, dispatch, combine, capacity),
-reference.py (validation and the NumPy FFN reference), xla.py (the strategies above); `impl="reference"`
-runs the NumPy reference through `moe_ffn` (eagerly).
+reference.py (validation and the NumPy FFN reference), xla.py (the strategies above and the native
+forward's wiring), pallas_gpu.py (the GPU kernels); `impl="reference"` runs the NumPy reference through
+`moe_ffn` (eagerly).
 
 Sources: HF transformers MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, DeepseekV3TopkRouter;
 DeepSeek-V3 technical report (arXiv 2412.19437) §2.1.2; Switch Transformers (arXiv 2101.03961);
