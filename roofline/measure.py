@@ -139,22 +139,44 @@ def auto_impl_name(op: str) -> str:
         return "auto"
 
 
-def component_impls(model: ModelShape, weights: str, native_bf16: bool) -> dict[str, str]:
-    """Per component, the kernel it runs and its implementation, e.g. "int4_matmul[xla]"."""
+def component_impls(
+    model: ModelShape, weights: str, native_bf16: bool, *, kv: str = "bf16", batch: int = 1
+) -> dict[str, str]:
+    """Per component, the kernel it runs and its implementation, e.g. "int4_matmul[xla]".
+
+    `impl="auto"` names the backend it prefers on this device; where that backend does not take this
+    component's inputs (the native CPU decode kernel reads float32 pages only; the native MoE forward takes
+    float32 experts, and on AVX2 at most NATIVE_MAX_TOKENS tokens), the call runs the XLA path.
+    """
     bf16_dot = "dot[xla, bf16]" if native_bf16 else "dot[xla, bf16 in float32 blocks]"
     dense = {"int4": f"int4_matmul[{auto_impl_name('int4_matmul')}]", "bf16": bf16_dot}.get(
         weights, "dot[xla, fp32]"
     )
+
+    def served(op: str, native_ok: bool) -> str:
+        name = auto_impl_name(op)
+        return "xla" if name == "cpu_native" and not native_ok else name
+
+    attention = served("paged_attention", kv == "fp32" and not native_bf16)
+    moe_native = weights != "int4" and not native_bf16 and _native_moe_takes(batch)
     return {
         "qkv_proj": dense,
-        "attention": f"paged_attention[{auto_impl_name('paged_attention')}]",
+        "attention": f"paged_attention[{attention}]",
         "o_proj": dense,
         "mlp": dense,
         "moe_router": f"{bf16_dot} + route[xla]",
-        "moe_experts": f"moe_ffn[{auto_impl_name('moe_ffn')}]"
+        "moe_experts": f"moe_ffn[{served('moe_ffn', moe_native)}]"
         + (f" + int4_matmul[{auto_impl_name('int4_matmul')}]" if weights == "int4" else ""),
         "lm_head": bf16_dot,
     }
+
+
+def _native_moe_takes(tokens: int) -> bool:
+    """Whether the native MoE forward's token rule admits this many tokens on this CPU's ISA path."""
+    from kernels import cpu
+    from kernels.moe.xla import NATIVE_MAX_TOKENS, NATIVE_PREFILL_ISAS
+
+    return tokens <= NATIVE_MAX_TOKENS or cpu.isa() in NATIVE_PREFILL_ISAS
 
 
 def _nbytes(tree: Any) -> int:
@@ -393,7 +415,7 @@ def measure_step(
         notes.append("MLA attention measured as one kv head of kv_lora_rank + rope dims, values included")
     if model.is_moe and weights == "bf16" and not native_bf16:
         notes.append("MoE experts measured with float32 weights (2x the bytes of bf16)")
-    impls = component_impls(model, weights, native_bf16)
+    impls = component_impls(model, weights, native_bf16, kv=kv, batch=batch)
     return Measurement(
         estimate=est,
         measured_s=measured,

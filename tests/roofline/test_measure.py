@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from roofline import estimate
+from roofline import MODELS, estimate
 from roofline.__main__ import main
 from roofline.hardware import Chip
 from roofline.measure import measure_step
@@ -179,3 +179,16 @@ def test_measure_cli_reports_the_datasheet_fraction_of_a_recognized_chip(capsys,
     text = capsys.readouterr().out
     assert "of h200" in text and "implementation" in text and "int4_matmul[" in text
     assert CHIPS["h200"].bandwidth > CHIP.bandwidth
+
+
+def test_component_impls_name_what_runs_for_these_inputs():
+    """The native CPU decode kernel reads float32 pages only: with bf16 pages the label says xla."""
+    from kernels.registry import auto_impl
+    from roofline.measure import component_impls
+
+    model = MODELS["llama-3-8b"]
+    preferred = auto_impl("paged_attention")
+    fp32 = component_impls(model, "int4", False, kv="fp32")["attention"]
+    bf16 = component_impls(model, "int4", False, kv="bf16")["attention"]
+    assert fp32 == f"paged_attention[{preferred}]"
+    assert bf16 == "paged_attention[xla]" if preferred == "cpu_native" else f"paged_attention[{preferred}]"
