@@ -1,5 +1,5 @@
-"""The package list: every Python package of the lab ships (pyproject's find rule), and the runtime dependency on
-JAX is a range that admits the user's own JAX while constraints.txt pins what CI tests."""
+"""The package list: every Python package of the lab ships (pyproject's find rule), and the runtime dependency
+on JAX is a range that admits the user's own JAX while constraints.txt pins what CI tests."""
 
 import pathlib
 import tomllib
