@@ -26,8 +26,6 @@ import jax
 
 from kernels import cpu
 
-BACKENDS = ("reference", "xla", "cpu_native", "pallas")
-
 
 @dataclasses.dataclass(frozen=True)
 class OpImpls:
