@@ -4,8 +4,8 @@
 implementation, e.g. `test_x[pallas-...]`). `@property_for_each_impl(op, n, **strategies)` does the same for a
 hypothesis property drawing `n` examples per implementation, fewer for the slow ones (the NumPy reference,
 Pallas in interpret mode on the CPU); `--full` with the `thorough` profile raises every count.
-An implementation that does not serve a case says why (`skip_unsupported`), and the test is skipped with that
-reason.
+An implementation that does not serve a case says why (each op's `cases.unsupported`), and the test is skipped
+with that reason.
 """
 
 from __future__ import annotations
@@ -55,8 +55,3 @@ def property_for_each_impl(op: str, n: int, **strategies):
         return for_each_impl(op)(test)
 
     return deco
-
-
-def skip_unsupported(reason: str | None) -> None:
-    if reason is not None:
-        pytest.skip(reason)

@@ -21,6 +21,7 @@ from tests.kernels.int4_matmul.cases import (
     skip_unsupported,
 )
 from tests.kernels.suite import for_each_impl, property_for_each_impl
+from tests.tolerances import normalized_error
 
 OP = "int4_matmul"
 SEED = st.integers(0, 2**31)
@@ -64,8 +65,6 @@ def test_leading_axes_and_jit(impl):
 
 
 def normalized_error_ok(out, expected, impl):
-    from tests.tolerances import normalized_error
-
     return normalized_error(out, np.asarray(expected, np.float64)) <= nerr_bound(impl, np.float32)
 
 
