@@ -145,10 +145,10 @@ def int4_matmul(
     Jittable, vmappable over a leading axis of stacked weights, differentiable with respect to x.
     """
     registry.check_impl("int4_matmul", impl)
-    validate_int4_matmul_inputs(x, w)
-    if impl == "reference":
+    if impl == "reference":  # the reference validates its inputs itself
         registry.require_concrete("int4_matmul", x, w)
         return jnp.asarray(int4_matmul_reference(np.asarray(x), w))
+    validate_int4_matmul_inputs(x, w)
     tiles = dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
     pallas_reason = pallas_unsupported(x, w)
     if impl == "pallas":

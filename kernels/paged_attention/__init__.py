@@ -126,6 +126,21 @@ def paged_attention(
     context splits merged by log-sum-exp (default: enough to give 16 tile × kv-head units of work).
     """
     registry.check_impl("paged_attention", impl)
+    if impl == "reference":  # the reference validates its inputs itself
+        arrays = (q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale, v_scale)
+        registry.require_concrete("paged_attention", *arrays)
+        host = [None if a is None else np.asarray(a) for a in arrays]
+        out = paged_attention_reference(
+            *host[:5],
+            q_lens=host[5],
+            scale=scale,
+            soft_cap=soft_cap,
+            sliding_window=sliding_window,
+            alibi_slopes=host[6],
+            k_scale=host[7],
+            v_scale=host[8],
+        )
+        return jnp.asarray(out)
     validate_paged_attention_inputs(
         q,
         k_pages,
@@ -140,47 +155,44 @@ def paged_attention(
         k_scale=k_scale,
         v_scale=v_scale,
     )
-    if impl == "reference":
-        arrays = (q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale, v_scale)
-        registry.require_concrete("paged_attention", *arrays)
-        out = paged_attention_reference(
-            *(np.asarray(a) for a in arrays[:5]),
-            q_lens=None if q_lens is None else np.asarray(q_lens),
-            scale=scale,
-            soft_cap=soft_cap,
-            sliding_window=sliding_window,
-            alibi_slopes=None if alibi_slopes is None else np.asarray(alibi_slopes),
-            k_scale=None if k_scale is None else np.asarray(k_scale),
-            v_scale=None if v_scale is None else np.asarray(v_scale),
-        )
-        return jnp.asarray(out)
+    for name, v in (("q_tile", q_tile), ("block_pages", block_pages), ("num_splits", num_splits)):
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name}={v!r} must be an integer >= 1")
     t_total, _, d = q.shape
     _, s, kh, _ = k_pages.shape
     b, max_pages = block_tables.shape
     decode = q_lens is None
-    sc = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    pallas_args = (q, k_pages, v_pages, jnp.asarray(kv_lens), jnp.asarray(block_tables))
-    pallas_kw = dict(
-        q_lens=None if q_lens is None else jnp.asarray(q_lens),
-        scale=sc,
+    # The arguments every implementation takes, normalized once.
+    arrays = (q, k_pages, v_pages, jnp.asarray(kv_lens), jnp.asarray(block_tables))
+    slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes)
+    logit_kw = dict(
+        scale=1.0 / math.sqrt(d) if scale is None else float(scale),
         soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window),
-        alibi_slopes=None if alibi_slopes is None else jnp.asarray(alibi_slopes),
-        k_scale=None if k_scale is None else jnp.asarray(k_scale, jnp.float32),
-        v_scale=None if v_scale is None else jnp.asarray(v_scale, jnp.float32),
-        pages_per_block=block_pages,
-        num_splits=num_splits,
-        q_block=None if decode else q_tile,
     )
+    q_lens = None if q_lens is None else jnp.asarray(q_lens)
+    k_scale = None if k_scale is None else jnp.asarray(k_scale, jnp.float32)
+    v_scale = None if v_scale is None else jnp.asarray(v_scale, jnp.float32)
+
+    def pallas(*arrays):
+        return paged_attention_pallas(
+            *arrays,
+            q_lens=q_lens,
+            alibi_slopes=slopes,
+            k_scale=k_scale,
+            v_scale=v_scale,
+            pages_per_block=block_pages,
+            num_splits=num_splits,
+            q_block=None if decode else q_tile,
+            **logit_kw,
+        )
+
     pallas_reason = pallas_unsupported(q, k_pages, v_pages, q_lens=q_lens)
     if impl == "pallas":
         if pallas_reason is not None:
             raise ValueError(f"impl='pallas' does not support {pallas_reason}; use impl='auto' or 'xla'")
-        return paged_attention_pallas(*pallas_args, **pallas_kw)
+        return pallas(*arrays)
     qt = 1 if decode else (q_tile or 32)
-    for name, v in (("q_tile", q_tile), ("block_pages", block_pages), ("num_splits", num_splits)):
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name}={v!r} must be an integer >= 1")
     tiles = b if decode else -(-t_total // qt) + b
     if num_splits is None:
         num_splits = max(1, min(16 // max(1, tiles * kh), max_pages))
@@ -190,9 +202,6 @@ def paged_attention(
         # Multi-token tiles are compute-bound: larger blocks make larger dots.
         block_pages = max(1, PREFILL_BLOCK_TOKENS // s)
         block_pages = min(block_pages, max(1, -(-max_pages // num_splits)))
-
-    def as_scale(x):
-        return None if x is None else jnp.asarray(x, jnp.float32)
 
     reason = native_unsupported(q, k_pages, v_pages, q_lens=q_lens)
     if impl == "cpu_native":
@@ -209,39 +218,36 @@ def paged_attention(
     def portable(*arrays):
         return paged_attention_xla(
             *arrays,
-            None if q_lens is None else jnp.asarray(q_lens),
-            None if alibi_slopes is None else jnp.asarray(alibi_slopes),
-            as_scale(k_scale),
-            as_scale(v_scale),
-            scale=sc,
-            soft_cap=None if soft_cap is None else float(soft_cap),
-            sliding_window=None if sliding_window is None else int(sliding_window),
+            q_lens,
+            slopes,
+            k_scale,
+            v_scale,
             q_tile=qt,
             block_pages=int(block_pages),
             num_splits=int(num_splits),
             decode=decode,
+            **logit_kw,
         )
 
-    def native_decode(*arrays, force=True):
+    def native_decode(*arrays):
+        # The native kernel directly: the platform choice is made here (or forced by impl="cpu_native").
         return paged_decode_native(
             *arrays,
-            None if alibi_slopes is None else jnp.asarray(alibi_slopes),
-            scale=sc,
-            soft_cap=None if soft_cap is None else float(soft_cap),
-            sliding_window=None if sliding_window is None else int(sliding_window),
+            slopes,
             xla_kw=(("q_tile", 1), ("block_pages", int(block_pages)), ("num_splits", int(num_splits))),
-            force=force,
+            force=True,
+            **logit_kw,
         )
 
     if impl == "cpu_native":
-        return native_decode(*pallas_args)
+        return native_decode(*arrays)
     if impl != "auto":
-        return portable(*pallas_args)
+        return portable(*arrays)
     return registry.per_platform(
-        *pallas_args,
+        *arrays,
         xla=portable,
         cpu=native_decode if native else None,
-        gpu=(lambda *a: paged_attention_pallas(*a, **pallas_kw)) if pallas_reason is None else None,
+        gpu=pallas if pallas_reason is None else None,
     )
 
 
