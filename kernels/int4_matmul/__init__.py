@@ -77,8 +77,9 @@ __all__ = [
 ]
 
 
-def _native_mode(impl: str, w: Int4Weight) -> str:
-    """ "off" (XLA only), "auto" (native on the CPU, chosen at lowering) or "force"."""
+def _native_wanted(impl: str, w: Int4Weight) -> bool:
+    """Whether the native kernel serves this call: always for impl="cpu_native" (or an error saying why it
+    cannot), for impl="auto" where it takes the weight and beats the XLA path on this CPU."""
     if impl == "cpu_native":
         reason = native_unsupported(w)
         if reason is not None:
@@ -86,21 +87,19 @@ def _native_mode(impl: str, w: Int4Weight) -> str:
         why = cpu.load()
         if why is not None:
             raise RuntimeError(f"impl='cpu_native' needs the native CPU library: {why}")
-        return "force"
+        return True
     # auto never picks a native path slower than the XLA path on this CPU (the scalar fallback).
-    if (
+    return (
         impl == "auto"
         and native_unsupported(w) is None
         and cpu.available()
         and cpu.fast_enough("int4_matmul")
-    ):
-        return "auto"
-    return "off"
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("strategy", "native"))
 @highest_precision
-def _int4_matmul(x: jax.Array, w: Int4Weight, strategy: str, native: str = "off") -> jax.Array:
+def _int4_matmul(x: jax.Array, w: Int4Weight, strategy: str, native: bool = False) -> jax.Array:
     k, n = w.shape
     xf = x.reshape(-1, k).astype(jnp.float32)
     if strategy == "dense":
@@ -110,16 +109,9 @@ def _int4_matmul(x: jax.Array, w: Int4Weight, strategy: str, native: str = "off"
             xf = xf / w.act_scales.astype(jnp.float32)
         if w.perm is not None:
             xf = xf[:, w.perm]  # act-order: stored row r is input channel perm[r]
-        if native != "off":
+        if native:
             y = native_matmul(
-                xf,
-                w.packed,
-                w.scales.astype(jnp.float32),
-                w.zeros,
-                w.group_size,
-                strategy == "dequant",
-                symmetric_zero(w.bits),
-                native == "force",
+                xf, w.packed, w.scales.astype(jnp.float32), w.zeros, w.group_size, symmetric_zero(w.bits)
             )
         else:
             y = packed_matmul(xf, w.packed, w.scales, w.zero_points(), w.group_size, strategy == "dequant")
@@ -156,16 +148,15 @@ def int4_matmul(
             raise ValueError(f"impl='pallas' does not support {pallas_reason}; use impl='auto' or 'xla'")
         return int4_weight_matmul_pallas(x, w, **tiles)
     m = int(np.prod(np.shape(x)[:-1], dtype=np.int64))
-    native = _native_mode(impl, w)
+    native = _native_wanted(impl, w)
     strategy = choose_strategy(impl, m, w.bits, w.group_size)
     if impl != "auto":
         return _int4_matmul(x, w, strategy, native)
     return registry.per_platform(
         x,
         w,
-        xla=lambda x, w: _int4_matmul(x, w, strategy, "off"),
-        # The cpu branch calls the native kernel directly: the platform choice is made once, here.
-        cpu=(lambda x, w: _int4_matmul(x, w, strategy, "force")) if native != "off" else None,
+        xla=lambda x, w: _int4_matmul(x, w, strategy),
+        cpu=(lambda x, w: _int4_matmul(x, w, strategy, True)) if native else None,
         gpu=(lambda x, w: int4_weight_matmul_pallas(x, w, **tiles)) if pallas_reason is None else None,
     )
 

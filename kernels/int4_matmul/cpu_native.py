@@ -2,8 +2,8 @@
 
 A matrix-vector path for small M and a tiled path for larger M, packed weights dequantized in SIMD registers,
 both cores. Bits 4 and 3 with an even group size; x arrives permuted and scaled (act-order, AWQ) already.
-Chosen per platform at lowering: under `force=False` every other platform runs the XLA scan, so one jitted
-function exports everywhere. The backward pass is the XLA path's transposed scan.
+The caller chooses the platform (the entry's `impl="auto"` puts this in the CPU branch of its per-platform
+choice), so one jitted function exports everywhere. The backward pass is the XLA path's transposed scan.
 """
 
 from __future__ import annotations
@@ -15,40 +15,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import cpu
-from kernels.int4_matmul.xla import scan_matmul, scan_matmul_transposed
+from kernels.int4_matmul.xla import scan_matmul_transposed
 from kernels.precision import highest_precision
 from quant.format import Int4Weight
 
 
-def _native_or_xla(x, packed, scales, zeros, group_size, dequant, sym_zero, force):
-    """The native kernel on the CPU; under `force=False` every other platform runs the XLA scan."""
-
-    def native(x, packed, scales, zeros):
-        return cpu.int4_matmul_native(x, packed, scales, zeros, group_size=group_size, sym_zero=sym_zero)
-
-    if force:
-        return native(x, packed, scales, zeros)
-
-    def xla(x, packed, scales, zeros):
-        zp = jnp.full(scales.shape, sym_zero, jnp.uint8) if zeros is None else zeros
-        return scan_matmul(x, packed, scales, zp, group_size=group_size, dequant=dequant)
-
-    return jax.lax.platform_dependent(x, packed, scales, zeros, cpu=native, default=xla)
+def _native(x, packed, scales, zeros, group_size, sym_zero):
+    return cpu.int4_matmul_native(x, packed, scales, zeros, group_size=group_size, sym_zero=sym_zero)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def native_matmul(x, packed, scales, zeros, group_size, dequant, sym_zero, force):
-    return _native_or_xla(x, packed, scales, zeros, group_size, dequant, sym_zero, force)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def native_matmul(x, packed, scales, zeros, group_size, sym_zero):
+    """x [M, K] float32 @ the packed weight through the native kernel (CPU only: the caller chooses the
+    platform); the backward is the XLA path's transposed scan."""
+    return _native(x, packed, scales, zeros, group_size, sym_zero)
+
+
+def _native_matmul_fwd(x, packed, scales, zeros, group_size, sym_zero):
+    return _native(x, packed, scales, zeros, group_size, sym_zero), (packed, scales, zeros)
 
 
 @highest_precision
-def _native_matmul_fwd(x, packed, scales, zeros, group_size, dequant, sym_zero, force):
-    y = _native_or_xla(x, packed, scales, zeros, group_size, dequant, sym_zero, force)
-    return y, (packed, scales, zeros)
-
-
-@highest_precision
-def _native_matmul_bwd(group_size, dequant, sym_zero, force, res, dy):
+def _native_matmul_bwd(group_size, sym_zero, res, dy):
     packed, scales, zeros = res
     zp = jnp.full(scales.shape, sym_zero, jnp.uint8) if zeros is None else zeros
     dx = scan_matmul_transposed(dy, packed, scales, zp, group_size=group_size)
