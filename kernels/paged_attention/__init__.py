@@ -230,14 +230,8 @@ def paged_attention(
         )
 
     def native_decode(*arrays):
-        # The native kernel directly: the platform choice is made here (or forced by impl="cpu_native").
-        return paged_decode_native(
-            *arrays,
-            slopes,
-            xla_kw=(("q_tile", 1), ("block_pages", int(block_pages)), ("num_splits", int(num_splits))),
-            force=True,
-            **logit_kw,
-        )
+        # The platform choice is made here, once (or forced by impl="cpu_native").
+        return paged_decode_native(*arrays, slopes, **logit_kw)
 
     if impl == "cpu_native":
         return native_decode(*arrays)

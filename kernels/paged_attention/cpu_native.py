@@ -4,8 +4,8 @@ It serves decode (q_lens=None) with float32 q and float32 pages: one work unit p
 context split) walks the sequence's pages in place — each page's slice of that kv head is read once for
 all G query heads, no gathered copy — with an online softmax and a log-sum-exp merge of the splits. It
 checks every page id a sequence covers and kv_lens against the block table, and a bad one is an error
-raised from the handler (never a read outside the pages). The native call is chosen per platform at
-lowering (`jax.lax.platform_dependent`); on any other platform the same function lowers the XLA path.
+raised from the handler (never a read outside the pages). The entry chooses it per platform at lowering
+(the CPU branch of `impl="auto"`), so the same jitted function lowers the XLA path everywhere else.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import numpy as np
 
 from kernels import cpu
 from kernels.paged_attention.reference import shape_dtype
-from kernels.paged_attention.xla import paged_attention_xla
 
 
 def native_unsupported(q: Any, k_pages: Any, v_pages: Any, *, q_lens: Any = None) -> str | None:
@@ -33,54 +32,20 @@ def native_unsupported(q: Any, k_pages: Any, v_pages: Any, *, q_lens: Any = None
     return None
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "sliding_window", "xla_kw", "force"))
+@functools.partial(jax.jit, static_argnames=("scale", "soft_cap", "sliding_window"))
 def paged_decode_native(
-    q,
-    k_pages,
-    v_pages,
-    kv_lens,
-    block_tables,
-    alibi_slopes,
-    *,
-    scale,
-    soft_cap,
-    sliding_window,
-    xla_kw,
-    force,
+    q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes, *, scale, soft_cap, sliding_window
 ):
-    def native(q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes):
-        return cpu.paged_decode_native(
-            q,
-            k_pages,
-            v_pages,
-            kv_lens,
-            block_tables,
-            alibi_slopes,
-            scale=scale,
-            soft_cap=soft_cap,
-            sliding_window=sliding_window,
-        ).astype(q.dtype)
-
-    args = (q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes)
-    if force:
-        return native(*args)
-
-    def xla(q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes):
-        return paged_attention_xla(
-            q,
-            k_pages,
-            v_pages,
-            kv_lens,
-            block_tables,
-            None,
-            alibi_slopes,
-            None,
-            None,
-            scale=scale,
-            soft_cap=soft_cap,
-            sliding_window=sliding_window,
-            decode=True,
-            **dict(xla_kw),
-        )
-
-    return jax.lax.platform_dependent(*args, cpu=native, default=xla)
+    """Decode through the native kernel (CPU only; the caller chooses the platform): [B, H, D], q's dtype."""
+    out = cpu.paged_decode_native(
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        block_tables,
+        alibi_slopes,
+        scale=scale,
+        soft_cap=soft_cap,
+        sliding_window=sliding_window,
+    )
+    return out.astype(q.dtype)
