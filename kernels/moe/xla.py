@@ -97,17 +97,11 @@ def _grouped_fwd_impl(xs, sizes, offsets, wg, wu, wd, row_align, block_rows):
 
 
 def _grouped_fwd_any(xs, sizes, offsets, wg, wu, wd, row_align, block_rows, native):
-    """The grouped forward. native False: the XLA loop; "auto": the C++ kernel on the CPU and the XLA loop on
-    other platforms (chosen at lowering); "force": the C++ kernel only (impl="cpu_native")."""
-
-    def xla(xs, sizes, offsets, wg, wu, wd):
-        return _grouped_fwd_impl(xs, sizes, offsets, wg, wu, wd, row_align, block_rows)
-
-    if not native:
-        return xla(xs, sizes, offsets, wg, wu, wd)
-    if native == "force":
+    """The grouped forward: the XLA loop, or with `native` the C++ kernel (CPU only: the caller chooses the
+    platform at lowering)."""
+    if native:
         return cpu.moe_ffn_native(xs, sizes, offsets, wg, wu, wd)
-    return lax.platform_dependent(xs, sizes, offsets, wg, wu, wd, cpu=cpu.moe_ffn_native, default=xla)
+    return _grouped_fwd_impl(xs, sizes, offsets, wg, wu, wd, row_align, block_rows)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
@@ -383,7 +377,7 @@ def moe_ffn_xla(x, weights, expert_ids, wg, wu, wd, *, capacity, drop_priority, 
         why = cpu.load()
         if why is not None:
             raise RuntimeError(f"impl='cpu_native' needs the native CPU library: {why}")
-        return grouped(*args, native="force")
+        return grouped(*args, native=True)
     if impl == "bucketed" and capacity is not None:
         impl = "batched"
     if isinstance(wg, Int4Weight) and impl in ("auto", "xla"):
@@ -393,7 +387,7 @@ def moe_ffn_xla(x, weights, expert_ids, wg, wu, wd, *, capacity, drop_priority, 
         if capacity is not None:
             return _ffn_batched(*args, **common)
         if impl == "auto" and _native_grouped(x, wg, wu, wd):
-            on_cpu = functools.partial(grouped, native="auto")
+            on_cpu = functools.partial(grouped, native=True)  # this is the cpu branch already
         else:
             on_cpu = bucketed if wg.shape[0] <= BUCKETED_MAX_EXPERTS else grouped
         return lax.platform_dependent(*args, cpu=on_cpu, default=ragged)
