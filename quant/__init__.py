@@ -3,31 +3,14 @@
 The model and the quality experiment (`quant.minilm`, `quant.eval`) are imported by name, not here:
 they read the packaged all-MiniLM-L6-v2 files and are not part of the quantization API.
 
-Layering: imports nothing of ours but the roofline core (and today not even that); never `kernels`.
+Layering: imports nothing of ours; never `kernels`. The packed format and RTN are imported with the package
+(the kernels read `Int4Weight`); GPTQ, AWQ and the checkpoint layouts are imported on first use, so
+`import kernels` does not pull them in.
 """
 
-from quant.awq import (
-    awq_act_scales,
-    awq_quantize,
-    awq_quantize_shared,
-    awq_reference,
-    fold_scales_into_linear,
-    fold_scales_into_norm,
-    validate_awq_activations,
-    validate_awq_inputs,
-)
-from quant.checkpoints import (
-    AWQ_ORDER,
-    FORMATS,
-    GPTQ_FORMATS,
-    from_autoawq,
-    from_autogptq,
-    load_checkpoint,
-    save_checkpoint,
-    to_autoawq,
-    to_autogptq,
-    validate_format,
-)
+import importlib
+from typing import Any
+
 from quant.format import (
     SCALE_DTYPES,
     SUPPORTED_BITS,
@@ -45,14 +28,6 @@ from quant.format import (
     validate_group_size,
     validate_int4_weight_inputs,
 )
-from quant.gptq import (
-    HessianAccumulator,
-    gptq_quantize,
-    gptq_reference,
-    hessian,
-    validate_gptq_inputs,
-    validate_hessian,
-)
 from quant.rtn import (
     grid_params,
     quantize_codes,
@@ -62,6 +37,47 @@ from quant.rtn import (
     validate_quantize_inputs,
     validate_scale_dtype,
 )
+
+# Public names of the heavier modules, imported on first access (PEP 562).
+_LAZY = {
+    "awq_act_scales": "awq",
+    "awq_quantize": "awq",
+    "awq_quantize_shared": "awq",
+    "awq_reference": "awq",
+    "fold_scales_into_linear": "awq",
+    "fold_scales_into_norm": "awq",
+    "validate_awq_activations": "awq",
+    "validate_awq_inputs": "awq",
+    "AWQ_ORDER": "checkpoints",
+    "FORMATS": "checkpoints",
+    "GPTQ_FORMATS": "checkpoints",
+    "from_autoawq": "checkpoints",
+    "from_autogptq": "checkpoints",
+    "load_checkpoint": "checkpoints",
+    "save_checkpoint": "checkpoints",
+    "to_autoawq": "checkpoints",
+    "to_autogptq": "checkpoints",
+    "validate_format": "checkpoints",
+    "HessianAccumulator": "gptq",
+    "gptq_quantize": "gptq",
+    "gptq_reference": "gptq",
+    "hessian": "gptq",
+    "validate_gptq_inputs": "gptq",
+    "validate_hessian": "gptq",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"quant.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'quant' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AWQ_ORDER",

@@ -25,7 +25,7 @@ Every strategy accumulates in float32 and returns x's dtype.
 
 Implementations (`impl=`; `kernels.available_impls("int4_matmul")` lists those that run here): the
 reference (reference.py, NumPy in float64), the XLA strategies (xla.py), the native kernel (cpu_native.py)
-and the W4A16 Pallas kernel for GPUs (pallas_gpu.py, interpreted on the CPU).
+and the W4A16 Pallas kernel for GPUs (pallas_triton.py, interpreted on the CPU).
 
 Dispatch: `impl="auto"` is chosen per platform at lowering (`jax.lax.platform_dependent`, so the same jitted
 function exports for every platform): the CPU runs the native kernel when the library is built, the weight
@@ -50,21 +50,15 @@ bk rows of K per block.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from kernels import cpu, registry
-from kernels.int4_matmul.cpu_native import native_matmul, native_unsupported
-from kernels.int4_matmul.pallas_gpu import int4_weight_matmul_pallas, pallas_unsupported
+from kernels import registry
+from kernels.cost import Cost, itemsize
 from kernels.int4_matmul.reference import X_DTYPES, int4_matmul_reference, validate_int4_matmul_inputs
-from kernels.int4_matmul.xla import GEMM_MIN_M, choose_strategy, packed_matmul, zero_cotangent
-from kernels.precision import highest_precision
-from quant.format import Int4Weight, codes_per_byte, symmetric_zero
-from roofline.counters import Cost, itemsize
+from kernels.int4_matmul.xla import GEMM_MIN_M, zero_cotangent
+from quant.format import Int4Weight, codes_per_byte
 
 __all__ = [
     "GEMM_MIN_M",
@@ -77,88 +71,19 @@ __all__ = [
 ]
 
 
-def _native_wanted(impl: str, w: Int4Weight) -> bool:
-    """Whether the native kernel serves this call: always for impl="cpu_native" (or an error saying why it
-    cannot), for impl="auto" where it takes the weight and beats the XLA path on this CPU."""
-    if impl == "cpu_native":
-        reason = native_unsupported(w)
-        if reason is not None:
-            raise ValueError(f"impl='cpu_native' does not support {reason}; use impl='auto' or 'xla'")
-        why = cpu.load()
-        if why is not None:
-            raise RuntimeError(f"impl='cpu_native' needs the native CPU library: {why}")
-        return True
-    # auto never picks a native path slower than the XLA path on this CPU (the scalar fallback).
-    return (
-        impl == "auto"
-        and native_unsupported(w) is None
-        and cpu.available()
-        and cpu.fast_enough("int4_matmul")
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("strategy", "native"))
-@highest_precision
-def _int4_matmul(x: jax.Array, w: Int4Weight, strategy: str, native: bool = False) -> jax.Array:
-    k, n = w.shape
-    xf = x.reshape(-1, k).astype(jnp.float32)
-    if strategy == "dense":
-        y = xf @ w.dequantize()  # activation scales and act-order are folded into the dequantized weight
-    else:
-        if w.act_scales is not None:
-            xf = xf / w.act_scales.astype(jnp.float32)
-        if w.perm is not None:
-            xf = xf[:, w.perm]  # act-order: stored row r is input channel perm[r]
-        if native:
-            y = native_matmul(
-                xf, w.packed, w.scales.astype(jnp.float32), w.zeros, w.group_size, symmetric_zero(w.bits)
-            )
-        else:
-            y = packed_matmul(xf, w.packed, w.scales, w.zero_points(), w.group_size, strategy == "dequant")
-    return y.astype(x.dtype).reshape(*x.shape[:-1], n)
-
-
-def int4_matmul(
-    x: jax.Array,
-    w: Int4Weight,
-    *,
-    impl: str = "auto",
-    block_m: int | None = None,
-    block_n: int | None = None,
-    block_k: int | None = None,
-    split_k: int | None = None,
-) -> jax.Array:
+def int4_matmul(x: jax.Array, w: Int4Weight, *, impl: str = "auto", config: Any = None) -> jax.Array:
     """x: [..., K] float32|bfloat16|float16 @ w (an Int4Weight [K, N]) -> [..., N] in x's dtype.
 
-    `impl`: "auto" (the native kernel on the CPU when built, the Pallas kernel on GPUs, else the XLA
-    strategy for M), "reference", "xla" (pick by M), "codes", "dequant", "dense", "cpu_native" or "pallas"
-    (see the module docstring). `block_m`, `block_n`, `block_k`, `split_k`: the Pallas kernel's tiles
-    (keyword-only, static; defaults by shape, see kernels/int4_matmul/pallas_gpu.py).
-    Jittable, vmappable over a leading axis of stacked weights, differentiable with respect to x.
+    `impl`: a name of `kernels.available_impls("int4_matmul")`, "auto", "pallas", or an XLA strategy
+    ("codes", "dequant", "dense"; see the module docstring). `config`: the Config of the implementation it
+    tunes (`kernels.int4_matmul.xla.Config(strategy=...)`, `...pallas_triton.Config(block_m=...)`); default:
+    chosen from the shapes. Jittable, vmappable over a leading axis of stacked weights, differentiable with
+    respect to x.
     """
     registry.check_impl("int4_matmul", impl)
-    if impl == "reference":  # the reference validates its inputs itself
-        registry.require_concrete("int4_matmul", x, w)
-        return jnp.asarray(int4_matmul_reference(np.asarray(x), w))
-    validate_int4_matmul_inputs(x, w)
-    tiles = dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k)
-    pallas_reason = pallas_unsupported(x, w)
-    if impl == "pallas":
-        if pallas_reason is not None:
-            raise ValueError(f"impl='pallas' does not support {pallas_reason}; use impl='auto' or 'xla'")
-        return int4_weight_matmul_pallas(x, w, **tiles)
-    m = int(np.prod(np.shape(x)[:-1], dtype=np.int64))
-    native = _native_wanted(impl, w)
-    strategy = choose_strategy(impl, m, w.bits, w.group_size)
-    if impl != "auto":
-        return _int4_matmul(x, w, strategy, native)
-    return registry.per_platform(
-        x,
-        w,
-        xla=lambda x, w: _int4_matmul(x, w, strategy),
-        cpu=(lambda x, w: _int4_matmul(x, w, strategy, True)) if native else None,
-        gpu=(lambda x, w: int4_weight_matmul_pallas(x, w, **tiles)) if pallas_reason is None else None,
-    )
+    if impl != "reference":  # the reference validates its (concrete) inputs itself
+        validate_int4_matmul_inputs(x, w)
+    return registry.dispatch("int4_matmul", impl, x, w, config=config)
 
 
 def int4_matmul_cost(

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import cpu
-from kernels.int4_matmul.xla import scan_matmul_transposed
+from kernels import cpu, registry
+from kernels.int4_matmul.xla import prepare_x, scan_matmul_transposed
 from kernels.precision import highest_precision
-from quant.format import Int4Weight
+from quant.format import Int4Weight, symmetric_zero
 
 
 def _native(x, packed, scales, zeros, group_size, sym_zero):
@@ -54,3 +54,24 @@ def native_unsupported(w: Int4Weight) -> str | None:
     if w.group_size % 2:
         return f"group_size={w.group_size} (must be even: a packed byte holds two rows of one group)"
     return None
+
+
+@jax.jit
+@highest_precision
+def int4_matmul_native(x: jax.Array, w: Int4Weight) -> jax.Array:
+    """x: [..., K] @ w -> [..., N] in x's dtype through the native kernel (CPU only)."""
+    n = w.shape[1]
+    y = native_matmul(
+        prepare_x(x, w), w.packed, w.scales.astype(jnp.float32), w.zeros, w.group_size, symmetric_zero(w.bits)
+    )
+    return y.astype(x.dtype).reshape(*x.shape[:-1], n)
+
+
+IMPLEMENTATION = registry.Implementation(
+    "cpu_native",
+    lambda x, w, *, config: int4_matmul_native(x, w),
+    platforms=("cpu",),
+    supports=lambda x, w: native_unsupported(w),
+    available=registry.native_library_missing,
+    prefer=lambda *args, **kwargs: registry.native_slower("int4_matmul"),
+)

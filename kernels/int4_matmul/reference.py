@@ -8,6 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import registry
 from quant.format import Int4Weight, dequantize_reference
 
 X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
@@ -43,3 +44,14 @@ def int4_matmul_reference(x: Any, w: Int4Weight) -> np.ndarray:
     validate_int4_matmul_inputs(x, w)
     x = np.asarray(x)
     return (x.astype(np.float64) @ dequantize_reference(w)).astype(x.dtype)
+
+
+def _reference(x: Any, w: Int4Weight, *, config: None) -> jnp.ndarray:
+    """impl="reference": the NumPy reference on host copies (it validates its arguments itself)."""
+    registry.require_concrete("int4_matmul", x, w)
+    return jnp.asarray(int4_matmul_reference(np.asarray(x), w))
+
+
+IMPLEMENTATION = registry.Implementation(
+    "reference", _reference, platforms=registry.PLATFORMS, traceable=False
+)

@@ -9,6 +9,7 @@ weight is ever stored. Axes as in the package docstring; bk rows of K per block.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -16,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import registry
 from kernels.precision import highest_precision
+from quant.format import Int4Weight
 
 # Rows of x at and above which "xla" picks "dequant" over "codes". Measured on a 2-core CPU (time / float32
 # time, one run): at M=1, codes 0.64-0.71 against dequant 0.92-1.04 for N=4096, but 2.5-3.3 against
@@ -165,9 +168,59 @@ packed_matmul.defvjp(_packed_matmul_fwd, _packed_matmul_bwd)
 
 
 def choose_strategy(impl: str, m: int, bits: int, group_size: int) -> str:
-    """The XLA strategy for `impl` ("auto"/"xla"/a backend name pick by M; a strategy name is itself)."""
+    """The XLA strategy for `impl` (a strategy name is itself; any other name picks by M)."""
     if bits not in (3, 4) or group_size % 2:  # the nibble planes need an even number of rows per group
         return "dense"
     if impl in ("codes", "dequant", "dense"):
         return impl
     return "dequant" if m >= GEMM_MIN_M else "codes"
+
+
+STRATEGIES = ("codes", "dequant", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The XLA strategy: "codes", "dequant" or "dense"; None picks by M ("codes" below GEMM_MIN_M rows of x,
+    "dequant" from there; "dense" for weights the nibble planes do not take: bits 2 and 8, odd groups)."""
+
+    strategy: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} must be None or one of {STRATEGIES}")
+
+    def resolve(self, x: Any, w: Int4Weight) -> Config:
+        m = int(np.prod(np.shape(x)[:-1], dtype=np.int64))
+        return Config(choose_strategy(self.strategy or "xla", m, w.bits, w.group_size))
+
+
+def prepare_x(x: jax.Array, w: Int4Weight) -> jax.Array:
+    """x: [..., K] -> [M, K] float32 in the weight's stored row order, divided by its activation scales."""
+    xf = x.reshape(-1, w.shape[0]).astype(jnp.float32)
+    if w.act_scales is not None:
+        xf = xf / w.act_scales.astype(jnp.float32)
+    if w.perm is not None:
+        xf = xf[:, w.perm]  # act-order: stored row r is input channel perm[r]
+    return xf
+
+
+@functools.partial(jax.jit, static_argnames=("strategy",))
+@highest_precision
+def int4_matmul_xla(x: jax.Array, w: Int4Weight, strategy: str) -> jax.Array:
+    """x: [..., K] @ w -> [..., N] in x's dtype through one XLA strategy."""
+    k, n = w.shape
+    if strategy == "dense":
+        y = x.reshape(-1, k).astype(jnp.float32) @ w.dequantize()  # act scales and order are folded in
+    else:
+        y = packed_matmul(
+            prepare_x(x, w), w.packed, w.scales, w.zero_points(), w.group_size, strategy == "dequant"
+        )
+    return y.astype(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _xla(x: jax.Array, w: Int4Weight, *, config: Config) -> jax.Array:
+    return int4_matmul_xla(x, w, config.strategy)
+
+
+IMPLEMENTATION = registry.Implementation("xla", _xla, platforms=registry.PLATFORMS, config=Config)

@@ -76,7 +76,7 @@ FFN strategies (`impl`):
   E <= BUCKETED_MAX_EXPERTS (few large experts: XLA on the CPU copies a dynamically indexed expert's
   weights before its GEMM, which costs more than padding rows) and "grouped" for more (many small
   experts).
-- "auto": on cuda/rocm the Pallas grouped GEMM (pallas_gpu.py) for the experts it takes; on the CPU, for
+- "auto": on cuda/rocm the Pallas grouped GEMM (pallas_triton.py) for the experts it takes; on the CPU, for
   float32 dropless calls where `kernels.cpu.fast_enough("moe_ffn")`, the "grouped" loop with its forward
   in the native C++ kernel (kernels/cpu/moe_ffn*.cc: each touched expert's weights read in place; on AVX2
   up to NATIVE_MAX_TOKENS tokens, where it was measured to win); otherwise as "xla". Chosen at lowering by
@@ -92,7 +92,7 @@ x and the routing weights. `moe_ffn_reference` compares against the dequantized 
 
 Modules: routing.py (routers, losses, their references), dispatch.py (plan, dispatch, combine, capacity),
 reference.py (validation and the NumPy FFN reference), xla.py (the strategies above and the native
-forward's wiring), pallas_gpu.py (the GPU kernels); `impl="reference"` runs the NumPy reference through
+forward's wiring), pallas_triton.py (the GPU kernels); `impl="reference"` runs the NumPy reference through
 `moe_ffn` (eagerly).
 
 Sources: HF transformers MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, DeepseekV3TopkRouter;
@@ -106,10 +106,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from kernels import registry
+from kernels.cost import Cost, itemsize
 from kernels.moe.dispatch import (
     DROP_PRIORITIES,
     LAYOUTS,
@@ -119,12 +118,10 @@ from kernels.moe.dispatch import (
     dispatch_plan,
     expert_capacity,
 )
-from kernels.moe.pallas_gpu import moe_ffn_pallas, pallas_unsupported
 from kernels.moe.reference import (
-    QUANTIZED_IMPLS,
+    FLOAT_ONLY_IMPLS,
     dequantize_experts,
     moe_ffn_reference,
-    num_experts_of,
     validate_moe_ffn_inputs,
 )
 from kernels.moe.routing import (
@@ -137,15 +134,14 @@ from kernels.moe.routing import (
     router_z_loss,
     validate_route_inputs,
 )
-from kernels.moe.xla import BUCKET_FACTORS, BUCKETED_MAX_EXPERTS, moe_ffn_xla
-from roofline.counters import Cost, itemsize
+from kernels.moe.xla import BUCKET_FACTORS, BUCKETED_MAX_EXPERTS
 
 __all__ = [
     "BUCKETED_MAX_EXPERTS",
     "BUCKET_FACTORS",
     "DROP_PRIORITIES",
+    "FLOAT_ONLY_IMPLS",
     "LAYOUTS",
-    "QUANTIZED_IMPLS",
     "SCORINGS",
     "DispatchPlan",
     "combine",
@@ -178,68 +174,25 @@ def moe_ffn(
     capacity_factor: float | None = None,
     drop_priority: str = "choice",
     impl: str = "auto",
-    row_align: int = 8,
-    block_rows: int = 64,
-    block_m: int | None = None,
-    block_n: int | None = None,
-    block_k: int | None = None,
+    config: Any = None,
 ) -> jax.Array:
     """The SwiGLU MoE FFN: x [T, d] -> y [T, d] (x.dtype), dropless unless capacity_factor is given.
 
     weights: [T, k] float, expert_ids: [T, k] int, w_gate/w_up: [E, d, f], w_down: [E, f, d].
     capacity_factor: C = expert_capacity(T, E, k, capacity_factor) rows per expert; assignments past
     C in drop_priority order ("choice", "token" or "weight") contribute zero. impl: see the module
-    docstring. row_align/block_rows (powers of two, row_align <= block_rows): the "grouped" strategy's
-    row granularity and largest block. block_m/block_n/block_k: the Pallas kernels' tiles (defaults by
-    shape, see kernels/moe/pallas_gpu.py). Differentiable with respect to x, weights and the expert
-    weights; empty experts get zero gradients.
+    docstring. config: the Config of the implementation it tunes (`kernels.moe.xla.Config(strategy,
+    row_align, block_rows)`, `...cpu_native.Config`, `...pallas_triton.Config(block_m, block_n, block_k)`).
+    Differentiable with respect to x, weights and the expert weights; empty experts get zero gradients.
     """
     validate_moe_ffn_inputs(
         x, weights, expert_ids, w_gate, w_up, w_down, capacity_factor=capacity_factor,
         drop_priority=drop_priority, impl=impl,
     )  # fmt: skip
-    for name, v in (("row_align", row_align), ("block_rows", block_rows)):
-        if not isinstance(v, (int, np.integer)) or v < 1 or v & (v - 1):
-            raise ValueError(f"{name}={v} must be a power of two")
-    if row_align > block_rows:
-        raise ValueError(f"row_align={row_align} must not exceed block_rows={block_rows}")
-    if impl == "reference":
-        registry.require_concrete("moe_ffn", x, weights, expert_ids, w_gate, w_up, w_down)
-        out = moe_ffn_reference(
-            np.asarray(x), np.asarray(weights), np.asarray(expert_ids),
-            *(w if not isinstance(w, jax.Array) else np.asarray(w) for w in (w_gate, w_up, w_down)),
-            capacity_factor=capacity_factor, drop_priority=drop_priority,
-        )  # fmt: skip
-        return jnp.asarray(out.astype(x.dtype))  # the reference computes in float64
-    num_tokens, top_k = expert_ids.shape
-    capacity = None
-    if capacity_factor is not None:
-        capacity = expert_capacity(num_tokens, num_experts_of(w_gate), top_k, capacity_factor)
-    args = (x, weights, expert_ids, w_gate, w_up, w_down)
-    tiles = dict(block_m=block_m, block_n=block_n, block_k=block_k)
-
-    def pallas(*a):
-        return moe_ffn_pallas(*a, capacity=capacity, drop_priority=drop_priority, **tiles)
-
-    pallas_reason = pallas_unsupported(x, w_gate, w_up, w_down, capacity=capacity)
-    if impl == "pallas":
-        if pallas_reason is not None:
-            raise ValueError(f"impl='pallas' does not support {pallas_reason}; use impl='auto' or 'xla'")
-        return pallas(*args)
-
-    def portable(*a):
-        return moe_ffn_xla(
-            *a,
-            capacity=capacity,
-            drop_priority=drop_priority,
-            impl=impl,
-            row_align=int(row_align),
-            block_rows=int(block_rows),
-        )
-
-    if impl != "auto":
-        return portable(*args)
-    return registry.per_platform(*args, xla=portable, gpu=pallas if pallas_reason is None else None)
+    return registry.dispatch(
+        "moe_ffn", impl, x, weights, expert_ids, w_gate, w_up, w_down,
+        capacity_factor=capacity_factor, drop_priority=drop_priority, config=config,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ from kernels.moe.dispatch import expert_capacity, keep_mask_reference, validate_
 from kernels.moe.routing import validate_routing
 from quant.format import Int4Weight, codes_per_byte, dequantize_reference
 
-# Implementations that take stacks of Int4Weight experts (ragged_dot and the bucketed switch need float
-# weights).
-QUANTIZED_IMPLS = ("auto", "reference", "xla", "pallas", "grouped", "batched", "dense")
+# The XLA strategies that need float experts (ragged_dot and the bucketed switch); every other implementation
+# takes stacks of Int4Weight experts or says otherwise through its `supports`.
+FLOAT_ONLY_IMPLS = ("bucketed", "ragged")
 
 
 def validate_moe_ffn_inputs(
@@ -52,8 +52,8 @@ def _validate_inputs(
             raise ValueError("w_gate, w_up and w_down must all be Int4Weight stacks, or all float arrays")
         _validate_quantized_experts(x, w_gate, w_up, w_down, reference)
         num_experts = _expert_dims(w_gate)[0]
-        if impl not in QUANTIZED_IMPLS:
-            raise ValueError(f"impl={impl!r} does not take Int4Weight experts; use one of {QUANTIZED_IMPLS}")
+        if impl in FLOAT_ONLY_IMPLS:
+            raise ValueError(f"impl={impl!r} does not take Int4Weight experts (it needs float experts)")
     else:
         _validate_float_experts(x, w_gate, w_up, w_down, reference)
         num_experts = w_gate.shape[0]
@@ -172,3 +172,28 @@ def moe_ffn_reference(
 
 # --------------------------------------------------------------------------------------------------
 # the expert FFN: JAX strategies
+
+
+def capacity_of(expert_ids: Any, w_gate: Any, capacity_factor: float | None) -> int | None:
+    """Rows per expert for `capacity_factor` (None: dropless), as `expert_capacity` computes it."""
+    if capacity_factor is None:
+        return None
+    num_tokens, top_k = expert_ids.shape
+    return expert_capacity(num_tokens, num_experts_of(w_gate), top_k, capacity_factor)
+
+
+def _reference(x, weights, expert_ids, w_gate, w_up, w_down, *, capacity_factor, drop_priority, config):
+    """impl="reference": the NumPy reference on host copies, in float64, returned in x's dtype."""
+    del config
+    registry.require_concrete("moe_ffn", x, weights, expert_ids, w_gate, w_up, w_down)
+    out = moe_ffn_reference(
+        np.asarray(x), np.asarray(weights), np.asarray(expert_ids),
+        *(w if not isinstance(w, jax.Array) else np.asarray(w) for w in (w_gate, w_up, w_down)),
+        capacity_factor=capacity_factor, drop_priority=drop_priority,
+    )  # fmt: skip
+    return jnp.asarray(out.astype(x.dtype))
+
+
+IMPLEMENTATION = registry.Implementation(
+    "reference", _reference, platforms=registry.PLATFORMS, traceable=False
+)

@@ -1,25 +1,23 @@
 """The MoE expert FFN, the portable XLA strategies: grouped, bucketed, ragged, batched, dense (see the
-`kernels.moe` docstring for when each wins).
-
-On the CPU, with float32 experts and the native library built, the grouped strategy's forward runs the native
-grouped SwiGLU FFN (kernels/cpu/moe_ffn.cc: each touched expert's weights read in place, no per-expert weight
-copy), chosen per platform at lowering so one jitted function still exports for cuda, rocm and tpu; its
-backward stays the XLA grouped loop. Only `impl="auto"` takes it (dropless, for every E, where
-`_native_grouped` says it wins); "xla" and the named strategies stay portable XLA."""
+`kernels.moe` docstring for when each wins). The grouped loop also carries the native forward of
+`kernels/moe/cpu_native.py` (`native=True`), whose backward stays this loop."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from kernels import cpu
+from kernels import cpu, registry
 from kernels.int4_matmul import int4_matmul, zero_cotangent
 from kernels.moe.dispatch import combine_rows, gather_rows, plan_rows
-from kernels.moe.reference import expert_weights, num_experts_of
+from kernels.moe.reference import capacity_of, expert_weights, num_experts_of
 from kernels.precision import highest_precision
 from quant.format import Int4Weight
 
@@ -201,37 +199,7 @@ def _grouped_ffn_quantized_bwd(row_align, block_rows, res, d_out):
 _grouped_ffn_quantized.defvjp(_grouped_ffn_quantized_fwd, _grouped_ffn_quantized_bwd)
 
 
-# The native grouped FFN's prefill (its register-blocked algorithm) beats XLA only on the AVX-512 path; the
-# other vector paths take it up to this many tokens (evidence in `_native_grouped`).
-NATIVE_MAX_TOKENS = 128
-NATIVE_PREFILL_ISAS = ("avx512",)
-# The paths with vector code in the native grouped FFN (its aarch64 build runs the scalar code: not taken).
-NATIVE_ISAS = ("avx512", "avx2")
-
-
-def _native_grouped(x, wg, wu, wd) -> bool:
-    """Whether `impl="auto"` runs the native grouped FFN on the CPU (decided at trace time).
-
-    The rule: float32 x and float32 experts (INT4 experts go through the native INT4 kernel already), the
-    library built, `kernels.cpu.fast_enough("moe_ffn")` (a vector path: the scalar fallback loses to XLA's
-    loop at prefill) and the path in NATIVE_ISAS, and T <= NATIVE_MAX_TOKENS unless the path is in
-    NATIVE_PREFILL_ISAS.
-
-    Evidence (2-core AVX-512 VM shared with other jobs; native forward over the XLA grouped loop, both as
-    `moe_ffn`, interleaved in one process; benchmarks.moe shapes and routing): AVX-512 path — Mixtral-like
-    T=8 / 256: 0.28x / 0.59-0.68x; DeepSeek-like T=8 / 256: 0.68x / 0.96-1.08x (a tie). AVX2 path (on the same
-    AVX-512 CPU, so against XLA's AVX-512 code) — Mixtral-like T=8, 16, 32, 64, 128, 256: 0.29, 0.32, 0.59,
-    0.87, 0.88, 1.13-1.34x; DeepSeek-like: 0.69, 0.64, 0.84, 0.74, 0.90, 1.98-2.18x. Scalar path: T=8
-    0.42x / 0.54x, T=256 2.6x / 3.1x. (On an AVX2-only CPU XLA's own code is AVX2 too; not measured there.)
-    """
-    if isinstance(wg, Int4Weight) or any(a.dtype != jnp.float32 for a in (x, wg, wu, wd)):
-        return False
-    if not (cpu.available() and cpu.fast_enough("moe_ffn") and cpu.isa() in NATIVE_ISAS):
-        return False
-    return x.shape[0] <= NATIVE_MAX_TOKENS or cpu.isa() in NATIVE_PREFILL_ISAS
-
-
-def _ffn_grouped(
+def ffn_grouped(
     x, weights, expert_ids, wg, wu, wd, capacity, drop_priority, row_align, block_rows, native=False
 ):
     plan = plan_rows(
@@ -281,7 +249,7 @@ def _ffn_bucketed(x, weights, expert_ids, wg, wu, wd, drop_priority, row_align, 
     index = jnp.sum(jnp.asarray(caps, jnp.int32) < jnp.max(counts))
     branches = [functools.partial(_ffn_batched, capacity=c, drop_priority=drop_priority) for c in caps] + [
         functools.partial(
-            _ffn_grouped,
+            ffn_grouped,
             capacity=None,
             drop_priority=drop_priority,
             row_align=row_align,
@@ -357,39 +325,64 @@ def _ffn_dense(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority):
     return jnp.einsum("et,etd->td", gate, out).astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("capacity", "drop_priority", "impl", "row_align", "block_rows"))
+STRATEGIES = ("grouped", "bucketed", "ragged", "batched", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The XLA path's strategy and the grouped loop's row blocks.
+
+    strategy    one of STRATEGIES; None: with a capacity "batched", dropless "ragged" off the CPU and on the
+                CPU "bucketed" for E <= BUCKETED_MAX_EXPERTS, else "grouped" (for quantized experts:
+                "grouped", with a capacity "batched").
+    row_align, block_rows  powers of two, row_align <= block_rows: the grouped loop's row granularity and
+                largest block.
+    """
+
+    strategy: str | None = None
+    row_align: int = 8
+    block_rows: int = 64
+
+    def __post_init__(self) -> None:
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} must be None or one of {STRATEGIES}")
+        check_row_blocks(self.row_align, self.block_rows)
+
+
+def check_row_blocks(row_align: Any, block_rows: Any) -> None:
+    """row_align and block_rows: powers of two with row_align <= block_rows."""
+    for name, v in (("row_align", row_align), ("block_rows", block_rows)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 or v & (v - 1):
+            raise ValueError(f"{name}={v} must be a power of two")
+    if row_align > block_rows:
+        raise ValueError(f"row_align={row_align} must not exceed block_rows={block_rows}")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("capacity", "drop_priority", "strategy", "row_align", "block_rows")
+)
 @highest_precision
-def moe_ffn_xla(x, weights, expert_ids, wg, wu, wd, *, capacity, drop_priority, impl, row_align, block_rows):
+def moe_ffn_xla(
+    x, weights, expert_ids, wg, wu, wd, *, capacity, drop_priority, strategy, row_align, block_rows
+):
+    """The MoE FFN through one XLA strategy (None: by platform, see Config): x [T, d] -> [T, d] (x.dtype)."""
+    impl = strategy or "xla"
     args = (x, weights, expert_ids.astype(jnp.int32), wg, wu, wd)
     common = dict(capacity=capacity, drop_priority=drop_priority)
-    grouped = functools.partial(_ffn_grouped, row_align=row_align, block_rows=block_rows, **common)
+    grouped = functools.partial(ffn_grouped, row_align=row_align, block_rows=block_rows, **common)
     ragged = functools.partial(_ffn_ragged, **common)
     bucketed = functools.partial(
         _ffn_bucketed, drop_priority=drop_priority, row_align=row_align, block_rows=block_rows
     )
-    if impl == "cpu_native":
-        # The native grouped FFN wherever it runs (float32 experts; with a capacity too); CPU only.
-        if isinstance(wg, Int4Weight) or any(a.dtype != jnp.float32 for a in (x, wg, wu, wd)):
-            raise ValueError(
-                "impl='cpu_native' needs float32 x and float32 experts (quantized experts run the native "
-                "INT4 kernel under impl='auto'); use impl='auto' or 'xla'"
-            )
-        why = cpu.load()
-        if why is not None:
-            raise RuntimeError(f"impl='cpu_native' needs the native CPU library: {why}")
-        return grouped(*args, native=True)
     if impl == "bucketed" and capacity is not None:
         impl = "batched"
-    if isinstance(wg, Int4Weight) and impl in ("auto", "xla"):
+    if isinstance(wg, Int4Weight) and impl == "xla":
         # Quantized experts on every backend: the grouped loop reads only the experts that have rows.
         impl = "batched" if capacity is not None else "grouped"
-    if impl in ("auto", "xla"):
+    if impl == "xla":
         if capacity is not None:
             return _ffn_batched(*args, **common)
-        if impl == "auto" and _native_grouped(x, wg, wu, wd):
-            on_cpu = functools.partial(grouped, native=True)  # this is the cpu branch already
-        else:
-            on_cpu = bucketed if wg.shape[0] <= BUCKETED_MAX_EXPERTS else grouped
+        on_cpu = bucketed if wg.shape[0] <= BUCKETED_MAX_EXPERTS else grouped
         return lax.platform_dependent(*args, cpu=on_cpu, default=ragged)
     if impl == "grouped":
         return grouped(*args)
@@ -400,3 +393,14 @@ def moe_ffn_xla(x, weights, expert_ids, wg, wu, wd, *, capacity, drop_priority, 
     if impl == "batched":
         return _ffn_batched(*args, **common)
     return _ffn_dense(*args, **common)
+
+
+def _xla(x, weights, expert_ids, w_gate, w_up, w_down, *, capacity_factor, drop_priority, config):
+    return moe_ffn_xla(
+        x, weights, expert_ids, w_gate, w_up, w_down,
+        capacity=capacity_of(expert_ids, w_gate, capacity_factor), drop_priority=drop_priority,
+        strategy=config.strategy, row_align=int(config.row_align), block_rows=int(config.block_rows),
+    )  # fmt: skip
+
+
+IMPLEMENTATION = registry.Implementation("xla", _xla, platforms=registry.PLATFORMS, config=Config)

@@ -43,7 +43,7 @@ Implementations (`impl=`; `kernels.available_impls("paged_attention")` lists tho
     reference.py   validation, layout bridges (`gather_kv`, `dequantize_pages`) and the NumPy reference
     xla.py         the portable path: page blocks with an online softmax and a log-sum-exp split merge
     cpu_native.py  the C++ decode kernel through XLA's FFI (decode, float32 q and pages)
-    pallas_gpu.py  the Pallas (Triton) kernel for GPUs, interpreted on the CPU
+    pallas_triton.py  the Pallas (Triton) kernel for GPUs, interpreted on the CPU
     kv_cache.py    the paged cache itself: PageAllocator, write_kv, copy_pages
 `impl="auto"` picks, per platform at lowering (`jax.lax.platform_dependent`, so the same jitted function
 exports for every platform): on the CPU the native kernel for the cases it serves when the library is built
@@ -60,8 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import cpu, registry
-from kernels.paged_attention.cpu_native import native_unsupported, paged_decode_native
+from kernels import registry
+from kernels.cost import Cost, itemsize
 from kernels.paged_attention.kv_cache import (
     OutOfPages,
     PageAllocator,
@@ -69,7 +69,6 @@ from kernels.paged_attention.kv_cache import (
     validate_write_kv_inputs,
     write_kv,
 )
-from kernels.paged_attention.pallas_gpu import paged_attention_pallas, pallas_unsupported
 from kernels.paged_attention.reference import (
     FLOAT_DTYPES,
     QUANT_DTYPES,
@@ -78,8 +77,6 @@ from kernels.paged_attention.reference import (
     paged_attention_reference,
     validate_paged_attention_inputs,
 )
-from kernels.paged_attention.xla import PREFILL_BLOCK_TOKENS, auto_block_pages, paged_attention_xla
-from roofline.counters import Cost, itemsize
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -113,136 +110,37 @@ def paged_attention(
     k_scale: jax.Array | float | None = None,
     v_scale: jax.Array | float | None = None,
     impl: str = "auto",
-    q_tile: int | None = None,
-    block_pages: int | None = None,
-    num_splits: int | None = None,
+    config: Any = None,
 ) -> jax.Array:
     """Attention of q over a paged KV cache; conventions and layouts in the module docstring.
 
     q: [T, H, D] -> [T, H, D] in q's dtype. Jittable: T, B and max_pages are static; kv_lens, q_lens and
-    block_tables are dynamic. Tunables (keyword-only, static): `q_tile` query tokens per tile (default 1 for
-    decode, 32 otherwise), `block_pages` pages gathered per step (default: about 1 MiB of keys for decode,
-    256 keys for multi-token tiles), `num_splits`
-    context splits merged by log-sum-exp (default: enough to give 16 tile × kv-head units of work).
+    block_tables are dynamic. `impl`: a name of `kernels.available_impls("paged_attention")`, "auto" or
+    "pallas" (see `kernels.registry`). `config`: the tiling of the implementation it is the Config of
+    (`kernels.paged_attention.xla.Config`, `...pallas_triton.Config`); default: chosen from the shapes.
     """
     registry.check_impl("paged_attention", impl)
-    if impl == "reference":  # the reference validates its inputs itself
-        arrays = (q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale, v_scale)
-        registry.require_concrete("paged_attention", *arrays)
-        host = [None if a is None else np.asarray(a) for a in arrays]
-        out = paged_attention_reference(
-            *host[:5],
-            q_lens=host[5],
-            scale=scale,
-            soft_cap=soft_cap,
-            sliding_window=sliding_window,
-            alibi_slopes=host[6],
-            k_scale=host[7],
-            v_scale=host[8],
+    options = dict(
+        q_lens=q_lens, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
+    )  # fmt: skip
+    if impl == "reference":  # the reference validates its (concrete) inputs itself
+        return registry.dispatch(
+            "paged_attention", impl, q, k_pages, v_pages, kv_lens, block_tables, **options
         )
-        return jnp.asarray(out)
-    validate_paged_attention_inputs(
-        q,
-        k_pages,
-        v_pages,
-        kv_lens,
-        block_tables,
-        q_lens=q_lens,
-        scale=scale,
-        soft_cap=soft_cap,
-        sliding_window=sliding_window,
-        alibi_slopes=alibi_slopes,
-        k_scale=k_scale,
-        v_scale=v_scale,
-    )
-    for name, v in (("q_tile", q_tile), ("block_pages", block_pages), ("num_splits", num_splits)):
-        if v is not None and (not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name}={v!r} must be an integer >= 1")
-    t_total, _, d = q.shape
-    _, s, kh, _ = k_pages.shape
-    b, max_pages = block_tables.shape
-    decode = q_lens is None
+    validate_paged_attention_inputs(q, k_pages, v_pages, kv_lens, block_tables, **options)
     # The arguments every implementation takes, normalized once.
-    arrays = (q, k_pages, v_pages, jnp.asarray(kv_lens), jnp.asarray(block_tables))
-    slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes)
-    logit_kw = dict(
-        scale=1.0 / math.sqrt(d) if scale is None else float(scale),
+    return registry.dispatch(
+        "paged_attention", impl, q, k_pages, v_pages, jnp.asarray(kv_lens), jnp.asarray(block_tables),
+        q_lens=None if q_lens is None else jnp.asarray(q_lens),
+        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
         soft_cap=None if soft_cap is None else float(soft_cap),
         sliding_window=None if sliding_window is None else int(sliding_window),
-    )
-    q_lens = None if q_lens is None else jnp.asarray(q_lens)
-    k_scale = None if k_scale is None else jnp.asarray(k_scale, jnp.float32)
-    v_scale = None if v_scale is None else jnp.asarray(v_scale, jnp.float32)
-
-    def pallas(*arrays):
-        return paged_attention_pallas(
-            *arrays,
-            q_lens=q_lens,
-            alibi_slopes=slopes,
-            k_scale=k_scale,
-            v_scale=v_scale,
-            pages_per_block=block_pages,
-            num_splits=num_splits,
-            q_block=None if decode else q_tile,
-            **logit_kw,
-        )
-
-    pallas_reason = pallas_unsupported(q, k_pages, v_pages, q_lens=q_lens)
-    if impl == "pallas":
-        if pallas_reason is not None:
-            raise ValueError(f"impl='pallas' does not support {pallas_reason}; use impl='auto' or 'xla'")
-        return pallas(*arrays)
-    qt = 1 if decode else (q_tile or 32)
-    tiles = b if decode else -(-t_total // qt) + b
-    if num_splits is None:
-        num_splits = max(1, min(16 // max(1, tiles * kh), max_pages))
-    if block_pages is None and decode:
-        block_pages = auto_block_pages(tiles, s, kh, d, num_splits)
-    elif block_pages is None:
-        # Multi-token tiles are compute-bound: larger blocks make larger dots.
-        block_pages = max(1, PREFILL_BLOCK_TOKENS // s)
-        block_pages = min(block_pages, max(1, -(-max_pages // num_splits)))
-
-    reason = native_unsupported(q, k_pages, v_pages, q_lens=q_lens)
-    if impl == "cpu_native":
-        if reason is not None:
-            raise ValueError(f"impl='cpu_native' does not support {reason}; use impl='auto' or 'xla'")
-        why = cpu.load()
-        if why is not None:
-            raise RuntimeError(f"impl='cpu_native' needs the native CPU library: {why}")
-    # auto never picks a native path slower than the XLA path on this CPU (the scalar fallback).
-    native = impl == "cpu_native" or (
-        impl == "auto" and reason is None and cpu.available() and cpu.fast_enough("paged_attention")
-    )
-
-    def portable(*arrays):
-        return paged_attention_xla(
-            *arrays,
-            q_lens,
-            slopes,
-            k_scale,
-            v_scale,
-            q_tile=qt,
-            block_pages=int(block_pages),
-            num_splits=int(num_splits),
-            decode=decode,
-            **logit_kw,
-        )
-
-    def native_decode(*arrays):
-        # The platform choice is made here, once (or forced by impl="cpu_native").
-        return paged_decode_native(*arrays, slopes, **logit_kw)
-
-    if impl == "cpu_native":
-        return native_decode(*arrays)
-    if impl != "auto":
-        return portable(*arrays)
-    return registry.per_platform(
-        *arrays,
-        xla=portable,
-        cpu=native_decode if native else None,
-        gpu=pallas if pallas_reason is None else None,
-    )
+        alibi_slopes=None if alibi_slopes is None else jnp.asarray(alibi_slopes),
+        k_scale=None if k_scale is None else jnp.asarray(k_scale, jnp.float32),
+        v_scale=None if v_scale is None else jnp.asarray(v_scale, jnp.float32),
+        config=config,
+    )  # fmt: skip
 
 
 def paged_attention_cost(

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from kernels import cpu
+from kernels import cpu, registry
 from kernels.paged_attention.reference import shape_dtype
 
 
@@ -49,3 +49,27 @@ def paged_decode_native(
         sliding_window=sliding_window,
     )
     return out.astype(q.dtype)
+
+
+def _supports(q, k_pages, v_pages, kv_lens, block_tables, *, q_lens=None, **options):
+    return native_unsupported(q, k_pages, v_pages, q_lens=q_lens)
+
+
+def _native(
+    q, k_pages, v_pages, kv_lens, block_tables, *, alibi_slopes, scale, soft_cap, sliding_window, config, **_
+):
+    del config
+    return paged_decode_native(
+        q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes,
+        scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+    )  # fmt: skip
+
+
+IMPLEMENTATION = registry.Implementation(
+    "cpu_native",
+    _native,
+    platforms=("cpu",),
+    supports=_supports,
+    available=registry.native_library_missing,
+    prefer=lambda *args, **kwargs: registry.native_slower("paged_attention"),
+)

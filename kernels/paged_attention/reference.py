@@ -1,7 +1,7 @@
 """Paged attention, the semantics: validation, the layout bridges and the NumPy reference.
 
 What is computed, the layouts and the checks are described in `kernels.paged_attention` (the package
-docstring); every implementation (`xla.py`, `cpu_native.py`, `pallas_gpu.py`) follows them, and the shared
+docstring); every implementation (`xla.py`, `cpu_native.py`, `pallas_triton.py`) follows them, and the shared
 test suite (tests/kernels/paged_attention/) holds each of them to `paged_attention_reference`.
 """
 
@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+
+from kernels import registry
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 QUANT_DTYPES = (np.dtype(np.int8), np.dtype(ml_dtypes.float8_e4m3fn))
@@ -234,3 +236,18 @@ def paged_attention_reference(
                 out[row] = np.einsum("hn,nhd->hd", w, values[keep])
             row += 1
     return out.astype(q_dtype)
+
+
+def _reference(q, k_pages, v_pages, kv_lens, block_tables, *, config, **options):
+    """impl="reference": the NumPy reference on host copies (it validates its arguments itself)."""
+    del config
+    arrays = (q, k_pages, v_pages, kv_lens, block_tables, *options.values())
+    registry.require_concrete("paged_attention", *arrays)
+    host = {k: None if v is None else np.asarray(v) for k, v in options.items()}
+    out = paged_attention_reference(*(np.asarray(a) for a in arrays[:5]), **host)
+    return jnp.asarray(out)
+
+
+IMPLEMENTATION = registry.Implementation(
+    "reference", _reference, platforms=registry.PLATFORMS, traceable=False
+)

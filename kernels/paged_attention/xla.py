@@ -11,11 +11,14 @@ sized to stay in cache (`block_pages`). Axes as in the package docstring; R = q_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from kernels import registry
 from kernels.precision import highest_precision
 
 # Bytes of K gathered per block step: large enough to amortize the loop, small enough to stay in cache.
@@ -188,3 +191,55 @@ def paged_attention_xla(
     dest = jnp.where(row_ok, rows, t_total).reshape(-1)  # invalid rows are dropped
     res = jnp.zeros((t_total, h, d), f32).at[dest].set(out, mode="drop")
     return res.astype(q.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tiling of the XLA path; a field left None is chosen from the call's shapes (`resolve`).
+
+    q_tile       query tokens per tile (1 for decode; default 32 for multi-token queries).
+    block_pages  pages gathered per block step (default: about 1 MiB of keys for decode, 256 keys for
+                 multi-token tiles).
+    num_splits   context splits merged by log-sum-exp (default: enough for 16 tile × kv-head units of work).
+    """
+
+    q_tile: int | None = None
+    block_pages: int | None = None
+    num_splits: int | None = None
+
+    def __post_init__(self) -> None:
+        registry.check_positive_ints(self, "q_tile", "block_pages", "num_splits")
+
+    def resolve(
+        self, q: Any, k_pages: Any, v_pages: Any, kv_lens: Any, block_tables: Any, **options: Any
+    ) -> Config:
+        t_total = q.shape[0]
+        _, s, kh, d = k_pages.shape
+        b, max_pages = block_tables.shape
+        decode = options.get("q_lens") is None
+        qt = 1 if decode else (self.q_tile or 32)
+        tiles = b if decode else -(-t_total // qt) + b
+        num_splits = self.num_splits
+        if num_splits is None:
+            num_splits = max(1, min(16 // max(1, tiles * kh), max_pages))
+        block_pages = self.block_pages
+        if block_pages is None and decode:
+            block_pages = auto_block_pages(tiles, s, kh, d, num_splits)
+        elif block_pages is None:
+            # Multi-token tiles are compute-bound: larger blocks make larger dots.
+            block_pages = max(1, PREFILL_BLOCK_TOKENS // s)
+            block_pages = min(block_pages, max(1, -(-max_pages // num_splits)))
+        return Config(q_tile=qt, block_pages=int(block_pages), num_splits=int(num_splits))
+
+
+def _xla(
+    q, k_pages, v_pages, kv_lens, block_tables, *, q_lens, alibi_slopes, k_scale, v_scale, config, **logit
+):
+    return paged_attention_xla(
+        q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale, v_scale,
+        q_tile=config.q_tile, block_pages=config.block_pages, num_splits=config.num_splits,
+        decode=q_lens is None, **logit,
+    )  # fmt: skip
+
+
+IMPLEMENTATION = registry.Implementation("xla", _xla, platforms=registry.PLATFORMS, config=Config)

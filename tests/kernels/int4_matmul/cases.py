@@ -7,7 +7,7 @@ import pytest
 
 from kernels.int4_matmul import int4_matmul, int4_matmul_reference
 from kernels.int4_matmul.cpu_native import native_unsupported
-from kernels.int4_matmul.pallas_gpu import pallas_unsupported
+from kernels.int4_matmul.pallas_triton import pallas_unsupported
 from quant import Int4Weight, quantize_rtn
 from tests.tolerances import NATIVE_INT4_NERR, normalized_error, tolerance
 

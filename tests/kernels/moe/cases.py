@@ -12,7 +12,7 @@ from kernels.moe import (
     moe_ffn,
     moe_ffn_reference,
 )
-from kernels.moe.pallas_gpu import pallas_unsupported
+from kernels.moe.pallas_triton import pallas_unsupported
 from quant.format import Int4Weight
 from tests.tolerances import (
     normalized_error,

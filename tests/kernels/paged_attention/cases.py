@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from kernels import paged_attention, paged_attention_reference, write_kv
 from kernels.paged_attention.cpu_native import native_unsupported
-from kernels.paged_attention.pallas_gpu import pallas_unsupported
+from kernels.paged_attention.pallas_triton import pallas_unsupported
 from tests.tolerances import assert_close
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)

@@ -53,6 +53,7 @@ Dp = D padded to a power of two, P pages, S page size, N query tiles, R rows of 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -63,6 +64,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.interpreters import batching, mlir
+
+from kernels import registry
 
 _F32 = jnp.float32
 # Head dims the kernel pads to a power of two (Triton tiles are powers of two); at least 16 for tl.dot.
@@ -637,3 +640,41 @@ def paged_attention_pallas(
         num_stages=int(num_stages or tun["num_stages"]),
         interpret=interpret,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tunables of the Pallas Triton kernel; a field left None takes `default_tunables`' choice.
+
+    q_tile       query tokens per tile for multi-token queries (decode: always 1).
+    block_pages  pages per block step (the block is block_pages × S keys, rounded up to a power of two).
+    num_splits   context splits per (tile, kv head), merged by log-sum-exp.
+    num_warps, num_stages  Triton launch parameters.
+    """
+
+    q_tile: int | None = None
+    block_pages: int | None = None
+    num_splits: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self) -> None:
+        registry.check_positive_ints(self, "q_tile", "block_pages", "num_splits", "num_warps", "num_stages")
+
+
+def _supports(q, k_pages, v_pages, kv_lens, block_tables, *, q_lens=None, **options):
+    return pallas_unsupported(q, k_pages, v_pages, q_lens=q_lens)
+
+
+def _pallas(q, k_pages, v_pages, kv_lens, block_tables, *, q_lens, config, **options):
+    return paged_attention_pallas(
+        q, k_pages, v_pages, kv_lens, block_tables, q_lens=q_lens, **options,
+        pages_per_block=config.block_pages, num_splits=config.num_splits,
+        q_block=None if q_lens is None else config.q_tile,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+
+
+IMPLEMENTATION = registry.Implementation(
+    "pallas_triton", _pallas, platforms=("cpu", "cuda", "rocm"), supports=_supports, config=Config
+)

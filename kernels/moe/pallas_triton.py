@@ -28,7 +28,7 @@ TF32). h is stored in the weights' dtype, as the XLA strategies do.
 
 Quantized experts (stacks of `quant.Int4Weight`, leaves with a leading expert axis; bits 4, or 3 in the
 4-bit container): each K tile reads the expert's packed bytes [block_k / 2, block_n] and runs the INT4
-kernel's tile step `kernels.int4_matmul.pallas_gpu.int4_tile_dot` (nibbles unpacked in registers, the
+kernel's tile step `kernels.int4_matmul.pallas_triton.int4_tile_dot` (nibbles unpacked in registers, the
 dots on (code - zero) in the activation dtype, the group scale applied to the [block_m, block_n] product),
 with the activation's even and odd columns read by strided loads and divided by the AWQ activation
 scales if any. Float experts are never materialized. block_k divides the group size (so a K tile lies
@@ -59,6 +59,7 @@ Axis legend: `A` dispatched rows, `E` experts, `d` model width, `f` expert hidde
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any
@@ -72,8 +73,10 @@ from jax.experimental.pallas import triton as plgpu
 from jax.extend import core as jex_core
 from jax.interpreters import batching, mlir
 
-from kernels.int4_matmul.pallas_gpu import dot_precision, int4_tile_dot
+from kernels import registry
+from kernels.int4_matmul.pallas_triton import dot_precision, int4_tile_dot
 from kernels.int4_matmul.xla import zero_cotangent
+from kernels.moe.reference import capacity_of
 from quant.format import Int4Weight, codes_per_byte, symmetric_zero
 
 __all__ = [
@@ -860,3 +863,34 @@ def _moe_ffn_pallas(x, weights, expert_ids, wg, wu, wd, *, capacity, drop_priori
     _validate(xs, plan.group_sizes, wg, wu, wd, interpret)
     ys = _grouped_ffn(xs, plan.group_sizes, wg, wu, wd, blocks, interpret)
     return combine(ys[:num_rows], weights, plan).astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tiles of the Pallas Triton grouped GEMMs; a field left None takes the default by shape and dtype."""
+
+    block_m: int | None = None
+    block_n: int | None = None
+    block_k: int | None = None
+
+    def __post_init__(self) -> None:
+        registry.check_positive_ints(self, "block_m", "block_n", "block_k")
+
+
+def _supports(x, weights, expert_ids, w_gate, w_up, w_down, *, capacity_factor=None, **_):
+    return pallas_unsupported(
+        x, w_gate, w_up, w_down, capacity=capacity_of(expert_ids, w_gate, capacity_factor)
+    )
+
+
+def _pallas(x, weights, expert_ids, w_gate, w_up, w_down, *, capacity_factor, drop_priority, config):
+    return moe_ffn_pallas(
+        x, weights, expert_ids, w_gate, w_up, w_down,
+        capacity=capacity_of(expert_ids, w_gate, capacity_factor), drop_priority=drop_priority,
+        **dataclasses.asdict(config),
+    )  # fmt: skip
+
+
+IMPLEMENTATION = registry.Implementation(
+    "pallas_triton", _pallas, platforms=("cpu", "cuda", "rocm"), supports=_supports, config=Config
+)

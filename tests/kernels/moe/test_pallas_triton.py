@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kernels import expert_capacity, moe_ffn, moe_ffn_reference
-from kernels.moe.pallas_gpu import (
+from kernels.moe.pallas_triton import (
     grouped_ffn_pallas,
     launch_order,
     moe_ffn_pallas,

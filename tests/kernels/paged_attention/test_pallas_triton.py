@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from kernels import paged_attention_reference
-from kernels.paged_attention.pallas_gpu import default_tunables, paged_attention_pallas, pallas_unsupported
+from kernels.paged_attention.pallas_triton import default_tunables, paged_attention_pallas, pallas_unsupported
 from tests.tolerances import assert_close, normalized_error, tolerance
 
 F8 = np.dtype(ml_dtypes.float8_e4m3fn)

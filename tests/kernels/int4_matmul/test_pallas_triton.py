@@ -1,4 +1,4 @@
-"""The Pallas W4A16 kernel (kernels/int4_matmul/pallas_gpu.py) in interpret mode, and its cuda lowering.
+"""The Pallas W4A16 kernel (kernels/int4_matmul/pallas_triton.py) in interpret mode, and its cuda lowering.
 
 Interpret mode is slow on the CPU: tiny shapes (K = 256, N = 96) and one weight variant per test, each
 compared against the dequantized float64 reference with the normalized error of tests/tolerances.py.
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels import available_impls, int4_matmul, int4_matmul_reference
-from kernels.int4_matmul import pallas_gpu as pg
+from kernels.int4_matmul import pallas_triton as pg
 from tests.kernels.int4_matmul.cases import VARIANTS as CASE_VARIANTS
 from tests.kernels.int4_matmul.cases import K, N, make_weight
 from tests.tolerances import normalized_error, tolerance

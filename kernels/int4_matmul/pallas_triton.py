@@ -81,6 +81,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 from jax.interpreters import batching, mlir
 
+from kernels import registry
 from kernels.int4_matmul.xla import scan_matmul_transposed, zero_cotangent
 from kernels.precision import highest_precision
 from quant.format import Int4Weight, symmetric_zero
@@ -101,7 +102,7 @@ MAX_MATVEC_ROWS = 8
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Tiling:
     """Static tiling of one call: tile sizes, K split and Triton launch parameters.
 
     block_m >= 16 runs tensor-core dots on [block_m, bn] output tiles; block_m in (1, 2, 4, 8) runs the
@@ -170,7 +171,7 @@ def choose_config(
     block_n: int | None = None,
     block_k: int | None = None,
     split_k: int | None = None,
-) -> Config:
+) -> Tiling:
     """Default tiles by shape and x's dtype (any given value overrides its default after validation).
 
     - float32 x with M ≤ 8: the matrix-vector kernel, bm = M rounded up to a power of two. IEEE float32 dots
@@ -239,7 +240,7 @@ def choose_config(
         num_warps, num_stages = 4, 4
     else:
         num_warps, num_stages = (8 if block_m * block_n >= 128 * 128 else 4), 3
-    return Config(block_m, block_n, block_k, split_k, num_warps, num_stages)
+    return Tiling(block_m, block_n, block_k, split_k, num_warps, num_stages)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ class _Spec:
     """Everything static about one pallas_call: the tiling, the group size, the symmetric zero (None when
     zero points are passed), K, N, the padded rows Mp and x's dtype."""
 
-    cfg: Config
+    cfg: Tiling
     group_size: int
     sym_zero: int | None
     k: int
@@ -516,7 +517,7 @@ batching.primitive_batchers[_int4_pallas_p] = _batch_rule
 
 
 def _forward(
-    x, packed, scales, zeros, *, group_size: int, sym_zero: int, cfg: Config, interpret: bool | None
+    x, packed, scales, zeros, *, group_size: int, sym_zero: int, cfg: Tiling, interpret: bool | None
 ):
     """x: [M, K] -> [M, N] in x's dtype (no custom VJP)."""
     m, k = x.shape
@@ -670,3 +671,25 @@ def _weight_matmul(x: jax.Array, w: Int4Weight, **tunables: Any) -> jax.Array:
         **tunables,
     )
     return y.reshape(*x.shape[:-1], n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tiles of the Pallas Triton INT4 kernel; a field left None takes `choose_config`'s choice by shape."""
+
+    block_m: int | None = None
+    block_n: int | None = None
+    block_k: int | None = None
+    split_k: int | None = None
+
+    def __post_init__(self) -> None:
+        registry.check_positive_ints(self, "block_m", "block_n", "block_k", "split_k")
+
+
+def _pallas(x: jax.Array, w: Int4Weight, *, config: Config) -> jax.Array:
+    return _weight_matmul(x, w, **dataclasses.asdict(config))
+
+
+IMPLEMENTATION = registry.Implementation(
+    "pallas_triton", _pallas, platforms=("cpu", "cuda", "rocm"), supports=pallas_unsupported, config=Config
+)
