@@ -23,14 +23,12 @@ XLA's `compiled.cost_analysis()` counts differently, and `xla_cost` / `compare_w
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from kernels.cost import Cost, itemsize
-from roofline.hardware import Chip
 
 
 def dtype_name(dtype: Any) -> str:

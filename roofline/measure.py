@@ -17,7 +17,9 @@ kernels on the default JAX device, at the shapes of one layer, with random data 
   int4 experts are stacks of Int4Weight (moe_ffn runs them through int4_matmul); for bf16 weights the
   experts are bf16 on a GPU or TPU and float32 on the CPU.
 Each component's `Measurement.impls` entry names the kernel and the implementation it ran, e.g.
-"int4_matmul[xla]" (what `impl="auto"` picks, from `kernels.registry.auto_impl` where the registry has it).
+"int4_matmul[xla]": `kernels.registry.auto_impl` asked with the very arguments the component passes to
+the kernel (the registry's one `impl="auto"` decision; nothing here re-derives it). Plain dots are
+"dot[xla, ...]".
 Each component is timed with `roofline.timing.time_fn`, rotating copies of its weights so that they come
 from memory, not cache. The step is Σ count × measured time (one layer's time × layers), so a model
 too large for this machine is still measured: only one layer's weights are ever allocated, and the
@@ -126,57 +128,25 @@ def on_accelerator() -> bool:
     return jax.devices()[0].platform != "cpu"
 
 
-def auto_impl_name(op: str) -> str:
-    """The implementation `impl="auto"` runs for `op` on the default backend, or "auto" when the kernels'
-    registry does not say."""
-    try:
-        from kernels.registry import auto_impl
-    except ImportError:
-        return "auto"
-    try:
-        return str(auto_impl(op))
-    except (TypeError, ValueError):
-        return "auto"
+def _kernel(op: str, *args: Any, **kwargs: Any) -> str:
+    """`op[impl]`: the implementation `impl="auto"` runs for these arguments, as the registry decides it."""
+    from kernels.registry import auto_impl
+
+    return f"{op}[{auto_impl(op, *args, **kwargs)}]"
 
 
-def component_impls(
-    model: ModelShape, weights: str, native_bf16: bool, *, kv: str = "bf16", batch: int = 1
-) -> dict[str, str]:
-    """Per component, the kernel it runs and its implementation, e.g. "int4_matmul[xla]".
-
-    `impl="auto"` names the backend it prefers on this device; where that backend does not take this
-    component's inputs (the native CPU decode kernel reads float32 pages only; the native MoE forward takes
-    float32 experts, and on AVX2 at most NATIVE_MAX_TOKENS tokens), the call runs the XLA path.
-    """
-    bf16_dot = "dot[xla, bf16]" if native_bf16 else "dot[xla, bf16 in float32 blocks]"
-    dense = {"int4": f"int4_matmul[{auto_impl_name('int4_matmul')}]", "bf16": bf16_dot}.get(
-        weights, "dot[xla, fp32]"
-    )
-
-    def served(op: str, native_ok: bool) -> str:
-        name = auto_impl_name(op)
-        return "xla" if name == "cpu_native" and not native_ok else name
-
-    attention = served("paged_attention", kv == "fp32" and not native_bf16)
-    moe_native = weights != "int4" and not native_bf16 and _native_moe_takes(batch)
-    return {
-        "qkv_proj": dense,
-        "attention": f"paged_attention[{attention}]",
-        "o_proj": dense,
-        "mlp": dense,
-        "moe_router": f"{bf16_dot} + route[xla]",
-        "moe_experts": f"moe_ffn[{served('moe_ffn', moe_native)}]"
-        + (f" + int4_matmul[{auto_impl_name('int4_matmul')}]" if weights == "int4" else ""),
-        "lm_head": bf16_dot,
-    }
+def _matmul_impl(x: Any, w: Any, native_bf16: bool) -> str:
+    """What `_matmul_any(x, w, native_bf16)` runs: the INT4 kernel, or a plain dot."""
+    if not isinstance(w, jax.Array):
+        return _kernel("int4_matmul", x, w)
+    if w.dtype == jnp.bfloat16:
+        return "dot[xla, bf16]" if native_bf16 else "dot[xla, bf16 in float32 blocks]"
+    return "dot[xla, fp32]"
 
 
-def _native_moe_takes(tokens: int) -> bool:
-    """Whether the native MoE forward's token rule admits this many tokens on this CPU's ISA path."""
-    from kernels import cpu
-    from kernels.moe.xla import NATIVE_MAX_TOKENS, NATIVE_PREFILL_ISAS
-
-    return tokens <= NATIVE_MAX_TOKENS or cpu.isa() in NATIVE_PREFILL_ISAS
+def _joined(labels: list[str]) -> str:
+    """One label for a component of several calls: each distinct kernel[impl] once, in call order."""
+    return " + ".join(dict.fromkeys(labels))
 
 
 def _nbytes(tree: Any) -> int:
@@ -185,11 +155,13 @@ def _nbytes(tree: Any) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One component's jitted function and its inputs; weights are rotated, activations shared."""
+    """One component's jitted function and its inputs; weights are rotated, activations shared. `impl` names
+    the kernel and implementation each call runs, e.g. "int4_matmul[xla]"."""
 
     fn: Callable
     weights: Any
     activations: tuple
+    impl: str = ""
 
 
 def _time_case(case: Case, min_time_s: float) -> float:
@@ -220,6 +192,9 @@ def _cases(
     def _matmul(a: jax.Array, w: Any) -> jax.Array:
         return _matmul_any(a, w, native_bf16)
 
+    def _impl(a: Any, w: Any) -> str:
+        return _matmul_impl(a, w, native_bf16)
+
     def activations(*shape: int) -> jax.Array:
         return jnp.asarray(rng.standard_normal(shape, dtype=np.float32), act)
 
@@ -229,25 +204,31 @@ def _cases(
     def qkv() -> Case:
         ws = [_make_weight(k, n, weights, rng) for name, (k, n) in shapes.items() if name != "o"]
         xs = tuple(activations(batch, k) for name, (k, _) in shapes.items() if name != "o")
-        return Case(jax.jit(lambda ws, *xs: [_matmul(a, w) for a, w in zip(xs, ws, strict=True)]), ws, xs)
+        return Case(
+            jax.jit(lambda ws, *xs: [_matmul(a, w) for a, w in zip(xs, ws, strict=True)]),
+            ws,
+            xs,
+            _joined([_impl(a, w) for a, w in zip(xs, ws, strict=True)]),
+        )
 
     def o_proj() -> Case:
         k, n = shapes["o"]
-        return Case(
-            jax.jit(lambda w, a: _matmul(a, w)),
-            _make_weight(k, n, weights, rng),
-            (activations(batch, k),),
-        )
+        w, a = _make_weight(k, n, weights, rng), activations(batch, k)
+        return Case(jax.jit(lambda w, a: _matmul(a, w)), w, (a,), _impl(a, w))
 
     def mlp() -> Case:
         f = model.ffn
         ws = (_make_weight(h, 2 * f, weights, rng), _make_weight(f, h, weights, rng))
 
-        def fn(ws, x):
+        def hidden(ws, x):
             gu = _matmul(x, ws[0])
-            return _matmul(jax.nn.silu(gu[:, :f]) * gu[:, f:], ws[1])
+            return jax.nn.silu(gu[:, :f]) * gu[:, f:]
 
-        return Case(jax.jit(fn), ws, (x,))
+        def fn(ws, x):
+            return _matmul(hidden(ws, x), ws[1])
+
+        impl = _joined([_impl(x, ws[0]), _impl(jax.eval_shape(hidden, ws, x), ws[1])])
+        return Case(jax.jit(fn), ws, (x,), impl)
 
     def attention() -> Case:
         if model.is_mla:
@@ -276,7 +257,8 @@ def _cases(
         def fn(kv_pages, q, lens, bt):
             return paged_attention(q, kv_pages[0], kv_pages[1], lens, bt, **kv_pages[2])
 
-        return Case(jax.jit(fn), (*pages, scales), (q, lens, bt))
+        impl = _kernel("paged_attention", q, pages[0], pages[1], lens, bt, **scales)
+        return Case(jax.jit(fn), (*pages, scales), (q, lens, bt), impl)
 
     def router_logits(xr: jax.Array, wr: jax.Array, popularity: jax.Array) -> jax.Array:
         return _matmul(xr, wr) + popularity
@@ -295,7 +277,7 @@ def _cases(
         def fn(wr, x):
             return route(router_logits(x, wr, popularity), top_k=model.top_k, **route_kw())
 
-        return Case(jax.jit(fn), wr, (x,))
+        return Case(jax.jit(fn), wr, (x,), f"{_impl(x, wr)} + route[xla]")
 
     def moe_experts() -> Case:
         e, f = model.experts + model.shared_experts, model.moe_ffn
@@ -327,10 +309,11 @@ def _cases(
         def fn(ws, x, rw, ids):
             return moe_ffn(x, rw, ids, *ws)
 
-        return Case(jax.jit(fn), ws, (x, rw, ids))
+        return Case(jax.jit(fn), ws, (x, rw, ids), _kernel("moe_ffn", x, rw, ids, *ws))
 
     def lm_head() -> Case:
-        return Case(jax.jit(lambda w, a: _matmul(a, w)), _make_weight(h, model.vocab, "bf16", rng), (x,))
+        w = _make_weight(h, model.vocab, "bf16", rng)
+        return Case(jax.jit(lambda w, a: _matmul(a, w)), w, (x,), _impl(x, w))
 
     return {
         "qkv_proj": qkv,
@@ -379,12 +362,13 @@ def measure_step(
     names = [c.name for c in comps]
     rng = np.random.default_rng(seed)
     builders = _cases(model, batch, context, weights, kv, rng, native_bf16)
-    measured = {}
+    measured, impls = {}, {}
     for i, name in enumerate(names):
         if progress:
             _progress(i, len(names), name)
         case = builders[name]()
         measured[name] = _time_case(case, min_time_s)
+        impls[name] = case.impl
         del case
     if progress:
         _progress(len(names), len(names), "done")
@@ -415,11 +399,4 @@ def measure_step(
         notes.append("MLA attention measured as one kv head of kv_lora_rank + rope dims, values included")
     if model.is_moe and weights == "bf16" and not native_bf16:
         notes.append("MoE experts measured with float32 weights (2x the bytes of bf16)")
-    impls = component_impls(model, weights, native_bf16, kv=kv, batch=batch)
-    return Measurement(
-        estimate=est,
-        measured_s=measured,
-        fits=fits,
-        notes=tuple(notes),
-        impls={name: impls[name] for name in names},
-    )
+    return Measurement(estimate=est, measured_s=measured, fits=fits, notes=tuple(notes), impls=impls)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from roofline.__main__ import main
+from roofline.cli import main
 
 
 def test_json_report(tmp_path, capsys):
@@ -150,7 +150,7 @@ def test_every_measure_option_is_validated_before_measuring(args, message, capsy
 
 
 def test_measure_prices_parse_like_report_prices():
-    from roofline.__main__ import _prices
+    from roofline.cli import _prices
 
     assert _prices(["host=0.10,h100-sxm=2.0"], bare="host") == {"host": 0.10, "h100-sxm": 2.0}
     assert _prices(["0.25"], bare="host") == {"host": 0.25}

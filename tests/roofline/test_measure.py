@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from roofline import MODELS, estimate
-from roofline.__main__ import main
+from roofline import estimate
+from roofline.cli import main
 from roofline.hardware import Chip
 from roofline.measure import measure_step
 from roofline.models import ModelShape
@@ -79,7 +79,7 @@ def test_moe_experts_too_large_to_measure_are_refused_clearly(monkeypatch):
 
 def test_measure_cli_json(tmp_path, capsys, monkeypatch):
     # The command's own path, on the tiny model and chip (the real host measurement is tested elsewhere).
-    import roofline.__main__ as cli
+    import roofline.cli as cli
 
     monkeypatch.setattr(cli, "measure_host", lambda **kw: CHIP)
     monkeypatch.setattr(cli, "get_model", lambda name: TINY)
@@ -160,7 +160,7 @@ def test_native_bf16_dot_and_the_cpu_workaround_match_the_numpy_product():
 def test_measure_cli_reports_the_datasheet_fraction_of_a_recognized_chip(capsys, monkeypatch):
     import dataclasses
 
-    import roofline.__main__ as cli
+    import roofline.cli as cli
     from roofline import CHIPS
 
     recognized = dataclasses.replace(CHIP, catalogue_entry="h200")
@@ -182,13 +182,24 @@ def test_measure_cli_reports_the_datasheet_fraction_of_a_recognized_chip(capsys,
 
 
 def test_component_impls_name_what_runs_for_these_inputs():
-    """The native CPU decode kernel reads float32 pages only: with bf16 pages the label says xla."""
-    from kernels.registry import auto_impl
-    from roofline.measure import component_impls
+    """The label is the registry's `auto_impl` for the component's own arguments: the native CPU decode kernel
+    reads float32 pages only, so with bf16 pages the label says xla."""
+    import jax
+    import jax.numpy as jnp
 
-    model = MODELS["llama-3-8b"]
-    preferred = auto_impl("paged_attention")
-    fp32 = component_impls(model, "int4", False, kv="fp32")["attention"]
-    bf16 = component_impls(model, "int4", False, kv="bf16")["attention"]
-    assert fp32 == f"paged_attention[{preferred}]"
-    assert bf16 == "paged_attention[xla]" if preferred == "cpu_native" else f"paged_attention[{preferred}]"
+    from kernels.registry import auto_impl
+    from roofline.measure import PAGE_SIZE
+
+    labels = {}
+    for kv, dtype in (("fp32", jnp.float32), ("bf16", jnp.bfloat16)):
+        m = measure_step(
+            TINY, CHIP, batch=1, context=16, weights="int4", kv=kv, min_time_s=0.0, progress=False
+        )
+        q = jax.ShapeDtypeStruct((1, TINY.heads, TINY.head_dim), dtype)
+        pages = jax.ShapeDtypeStruct((1, PAGE_SIZE, TINY.kv_heads, TINY.head_dim), dtype)
+        lens, bt = jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((1, 1), jnp.int32)
+        labels[kv] = auto_impl("paged_attention", q, pages, pages, lens, bt)
+        assert m.impls["attention"] == f"paged_attention[{labels[kv]}]"
+    assert labels["bf16"] != "cpu_native"
+    if labels["fp32"] == "cpu_native":
+        assert labels["bf16"] == "xla"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from roofline.__main__ import _request_host_devices, main
+from roofline.cli import _request_host_devices, main
 from roofline.measure_sharded import check_sharding
 from roofline.models import MODELS, ModelShape
 
