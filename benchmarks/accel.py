@@ -1,45 +1,34 @@
 """The lab's check on whatever accelerator is present: every lab kernel against the device's own baselines.
 
-    python -m benchmarks.accel [--smoke] [--out FILE] [--only KERNEL[,KERNEL]]
+    python -m benchmarks.accel [--smoke] [--out FILE] [--only KERNEL[,KERNEL]] [--impl-module MODULE]
 
-Cases (bf16 throughout; `--smoke` runs the same code at tiny shapes, on any backend, the CPU included):
-- paged_attention: decode, (B, L) in {(8, 4096), (64, 4096), (16, 16384)}, H=32, K=8, D=128, page 16, every
-  sequence at length L, its pages shuffled over the pool. Lab: every implementation in
-  `kernels.available_impls("paged_attention")` but "reference". Baselines: `jax.nn.dot_product_attention`
-  (implementation "cudnn" and "xla") on a contiguous [B, L, K, D] cache; JAX's own Pallas op
-  `jax.experimental.pallas.ops.gpu.paged_attention` (its [K, P, S, D] page layout, GPU only); PyTorch's
-  `scaled_dot_product_attention` (contiguous, GQA) when torch imports with a CUDA device.
-- int4_matmul: (K, N) in {(4096, 14336), (8192, 28672)}, group 128, M in {1, 16, 64}, asymmetric codes
-  with float16 scales. Lab: `kernels.available_impls("int4_matmul")` but "reference". Baselines: the bf16
-  matmul through XLA and through torch, and torch's `_weight_int4pack_mm` (tinygemm) when available.
-- moe_ffn: Mixtral-like (E8 k2 d4096 f14336) and DeepSeek-like (E64 k6 d2048 f1408) at T in {8, 256,
-  4096}, routed top-k by softmax from random logits plus a per-expert popularity offset linspace(0, 1.5, E)
-  (a trained router's skew). Lab: `kernels.available_impls("moe_ffn")` but "reference". Baselines: a
-  balanced batched einsum (E experts × T·k/E rows: the same FLOPs and weights with no routing), the SwiGLU
-  FFN on `jax.lax.ragged_dot`, and the same on JAX's Mosaic GPU ragged dot example
-  (`jax.experimental.pallas.ops.gpu.ragged_dot_mgpu`, Hopper only).
+Cases: each op's `kernels/<op>/arg_specs.py`, tag "accel" (bf16; `--smoke`: tag "smoke", the same code at
+tiny shapes on any backend, the CPU included, Pallas interpreted). Lab rows: every implementation of
+`kernels.registry.implementations(op)` that runs here (`kernels.available_impls(op)`) but the NumPy reference
+(one that runs only eagerly, `traceable=False`, is a "missing" row), the one `impl="auto"` runs for the case
+marked (`kernels.registry.auto_impl`).
+`--impl-module MODULE` imports MODULE first, so the implementations it registers
+(`kernels.registry.register`) are timed beside the built-in ones. Baselines (`PEERS`): paged_attention on the
+same tokens gathered into a contiguous cache through `jax.nn.dot_product_attention` (cudnn, xla) and torch's
+`scaled_dot_product_attention`, and JAX's own Pallas `ops.gpu.paged_attention` (its [K, P, S, D] pages);
+int4_matmul: the bf16 matmul through XLA and torch, and torch's `_weight_int4pack_mm` (tinygemm); moe_ffn: a
+balanced batched einsum (E experts × T·k/E rows: the same FLOPs and weights, no routing) and the SwiGLU FFN on
+`jax.lax.ragged_dot` and on JAX's Mosaic GPU `ops.gpu.ragged_dot_mgpu` (Hopper). A peer that cannot run here
+is a row with status "missing: <why>"; one that raises is "failed: <error>"; nothing is dropped.
 
-A peer that cannot run here is a row with status "missing: <why>"; one that raises is "failed: <error>";
-nothing is dropped.
+Timing (`roofline.timing`): `ms` is device time per call inside one jitted program that calls the kernel
+many times over C rotated copies of the inputs (`in_program_loop`; C from `rotation_copies`: the copies
+exceed ~128 MB, past an H100/H200's 50–60 MB L2, within ~40 GB); torch rows replay a CUDA graph of the same
+calls (`cuda_graph_loop`). `ms_dispatch`: the same calls dispatched one by one from Python (with JAX's
+10–16 µs host dispatch each). A case's rows run in interleaved rounds (`interleave`; medians), so a slow spell
+of the device hits them alike. `frac_datasheet`, `frac_measured`: the bytes the row must move (the ops' cost
+functions) over `ms`, as a fraction of the recognized chip's datasheet HBM bandwidth (`roofline.
+catalogue_chip`; null if unknown) and of the bandwidth `roofline.measure_host()` measured. `ratio`: ms over
+the best baseline's ms in the same case (< 1 is faster).
 
-Timing, as a GPU needs it:
-- `ms`: device-side time per call: one jitted program runs the call many times (a `lax.fori_loop` whose
-  body calls the kernel once on each of C rotated copies of the inputs, C chosen so the copies exceed
-  ~128 MB, beyond the 50–60 MB L2 of an H100/H200, and at most ~40 GB), median of a few such runs. Each call
-  takes its inputs through an optimization barrier with the loop carry, and the carry takes the sum of the
-  output, so XLA can neither hoist any part of a call out of the loop nor drop it (the sum adds one read of
-  the output). Torch rows replay a CUDA graph of the same calls, timed with CUDA events.
-- `ms_dispatch`: the same calls dispatched back to back from Python, one sync at the end (includes JAX's
-  10–16 µs host dispatch per call).
-- `frac_datasheet`, `frac_measured`: bytes the row's implementation must move (from roofline's cost
-  functions: `paged_attention_cost`, `int4_matmul_cost`, `matmul_cost`, `moe_ffn_cost`) over `ms`, as a
-  fraction of the recognized chip's datasheet HBM bandwidth (`roofline.catalogue_chip`; null for an
-  unknown device) and of the bandwidth `roofline.measure_host()` measured on this device.
-- `ratio`: ms over the best baseline's ms in the same case (lab rows and baselines alike; < 1 is faster).
-
-Output: a table on stdout and, with `--out`, JSON {"device", "chip", "smoke", "records": [...]}, one record
-per (case, implementation): kernel, case, params, impl, role ("lab" | "baseline"), status, ms, ms_dispatch,
-bytes, frac_datasheet, frac_measured, ratio, calls, copies.
+Output: a table on stdout and, with `--out`, JSON {"device", "chip", "smoke", "impl_modules", "records"}, one
+record per (case, implementation): kernel, case, params, impl, role ("lab" | "baseline"), auto (the row
+impl="auto" runs), status, ms, ms_dispatch, bytes, frac_datasheet, frac_measured, ratio, calls, copies.
 
 Nothing heavy is imported at module level, and no module-level name starts with time_/track_, so asv's
 discovery skips this file.
@@ -48,47 +37,23 @@ discovery skips this file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
+import importlib
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 KERNELS = ("paged_attention", "int4_matmul", "moe_ffn")
-
-FULL = {
-    "paged": {"batch_len": ((8, 4096), (64, 4096), (16, 16384)), "heads": (32, 8, 128), "page": 16},
-    "int4": {"kn": ((4096, 14336), (8192, 28672)), "group": 128, "m": (1, 16, 64)},
-    "moe": {
-        "models": {"mixtral": (8, 2, 4096, 14336), "deepseek": (64, 6, 2048, 1408)},
-        "tokens": (8, 256, 4096),
-    },
-    "copy_bytes": 128 << 20,  # rotate copies until they exceed this: well past a 50-60 MB L2
-    "max_bytes": 40 << 30,  # and stay within this much device memory per case
-    "max_copies": 8,
-    "target_s": 0.02,  # device time per timed loop
-    "max_calls": 400,
-    "repeats": 3,
-}
-SMOKE = {
-    "paged": {"batch_len": ((2, 64),), "heads": (4, 2, 16), "page": 16},
-    "int4": {"kn": ((256, 128),), "group": 128, "m": (1, 4)},
-    "moe": {"models": {"mixtral": (4, 2, 32, 64), "deepseek": (8, 3, 32, 16)}, "tokens": (8,)},
-    "copy_bytes": 1 << 16,
-    "max_bytes": 1 << 26,
-    "max_copies": 2,
-    "target_s": 0.001,
-    "max_calls": 4,
-    "repeats": 1,
-}
-POPULARITY = 1.5  # router skew: logits + linspace(0, POPULARITY, E)
-
-
-# --------------------------------------------------------------------------------------------------
-# status and records
+ARG_SPECS = {op: f"kernels.{'moe' if op == 'moe_ffn' else op}.arg_specs" for op in KERNELS}
+# copy_bytes: rotate copies until they exceed this (well past a 50-60 MB L2); max_bytes: device memory per
+# row's copies; target_s: device time per timed program; repeats: interleaved rounds.
+FULL = dict(copy_bytes=128 << 20, max_bytes=40 << 30, max_copies=8, target_s=0.02, max_calls=400, repeats=3)
+SMOKE = dict(copy_bytes=1 << 16, max_bytes=1 << 26, max_copies=2, target_s=0.001, max_calls=4, repeats=1)
 
 
 def _short(e: BaseException) -> str:
@@ -100,174 +65,104 @@ class Missing(Exception):
     """A peer that cannot run on this machine (reported as "missing: <why>")."""
 
 
-def _record(kernel: str, case: str, params: dict, impl: str, role: str) -> dict:
-    return {
-        "kernel": kernel,
-        "case": case,
-        "params": params,
-        "impl": impl,
-        "role": role,
-        "status": None,
-        "ms": None,
-        "ms_dispatch": None,
-        "bytes": None,
-        "frac_datasheet": None,
-        "frac_measured": None,
-        "ratio": None,
-        "calls": None,
-        "copies": None,
-    }
+@dataclasses.dataclass
+class Timed:
+    """What one row times: `fn(*s)` for each input set `s` of `sets` (a JAX function, or with `torch` a
+    PyTorch callable on CUDA tensors), and the bytes one call must move."""
+
+    fn: Callable[..., Any]
+    sets: list
+    bytes: float
+    torch: bool = False
+
+
+@dataclasses.dataclass
+class Ctx:
+    """One case of one op, as the rows see it: the arguments of the op's entry and shared input copies."""
+
+    op: str
+    case: Any
+    args: tuple
+    kwargs: dict
+    cfg: dict
+    lab_bytes: float
+
+    def copies(self, per_copy_bytes: float) -> int:
+        from roofline import timing
+
+        c = self.cfg
+        return timing.rotation_copies(
+            per_copy_bytes, exceed_bytes=c["copy_bytes"], max_bytes=c["max_bytes"], max_copies=c["max_copies"]
+        )
+
+    def jax_sets(self, args: tuple) -> list:
+        from roofline import timing
+
+        return timing.copy_inputs(args, self.copies(timing.tree_nbytes(args)))
+
+    @functools.cached_property
+    def entry_sets(self) -> list:
+        """Copies of (*args, {array keyword arguments}), shared by every row that reads the entry's inputs."""
+        return self.jax_sets((*self.args, _arrays(self.kwargs)))
+
+    def torch_sets(self, make: Callable[[], tuple], per_copy_bytes: float) -> list:
+        return [make() for _ in range(self.copies(per_copy_bytes))]
+
+
+def _arrays(kwargs: dict) -> dict:
+    import jax
+    import numpy as np
+
+    return {k: v for k, v in kwargs.items() if isinstance(v, (jax.Array, np.ndarray))}
+
+
+FIELDS = ("kernel", "case", "params", "impl", "role", "auto", "status", "ms", "ms_dispatch", "bytes")
+FIELDS += ("frac_datasheet", "frac_measured", "ratio", "calls", "copies")
+
+
+def _record(kernel: str, case: Any, impl: str, role: str, **fields: Any) -> dict:
+    rec = dict.fromkeys(FIELDS)
+    rec.update(kernel=kernel, case=case.name, params=case.params(), impl=impl, role=role, auto=False)
+    return {**rec, **fields}
 
 
 # --------------------------------------------------------------------------------------------------
-# timing
+# the lab's implementations, as the registry has them
 
 
-def _copies(per_copy_bytes: float, cfg: dict) -> int:
-    want = max(2, math.ceil(cfg["copy_bytes"] / max(per_copy_bytes, 1.0)))
-    fit = max(1, int(cfg["max_bytes"] // max(per_copy_bytes, 1.0)))
-    return max(1, min(want, cfg["max_copies"], fit))
+def _lab_impls(op: str) -> tuple[str, ...]:
+    """Every implementation that runs here but the NumPy reference (the oracle, not a contender)."""
+    import kernels
+    from kernels import registry
+
+    here = kernels.available_impls(op)
+    return tuple(n for n in registry.implementations(op) if n in here and n != "reference")
 
 
-def _tree_bytes(tree: Any) -> float:
+def _lab_row(ctx: Ctx, name: str) -> Timed:
     import jax
 
-    return float(sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(tree)))
+    import kernels
+    from kernels import registry
 
+    impl = registry.implementations(ctx.op)[name]
+    if not impl.traceable:
+        raise Missing("it runs eagerly on the host (traceable=False); this check times jitted programs")
+    reason = impl.unsupported(*ctx.args, **ctx.kwargs)
+    if reason is not None:
+        raise Missing(f"unsupported: {reason}")
+    entry = getattr(kernels, ctx.op)
+    static = {k: v for k, v in ctx.kwargs.items() if k not in _arrays(ctx.kwargs)}
 
-def _sync(out: Any) -> None:
-    import jax
+    def fn(*s):
+        return entry(*s[:-1], impl=name, **static, **s[-1])
 
-    jax.block_until_ready(out)
-
-
-def _measure_jax(fn: Callable, args: tuple, cfg: dict) -> dict:
-    """Device-side and dispatch-inclusive ms per call of `fn(*args)` (see the module docstring)."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    from roofline import copy_inputs
-
-    copies = _copies(_tree_bytes(args), cfg)
-    sets = copy_inputs(args, copies)
-    jfn = jax.jit(fn)
-    _sync(jfn(*sets[0]))  # compile
-    t0 = time.perf_counter()
-    _sync(jfn(*sets[0]))
-    est = max(time.perf_counter() - t0, 1e-6)
-    iters = max(1, min(cfg["max_calls"] // copies, math.ceil(cfg["target_s"] / est / copies)))
-    calls = iters * copies
-
-    def run_dispatch() -> float:
-        t0 = time.perf_counter()
-        out = None
-        for i in range(calls):
-            out = jfn(*sets[i % copies])
-        _sync(out)
-        return time.perf_counter() - t0
-
-    def loop(all_sets):
-        def body(_, acc):
-            for s in all_sets:
-                # Tie every input to the loop carry (free: the barrier only orders), so that no part of
-                # the call (a page gather, a dequantized weight) is loop-invariant and hoisted out.
-                acc, s = lax.optimization_barrier((acc, s))
-                out = fn(*s)
-                acc = acc + jnp.sum(out.astype(jnp.float32)) * 1e-30
-            return acc
-
-        return lax.fori_loop(0, iters, body, jnp.float32(0.0))
-
-    jloop = jax.jit(loop)
-    _sync(jloop(sets))  # compile
-
-    def run_loop() -> float:
-        t0 = time.perf_counter()
-        _sync(jloop(sets))
-        return time.perf_counter() - t0
-
-    reps = cfg["repeats"]
-    dispatch = statistics.median(run_dispatch() for _ in range(reps))
-    device = statistics.median(run_loop() for _ in range(reps))
-    return {
-        "ms": 1e3 * device / calls,
-        "ms_dispatch": 1e3 * dispatch / calls,
-        "calls": calls,
-        "copies": copies,
-    }
-
-
-def _measure_torch(fn: Callable, sets: list, cfg: dict) -> dict:
-    """CUDA-graph replay of `calls` calls over rotated input sets (device ms) and back-to-back calls."""
-    import torch
-
-    copies = len(sets)
-    fn(*sets[0])
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn(*sets[0])
-    torch.cuda.synchronize()
-    est = max(time.perf_counter() - t0, 1e-6)
-    iters = max(1, min(cfg["max_calls"] // copies, math.ceil(cfg["target_s"] / est / copies)))
-    calls = iters * copies
-
-    def run_dispatch() -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(calls):
-            fn(*sets[i % copies])
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for s in sets:  # warm up on the side stream, as graph capture requires
-            fn(*s)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(*sets[i % copies])
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def run_graph() -> float:
-        graph.replay()  # warm
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-
-    reps = cfg["repeats"]
-    dispatch = statistics.median(run_dispatch() for _ in range(reps))
-    device = statistics.median(run_graph() for _ in range(reps))
-    return {
-        "ms": 1e3 * device / calls,
-        "ms_dispatch": 1e3 * dispatch / calls,
-        "calls": calls,
-        "copies": copies,
-    }
-
-
-def _torch_cuda():
-    """torch, when it imports and sees a CUDA device; else raise Missing."""
-    try:
-        import torch
-    except Exception as err:  # any import failure means the peer is missing, whatever it is
-        raise Missing(f"torch does not import ({type(err).__name__})") from err
-    if not torch.cuda.is_available():
-        raise Missing("torch sees no CUDA device")
-    return torch
-
-
-def _torch_sets(make: Callable[[], tuple], per_copy_bytes: float, cfg: dict) -> list:
-    return [make() for _ in range(_copies(per_copy_bytes, cfg))]
+    jax.eval_shape(fn, *ctx.entry_sets[0])
+    return Timed(fn, ctx.entry_sets, ctx.lab_bytes)
 
 
 # --------------------------------------------------------------------------------------------------
-# the device
+# the device and its peers
 
 
 def _device_info(smoke: bool) -> dict:
@@ -283,13 +178,11 @@ def _device_info(smoke: bool) -> dict:
         "jax": jax.__version__,
         "compute_capability": getattr(dev, "compute_capability", None),
     }
-    catalogue = getattr(roofline, "catalogue_chip", None)
     key = None
-    if catalogue is not None:
-        try:
-            key = catalogue(kind)
-        except Exception as err:  # the device check must run even if the recognizer trips
-            info["chip_error"] = _short(err)
+    try:
+        key = roofline.catalogue_chip(kind)
+    except Exception as err:  # the device check must run even if the recognizer trips
+        info["chip_error"] = _short(err)
     info["chip"] = key
     info["datasheet_bandwidth"] = float(roofline.CHIPS[key].bandwidth) if key in roofline.CHIPS else None
     try:
@@ -303,345 +196,147 @@ def _device_info(smoke: bool) -> dict:
     return info
 
 
-def _is_gpu() -> bool:
-    import jax
-
-    return jax.devices()[0].platform == "gpu"
-
-
-def _is_hopper() -> bool:
+def _is_gpu(hopper: bool = False) -> bool:
     import jax
 
     dev = jax.devices()[0]
-    return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9.")
+    cc = str(getattr(dev, "compute_capability", ""))
+    return dev.platform == "gpu" and (not hopper or cc.startswith("9."))
 
 
-def _lab_impls(op: str) -> tuple[str, ...]:
-    import kernels
-
-    available = getattr(kernels, "available_impls", None)
-    impls = available(op) if available is not None else ("xla",)
-    return tuple(i for i in impls if i != "reference")
-
-
-# --------------------------------------------------------------------------------------------------
-# paged attention
-
-
-def _paged_rows(cfg: dict) -> list[tuple[dict, Callable[[], dict]]]:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    import kernels
-
-    p = cfg["paged"]
-    h, kh, d = p["heads"]
-    page = p["page"]
-    rows = []
-    for b, seq in p["batch_len"]:
-        case = f"decode B{b} L{seq}"
-        params = {"B": b, "L": seq, "H": h, "K": kh, "D": d, "page": page, "dtype": "bf16"}
-        pages_per_seq = seq // page
-        num_pages = b * pages_per_seq
-        state: dict[str, Any] = {}
-
-        def inputs(b=b, seq=seq, num_pages=num_pages, pages_per_seq=pages_per_seq, state=state):
-            if "q" not in state:
-                k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-                state["q"] = jax.random.normal(k1, (b, h, d), jnp.bfloat16)
-                state["k"] = jax.random.normal(k2, (num_pages, page, kh, d), jnp.bfloat16)
-                state["v"] = jax.random.normal(k3, (num_pages, page, kh, d), jnp.bfloat16)
-                perm = np.random.default_rng(0).permutation(num_pages).astype(np.int32)
-                state["bt"] = jnp.asarray(perm.reshape(b, pages_per_seq))
-                state["lens"] = jnp.full((b,), seq, jnp.int32)
-            return state
-
-        def lab_bytes(b=b, seq=seq):
-            return kernels.paged_attention_cost(b, h, kh, d, np.full(b, seq), dtype="bf16").bytes
-
-        for impl in _lab_impls("paged_attention"):
-
-            def run(impl=impl, inputs=inputs, lab_bytes=lab_bytes):
-                s = inputs()
-
-                def fn(q, kp, vp, lens, bt):
-                    return kernels.paged_attention(q, kp, vp, lens, bt, impl=impl)
-
-                args = (s["q"], s["k"], s["v"], s["lens"], s["bt"])
-                try:
-                    jax.eval_shape(fn, *args)
-                except ValueError as err:  # the implementation declines this case
-                    raise Missing(f"unsupported: {_short(err)}") from err
-                return {**_measure_jax(fn, args, cfg), "bytes": lab_bytes()}
-
-            rows.append(
-                (
-                    {
-                        "kernel": "paged_attention",
-                        "case": case,
-                        "params": params,
-                        "impl": impl,
-                        "role": "lab",
-                    },
-                    run,
-                )
-            )
-
-        def contiguous(s, b=b, seq=seq):
-            # The same tokens, gathered once (outside the timing) into [B, L, K, D].
-            k = s["k"][s["bt"]].reshape(b, seq, kh, d)
-            v = s["v"][s["bt"]].reshape(b, seq, kh, d)
-            return k, v
-
-        for dpa_impl in ("cudnn", "xla"):
-
-            def run(dpa_impl=dpa_impl, inputs=inputs, lab_bytes=lab_bytes, contiguous=contiguous, b=b):
-                if dpa_impl == "cudnn" and not _is_gpu():
-                    raise Missing("cuDNN attention needs an NVIDIA GPU")
-                s = inputs()
-                k, v = contiguous(s)
-
-                def fn(q, k, v):
-                    return jax.nn.dot_product_attention(q[:, None], k, v, implementation=dpa_impl)[:, 0]
-
-                return {**_measure_jax(fn, (s["q"], k, v), cfg), "bytes": lab_bytes()}
-
-            rows.append(
-                (
-                    {
-                        "kernel": "paged_attention",
-                        "case": case,
-                        "params": params,
-                        "impl": f"jax.nn.dot_product_attention[{dpa_impl}] contiguous",
-                        "role": "baseline",
-                    },
-                    run,
-                )
-            )
-
-        def run_pallas(inputs=inputs, lab_bytes=lab_bytes, pages_per_seq=pages_per_seq):
-            if not _is_gpu():
-                raise Missing("JAX's Pallas paged attention is a GPU kernel")
-            try:
-                from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
-            except Exception as err:  # absent from this JAX
-                raise Missing(f"jax.experimental.pallas.ops.gpu.paged_attention: {_short(err)}") from err
-            s = inputs()
-            kp = jnp.transpose(s["k"], (2, 0, 1, 3))  # its layout: [K, P, S, D]
-            vp = jnp.transpose(s["v"], (2, 0, 1, 3))
-            splits = math.gcd(16, pages_per_seq)
-            per_block = max(1, math.gcd(8, pages_per_seq // splits))
-
-            def fn(q, kp, vp, bt, lens):
-                return jax_paged.paged_attention(
-                    q, kp, vp, bt, lens, k_splits=splits, pages_per_compute_block=per_block
-                )
-
-            return {**_measure_jax(fn, (s["q"], kp, vp, s["bt"], s["lens"]), cfg), "bytes": lab_bytes()}
-
-        rows.append(
-            (
-                {
-                    "kernel": "paged_attention",
-                    "case": case,
-                    "params": params,
-                    "impl": "jax.experimental.pallas.ops.gpu.paged_attention",
-                    "role": "baseline",
-                },
-                run_pallas,
-            )
-        )
-
-        def run_torch(inputs=inputs, lab_bytes=lab_bytes, contiguous=contiguous, b=b, seq=seq):
-            torch = _torch_cuda()
-            import torch.nn.functional as tf
-
-            def make():
-                q = torch.randn(b, h, 1, d, device="cuda", dtype=torch.bfloat16)
-                k = torch.randn(b, kh, seq, d, device="cuda", dtype=torch.bfloat16)
-                v = torch.randn(b, kh, seq, d, device="cuda", dtype=torch.bfloat16)
-                return q, k, v
-
-            sets = _torch_sets(make, 2.0 * b * kh * seq * d * 2, cfg)
-
-            def fn(q, k, v):
-                return tf.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-
-            return {**_measure_torch(fn, sets, cfg), "bytes": lab_bytes()}
-
-        rows.append(
-            (
-                {
-                    "kernel": "paged_attention",
-                    "case": case,
-                    "params": params,
-                    "impl": "torch scaled_dot_product_attention contiguous",
-                    "role": "baseline",
-                },
-                run_torch,
-            )
-        )
-    return rows
+def _torch_cuda():
+    """torch, when it imports and sees a CUDA device; else raise Missing."""
+    try:
+        import torch
+    except Exception as err:  # any import failure means the peer is missing, whatever it is
+        raise Missing(f"torch does not import ({type(err).__name__})") from err
+    if not torch.cuda.is_available():
+        raise Missing("torch sees no CUDA device")
+    return torch
 
 
-# --------------------------------------------------------------------------------------------------
-# INT4 matmul
+def _uniform_decode(case: Any) -> tuple[int, int, int, int, int]:
+    """(B, L, H, K, D) of a decode case whose sequences all hold L tokens (what the contiguous peers take)."""
+    if case.q_lens is not None or len(set(case.kv_lens)) != 1:
+        raise Missing("the contiguous baselines take decode batches of equal lengths")
+    return case.batch, case.kv_lens[0], case.num_q_heads, case.num_kv_heads, case.head_dim
 
 
-def _int4_rows(cfg: dict) -> list[tuple[dict, Callable[[], dict]]]:
-    import jax
+def _dpa(kind: str) -> Callable[[Ctx], Timed]:
+    def prepare(ctx: Ctx) -> Timed:
+        import jax
+
+        if kind == "cudnn" and not _is_gpu():
+            raise Missing("cuDNN attention needs an NVIDIA GPU")
+        b, seq, _, kh, d = _uniform_decode(ctx.case)
+        q, kp, vp, _, bt = ctx.args
+        # The same tokens, gathered once (outside the timing) into [B, L, K, D].
+        k, v = (p[bt].reshape(b, -1, kh, d)[:, :seq] for p in (kp, vp))
+
+        def fn(q, k, v):
+            return jax.nn.dot_product_attention(q[:, None], k, v, implementation=kind)[:, 0]
+
+        return Timed(fn, ctx.jax_sets((q, k, v)), ctx.lab_bytes)
+
+    return prepare
+
+
+def _jax_paged(ctx: Ctx) -> Timed:
     import jax.numpy as jnp
 
-    import kernels
-    from quant import Int4Weight
+    if not _is_gpu():
+        raise Missing("JAX's Pallas paged attention is a GPU kernel")
+    try:
+        from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+    except Exception as err:  # absent from this JAX
+        raise Missing(f"jax.experimental.pallas.ops.gpu.paged_attention: {_short(err)}") from err
+    _uniform_decode(ctx.case)
+    q, kp, vp, lens, bt = ctx.args
+    kp, vp = (jnp.transpose(p, (2, 0, 1, 3)) for p in (kp, vp))  # its layout: [K, P, S, D]
+    pages_per_seq = bt.shape[1]
+    splits = math.gcd(16, pages_per_seq)
+    per_block = max(1, math.gcd(8, pages_per_seq // splits))
+
+    def fn(q, kp, vp, bt, lens):
+        return jax_paged.paged_attention(
+            q, kp, vp, bt, lens, k_splits=splits, pages_per_compute_block=per_block
+        )
+
+    return Timed(fn, ctx.jax_sets((q, kp, vp, bt, lens)), ctx.lab_bytes)
+
+
+def _torch_sdpa(ctx: Ctx) -> Timed:
+    torch = _torch_cuda()
+    import torch.nn.functional as tf
+
+    b, seq, h, kh, d = _uniform_decode(ctx.case)
+
+    def make():
+        q = torch.randn(b, h, 1, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(b, kh, seq, d, device="cuda", dtype=torch.bfloat16)
+        return q, k, torch.randn(b, kh, seq, d, device="cuda", dtype=torch.bfloat16)
+
+    def fn(q, k, v):
+        return tf.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    return Timed(fn, ctx.torch_sets(make, 2.0 * b * kh * seq * d * 2), ctx.lab_bytes, torch=True)
+
+
+def _bf16_matmul_bytes(case: Any) -> float:
     from roofline import matmul_cost
 
-    c = cfg["int4"]
-    group = c["group"]
-    rows = []
-    for k, n in c["kn"]:
-        state: dict[str, Any] = {}
-
-        def weight(k=k, n=n, state=state):
-            if "w" not in state:
-                k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
-                g = k // group
-                packed = jax.random.randint(k1, (k // 2, n), 0, 256, jnp.int32).astype(jnp.uint8)
-                scales = (jax.random.uniform(k2, (g, n), jnp.float32, 0.5, 1.5) * 0.01).astype(jnp.float16)
-                zeros = jax.random.randint(k3, (g, n), 0, 16, jnp.int32).astype(jnp.uint8)
-                state["w"] = Int4Weight(packed, scales, zeros, group_size=group)
-                state["w_bf16"] = jax.random.normal(k1, (k, n), jnp.bfloat16) * 0.02
-            return state
-
-        for m in c["m"]:
-            case = f"{k}x{n} M{m}"
-            params = {"M": m, "K": k, "N": n, "group": group, "dtype": "bf16"}
-
-            def x_of(m=m, k=k):
-                return jax.random.normal(jax.random.key(2), (m, k), jnp.bfloat16)
-
-            def int4_bytes(m=m, k=k, n=n, scale_dtype="float16"):
-                return kernels.int4_matmul_cost(
-                    m, k, n, group_size=group, x_dtype="bf16", scale_dtype=scale_dtype
-                ).bytes
-
-            for impl in _lab_impls("int4_matmul"):
-
-                def run(impl=impl, weight=weight, x_of=x_of, int4_bytes=int4_bytes):
-                    w = weight()["w"]
-
-                    def fn(x, w):
-                        return kernels.int4_matmul(x, w, impl=impl)
-
-                    try:
-                        jax.eval_shape(fn, x_of(), w)
-                    except ValueError as err:
-                        raise Missing(f"unsupported: {_short(err)}") from err
-                    return {**_measure_jax(fn, (x_of(), w), cfg), "bytes": int4_bytes()}
-
-                rows.append(
-                    (
-                        {
-                            "kernel": "int4_matmul",
-                            "case": case,
-                            "params": params,
-                            "impl": impl,
-                            "role": "lab",
-                        },
-                        run,
-                    )
-                )
-
-            def run_xla(weight=weight, x_of=x_of, m=m, k=k, n=n):
-                wb = weight()["w_bf16"]
-
-                def fn(x, w):
-                    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-                cost = matmul_cost(m, k, n, x_dtype="bf16")
-                return {**_measure_jax(fn, (x_of(), wb), cfg), "bytes": cost.bytes}
-
-            rows.append(
-                (
-                    {
-                        "kernel": "int4_matmul",
-                        "case": case,
-                        "params": params,
-                        "impl": "bf16 matmul (XLA)",
-                        "role": "baseline",
-                    },
-                    run_xla,
-                )
-            )
-
-            def run_torch_bf16(m=m, k=k, n=n):
-                torch = _torch_cuda()
-
-                def make():
-                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    return x, torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
-
-                sets = _torch_sets(make, 2.0 * k * n, cfg)
-                return {
-                    **_measure_torch(torch.mm, sets, cfg),
-                    "bytes": matmul_cost(m, k, n, x_dtype="bf16").bytes,
-                }
-
-            rows.append(
-                (
-                    {
-                        "kernel": "int4_matmul",
-                        "case": case,
-                        "params": params,
-                        "impl": "torch bf16 mm",
-                        "role": "baseline",
-                    },
-                    run_torch_bf16,
-                )
-            )
-
-            def run_tinygemm(m=m, k=k, n=n, int4_bytes=int4_bytes):
-                torch = _torch_cuda()
-                mm = getattr(torch.ops.aten, "_weight_int4pack_mm", None)
-                convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack", None)
-                if mm is None or convert is None:
-                    raise Missing("this torch has no _weight_int4pack_mm")
-
-                def make():
-                    # Codes [N, K] in 0..15, two per byte along K (torch >= 2.5's uint8 input), then the
-                    # kernel's tiled layout; scales and zeros [K/g, N, 2] bf16.
-                    codes = torch.randint(0, 16, (n, k), device="cuda", dtype=torch.int32)
-                    packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-                    wq = convert(packed, 8)
-                    sz = torch.rand(k // group, n, 2, device="cuda", dtype=torch.bfloat16)
-                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    return x, wq, sz
-
-                sets = _torch_sets(make, k * n / 2.0, cfg)
-
-                def fn(x, wq, sz):
-                    return mm(x, wq, group, sz)
-
-                return {**_measure_torch(fn, sets, cfg), "bytes": int4_bytes(scale_dtype="bf16")}
-
-            rows.append(
-                (
-                    {
-                        "kernel": "int4_matmul",
-                        "case": case,
-                        "params": params,
-                        "impl": "torch _weight_int4pack_mm (tinygemm)",
-                        "role": "baseline",
-                    },
-                    run_tinygemm,
-                )
-            )
-    return rows
+    return matmul_cost(case.m, case.k, case.n, x_dtype="bf16").bytes
 
 
-# --------------------------------------------------------------------------------------------------
-# MoE
+def _xla_bf16(ctx: Ctx) -> Timed:
+    import jax
+    import jax.numpy as jnp
+
+    c = ctx.case
+    w = jax.random.normal(jax.random.key(1), (c.k, c.n), jnp.bfloat16) * 0.02
+
+    def fn(x, w):
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+    return Timed(fn, ctx.jax_sets((ctx.args[0].astype(jnp.bfloat16), w)), _bf16_matmul_bytes(c))
+
+
+def _torch_bf16(ctx: Ctx) -> Timed:
+    torch = _torch_cuda()
+    c = ctx.case
+
+    def make():
+        x = torch.randn(c.m, c.k, device="cuda", dtype=torch.bfloat16)
+        return x, torch.randn(c.k, c.n, device="cuda", dtype=torch.bfloat16)
+
+    sets = ctx.torch_sets(make, 2.0 * c.k * c.n)
+    return Timed(torch.mm, sets, _bf16_matmul_bytes(c), torch=True)
+
+
+def _tinygemm(ctx: Ctx) -> Timed:
+    torch = _torch_cuda()
+    mm = getattr(torch.ops.aten, "_weight_int4pack_mm", None)
+    convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack", None)
+    if mm is None or convert is None:
+        raise Missing("this torch has no _weight_int4pack_mm")
+    c = ctx.case
+    if c.bits != 4 or c.act_order or c.act_scales:
+        raise Missing("tinygemm takes plain 4-bit weights")
+
+    def make():
+        # Codes [N, K] in 0..15, two per byte along K (torch >= 2.5's uint8 input), then the kernel's tiled
+        # layout; scales and zeros [K/g, N, 2] bf16.
+        codes = torch.randint(0, 16, (c.n, c.k), device="cuda", dtype=torch.int32)
+        wq = convert((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
+        sz = torch.rand(c.k // c.group, c.n, 2, device="cuda", dtype=torch.bfloat16)
+        return torch.randn(c.m, c.k, device="cuda", dtype=torch.bfloat16), wq, sz
+
+    def fn(x, wq, sz):
+        return mm(x, wq, c.group, sz)
+
+    spec = importlib.import_module(ARG_SPECS["int4_matmul"])
+    nbytes = spec.cost(dataclasses.replace(c, scale_dtype="bfloat16")).bytes
+    return Timed(fn, ctx.torch_sets(make, c.k * c.n / 2.0), nbytes, torch=True)
 
 
 def _swiglu_ragged(dot: Callable, x, weights, ids, wg, wu, wd):
@@ -651,13 +346,11 @@ def _swiglu_ragged(dot: Callable, x, weights, ids, wg, wu, wd):
     import jax.numpy as jnp
 
     t, k = ids.shape
-    e = wg.shape[0]
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    sizes = jnp.zeros((e,), jnp.int32).at[flat].add(1)
+    sizes = jnp.zeros((wg.shape[0],), jnp.int32).at[flat].add(1)
     xs = x[order // k]
-    g = dot(xs, wg, sizes)
-    u = dot(xs, wu, sizes)
+    g, u = dot(xs, wg, sizes), dot(xs, wu, sizes)
     hdn = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(x.dtype)
     ys = dot(hdn, wd, sizes).astype(jnp.float32)
     w = weights.reshape(-1)[order].astype(jnp.float32)
@@ -665,204 +358,171 @@ def _swiglu_ragged(dot: Callable, x, weights, ids, wg, wu, wd):
     return y.astype(x.dtype)
 
 
-def _moe_rows(cfg: dict) -> list[tuple[dict, Callable[[], dict]]]:
+def _balanced(ctx: Ctx) -> Timed:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    import kernels
+    from kernels import moe_ffn_cost
 
-    c = cfg["moe"]
-    rows = []
-    for model, (e, top_k, d, f) in c["models"].items():
-        wstate: dict[str, Any] = {}
+    c = ctx.case
+    per = max(1, c.tokens * c.top_k // c.num_experts)
+    xb = jax.random.normal(jax.random.key(5), (c.num_experts, per, c.d_model), ctx.args[0].dtype)
 
-        def experts(e=e, d=d, f=f, wstate=wstate):
-            if "wg" not in wstate:
-                k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
-                wstate["wg"] = jax.random.normal(k1, (e, d, f), jnp.bfloat16) * (d**-0.5)
-                wstate["wu"] = jax.random.normal(k2, (e, d, f), jnp.bfloat16) * (d**-0.5)
-                wstate["wd"] = jax.random.normal(k3, (e, f, d), jnp.bfloat16) * (f**-0.5)
-            return wstate["wg"], wstate["wu"], wstate["wd"]
+    def fn(xb, wg, wu, wd):
+        g = jnp.einsum("ecd,edf->ecf", xb, wg, preferred_element_type=jnp.float32)
+        u = jnp.einsum("ecd,edf->ecf", xb, wu, preferred_element_type=jnp.float32)
+        hdn = (jax.nn.silu(g) * u).astype(xb.dtype)
+        return jnp.einsum("ecf,efd->ecd", hdn, wd, preferred_element_type=jnp.float32)
 
-        for t in c["tokens"]:
-            case = f"{model} T{t}"
-            params = {
-                "model": model,
-                "E": e,
-                "k": top_k,
-                "d": d,
-                "f": f,
-                "T": t,
-                "dtype": "bf16",
-                "popularity": POPULARITY,
-            }
-            tstate: dict[str, Any] = {}
+    sets = [(xb, *s[3:6]) for s in ctx.entry_sets]  # the experts' own rotated copies
+    e, k, d, f = c.num_experts, c.top_k, c.d_model, c.d_ff
+    nbytes = moe_ffn_cost(c.tokens, e, k, d, f, dtype=c.dtype, experts_touched=e).bytes
+    return Timed(fn, sets, nbytes)
 
-            def tokens(t=t, e=e, top_k=top_k, d=d, tstate=tstate):
-                if "x" not in tstate:
-                    k1, k2 = jax.random.split(jax.random.key(4))
-                    logits = jax.random.normal(k2, (t, e), jnp.float32) + jnp.linspace(0.0, POPULARITY, e)
-                    w, ids = kernels.route(logits, top_k=top_k)
-                    tstate["x"] = jax.random.normal(k1, (t, d), jnp.bfloat16)
-                    tstate["w"], tstate["ids"] = w, ids
-                    tstate["touched"] = int(np.unique(np.asarray(ids)).size)
-                return tstate
 
-            def cost(touched, t=t, e=e, top_k=top_k, d=d, f=f):
-                return kernels.moe_ffn_cost(t, e, top_k, d, f, dtype="bf16", experts_touched=touched).bytes
+def _ragged_with(dot_of: Callable[[], Callable]) -> Callable[[Ctx], Timed]:
+    def prepare(ctx: Ctx) -> Timed:
+        dot = dot_of()
 
-            for impl in _lab_impls("moe_ffn"):
+        def fn(x, w, ids, wg, wu, wd, _):
+            return _swiglu_ragged(dot, x, w, ids, wg, wu, wd)
 
-                def run(impl=impl, tokens=tokens, experts=experts, cost=cost):
-                    s = tokens()
+        return Timed(fn, ctx.entry_sets, ctx.lab_bytes)
 
-                    def fn(x, w, ids, wg, wu, wd):
-                        return kernels.moe_ffn(x, w, ids, wg, wu, wd, impl=impl)
+    return prepare
 
-                    args = (s["x"], s["w"], s["ids"], *experts())
-                    try:
-                        jax.eval_shape(fn, *args)
-                    except ValueError as err:
-                        raise Missing(f"unsupported: {_short(err)}") from err
-                    return {**_measure_jax(fn, args, cfg), "bytes": cost(s["touched"])}
 
-                rows.append(
-                    ({"kernel": "moe_ffn", "case": case, "params": params, "impl": impl, "role": "lab"}, run)
-                )
+def _lax_ragged_dot() -> Callable:
+    import jax
+    import jax.numpy as jnp
 
-            def run_balanced(experts=experts, cost=cost, t=t, e=e, top_k=top_k, d=d):
-                per = max(1, t * top_k // e)
-                xb = jax.random.normal(jax.random.key(5), (e, per, d), jnp.bfloat16)
+    def dot(a, b, sizes):
+        return jax.lax.ragged_dot(a, b, sizes, preferred_element_type=jnp.float32).astype(a.dtype)
 
-                def fn(xb, wg, wu, wd):
-                    g = jnp.einsum("ecd,edf->ecf", xb, wg, preferred_element_type=jnp.float32)
-                    u = jnp.einsum("ecd,edf->ecf", xb, wu, preferred_element_type=jnp.float32)
-                    hdn = (jax.nn.silu(g) * u).astype(xb.dtype)
-                    return jnp.einsum("ecf,efd->ecd", hdn, wd, preferred_element_type=jnp.float32)
+    return dot
 
-                return {**_measure_jax(fn, (xb, *experts()), cfg), "bytes": cost(e)}
 
-            rows.append(
-                (
-                    {
-                        "kernel": "moe_ffn",
-                        "case": case,
-                        "params": params,
-                        "impl": "balanced batched einsum",
-                        "role": "baseline",
-                    },
-                    run_balanced,
-                )
-            )
+def _mgpu_ragged_dot() -> Callable:
+    if not _is_gpu(hopper=True):
+        raise Missing("JAX's Mosaic GPU ragged dot example needs a Hopper GPU (compute capability 9.x)")
+    try:
+        from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    except Exception as err:  # absent from this JAX, or absl-py missing
+        raise Missing(f"ragged_dot_mgpu does not import: {_short(err)}") from err
 
-            def run_ragged(tokens=tokens, experts=experts, cost=cost):
-                s = tokens()
+    def dot(a, b, sizes):
+        # Whole blocks at the smoke shapes too.
+        blocks = {"block_n": math.gcd(128, b.shape[2]), "block_k": math.gcd(64, a.shape[1])}
+        return ragged_dot_mgpu.ragged_dot(
+            a, b, group_sizes=sizes, block_m=128, max_concurrent_steps=4, grid_block_n=1, **blocks
+        )
 
-                def dot(a, b, sizes):
-                    return jax.lax.ragged_dot(a, b, sizes, preferred_element_type=jnp.float32).astype(a.dtype)
+    return dot
 
-                def fn(x, w, ids, wg, wu, wd):
-                    return _swiglu_ragged(dot, x, w, ids, wg, wu, wd)
 
-                args = (s["x"], s["w"], s["ids"], *experts())
-                return {**_measure_jax(fn, args, cfg), "bytes": cost(s["touched"])}
-
-            rows.append(
-                (
-                    {
-                        "kernel": "moe_ffn",
-                        "case": case,
-                        "params": params,
-                        "impl": "jax.lax.ragged_dot",
-                        "role": "baseline",
-                    },
-                    run_ragged,
-                )
-            )
-
-            def run_mgpu(tokens=tokens, experts=experts, cost=cost):
-                if not _is_hopper():
-                    raise Missing(
-                        "JAX's Mosaic GPU ragged dot example needs a Hopper GPU (compute capability 9.x)"
-                    )
-                try:
-                    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
-                except Exception as err:  # absent from this JAX, or absl-py missing
-                    raise Missing(f"ragged_dot_mgpu does not import: {_short(err)}") from err
-                s = tokens()
-
-                def dot(a, b, sizes):
-                    return ragged_dot_mgpu.ragged_dot(
-                        a,
-                        b,
-                        group_sizes=sizes,
-                        block_m=128,
-                        block_n=math.gcd(128, b.shape[2]),  # whole blocks at the smoke shapes too
-                        block_k=math.gcd(64, a.shape[1]),
-                        max_concurrent_steps=4,
-                        grid_block_n=1,
-                    )
-
-                def fn(x, w, ids, wg, wu, wd):
-                    return _swiglu_ragged(dot, x, w, ids, wg, wu, wd)
-
-                args = (s["x"], s["w"], s["ids"], *experts())
-                return {**_measure_jax(fn, args, cfg), "bytes": cost(s["touched"])}
-
-            rows.append(
-                (
-                    {
-                        "kernel": "moe_ffn",
-                        "case": case,
-                        "params": params,
-                        "impl": "jax.experimental.pallas.ops.gpu.ragged_dot_mgpu",
-                        "role": "baseline",
-                    },
-                    run_mgpu,
-                )
-            )
-    return rows
+# Each op's baselines, (row name, prepare(ctx) -> Timed); the lab rows come from the registry.
+PEERS: dict[str, tuple[tuple[str, Callable[[Ctx], Timed]], ...]] = {
+    "paged_attention": (
+        ("jax.nn.dot_product_attention[cudnn] contiguous", _dpa("cudnn")),
+        ("jax.nn.dot_product_attention[xla] contiguous", _dpa("xla")),
+        ("jax.experimental.pallas.ops.gpu.paged_attention", _jax_paged),
+        ("torch scaled_dot_product_attention contiguous", _torch_sdpa),
+    ),
+    "int4_matmul": (
+        ("bf16 matmul (XLA)", _xla_bf16),
+        ("torch bf16 mm", _torch_bf16),
+        ("torch _weight_int4pack_mm (tinygemm)", _tinygemm),
+    ),
+    "moe_ffn": (
+        ("balanced batched einsum", _balanced),
+        ("jax.lax.ragged_dot", _ragged_with(_lax_ragged_dot)),
+        ("jax.experimental.pallas.ops.gpu.ragged_dot_mgpu", _ragged_with(_mgpu_ragged_dot)),
+    ),
+}
 
 
 # --------------------------------------------------------------------------------------------------
-# driver
+# the one row builder and the driver
+
+
+def _case_records(op: str, case: Any, cfg: dict) -> list[dict]:
+    """Every row of one case (lab implementations, then baselines), timed in interleaved rounds."""
+    from kernels import registry
+    from roofline import timing
+
+    spec = importlib.import_module(ARG_SPECS[op])
+    args, kwargs = spec.make_args(case)
+    ctx = Ctx(op, case, args, kwargs, cfg, spec.cost(case, args).bytes)
+    try:
+        auto = registry.auto_impl(op, *args, **kwargs)
+    except Exception:  # the rows are still worth timing; no row is marked
+        auto = None
+    rows = [
+        (_record(op, case, n, "lab", auto=n == auto), functools.partial(_lab_row, ctx, n))
+        for n in _lab_impls(op)
+    ]
+    rows += [(_record(op, case, n, "baseline"), functools.partial(p, ctx)) for n, p in PEERS[op]]
+    runners = {}
+    for i, (rec, prepare) in enumerate(rows):
+        try:
+            timed = prepare()
+            loop = timing.cuda_graph_loop if timed.torch else timing.in_program_loop
+            runners[i] = loop(timed.fn, timed.sets, target_s=cfg["target_s"], max_calls=cfg["max_calls"])
+            rec["bytes"] = timed.bytes
+        except Missing as err:
+            rec["status"] = f"missing: {err}"
+        except Exception as err:  # every failure is reported in its row, never dropped
+            rec["status"] = f"failed: {_short(err)}"
+    errors: dict[int, BaseException] = {}
+    results = timing.interleave(runners, rounds=cfg["repeats"], errors=errors)
+    for i, err in errors.items():
+        rows[i][0]["status"] = f"failed: {_short(err)}"
+    for i, t in results.items():
+        rows[i][0].update(
+            status="ok",
+            ms=1e3 * t.device.median_s,
+            ms_dispatch=1e3 * t.dispatch.median_s,
+            calls=t.calls,
+            copies=t.copies,
+        )
+    return [rec for rec, _ in rows]
 
 
 def run(
-    smoke: bool = False, only: tuple[str, ...] = KERNELS, progress: Callable[[str], None] | None = None
+    smoke: bool = False,
+    only: tuple[str, ...] = KERNELS,
+    progress: Callable[[str], None] | None = None,
+    impl_modules: tuple[str, ...] = (),
 ) -> dict:
-    """Run every case; returns {"device", "chip", "smoke", "records"} (see the module docstring)."""
+    """Run every case; returns {"device", "chip", "smoke", "impl_modules", "records"} (module docstring).
+    `impl_modules` are imported first, so the implementations they register are timed too."""
     for name in only:
         if name not in KERNELS:
             raise ValueError(f"kernel {name!r} must be one of {KERNELS}")
+    for module in impl_modules:
+        importlib.import_module(module)
     cfg = SMOKE if smoke else FULL
     info = _device_info(smoke)
-    builders = {"paged_attention": _paged_rows, "int4_matmul": _int4_rows, "moe_ffn": _moe_rows}
     records = []
-    for kernel in only:
-        try:
-            rows = builders[kernel](cfg)
-        except Exception as err:  # a kernel whose cases cannot even be set up is one failed record
-            rec = _record(kernel, "setup", {}, "-", "lab")
-            rec["status"] = f"failed: {_short(err)}"
-            records.append(rec)
-            continue
-        for meta, fn in rows:
-            rec = _record(meta["kernel"], meta["case"], meta["params"], meta["impl"], meta["role"])
+    for op in only:
+        for case in importlib.import_module(ARG_SPECS[op]).cases("smoke" if smoke else "accel"):
             try:
-                rec.update(fn())
-                rec["status"] = "ok"
-            except Missing as err:
-                rec["status"] = f"missing: {err}"
-            except Exception as err:  # every failure is reported in its row, never dropped
-                rec["status"] = f"failed: {_short(err)}"
-            _fractions(rec, info)
-            records.append(rec)
-            if progress is not None:
-                progress(_row(rec))
+                recs = _case_records(op, case, cfg)
+            except Exception as err:  # e.g. the arguments cannot be built: one failed record for the case
+                recs = [_record(op, case, "-", "lab", status=f"failed: {_short(err)}")]
+            for rec in recs:
+                _fractions(rec, info)
+                records.append(rec)
+                if progress is not None:
+                    progress(_row(rec))
     _ratios(records)
-    return {"device": info, "chip": info.get("chip"), "smoke": smoke, "records": records}
+    return {
+        "device": info,
+        "chip": info.get("chip"),
+        "smoke": smoke,
+        "impl_modules": list(impl_modules),
+        "records": records,
+    }
 
 
 def _fractions(rec: dict, info: dict) -> None:
@@ -893,15 +553,16 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 HEADER = (
-    f"{'kernel':<16} {'case':<22} {'impl':<50} {'ms':>9} {'ms_disp':>9} {'%sheet':>7} {'%meas':>7} "
+    f"{'kernel':<16} {'case':<24} {'impl':<50} {'ms':>9} {'ms_disp':>9} {'%sheet':>7} {'%meas':>7} "
     f"{'ratio':>7}  status"
 )
 
 
 def _row(r: dict) -> str:
     pct = {k: None if r[k] is None else 100 * r[k] for k in ("frac_datasheet", "frac_measured")}
+    impl = f"{r['impl']} (auto)" if r.get("auto") else r["impl"]
     return (
-        f"{r['kernel']:<16} {r['case']:<22} {r['impl'][:50]:<50} {_fmt(r['ms'], '9.4f')} "
+        f"{r['kernel']:<16} {r['case']:<24} {impl[:50]:<50} {_fmt(r['ms'], '9.4f')} "
         f"{_fmt(r['ms_dispatch'], '9.4f')} {_fmt(pct['frac_datasheet'], '7.1f')} "
         f"{_fmt(pct['frac_measured'], '7.1f')} {_fmt(r['ratio'], '7.2f')}  {r['status']}"
     )
@@ -917,10 +578,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="write the records as JSON to this file")
     parser.add_argument("--only", default=",".join(KERNELS), help="comma-separated kernels to run")
+    parser.add_argument(
+        "--impl-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first; the implementations it registers (kernels.registry.register) are timed",
+    )
     args = parser.parse_args(argv)
     only = tuple(s for s in args.only.split(",") if s)
+    for module in args.impl_module:
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # say which module, then stop: the table would silently lack its rows
+            parser.error(f"--impl-module {module}: {_short(err)}")
     t0 = time.perf_counter()
-    result = run(smoke=args.smoke, only=only, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    result = run(
+        smoke=args.smoke,
+        only=only,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        impl_modules=tuple(args.impl_module),
+    )
     dev = result["device"]
     print(HEADER)
     for rec in result["records"]:

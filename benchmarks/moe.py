@@ -1,12 +1,13 @@
 """The MoE expert FFN (kernels.moe.moe_ffn) against its baselines, in float32.
 
-Shapes: Mixtral-like (8 experts, top-2, d=1024, f=2816) and DeepSeek-like fine-grained (64 experts, top-6,
-d=1024, f=512), at a 256-token prefill and an 8-token decode batch. The routing is realistic, i.e. not
-balanced: router logits are random token features through a random router plus a small per-expert bias
-(std ROUTER_BIAS_STD), routed top-k by softmax; `track_load_imbalance` reports the busiest expert's load
-over the mean.
+Cases: `kernels/moe/arg_specs.py`, tag "asv": Mixtral-like (8 experts, top-2, d=1024, f=2816) and
+DeepSeek-like fine-grained (64 experts, top-6, d=1024, f=512), at a 256-token prefill and an 8-token decode
+batch (the GPU class takes the "accel" cases, bf16 at the models' full widths). The routing is realistic, i.e.
+not balanced: softmax top-k of random logits plus a small per-expert bias (std ROUTER_BIAS_STD);
+`track_load_imbalance` reports the busiest expert's load over the mean.
 
-Baselines, measured in the same process right beside the MoE FFN (`track_*` return ratios):
+Baselines, measured in the same process right beside the MoE FFN (`track_*` return ratios, each the median
+of interleaved rounds, `roofline.timing.interleaved_ratio`):
 - the ideal balanced grouped computation: one batched einsum over all E experts with T·k/E rows each,
   the same FLOPs and weight bytes as the MoE with no routing, sorting or imbalance (target: <= 1.3x);
 - the NumPy float32 sort + per-expert loop (`moe_ffn_reference(compute_dtype=float32)`; target: slower);
@@ -17,40 +18,33 @@ Baselines, measured in the same process right beside the MoE FFN (`track_*` retu
 """
 
 import functools
-import statistics
 import timeit
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.moe import moe_ffn, moe_ffn_cost, moe_ffn_reference, route
+from kernels.moe import arg_specs, moe_ffn, moe_ffn_reference
 from roofline import measure_host, timing
 
-SHAPES = {"mixtral": (8, 2, 1024, 2816), "deepseek": (64, 6, 1024, 512)}  # E, k, d, f
-ROUTER_BIAS_STD = 0.1
+SHAPES = arg_specs.ASV_MODELS  # name -> (E, k, d, f)
+ROUTER_BIAS_STD = arg_specs.ROUTER_BIAS_STD
 COPIES = 2  # the expert weights (277 MB / 403 MB) already exceed the last-level cache; rotate anyway
 
 
-def make_case(shape: str, tokens: int, seed: int = 0) -> dict:
-    """Inputs, realistic routing and the balanced-baseline operand for one shape."""
-    num_experts, top_k, d, f = SHAPES[shape]
-    rng = np.random.default_rng(seed)
-    scale = 1.0 / np.sqrt(d)
-    x = rng.standard_normal((tokens, d), dtype=np.float32)
-    router = rng.standard_normal((d, num_experts), dtype=np.float32) * scale
-    logits = x @ router + rng.standard_normal(num_experts).astype(np.float32) * ROUTER_BIAS_STD
-    weights, ids = route(jnp.asarray(logits), top_k=top_k)
-    w_gate = rng.standard_normal((num_experts, d, f), dtype=np.float32) * scale
-    w_up = rng.standard_normal((num_experts, d, f), dtype=np.float32) * scale
-    w_down = rng.standard_normal((num_experts, f, d), dtype=np.float32) / np.sqrt(f)
-    rows = max(1, tokens * top_k // num_experts)
-    counts = np.bincount(np.asarray(ids).ravel(), minlength=num_experts)
+def make_case(shape: str, tokens: int, seed: int = 0, tag: str = "asv") -> dict:
+    """Inputs, routing and the balanced-baseline operand for one model shape at `tokens` (the arg_specs case
+    "{shape} T{tokens} f32", or "... bf16" with tag="accel")."""
+    case = next(c for c in arg_specs.cases(tag) if c.name.startswith(f"{shape} T{tokens} "))
+    args, _ = arg_specs.make_args(case, seed)
+    rows = max(1, tokens * case.top_k // case.num_experts)
+    xb = jax.random.normal(jax.random.key(seed + 1), (case.num_experts, rows, case.d_model), args[0].dtype)
     return {
-        "args": tuple(jnp.asarray(a) for a in (x, weights, ids, w_gate, w_up, w_down)),
-        "balanced_x": jnp.asarray(rng.standard_normal((num_experts, rows, d), dtype=np.float32)),
-        "counts": counts,
-        "shape": (tokens, num_experts, top_k, d, f),
+        "args": args,
+        "balanced_x": xb,
+        "counts": np.bincount(np.asarray(args[2]).ravel(), minlength=case.num_experts),
+        "shape": (tokens, case.num_experts, case.top_k, case.d_model, case.d_ff),
+        "cost": arg_specs.cost(case, args),
     }
 
 
@@ -76,12 +70,7 @@ def weight_read(w_gate, w_up, w_down):
 
 def interleaved_ratio(fn_a, args_a, fn_b, args_b, rounds: int = 5, copies: int = COPIES) -> float:
     """Median over rounds of time(a)/time(b), each round timing a then b back to back."""
-    ratios = []
-    for _ in range(rounds):
-        ta = timing.time_fn(fn_a, *args_a, copies=copies, min_repeats=2, min_time_s=0.0)
-        tb = timing.time_fn(fn_b, *args_b, copies=copies, min_repeats=2, min_time_s=0.0)
-        ratios.append(ta.median_s / tb.median_s)
-    return statistics.median(ratios)
+    return timing.interleaved_ratio(fn_a, args_a, fn_b, args_b, rounds=rounds, copies=copies)
 
 
 class MoEPrefill:
@@ -125,7 +114,8 @@ class MoEPrefill:
 
 class MoEOnGPU:
     """The Pallas grouped GEMM (impl="pallas") and the XLA path (ragged_dot) against the balanced batched
-    einsum, bf16, T = 256 and 4096. Skipped (NotImplementedError in setup) on any other backend."""
+    einsum, bf16 at the models' full widths (arg_specs "accel"), T = 256 and 4096. Skipped
+    (NotImplementedError in setup) on any other backend."""
 
     params = (list(SHAPES), [256, 4096], ["pallas", "xla"])
     param_names = ["shape", "tokens", "impl"]
@@ -136,13 +126,11 @@ class MoEOnGPU:
     def setup(self, shape, tokens, impl):
         if jax.default_backend() != "gpu":
             raise NotImplementedError("GPU only")
-        case = make_case(shape, tokens)
-        bf16 = [jnp.asarray(a, jnp.bfloat16) if a.dtype == jnp.float32 else a for a in case["args"]]
-        bf16[1] = case["args"][1]  # the routing weights stay float32
-        self.args = tuple(bf16)
+        case = make_case(shape, tokens, tag="accel")  # bf16 at the model's full widths
+        self.args = case["args"]
         self.fn = jax.jit(functools.partial(moe_ffn, impl=impl))
         self.fn(*self.args).block_until_ready()
-        self.base_args = (jnp.asarray(case["balanced_x"], jnp.bfloat16), *self.args[3:])
+        self.base_args = (case["balanced_x"], *self.args[3:])
         balanced_baseline(*self.base_args).block_until_ready()
 
     def time_moe_ffn(self, shape, tokens, impl):
@@ -166,9 +154,7 @@ class MoEDecode:
         self.case = make_case(shape, self.tokens)
         self.fn = jax.jit(functools.partial(moe_ffn, impl=impl))
         self.fn(*self.case["args"]).block_until_ready()
-        tokens, num_experts, top_k, d, f = self.case["shape"]
-        touched = int((self.case["counts"] > 0).sum())
-        self.cost = moe_ffn_cost(tokens, num_experts, top_k, d, f, experts_touched=touched)
+        self.cost = self.case["cost"]
 
     def time_moe_ffn(self, shape, impl):
         self.fn(*self.case["args"]).block_until_ready()
@@ -205,9 +191,9 @@ def main(rounds: int = 5) -> None:
             args = case["args"]
             host = tuple(np.asarray(a) for a in args)
             base_args = (case["balanced_x"], *args[3:])
-            tokens_, num_experts, top_k, d, f = case["shape"]
+            num_experts = case["shape"][1]
             touched = int((case["counts"] > 0).sum())
-            bound = moe_ffn_cost(tokens_, num_experts, top_k, d, f, experts_touched=touched).memory_s(chip)
+            bound = case["cost"].memory_s(chip)
             imbalance = case["counts"].max() / case["counts"].mean()
             for impl in ("auto", "grouped", "bucketed", "batched:1.25"):
                 kw = {"impl": impl}

@@ -1,79 +1,75 @@
 """Paged attention on this host: decode over a shuffled paged cache, and a mixed prefill + decode batch.
 
-Decode shape: B=8 sequences, H=32 query heads, K=8 kv heads, D=128, page size 16, float32, pages shuffled
-across the cache. The baseline is `jax.nn.dot_product_attention` over the same keys and values laid out
-contiguously ([B, L, K, D]), measured in the same run. `track_*` report the KV read rate, its fraction of
-the host's streaming-read roof, and the speedup over the baseline.
+Cases: `kernels/paged_attention/arg_specs.py` (tag "asv": B=8 sequences, H=32 query heads, K=8 kv heads,
+D=128, page size 16, float32, pages shuffled across the cache; "native": the CPU-native kernel's contexts;
+"accel": the bf16 GPU shapes). The baseline is `jax.nn.dot_product_attention` over the same keys and values
+laid out contiguously ([B, L, K, D]), measured in the same run. `track_*` report the KV read rate, its
+fraction of the host's streaming-read roof, and the speedup over the baseline.
 """
 
 import timeit
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from kernels import paged_attention, paged_attention_cost
+from kernels import paged_attention, registry
+from kernels.paged_attention import arg_specs
 from roofline import measure_host, timing
 
-B, H, K, D, S = 8, 32, 8, 128, 16
+DECODE = [c.name for c in arg_specs.cases("asv") if c.q_lens is None]
+MIXED = next(c.name for c in arg_specs.cases("asv") if c.q_lens is not None)
 
 
-def _decode_inputs(context, seed=0):
-    rng = np.random.default_rng(seed)
-    pages_per_seq = context // S
-    num_pages = B * pages_per_seq + 64
-    kp = jnp.asarray(rng.standard_normal((num_pages, S, K, D), dtype=np.float32))
-    vp = jnp.asarray(rng.standard_normal((num_pages, S, K, D), dtype=np.float32))
-    bt = rng.permutation(num_pages)[: B * pages_per_seq].reshape(B, pages_per_seq).astype(np.int32)
-    lens = np.full(B, context, np.int32)
-    q = jnp.asarray(rng.standard_normal((B, H, D), dtype=np.float32))
-    return q, kp, vp, jnp.asarray(lens), jnp.asarray(bt)
+def _decode_inputs(case_name, seed=0):
+    args, _ = arg_specs.make_args(arg_specs.get(case_name), seed)
+    return args
 
 
-def _contiguous(kp, bt):
-    return kp[bt].reshape(bt.shape[0], -1, K, D)
+def _contiguous(pages, bt):
+    """[P, S, K, D] pages gathered by the block table into a [B, W * S, K, D] cache."""
+    return pages[bt].reshape(bt.shape[0], -1, *pages.shape[2:])
 
 
 class PagedDecode:
-    params = [512, 4096, 16384]
-    param_names = ["context"]
+    params = DECODE
+    param_names = ["case"]
     timer = timeit.default_timer
     number = 1
     repeat = (3, 10, 20.0)
     timeout = 600
 
-    def setup(self, context):
-        self.args = _decode_inputs(context)
-        q, kp, vp, lens, bt = self.args
+    def setup(self, case):
+        self.args = _decode_inputs(case)
+        q, kp, vp, _, bt = self.args
         self.dense_args = (q[:, None], _contiguous(kp, bt), _contiguous(vp, bt))
         self.paged = jax.jit(paged_attention)
         self.dense = jax.jit(jax.nn.dot_product_attention)
         self.paged(*self.args).block_until_ready()
         self.dense(*self.dense_args).block_until_ready()
-        self.cost = paged_attention_cost(B, H, K, D, np.asarray(lens))
+        self.cost = arg_specs.cost(arg_specs.get(case))
         # Below the last-level cache, rotate copies so that each call reads from memory.
-        self.copies = 4 if context <= 1024 else 1
+        self.copies = timing.rotation_copies(timing.tree_nbytes(self.args), min_copies=1)
 
-    def time_paged_decode(self, context):
+    def time_paged_decode(self, case):
         self.paged(*self.args).block_until_ready()
 
-    def time_dense_contiguous_baseline(self, context):
+    def time_dense_contiguous_baseline(self, case):
         self.dense(*self.dense_args).block_until_ready()
 
     def _paged_s(self):
         return timing.time_fn(self.paged, *self.args, copies=self.copies, min_time_s=0.5).median_s
 
-    def track_kv_read_gbps(self, context):
+    def track_kv_read_gbps(self, case):
         return self.cost.bytes_read / self._paged_s() / 1e9
 
     track_kv_read_gbps.unit = "GB/s"
 
-    def track_fraction_of_stream_bandwidth(self, context):
+    def track_fraction_of_stream_bandwidth(self, case):
         return self.cost.bytes_read / self._paged_s() / measure_host().bandwidth
 
     track_fraction_of_stream_bandwidth.unit = "fraction of roofline"
 
-    def track_speedup_vs_dense_contiguous(self, context):
+    def track_speedup_vs_dense_contiguous(self, case):
         dense = timing.time_fn(self.dense, *self.dense_args, copies=self.copies, min_time_s=0.5).median_s
         return dense / self._paged_s()
 
@@ -88,17 +84,14 @@ class PagedMixedBatch:
     repeat = (3, 10, 20.0)
 
     def setup(self):
-        _, kp, vp, _, bt = _decode_inputs(2048, seed=1)
-        self.q_lens = np.array([512] + [1] * (B - 1), np.int32)
-        lens = np.full(B, 2048, np.int32)
-        rng = np.random.default_rng(2)
-        qm = jnp.asarray(rng.standard_normal((int(self.q_lens.sum()), H, D), dtype=np.float32))
-        self.args = (qm, kp, vp, jnp.asarray(lens), bt, jnp.asarray(self.q_lens))
+        case = arg_specs.get(MIXED)
+        args, kwargs = arg_specs.make_args(case, seed=1)
+        self.args = (*args, kwargs["q_lens"])
         self.fn = jax.jit(
             lambda q, kp, vp, lens, bt, q_lens: paged_attention(q, kp, vp, lens, bt, q_lens=q_lens)
         )
         self.fn(*self.args).block_until_ready()
-        self.cost = paged_attention_cost(int(self.q_lens.sum()), H, K, D, lens, q_lens=self.q_lens)
+        self.cost = arg_specs.cost(case)
 
     def time_mixed_batch(self):
         self.fn(*self.args).block_until_ready()
@@ -134,47 +127,46 @@ class PagedDecodeNativeVsXla:
     """The CPU-native decode kernel (impl="cpu_native") against the portable XLA path and, when installed,
     PyTorch's scaled_dot_product_attention over a contiguous cache; ratios measured back to back."""
 
-    params = [4096, 16384]
-    param_names = ["context"]
+    params = [c.name for c in arg_specs.cases("native")]
+    param_names = ["case"]
     timer = timeit.default_timer
     number = 1
     repeat = (3, 10, 20.0)
     timeout = 900
 
-    def setup(self, context):
-        from kernels import cpu
-
-        if not cpu.available():
-            raise NotImplementedError("the CPU-native library is not built")
-        self.args = _decode_inputs(context)
+    def setup(self, case):
+        why = registry.implementations("paged_attention")["cpu_native"].unavailable()
+        if why is not None:
+            raise NotImplementedError(why)
+        self.args = _decode_inputs(case)
         self.native = jax.jit(lambda *a: paged_attention(*a, impl="cpu_native"))
         self.xla = jax.jit(lambda *a: paged_attention(*a, impl="xla"))
         self.native(*self.args).block_until_ready()
         self.xla(*self.args).block_until_ready()
-        self.cost = paged_attention_cost(B, H, K, D, np.asarray(self.args[3]))
+        self.cost = arg_specs.cost(arg_specs.get(case))
 
     def _time(self, fn):
         return timing.time_fn(fn, *self.args, min_time_s=0.5).median_s
 
-    def time_native_decode(self, context):
+    def time_native_decode(self, case):
         self.native(*self.args).block_until_ready()
 
-    def track_native_kv_read_gbps(self, context):
+    def track_native_kv_read_gbps(self, case):
         return self.cost.bytes_read / self._time(self.native) / 1e9
 
     track_native_kv_read_gbps.unit = "GB/s"
 
-    def track_native_fraction_of_stream_bandwidth(self, context):
+    def track_native_fraction_of_stream_bandwidth(self, case):
         return self.cost.bytes_read / self._time(self.native) / measure_host().bandwidth
 
     track_native_fraction_of_stream_bandwidth.unit = "fraction of roofline"
 
-    def track_native_speedup_over_xla(self, context):
+    def track_native_speedup_over_xla(self, case):
         return self._time(self.xla) / self._time(self.native)
 
     track_native_speedup_over_xla.unit = "x"
 
-    def track_native_speedup_over_torch_sdpa(self, context):
+    def track_native_speedup_over_torch_sdpa(self, case):
         q, kp, vp, _, bt = self.args
         peer = torch_sdpa_peer(q, kp, vp, bt)
         if peer is None:
@@ -210,33 +202,25 @@ class PagedDecodeOnGPU:
     `track_fraction_of_hbm` is the KV read rate over the measured device bandwidth.
     """
 
-    params = ([8, 64], ["pallas", "xla"])
-    param_names = ["batch", "impl"]
+    params = ([c.name for c in arg_specs.cases("accel") if c.kv_lens[0] == 4096], ["pallas", "xla"])
+    param_names = ["case", "impl"]
     timer = timeit.default_timer
     number = 1
     repeat = (3, 10, 20.0)
     timeout = 600
 
-    def setup(self, batch, impl):
+    def setup(self, case, impl):
         if jax.default_backend() != "gpu":
             raise NotImplementedError("GPU only")
-        rng = np.random.default_rng(0)
-        context, pages = 4096, 4096 // S
-        num_pages = batch * pages
-        kp = jnp.asarray(rng.standard_normal((num_pages, S, K, D), dtype=np.float32), jnp.bfloat16)
-        vp = jnp.asarray(rng.standard_normal((num_pages, S, K, D), dtype=np.float32), jnp.bfloat16)
-        bt = jnp.asarray(rng.permutation(num_pages).reshape(batch, pages).astype(np.int32))
-        lens = jnp.full((batch,), context, jnp.int32)
-        q = jnp.asarray(rng.standard_normal((batch, H, D), dtype=np.float32), jnp.bfloat16)
-        self.args = (q, kp, vp, lens, bt)
+        self.args = _decode_inputs(case)
         self.fn = jax.jit(lambda *a: paged_attention(*a, impl=impl))
         self.fn(*self.args).block_until_ready()
-        self.cost = paged_attention_cost(batch, H, K, D, np.asarray(lens), dtype="bf16")
+        self.cost = arg_specs.cost(arg_specs.get(case))
 
-    def time_paged_decode(self, batch, impl):
+    def time_paged_decode(self, case, impl):
         self.fn(*self.args).block_until_ready()
 
-    def track_fraction_of_hbm(self, batch, impl):
+    def track_fraction_of_hbm(self, case, impl):
         seconds = timing.time_fn(self.fn, *self.args, min_time_s=0.5).median_s
         return self.cost.bytes_read / seconds / measure_host().bandwidth
 

@@ -82,7 +82,8 @@ class Implementation:
                fields from the call's shapes and the device. Its `__post_init__` checks the fields.
     available  available() -> None when it can run on this machine, else why not (e.g. a library not built).
     prefer     prefer(*args, **kwargs) -> None when impl="auto" should take it for this call here, else why
-               not (e.g. slower than the XLA path on this CPU). Only "auto" asks.
+               not (e.g. slower than the XLA path on this CPU). Only "auto" asks; `auto_impl(op)` asks
+               it without arguments (what it prefers for the calls it serves).
     traceable  False for an implementation that runs eagerly on the host (the NumPy reference).
     """
 
@@ -239,7 +240,8 @@ def choose(op: str, impl: str, platform: str, *args: Any, **kwargs: Any) -> Impl
 
     The one decision: the first name of AUTO_ORDER (or PALLAS_ORDER) for the platform whose implementation
     is in the op's table, lowers for the platform, is available here, serves the call and, for "auto", is
-    preferred. With no arguments, the per-call checks (`supports`, `prefer`) are skipped.
+    preferred. With no arguments, `supports` is not asked and `prefer` is asked without them (what it
+    prefers for the calls it serves).
     """
     if platform not in PLATFORMS:
         raise ValueError(f"platform={platform!r} must be one of {PLATFORMS}")
@@ -252,12 +254,7 @@ def choose(op: str, impl: str, platform: str, *args: Any, **kwargs: Any) -> Impl
             continue
         if per_call and cand.unsupported(*args, **kwargs) is not None:
             continue
-        if (
-            impl == "auto"
-            and per_call
-            and cand.prefer is not None
-            and cand.prefer(*args, **kwargs) is not None
-        ):
+        if impl == "auto" and cand.prefer is not None and cand.prefer(*args, **kwargs) is not None:
             continue
         return cand
     return None
@@ -266,7 +263,7 @@ def choose(op: str, impl: str, platform: str, *args: Any, **kwargs: Any) -> Impl
 def auto_impl(op: str, *args: Any, platform: str | None = None, **kwargs: Any) -> str:
     """The name of the implementation impl="auto" runs for this call (the entry's own arguments; arrays may
     be jax.ShapeDtypeStruct) when lowered for `platform` (default: this machine's). Without arguments, the
-    implementation it prefers for the calls it serves."""
+    implementation it prefers for the calls it serves (`prefer` is then called without arguments)."""
     chosen = choose(op, "auto", platform or current_platform(), *args, **kwargs)
     return "xla" if chosen is None else chosen.name
 

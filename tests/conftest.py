@@ -1,5 +1,6 @@
 """Shared test configuration: hypothesis profiles and the --full switch for slow sweeps."""
 
+import importlib
 import os
 
 import pytest
@@ -26,6 +27,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 def pytest_addoption(parser):
     parser.addoption("--full", action="store_true", default=False, help="also run tests marked slow")
+    parser.addoption(
+        "--impl-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first: the backends it registers (kernels.registry.register) face the suites",
+    )
+
+
+def pytest_configure(config):
+    # Imported before collection, so the shared suites' parametrization over available_impls sees them.
+    for name in config.getoption("--impl-module"):
+        importlib.import_module(name)
 
 
 def pytest_collection_modifyitems(config, items):

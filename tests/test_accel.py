@@ -1,28 +1,45 @@
-"""`python -m benchmarks.accel --smoke`: the accelerator check, end to end at tiny shapes on this backend."""
+"""`python -m benchmarks.accel --smoke`: the accelerator check, end to end at tiny shapes on this backend,
+with a user's backend brought in by `--impl-module` (tests/kernels/byo/reference_copy.py registers one)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import kernels
 from benchmarks import accel
 
+ROOT = Path(__file__).resolve().parents[1]
+BYO = "tests.kernels.byo.reference_copy"
 STATUS_PREFIXES = ("missing: ", "failed: ")
+
+
+def _accel(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    # A process of its own: the registration must not leak into the other tests' registry.
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "benchmarks.accel", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("accel") / "accel.json"
-    code = accel.main(["--smoke", "--out", str(out)])
-    return code, json.loads(out.read_text())
+    proc = _accel("--smoke", "--impl-module", BYO, "--out", str(out))
+    assert out.exists(), proc.stderr[-3000:]
+    return proc.returncode, json.loads(out.read_text())
 
 
 def test_smoke_run_exits_cleanly_and_names_the_device(smoke):
     code, result = smoke
     assert code == 0, [r for r in result["records"] if r["status"].startswith("failed")]
     assert result["smoke"] is True
+    assert result["impl_modules"] == [BYO]
     assert result["device"]["platform"]
     assert set(result["device"]) >= {"device_kind", "chip", "datasheet_bandwidth", "measured_bandwidth"}
 
@@ -33,6 +50,33 @@ def test_every_kernel_has_a_lab_row_and_a_baseline_that_ran(smoke):
         rows = [r for r in result["records"] if r["kernel"] == kernel]
         assert any(r["role"] == "lab" and r["status"] == "ok" for r in rows), kernel
         assert any(r["role"] == "baseline" and r["status"] == "ok" for r in rows), kernel
+
+
+def test_lab_rows_are_the_registrys_implementations_plus_the_users(smoke):
+    _, result = smoke
+    for kernel in accel.KERNELS:
+        expected = (set(kernels.available_impls(kernel)) - {"reference"}) | {"reference_copy"}
+        for case in {r["case"] for r in result["records"] if r["kernel"] == kernel}:
+            lab = [
+                r for r in result["records"] if (r["kernel"], r["case"], r["role"]) == (kernel, case, "lab")
+            ]
+            assert {r["impl"] for r in lab} == expected, (kernel, case)
+
+
+def test_the_users_backend_is_timed_for_every_case(smoke):
+    _, result = smoke
+    byo = [r for r in result["records"] if r["impl"] == "reference_copy"]
+    assert {r["kernel"] for r in byo} == set(accel.KERNELS)
+    for r in byo:
+        assert r["role"] == "lab" and r["status"] == "ok" and r["ms"] > 0, r
+        assert not r["auto"], r  # its `prefer` keeps impl="auto" off it
+
+
+def test_the_row_auto_runs_is_named_by_the_registry(smoke):
+    _, result = smoke
+    for case in {(r["kernel"], r["case"]) for r in result["records"]}:
+        auto = [r for r in result["records"] if (r["kernel"], r["case"]) == case and r["auto"]]
+        assert len(auto) == 1 and auto[0]["role"] == "lab" and auto[0]["status"] == "ok", (case, auto)
 
 
 def test_statuses_are_valid_and_missing_peers_are_reported_not_dropped(smoke):
@@ -63,6 +107,12 @@ def test_numbers_of_rows_that_ran_are_positive_and_consistent(smoke):
         ok = [r for r in result["records"] if (r["kernel"], r["case"]) == case and r["status"] == "ok"]
         baselines = [r["ratio"] for r in ok if r["role"] == "baseline"]
         assert min(baselines) == pytest.approx(1.0), case  # the best baseline is the unit
+
+
+def test_a_module_that_does_not_import_is_a_usage_error():
+    proc = _accel("--smoke", "--impl-module", "tests.no_such_module", timeout=120)
+    assert proc.returncode == 2
+    assert "--impl-module tests.no_such_module: ModuleNotFoundError" in proc.stderr
 
 
 def test_module_keeps_heavy_imports_and_benchmark_names_out_of_module_level():

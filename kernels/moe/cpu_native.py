@@ -58,8 +58,9 @@ def native_unsupported(x: Any, weights: Any, expert_ids: Any, w_gate: Any, w_up:
     return None
 
 
-def _prefer(x: Any, weights: Any, expert_ids: Any, *experts: Any, capacity_factor: Any = None, **_: Any):
-    """Why impl="auto" passes the native forward over for this call on this CPU (None: it takes it)."""
+def _prefer(x: Any = None, *_args: Any, capacity_factor: Any = None, **_: Any) -> str | None:
+    """Why impl="auto" passes the native forward over for this call on this CPU (None: it takes it); without
+    arguments, for the calls it serves at all."""
     if capacity_factor is not None:
         return "a capacity: impl='auto' runs the batched XLA strategy"
     slower = registry.native_slower("moe_ffn")
@@ -67,7 +68,7 @@ def _prefer(x: Any, weights: Any, expert_ids: Any, *experts: Any, capacity_facto
         return slower
     if cpu.isa() not in NATIVE_ISAS:
         return f"the {cpu.isa()} path has no vector code for the grouped FFN"
-    if x.shape[0] > NATIVE_MAX_TOKENS and cpu.isa() not in NATIVE_PREFILL_ISAS:
+    if x is not None and x.shape[0] > NATIVE_MAX_TOKENS and cpu.isa() not in NATIVE_PREFILL_ISAS:
         return f"T={x.shape[0]} > {NATIVE_MAX_TOKENS} tokens on the {cpu.isa()} path (XLA's loop is faster)"
     return None
 

@@ -243,7 +243,7 @@ def _reference(q, k_pages, v_pages, kv_lens, block_tables, *, config, **options)
     del config
     arrays = (q, k_pages, v_pages, kv_lens, block_tables, *options.values())
     registry.require_concrete("paged_attention", *arrays)
-    host = {k: None if v is None else np.asarray(v) for k, v in options.items()}
+    host = {k: np.asarray(v) if isinstance(v, jax.Array) else v for k, v in options.items()}
     out = paged_attention_reference(*(np.asarray(a) for a in arrays[:5]), **host)
     return jnp.asarray(out)
 

@@ -1,6 +1,9 @@
 """The dispatch shared by every op: `available_impls`, what impl="auto" lowers to on each platform, export,
 and the fallback when the CPU-native library is absent or disabled."""
 
+import pathlib
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -15,6 +18,7 @@ from kernels import (
     int4_matmul_reference,
     paged_attention,
     paged_attention_reference,
+    registry,
 )
 from kernels.cpu import loader
 from kernels.registry import OPS, auto_impl, valid_impls
@@ -22,6 +26,7 @@ from tests.kernels.int4_matmul.cases import K, make_weight
 from tests.kernels.paged_attention.cases import make_cache
 from tests.tolerances import assert_close, normalized_error
 
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 needs_lib = pytest.mark.skipif(not cpu.available(), reason=f"CPU-native library not available: {cpu.load()}")
 
 
@@ -156,7 +161,100 @@ def test_auto_never_picks_a_native_path_slower_than_xla(monkeypatch):
     monkeypatch.setattr(cpu, "fast_enough", lambda op: False)
     assert "@tokenlab_int4_matmul(" not in _lowered_text(lambda x: int4_matmul(x, qw), x)
     assert "@tokenlab_paged_decode(" not in _lowered_text(lambda *a: paged_attention(*a), q, kp, vp, lens, bt)
-    assert auto_impl("int4_matmul", "cpu") == auto_impl("paged_attention", "cpu") == "xla"
+    assert auto_impl("int4_matmul", platform="cpu") == auto_impl("paged_attention", platform="cpu") == "xla"
     monkeypatch.setattr(cpu, "fast_enough", lambda op: True)
     assert "@tokenlab_int4_matmul(" in _lowered_text(lambda x: int4_matmul(x, qw), x)
-    assert auto_impl("int4_matmul", "cpu") == "cpu_native"
+    assert auto_impl("int4_matmul", platform="cpu") == "cpu_native"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_every_builtin_backend_is_an_implementation(op):
+    table = registry.implementations(op)
+    assert {"reference", "xla", "cpu_native", "pallas_triton"} <= set(table)
+    for name, impl in table.items():
+        assert isinstance(impl, registry.Implementation) and impl.name == name
+        assert set(impl.platforms) <= set(registry.PLATFORMS)
+    with pytest.raises(TypeError):
+        table["mine"] = table["xla"]  # the table is read-only; register() is the way in
+
+
+def test_a_registered_backend_runs_through_the_entry():
+    calls = []
+
+    def mine(x, w, *, config):
+        calls.append(config)
+        return registry.implementations("int4_matmul")["xla"](x, w)
+
+    registry.register("int4_matmul", registry.Implementation("mine", mine, platforms=("cpu",)))
+    try:
+        qw, x = make_weight(0), jnp.ones((2, K), jnp.float32)
+        assert "mine" in available_impls("int4_matmul") and "mine" in registry.implementations("int4_matmul")
+        out = int4_matmul(x, qw, impl="mine")
+        assert calls == [None]
+        assert normalized_error(out, int4_matmul_reference(np.asarray(x), qw)) < 1e-5
+        with pytest.raises(ValueError, match="already has an implementation named 'mine'"):
+            registry.register("int4_matmul", registry.Implementation("mine", mine, platforms=("cpu",)))
+    finally:
+        registry.unregister("int4_matmul", "mine")
+    assert "mine" not in available_impls("int4_matmul")
+    with pytest.raises(ValueError, match="impl='mine' is not an implementation of int4_matmul"):
+        int4_matmul(x, qw, impl="mine")
+
+
+def test_register_refuses_reserved_names_and_non_implementations():
+    fn = registry.implementations("moe_ffn")["xla"].fn
+    with pytest.raises(ValueError, match="reserved"):
+        registry.register("moe_ffn", registry.Implementation("grouped", fn, platforms=("cpu",)))
+    with pytest.raises(ValueError, match="reserved"):
+        registry.register("moe_ffn", registry.Implementation("pallas", fn, platforms=("cpu",)))
+    with pytest.raises(TypeError, match="must be a kernels.registry.Implementation"):
+        registry.register("moe_ffn", fn)
+    with pytest.raises(ValueError, match="platforms="):
+        registry.Implementation("mine", fn, platforms=("gpu",))
+    with pytest.raises(ValueError, match="op='conv'"):
+        registry.implementations("conv")
+
+
+def test_a_config_of_the_wrong_backend_is_a_type_error():
+    from kernels.int4_matmul.pallas_triton import Config as PallasConfig
+    from kernels.int4_matmul.xla import Config as XlaConfig
+
+    qw, x = make_weight(0), jnp.ones((2, K), jnp.float32)
+    with pytest.raises(TypeError, match="the config of impl='xla'"):
+        int4_matmul(x, qw, impl="xla", config=PallasConfig(block_m=16))
+    with pytest.raises(ValueError, match="block_m=0 must be an integer >= 1"):
+        PallasConfig(block_m=0)
+    with pytest.raises(ValueError, match="disagree"):
+        int4_matmul(x, qw, impl="codes", config=XlaConfig(strategy="dense"))
+    # impl="auto" hands a config to the chosen backend whose Config it is.
+    out = int4_matmul(x, qw, config=XlaConfig(strategy="dense"))
+    assert normalized_error(out, int4_matmul_reference(np.asarray(x), qw)) < 1e-5
+
+
+def _shared_suite(module):
+    """The int4_matmul shared suite run against the backends `module` registers (only those)."""
+    name = module.rsplit(".", 1)[-1]
+    suite = "tests/kernels/int4_matmul/test_shared.py"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        suite,
+        "--impl-module",
+        module,
+        "-k",
+        name,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_the_shared_suite_runs_a_registered_backend_and_rejects_a_wrong_one():
+    good = _shared_suite("tests.kernels.byo.xla_copy")
+    assert good.returncode == 0, good.stdout[-3000:]
+    assert " passed" in good.stdout
+    bad = _shared_suite("tests.kernels.byo.wrong")
+    assert bad.returncode == 1, bad.stdout[-3000:]
+    assert "failed" in bad.stdout

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from kernels.int4_matmul import int4_matmul, int4_matmul_reference
-from kernels.int4_matmul.cpu_native import native_unsupported
-from kernels.int4_matmul.pallas_triton import pallas_unsupported
 from quant import Int4Weight, quantize_rtn
+from tests.kernels import suite
 from tests.tolerances import NATIVE_INT4_NERR, normalized_error, tolerance
 
 K, N = 256, 96
@@ -48,11 +47,7 @@ def make_weight(seed, *, group_size=64, sym=False, act_order=False, act_scales=F
 
 def unsupported(impl, x, qw):
     """Why `impl` does not serve this weight (None when it does)."""
-    if impl == "cpu_native":
-        return native_unsupported(qw)
-    if impl == "pallas":
-        return pallas_unsupported(x, qw)
-    return None
+    return suite.unsupported("int4_matmul", impl, x, qw)
 
 
 def skip_unsupported(impl, x, qw):

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import strategies as st
 
 from kernels.int4_matmul import int4_matmul, int4_matmul_reference
+from tests.kernels import suite
 from tests.kernels.int4_matmul.cases import (
     VARIANTS,
     K,
@@ -55,7 +56,7 @@ def test_leading_axes_and_jit(impl):
     x = np.random.default_rng(1).standard_normal((2, 3, K)).astype(np.float32)
     fn = (
         (lambda x, w: int4_matmul(x, w, impl=impl))
-        if impl == "reference"
+        if suite.eager(OP, impl)
         else jax.jit(lambda x, w: int4_matmul(x, w, impl=impl))
     )
     out = fn(x, qw)
@@ -70,7 +71,7 @@ def normalized_error_ok(out, expected, impl):
 
 @for_each_impl(OP)
 def test_vmap_over_stacked_expert_weights(impl):
-    if impl == "reference":
+    if suite.eager(OP, impl):
         pytest.skip("the reference runs eagerly: it cannot be vmapped")
     experts = [make_weight(i) for i in range(3)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *experts)
@@ -83,7 +84,7 @@ def test_vmap_over_stacked_expert_weights(impl):
 @pytest.mark.parametrize("variant", ["g128", "act_order_and_scales"])
 @for_each_impl(OP)
 def test_grad_with_respect_to_x(impl, variant):
-    if impl == "reference":
+    if suite.eager(OP, impl):
         pytest.skip("the reference runs eagerly: it cannot be differentiated")
     qw = make_weight(3, **VARIANTS[variant])
     rng = np.random.default_rng(4)

@@ -12,8 +12,7 @@ from kernels.moe import (
     moe_ffn,
     moe_ffn_reference,
 )
-from kernels.moe.pallas_triton import pallas_unsupported
-from quant.format import Int4Weight
+from tests.kernels import suite
 from tests.tolerances import (
     normalized_error,
     tolerance,
@@ -25,6 +24,11 @@ SOME = settings(max_examples=max(6, settings.default.max_examples // 2))
 T, E, D, F = 16, 8, 32, 48
 STRATEGIES = ("grouped", "bucketed", "ragged", "batched", "dense")
 SMALL_BLOCKS = dict(row_align=2, block_rows=8)  # exercises full blocks and every remainder size
+
+
+def small_blocks(impl):
+    """SMALL_BLOCKS as `impl`'s config, where its Config has them (the grouped loop's row blocks)."""
+    return suite.config_for("moe_ffn", impl, **SMALL_BLOCKS)
 
 
 def make_weights(seed, e=E, d=D, f=F, dtype=np.float32):
@@ -64,15 +68,10 @@ def make_routing(seed, k, e=E, t=T, pattern="random"):
 
 
 def check_ffn(x, w, ids, ws, impl, cf=None, prio="choice"):
-    if impl == "cpu_native" and (
-        isinstance(ws[0], Int4Weight) or any(np.dtype(a.dtype) != np.float32 for a in (x, *ws))
-    ):
-        pytest.skip("impl='cpu_native' serves float32 x and float32 experts only")
-    if impl == "pallas":
-        reason = pallas_unsupported(x, *ws)
-        if reason is not None:
-            pytest.skip(f"impl='pallas' does not serve {reason}")
-    y = moe_ffn(x, w, ids, *ws, impl=impl, capacity_factor=cf, drop_priority=prio, **SMALL_BLOCKS)
+    reason = suite.unsupported("moe_ffn", impl, x, w, ids, *ws, capacity_factor=cf, drop_priority=prio)
+    if reason is not None:
+        pytest.skip(f"impl={impl!r} does not serve {reason}")
+    y = moe_ffn(x, w, ids, *ws, impl=impl, capacity_factor=cf, drop_priority=prio, config=small_blocks(impl))
     ref = moe_ffn_reference(x, w, ids, *ws, capacity_factor=cf, drop_priority=prio)
     assert y.shape == x.shape and y.dtype == x.dtype
     assert normalized_error(y, ref) <= tolerance(x.dtype).nerr

@@ -181,7 +181,7 @@ def test_handler_rejects_bad_shapes_and_isa():
 @pytest.mark.parametrize("path", ["avx2", "avx512"])
 def test_auto_prefill_rule(monkeypatch, path):
     """Above NATIVE_MAX_TOKENS tokens only the NATIVE_PREFILL_ISAS paths take the native kernel."""
-    from kernels.moe.xla import NATIVE_MAX_TOKENS, NATIVE_PREFILL_ISAS
+    from kernels.moe.cpu_native import NATIVE_MAX_TOKENS, NATIVE_PREFILL_ISAS
 
     monkeypatch.setattr(cpu, "isa", lambda: path)
     d = {"avx2": 12, "avx512": 14}[path]  # shapes not traced elsewhere, so nothing is cached
@@ -193,27 +193,26 @@ def test_auto_prefill_rule(monkeypatch, path):
 
 @pytest.mark.parametrize("cf", [None, 1.0])
 def test_cpu_native_impl_of_the_xla_module(cf):
-    """moe_ffn_xla(impl="cpu_native"): the native forward (dropless or with a capacity), the XLA
-    backward; float32 only."""
-    from kernels.moe.xla import moe_ffn_xla
+    """moe_ffn_native: the native forward (dropless or with a capacity), the XLA backward; float32 only."""
+    from kernels.moe.cpu_native import moe_ffn_native
 
     t, e, k = 16, 8, 2
     w, ids = make_routing(11, k, e=e, t=t, pattern="one_expert")
     x, ws = make_x(11, t=t), make_weights(11, e=e)
     cap = None if cf is None else expert_capacity(t, e, k, cf)
-    kw = dict(capacity=cap, drop_priority="choice", impl="cpu_native", row_align=1, block_rows=8)
-    y = moe_ffn_xla(x, w, ids, *ws, **kw)
+    kw = dict(capacity=cap, drop_priority="choice", row_align=1, block_rows=8)
+    y = moe_ffn_native(x, w, ids, *ws, **kw)
     assert (
         normalized_error(y, moe_ffn_reference(x, w, ids, *ws, capacity_factor=cf))
         <= tolerance(np.float32).nerr
     )
-    text = jax.jit(functools.partial(moe_ffn_xla, **kw)).lower(x, w, ids, *ws).as_text()
+    text = jax.jit(functools.partial(moe_ffn_native, **kw)).lower(x, w, ids, *ws).as_text()
     assert NATIVE_CALL in text
-    grad = jax.grad(lambda x: jnp.sum(moe_ffn_xla(x, w, ids, *ws, **kw) ** 2))(jnp.asarray(x))
+    grad = jax.grad(lambda x: jnp.sum(moe_ffn_native(x, w, ids, *ws, **kw) ** 2))(jnp.asarray(x))
     want = jax.grad(lambda x: jnp.sum(moe_ffn(x, w, ids, *ws, impl="dense", capacity_factor=cf) ** 2))(
         jnp.asarray(x)
     )
     assert normalized_error(grad, want) <= tolerance(np.float32).nerr
     bf16 = tuple(jnp.asarray(a, jnp.bfloat16) for a in (x, *ws))
-    with pytest.raises(ValueError, match=r"impl='cpu_native' needs float32 x and float32 experts"):
-        moe_ffn_xla(bf16[0], w, ids, *bf16[1:], **kw)
+    with pytest.raises(ValueError, match=r"impl='cpu_native' does not support .*needs float32 x and float32"):
+        moe_ffn(bf16[0], w, ids, *bf16[1:], impl="cpu_native")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kernels.moe import moe_ffn, moe_ffn_reference
+from tests.kernels import suite
 from tests.kernels.moe.cases import (
     PATTERNS,
     QD,
@@ -62,7 +63,7 @@ def test_quantized_experts_match_the_dequantized_reference(impl, pattern):
 
 @for_each_impl(OP)
 def test_gradients_match_dense_autodiff(impl):
-    if impl == "reference":
+    if suite.eager(OP, impl):
         pytest.skip("the reference runs eagerly: it cannot be differentiated")
     x, ws = make_x(6), make_weights(6)
     w, ids = make_routing(6, 2, pattern="empty_experts")
@@ -119,7 +120,7 @@ def _out_of_range_case():
 
 @for_each_impl(OP)
 def test_out_of_range_expert_ids_are_dropped_under_jit(impl):
-    if impl == "reference":
+    if suite.eager(OP, impl):
         pytest.skip("the reference runs eagerly and rejects the ids (test_bad_input_names_the_argument)")
     x, w, bad, ws, expected = _out_of_range_case()
     y = jax.jit(lambda x, w, ids: moe_ffn(x, w, ids, *ws, impl=impl))(x, w, bad)

@@ -22,12 +22,12 @@ from kernels.moe import (
     route_reference,
     router_z_loss,
 )
+from kernels.moe.xla import Config
 from tests.kernels.moe.cases import (
     FEW,
     PATTERNS,
     QD,
     QF,
-    SMALL_BLOCKS,
     STRATEGIES,
     D,
     E,
@@ -38,6 +38,7 @@ from tests.kernels.moe.cases import (
     make_weights,
     make_x,
     quantized_experts,
+    small_blocks,
 )
 from tests.tolerances import (
     DIRECTIONAL_GRAD_RTOL,
@@ -128,7 +129,7 @@ def test_ffn_from_the_routers_end_to_end():
 
 
 def _loss(x, w, wg, wu, wd, ids, impl, cf):
-    y = moe_ffn(x, w, ids, wg, wu, wd, impl=impl, capacity_factor=cf, **SMALL_BLOCKS)
+    y = moe_ffn(x, w, ids, wg, wu, wd, impl=impl, capacity_factor=cf, config=small_blocks(impl))
     return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape)))
 
 
@@ -287,7 +288,7 @@ def test_moe_ffn_bad_input():
     with pytest.raises(ValueError, match="drop_priority='random'"):
         moe_ffn(x, w, ids, wg, wu, wd, drop_priority="random")
     with pytest.raises(ValueError, match="block_rows=12"):
-        moe_ffn(x, w, ids, wg, wu, wd, block_rows=12)
+        moe_ffn(x, w, ids, wg, wu, wd, config=Config(block_rows=12))
     with pytest.raises(ValueError, match="capacity=0"):
         dispatch_plan(ids, E, capacity=0)
     with pytest.raises(ValueError, match="capacity=9"):
@@ -320,7 +321,7 @@ def test_quantized_experts_gradient_reaches_x_and_routing_weights():
     cot = np.random.default_rng(9).standard_normal((T, QD)).astype(np.float32)
 
     def loss(x, w, impl):
-        return jnp.sum(cot * moe_ffn(x, w, ids, *ws, impl=impl, **SMALL_BLOCKS))
+        return jnp.sum(cot * moe_ffn(x, w, ids, *ws, impl=impl, config=small_blocks(impl)))
 
     got = jax.grad(loss, argnums=(0, 1))(x, w, "grouped")
     want = jax.grad(loss, argnums=(0, 1))(x, w, "dense")  # plain autodiff through dequantized weights

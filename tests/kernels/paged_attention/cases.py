@@ -11,8 +11,7 @@ import pytest
 from hypothesis import strategies as st
 
 from kernels import paged_attention, paged_attention_reference, write_kv
-from kernels.paged_attention.cpu_native import native_unsupported
-from kernels.paged_attention.pallas_triton import pallas_unsupported
+from tests.kernels import suite
 from tests.tolerances import assert_close
 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -69,11 +68,8 @@ def lens_strategy(b=3, s=16, max_pages=4):
 
 def unsupported(impl, q, kp, vp, q_lens=None):
     """Why `impl` does not serve these inputs (None when it does)."""
-    if impl == "cpu_native":
-        return native_unsupported(q, kp, vp, q_lens=q_lens)
-    if impl == "pallas":
-        return pallas_unsupported(q, kp, vp, q_lens=q_lens)
-    return None
+    lens, bt = np.zeros(q.shape[:1], np.int32), np.zeros((q.shape[0], 1), np.int32)  # unused by `supports`
+    return suite.unsupported("paged_attention", impl, q, kp, vp, lens, bt, q_lens=q_lens)
 
 
 def skip_unsupported(impl, q, kp, vp, q_lens=None):
@@ -83,10 +79,14 @@ def skip_unsupported(impl, q, kp, vp, q_lens=None):
 
 
 def run(impl, q, kp, vp, lens, bt, *, jit=False, **kw):
-    """paged_attention with `impl` (under jax.jit when asked, except the eager reference)."""
+    """paged_attention with `impl` (under jax.jit when asked, except the eager reference); TUNABLES among `kw`
+    go into `impl`'s config."""
+    tunables = {k: kw.pop(k) for k in TUNABLES if k in kw}
+    if tunables:
+        kw["config"] = suite.config_for("paged_attention", impl, **tunables)
     args = {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
     arrays = [jnp.asarray(a) for a in (q, kp, vp, lens, bt)]
-    if jit and impl != "reference":
+    if jit and not suite.eager("paged_attention", impl):
         arrays_kw = {k: v for k, v in args.items() if isinstance(v, jax.Array)}
         static = tuple(sorted((k, v) for k, v in args.items() if not isinstance(v, jax.Array)))
         return _jitted(impl, static)(*arrays, **arrays_kw)

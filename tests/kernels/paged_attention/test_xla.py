@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kernels import paged_attention, paged_attention_cost
+from kernels.paged_attention.xla import Config
 from roofline import compare_with_xla
 from tests.kernels.paged_attention.cases import check, make_cache
 from tests.tolerances import COST_FLOPS_RTOL
@@ -59,7 +60,7 @@ def test_cost_matches_xla_when_one_block_covers_the_context():
     cost = paged_attention_cost(b, h, k, d, lens)
 
     def fn(q, kp, vp, lens, bt):
-        return paged_attention(q, kp, vp, lens, bt, block_pages=mp, num_splits=1, impl="xla")
+        return paged_attention(q, kp, vp, lens, bt, config=Config(block_pages=mp, num_splits=1), impl="xla")
 
     cmp = compare_with_xla(cost, fn, q, kp, vp, lens, bt)
     # One loop trip, counted once. XLA's dots equal ours; it also counts elementwise work that the analytic
