@@ -85,21 +85,9 @@ def fast_enough(op: str) -> bool:
     running CPU. That holds for the vector paths ("avx512", "avx2", "neon") and not for the scalar fallback,
     so this is True exactly when `isa()` names a vector path (False without the library).
 
-    Evidence (2-core AMD EPYC Zen 4 VM shared with other jobs; native time over the XLA path's, every case of
-    a shape timed round-robin in one run; README "CPU instruction sets"): INT4 (8192, 28672) group 128 —
-    M=1: avx512 0.05x, avx2 0.09x, scalar 0.23x; M=16: avx512 0.26x, avx2 0.29x, scalar 1.65x (the same
-    pattern at (4096, 14336)). Paged decode B8 H32 K8 D128, float32 pages, contexts 4096 / 16384: avx512
-    0.51x / 0.45x, avx2 0.57x / 0.49x, scalar 3.5x / 3.9x. The scalar INT4 kernel wins at M=1 but loses at
-    M=16, and the scalar decode kernel loses everywhere, so "scalar" is never fast enough. (In one of six
-    decode runs, taken while other jobs held the streaming read near 7 GB/s, the vector decode paths took
-    1.2-1.5x the XLA path's time: the XLA path degrades less under memory contention.) NEON was not timed
-    (no aarch64 machine); it runs the x86 paths' algorithms at a quarter of AVX-512's width.
-
-    MoE grouped FFN ("moe_ffn", 2-core AVX-512 VM, native over XLA's grouped loop; benchmarks.moe shapes):
-    Mixtral-like T=8 / 256: avx512 0.28x / 0.59x, avx2 0.29x / 1.18x, scalar 0.42x / 2.6x; DeepSeek-like:
-    avx512 0.68x / 1.03x, avx2 0.69x / 1.98x, scalar 0.54x / 3.1x. Prefill loses on the AVX2 and scalar
-    paths, so `kernels.moe` adds a token bound for the paths other than AVX-512 (NATIVE_MAX_TOKENS in
-    kernels/moe/xla.py); it has no NEON path (its NEON build runs the scalar code, not timed).
+    The measurements behind the rule (each path against the XLA path, per op) are in docs/performance.md,
+    "CPU instruction sets"; the MoE forward adds a token bound on the paths other than AVX-512
+    (`kernels.moe.cpu_native.NATIVE_MAX_TOKENS`).
     """
     if op not in NATIVE_OPS:
         raise ValueError(f"op={op!r} must be one of {', '.join(NATIVE_OPS)}")

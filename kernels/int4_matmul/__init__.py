@@ -23,17 +23,15 @@ Strategies (all portable XLA; `impl="auto"`/`"xla"` picks by M, the number of ro
   and 3 with an even group size; x is permuted and scaled here first, as for the XLA strategies.
 Every strategy accumulates in float32 and returns x's dtype.
 
-Implementations (`impl=`; `kernels.available_impls("int4_matmul")` lists those that run here): the
-reference (reference.py, NumPy in float64), the XLA strategies (xla.py), the native kernel (cpu_native.py)
-and the W4A16 Pallas kernel for GPUs (pallas_triton.py, interpreted on the CPU).
-
-Dispatch: `impl="auto"` is chosen per platform at lowering (`jax.lax.platform_dependent`, so the same jitted
-function exports for every platform): the CPU runs the native kernel when the library is built, the weight
-is supported and the instruction-set path beats the XLA path (`kernels.cpu.fast_enough`); cuda/rocm run the
-Pallas kernel for the weights it takes; everything else the XLA strategy for M. `impl="xla"` (or a named
-strategy) forces the portable path; `impl="cpu_native"` forces the native kernel (CPU only; an error when
-the library is absent or the weight unsupported); `impl="pallas"` forces the Pallas kernel (interpreted on
-the CPU; an error for a weight it does not take).
+Implementations (`impl=`; `kernels.available_impls("int4_matmul")` lists those that run here; each module's
+`IMPLEMENTATION` is its entry in `kernels.registry`): reference.py (NumPy in float64), xla.py (the XLA
+strategies; `Config(strategy=...)`, or the strategy's name as `impl`), cpu_native.py (the native kernel:
+bits 3 and 4, even groups) and pallas_triton.py (the W4A16 Pallas Triton kernel for GPUs, interpreted on the
+CPU; `Config(block_m, block_n, block_k, split_k)`). `impl="auto"` is the registry's per-platform choice:
+on the CPU the native kernel for the weights it takes where its instruction-set path beats the XLA path
+(`kernels.cpu.fast_enough`), on cuda/rocm the Pallas kernel for the weights it takes, else the XLA strategy
+for M. `impl="pallas"` is the platform's Pallas kernel. A named implementation that does not serve the call
+is a ValueError that says why.
 
 Why blocks: converting a whole 16M-element uint8 matrix to float32 on this CPU costs more than the float32
 matmul itself; a block of a few hundred rows is converted in cache and consumed at once. Bits 4 and 3

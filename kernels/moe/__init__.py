@@ -76,13 +76,16 @@ FFN strategies (`impl`):
   E <= BUCKETED_MAX_EXPERTS (few large experts: XLA on the CPU copies a dynamically indexed expert's
   weights before its GEMM, which costs more than padding rows) and "grouped" for more (many small
   experts).
-- "auto": on cuda/rocm the Pallas grouped GEMM (pallas_triton.py) for the experts it takes; on the CPU, for
-  float32 dropless calls where `kernels.cpu.fast_enough("moe_ffn")`, the "grouped" loop with its forward
-  in the native C++ kernel (kernels/cpu/moe_ffn*.cc: each touched expert's weights read in place; on AVX2
-  up to NATIVE_MAX_TOKENS tokens, where it was measured to win); otherwise as "xla". Chosen at lowering by
-  `jax.lax.platform_dependent`, so one jitted function exports for cpu, cuda, rocm and tpu.
-- "cpu_native": that native forward always (float32 x and experts; CPU only); "pallas": the Pallas kernel
-  (interpreted on the CPU).
+- "cpu_native" (cpu_native.py): the grouped plan with its forward in the native C++ kernel
+  (kernels/cpu/moe_ffn*.cc: each touched expert's weights read in place) and the grouped loop's backward;
+  float32 x and experts, CPU only.
+- "pallas_triton" (pallas_triton.py): the Pallas Triton grouped GEMMs for GPUs (interpreted on the CPU);
+  "pallas" is the platform's Pallas kernel.
+- "auto": the registry's per-platform choice at lowering: on the CPU "cpu_native" for float32 dropless
+  calls where `kernels.cpu.fast_enough("moe_ffn")` (on AVX2 up to NATIVE_MAX_TOKENS tokens, where it was
+  measured to win), on cuda/rocm the Pallas kernel for the experts it takes; otherwise "xla".
+The strategies are the XLA path's `Config(strategy=...)` (`kernels.moe.xla.Config`, with the grouped loop's
+`row_align` and `block_rows`); each strategy's name is also an `impl`.
 Quantized experts: w_gate, w_up and w_down may each be a stack of `quant.Int4Weight` (leaves with a
 leading expert axis, e.g. `jax.tree.map(jnp.stack, *experts)`); every expert matmul then runs through
 `kernels.int4_matmul`. "auto"/"xla" use "grouped" on every backend (only the experts that have rows are
@@ -91,8 +94,8 @@ oracle). "bucketed" and "ragged" need float weights and refuse. The experts are 
 x and the routing weights. `moe_ffn_reference` compares against the dequantized experts.
 
 Modules: routing.py (routers, losses, their references), dispatch.py (plan, dispatch, combine, capacity),
-reference.py (validation and the NumPy FFN reference), xla.py (the strategies above and the native
-forward's wiring), pallas_triton.py (the GPU kernels); `impl="reference"` runs the NumPy reference through
+reference.py (validation and the NumPy FFN reference), xla.py (the strategies above), cpu_native.py (the
+native forward), pallas_triton.py (the GPU kernels); `impl="reference"` runs the NumPy reference through
 `moe_ffn` (eagerly).
 
 Sources: HF transformers MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, DeepseekV3TopkRouter;

@@ -39,16 +39,19 @@ cannot be checked, so the kernel masks instead: a key is read only if its positi
 page id is in [0, P); masked keys get logit −inf and their values are zeroed before the weighted sum, so
 neither a foreign page nor NaN/Inf garbage in unused slots can reach the output.
 
-Implementations (`impl=`; `kernels.available_impls("paged_attention")` lists those that run here):
-    reference.py   validation, layout bridges (`gather_kv`, `dequantize_pages`) and the NumPy reference
-    xla.py         the portable path: page blocks with an online softmax and a log-sum-exp split merge
-    cpu_native.py  the C++ decode kernel through XLA's FFI (decode, float32 q and pages)
-    pallas_triton.py  the Pallas (Triton) kernel for GPUs, interpreted on the CPU
-    kv_cache.py    the paged cache itself: PageAllocator, write_kv, copy_pages
-`impl="auto"` picks, per platform at lowering (`jax.lax.platform_dependent`, so the same jitted function
-exports for every platform): on the CPU the native kernel for the cases it serves when the library is built
-and its instruction-set path beats the XLA path (`kernels.cpu.fast_enough`); on cuda/rocm the Pallas kernel
-for the inputs it takes; otherwise the XLA path.
+Implementations (`impl=`; `kernels.available_impls("paged_attention")` lists those that run here; each
+backend module's `IMPLEMENTATION` is its entry in `kernels.registry`):
+    reference.py      validation, layout bridges (`gather_kv`, `dequantize_pages`) and the NumPy reference
+    xla.py            the portable path: page blocks with an online softmax and a log-sum-exp split merge;
+                      `Config(q_tile, block_pages, num_splits)`
+    cpu_native.py     the C++ decode kernel through XLA's FFI (decode, float32 q and pages)
+    pallas_triton.py  the Pallas Triton kernel for GPUs, interpreted on the CPU; `Config(q_tile, block_pages,
+                      num_splits, num_warps, num_stages)`
+    kv_cache.py       the paged cache itself: PageAllocator, write_kv, copy_pages
+`impl="auto"` is the registry's per-platform choice at lowering (so the same jitted function exports for
+every platform): on the CPU the native kernel for the cases it serves where its instruction-set path beats
+the XLA path (`kernels.cpu.fast_enough`); on cuda/rocm the Pallas kernel for the inputs it takes; otherwise
+the XLA path. `impl="pallas"` is the platform's Pallas kernel.
 """
 
 from __future__ import annotations
