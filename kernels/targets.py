@@ -9,8 +9,8 @@ lowering runs under an abstract mesh of one abstract device of the target platfo
     lower(fn, *args, platforms=("cuda",))                         jax.jit(fn).trace(*args).lower(...)
     export(fn, *args, platforms=("cpu", "cuda", "rocm", "tpu"))   jax.export.export(jax.jit(fn), ...)(*args)
 
-`args` may be arrays or `jax.ShapeDtypeStruct`s. A function whose cuda/rocm lowering holds a Pallas custom call,
-or whose cpu lowering holds a native FFI call, exports only with those calls' safety checks disabled:
+`args` may be arrays or `jax.ShapeDtypeStruct`s. A function whose cuda/rocm lowering holds a Pallas custom
+call, or whose cpu lowering holds a native FFI call, exports only with those calls' safety checks disabled:
 `export(..., disabled_checks=KERNEL_CALLS)` allows every custom call the lab's kernels make.
 """
 
@@ -57,7 +57,9 @@ def device_context(*platforms: str, device_kind: str | None = None) -> Iterator[
         yield
 
 
-def lower(fn: Callable[..., Any], *args: Any, platforms: Sequence[str], device_kind: str | None = None) -> Any:
+def lower(
+    fn: Callable[..., Any], *args: Any, platforms: Sequence[str], device_kind: str | None = None
+) -> Any:
     """`jax.jit(fn)` traced on `args` and lowered for `platforms` (a `jax.stages.Lowered`)."""
     platforms = tuple(platforms)
     with device_context(*platforms, device_kind=device_kind):
