@@ -38,8 +38,8 @@ gives too few programs to keep every SM's memory pipeline busy, K is split over 
 write a float32 partial [M, N]; the partials are summed (float32) outside the kernel. GEMM-sized M uses
 larger tiles and no split. Defaults (`choose_config`) follow the published W4A16 kernels (Marlin and
 tinygemm both run tensor-core MMAs on 16-row activation tiles even at M = 1, and Marlin partitions K across
-SMs when N alone does not fill the GPU) and Triton's standard matmul configurations; they are anchors, not
-measurements: the GPU figures are still to be measured.
+SMs when N alone does not fill the GPU) and Triton's standard matmul configurations (docs/accelerators.md
+says what has been measured on GPUs).
 
 Matrix-vector form (block_m < 16): up to 8 rows of x per program, each an unrolled multiply-and-reduce on the
 CUDA cores in float32, `acc[r] += s ⊙ Σ_k (x_even[r, k] · (lo − z) + x_odd[r, k] · (hi − z))`. It is the
@@ -52,9 +52,9 @@ Lowering
 --------
 `interpret=None` chooses per lowering platform: the kernel is one primitive whose lowering rule is the
 compiled Triton kernel (`CompilerParams(num_warps, num_stages)`) on cuda and rocm and interpret mode (plain
-HLO) on every other platform, so one jitted function runs on the CPU, lowers for a GPU, and exports for
-("cpu", "cuda", "rocm", "tpu") at once (a `platform_dependent` around two pallas_calls would not: a
-multi-platform module lowers every branch for every platform). `jax.export` needs
+HLO) on cpu and tpu (`kernels.lowering.per_platform_kernel`), so one jitted function runs on the CPU,
+lowers for a GPU, and exports for ("cpu", "cuda", "rocm", "tpu") at once (a `platform_dependent` around two
+pallas_calls would not: a multi-platform module lowers every branch for every platform). `jax.export` needs
 `disabled_checks=[DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]` for the Triton custom call.
 `jax.vmap` (stacks of expert weights) batches the pallas_call with an extra grid axis, inside the same
 primitive. `interpret=True`/`False` forces one form.
@@ -74,15 +74,14 @@ import functools
 from typing import Any
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
-from jax.interpreters import batching, mlir
 
 from kernels import registry
 from kernels.int4_matmul.xla import scan_matmul_transposed, zero_cotangent
+from kernels.lowering import per_platform_kernel
 from kernels.precision import highest_precision
 from quant.format import Int4Weight, symmetric_zero
 
@@ -466,54 +465,21 @@ def _pallas_kernel(*args: jax.Array, spec: _Spec, interpret: bool) -> jax.Array:
     )(*args)
 
 
-def _kernel_fn(spec: _Spec, vmaps: tuple, interpret: bool):
-    """The pallas_call, vmapped once per level of `vmaps` (the in_axes of each enclosing `jax.vmap`,
-    innermost first): Pallas batches its own call with an extra grid axis."""
-    fn = functools.partial(_pallas_kernel, spec=spec, interpret=interpret)
-    for in_axes in vmaps:
-        fn = jax.vmap(fn, in_axes=in_axes)
-    return fn
-
-
-def _by_platform(*args: jax.Array, spec: _Spec, vmaps: tuple) -> jax.Array:
-    """Eager calls: the kernel, interpreted or compiled according to the platform it runs on."""
-    compiled = _kernel_fn(spec, vmaps, interpret=False)
-    return jax.lax.platform_dependent(
-        *args, cuda=compiled, rocm=compiled, default=_kernel_fn(spec, vmaps, interpret=True)
-    )
-
-
-def _abstract_eval(*avals, spec: _Spec, vmaps: tuple):
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals]
-    out = jax.eval_shape(_kernel_fn(spec, vmaps, interpret=True), *shapes)
-    return jax.core.ShapedArray(out.shape, out.dtype)
-
-
-def _lowering(interpret: bool):
-    def rule(*args, spec: _Spec, vmaps: tuple):
-        return _kernel_fn(spec, vmaps, interpret)(*args)
-
-    return mlir.lower_fun(rule, multiple_results=False)
-
-
-def _batch_rule(args, dims, *, spec: _Spec, vmaps: tuple):
-    in_axes = tuple(None if d is None else int(d) for d in dims)  # None: not mapped
-    return _int4_pallas_p.bind(*args, spec=spec, vmaps=(*vmaps, in_axes)), 0
-
-
-# The kernel as one primitive whose lowering is chosen per platform: the compiled Triton kernel on cuda and
-# rocm, interpret mode (plain HLO) everywhere else. Unlike a `platform_dependent` around two pallas_calls,
-# this also lowers in a multi-platform module (`jax.export` for ("cpu", "cuda", "rocm", "tpu")): there every
-# branch of a `platform_dependent` is lowered for every platform, and a compiled pallas_call refuses the CPU.
-# Under vmap the primitive stays one primitive (its `vmaps` parameter records the batching). Registering a
-# primitive's rules at import is how JAX extensions add primitives; nothing else is global.
-_int4_pallas_p = jax.extend.core.Primitive("tokenlab_int4_matmul_pallas")
-_int4_pallas_p.def_impl(_by_platform)
-_int4_pallas_p.def_abstract_eval(_abstract_eval)
-mlir.register_lowering(_int4_pallas_p, _lowering(interpret=True))
-mlir.register_lowering(_int4_pallas_p, _lowering(interpret=False), platform="cuda")
-mlir.register_lowering(_int4_pallas_p, _lowering(interpret=False), platform="rocm")
-batching.primitive_batchers[_int4_pallas_p] = _batch_rule
+# The kernel as one primitive whose lowering is chosen per platform (see `kernels.lowering`): the compiled
+# Triton kernel on cuda and rocm, interpret mode (plain HLO) on cpu and tpu. Unlike a `platform_dependent`
+# around two pallas_calls, this also lowers in a multi-platform module (`jax.export` for ("cpu", "cuda",
+# "rocm", "tpu")). Under vmap the primitive stays one primitive: Pallas batches its call with a grid axis.
+_int4_pallas = per_platform_kernel(
+    "tokenlab_int4_matmul_pallas",
+    {
+        "cpu": functools.partial(_pallas_kernel, interpret=True),
+        "cuda": functools.partial(_pallas_kernel, interpret=False),
+        "rocm": functools.partial(_pallas_kernel, interpret=False),
+        "tpu": functools.partial(_pallas_kernel, interpret=True),
+    },
+    kernel="the Pallas Triton INT4 matmul kernel",
+    out_shape=lambda *args, spec: spec.out_shape,
+)
 
 
 def _forward(
@@ -531,7 +497,7 @@ def _forward(
     args = [xe, xo, packed, scales] + ([] if zeros is None else [zeros])
     spec = _Spec(cfg, group_size, sym_zero if zeros is None else None, k, n, mp, np.dtype(x.dtype))
     if interpret is None:
-        out = _int4_pallas_p.bind(*args, spec=spec, vmaps=())
+        out = _int4_pallas(*args, spec=spec)
     else:
         out = _pallas_kernel(*args, spec=spec, interpret=interpret)
     if cfg.split_k > 1:

@@ -41,8 +41,9 @@ Triton on cuda and rocm, interpret mode on cpu (slow: for tests at small shapes)
 for the backward) with one lowering rule per platform rather than `jax.lax.platform_dependent`, which
 lowers every branch for every platform of a multi-platform lowering, where a compiled pallas_call fails
 for cpu and tpu; so one jitted function lowers for cpu, cuda, rocm and tpu at once (`jax.export` needs
-`disabled_checks` for the Triton custom calls). `interpret=True/False` forces one form. Under `jax.vmap`
-the primitives run a sequential `lax.map` over the mapped axis.
+`disabled_checks` for the Triton custom calls; `kernels.lowering.per_platform_kernel` builds them).
+`interpret=True/False` forces one form. Under `jax.vmap` the kernels batch as one pallas_call with an extra
+grid axis; the ragged_dot formulation runs a sequential `lax.map` over the mapped axis.
 
 Gradients. A custom VJP whose backward is three more Pallas kernels for float experts, on the same
 tile schedule: (1) per (row tile, f-column tile), recompute g and u and, in the same reduction over d,
@@ -70,12 +71,11 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.extend import core as jex_core
-from jax.interpreters import batching, mlir
 
 from kernels import registry
 from kernels.int4_matmul.pallas_triton import dot_precision, int4_tile_dot
 from kernels.int4_matmul.xla import zero_cotangent
+from kernels.lowering import per_platform_kernel
 from kernels.moe.reference import capacity_of
 from quant.format import Int4Weight, codes_per_byte, symmetric_zero
 
@@ -572,32 +572,9 @@ def _grouped_ffn(xs, group_sizes, wg, wu, wd, blocks, interpret):
     return _grouped_ffn_fwd_impl(xs, group_sizes, wg, wu, wd, blocks, interpret)
 
 
-def _map_over_batch(prim):
-    """A batching rule for `prim` (jax.vmap): a sequential lax.map over the mapped axis, the unmapped
-    operands (the expert weights, typically) closed over rather than broadcast."""
-
-    def rule(args, dims, **params):
-        mapped = [d is not None for d in dims]  # None: an operand the vmap does not map
-        moved = [jnp.moveaxis(a, d, 0) for a, d, m in zip(args, dims, mapped, strict=True) if m]
-
-        def one(slices):
-            it = iter(slices)
-            return prim.bind(*[next(it) if m else a for a, m in zip(args, mapped, strict=True)], **params)
-
-        out = lax.map(one, moved)
-        return out, [0] * len(out) if prim.multiple_results else 0
-
-    return rule
-
-
-# One primitive whose lowering is chosen per platform: lax.platform_dependent would lower every branch for
-# every platform of a multi-platform export, and a compiled pallas_call cannot lower for cpu or tpu.
-_grouped_ffn_p = jex_core.Primitive("tokenlab_moe_grouped_ffn")
-
-
-def _operands_fn(mode):
-    def run(xp, group_sizes, sched, *leaves, weights_tree, blocks, out_dtype):
-        wg, wu, wd = jax.tree.unflatten(weights_tree, leaves)
+def _forward_fn(mode):
+    def run(xp, group_sizes, sched, weights, *, blocks, out_dtype):
+        wg, wu, wd = weights
         if mode == "portable":
             ys = _ragged_ffn(xp, group_sizes, wg, wu, wd)
         else:
@@ -607,20 +584,20 @@ def _operands_fn(mode):
     return run
 
 
-batching.primitive_batchers[_grouped_ffn_p] = _map_over_batch(_grouped_ffn_p)
-_grouped_ffn_p.def_abstract_eval(lambda xp, *_, out_dtype, **__: jax.core.ShapedArray(xp.shape, out_dtype))
-_grouped_ffn_p.def_impl(
-    lambda *args, **params: jax.jit(functools.partial(_grouped_ffn_p.bind, **params))(*args)
-)
-mlir.register_lowering(_grouped_ffn_p, mlir.lower_fun(_operands_fn("portable"), multiple_results=False))
-mlir.register_lowering(
-    _grouped_ffn_p, mlir.lower_fun(_operands_fn("interpret"), multiple_results=False), platform="cpu"
-)
-mlir.register_lowering(
-    _grouped_ffn_p, mlir.lower_fun(_operands_fn("compiled"), multiple_results=False), platform="cuda"
-)
-mlir.register_lowering(
-    _grouped_ffn_p, mlir.lower_fun(_operands_fn("compiled"), multiple_results=False), platform="rocm"
+# One primitive whose lowering is chosen per platform (see `kernels.lowering`): lax.platform_dependent would
+# lower every branch for every platform of a multi-platform export, and a compiled pallas_call cannot lower
+# for cpu or tpu.
+_grouped_ffn_per_platform = per_platform_kernel(
+    "tokenlab_moe_grouped_ffn",
+    {
+        "cpu": _forward_fn("interpret"),
+        "cuda": _forward_fn("compiled"),
+        "rocm": _forward_fn("compiled"),
+        "tpu": _forward_fn("portable"),
+    },
+    kernel="the Pallas Triton grouped FFN",
+    out_shape=lambda xp, *_, out_dtype, **__: jax.ShapeDtypeStruct(xp.shape, out_dtype),
+    map_sequentially=("tpu",),  # lax.ragged_dot does not batch with unbatched weights
 )
 
 
@@ -630,10 +607,9 @@ def _grouped_ffn_fwd_impl(xs, group_sizes, wg, wu, wd, blocks, interpret):
     padded = -(-num_rows // block_m) * block_m
     xp = jnp.pad(xs, ((0, padded - num_rows), (0, 0))) if padded != num_rows else xs
     sched = tile_schedule(group_sizes, padded, block_m)
-    leaves, weights_tree = jax.tree.flatten((wg, wu, wd))
     if interpret is None:
-        ys = _grouped_ffn_p.bind(
-            xp, group_sizes, sched, *leaves, weights_tree=weights_tree, blocks=blocks, out_dtype=xs.dtype
+        ys = _grouped_ffn_per_platform(
+            xp, group_sizes, sched, (wg, wu, wd), blocks=blocks, out_dtype=xs.dtype
         )
     else:
         ys = _kernels(xp, sched, wg, wu, wd, blocks=blocks, interpret=interpret).astype(xs.dtype)
@@ -650,12 +626,7 @@ def _ragged_cotangents(xp, dyp, group_sizes, wg, wu, wd):
     return vjp(dyp)
 
 
-# The backward's per-platform choice, for the same reason as the forward's.
-_grouped_ffn_bwd_p = jex_core.Primitive("tokenlab_moe_grouped_ffn_bwd")
-_grouped_ffn_bwd_p.multiple_results = True
-
-
-def _bwd_operands_fn(mode):
+def _backward_fn(mode):
     def run(xp, dyp, group_sizes, sched, bounds, wg, wu, wd, *, blocks):
         if mode == "portable":
             out = _ragged_cotangents(xp, dyp, group_sizes, wg, wu, wd)
@@ -663,36 +634,32 @@ def _bwd_operands_fn(mode):
             out = _backward_kernels(
                 xp, dyp, sched, bounds, wg, wu, wd, blocks=blocks, interpret=mode == "interpret"
             )
-        # Every platform's branch returns the abstract eval's dtypes.
+        # Every platform's branch returns the out_shape's dtypes.
         dxs, *dws = out
         return [dxs.astype(wd.dtype), *(dw.astype(jnp.float32) for dw in dws)]
 
     return run
 
 
-def _bwd_abstract_eval(xp, dyp, group_sizes, sched, bounds, wg, wu, wd, *, blocks):
+def _backward_shapes(xp, dyp, group_sizes, sched, bounds, wg, wu, wd, *, blocks):
     del dyp, group_sizes, sched, bounds, blocks
-    return [jax.core.ShapedArray(xp.shape, wd.dtype)] + [
-        jax.core.ShapedArray(w.shape, jnp.float32) for w in (wg, wu, wd)
+    return [jax.ShapeDtypeStruct(xp.shape, wd.dtype)] + [
+        jax.ShapeDtypeStruct(w.shape, jnp.float32) for w in (wg, wu, wd)
     ]
 
 
-_grouped_ffn_bwd_p.def_abstract_eval(_bwd_abstract_eval)
-batching.primitive_batchers[_grouped_ffn_bwd_p] = _map_over_batch(_grouped_ffn_bwd_p)
-_grouped_ffn_bwd_p.def_impl(
-    lambda *args, **params: jax.jit(functools.partial(_grouped_ffn_bwd_p.bind, **params))(*args)
-)
-mlir.register_lowering(
-    _grouped_ffn_bwd_p, mlir.lower_fun(_bwd_operands_fn("portable"), multiple_results=True)
-)
-mlir.register_lowering(
-    _grouped_ffn_bwd_p, mlir.lower_fun(_bwd_operands_fn("interpret"), multiple_results=True), platform="cpu"
-)
-mlir.register_lowering(
-    _grouped_ffn_bwd_p, mlir.lower_fun(_bwd_operands_fn("compiled"), multiple_results=True), platform="cuda"
-)
-mlir.register_lowering(
-    _grouped_ffn_bwd_p, mlir.lower_fun(_bwd_operands_fn("compiled"), multiple_results=True), platform="rocm"
+# The backward's per-platform choice, for the same reason as the forward's.
+_grouped_ffn_bwd_per_platform = per_platform_kernel(
+    "tokenlab_moe_grouped_ffn_bwd",
+    {
+        "cpu": _backward_fn("interpret"),
+        "cuda": _backward_fn("compiled"),
+        "rocm": _backward_fn("compiled"),
+        "tpu": _backward_fn("portable"),
+    },
+    kernel="the Pallas Triton grouped FFN's backward",
+    out_shape=_backward_shapes,
+    map_sequentially=("tpu",),  # lax.ragged_dot does not batch with unbatched weights
 )
 
 
@@ -718,7 +685,7 @@ def _grouped_ffn_bwd(blocks, interpret, res, d_ys):
     sched = tile_schedule(group_sizes, padded, block_m)
     bounds = _row_bounds(group_sizes, padded)
     if interpret is None:
-        dxs, dwg, dwu, dwd = _grouped_ffn_bwd_p.bind(
+        dxs, dwg, dwu, dwd = _grouped_ffn_bwd_per_platform(
             xp, dyp, group_sizes, sched, bounds, wg, wu, wd, blocks=blocks
         )
     else:

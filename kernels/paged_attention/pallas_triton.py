@@ -35,10 +35,11 @@ past kv_len cannot reach the output. A NaN in q reaches exactly the output rows 
 nothing to attend to become zeros.
 
 Lowering. `paged_attention_pallas` chooses per lowering platform through one primitive with a lowering rule
-per platform: Pallas's interpret mode on cpu (slow; for tests), the Triton-compiled kernel on cuda and rocm
-(through `jax.experimental.pallas.triton.CompilerParams`, since `pl.pallas_call` on GPUs defaults to Mosaic
-GPU in JAX 0.10), and a clear error when tpu is the only platform. The choice is never made from
-`jax.default_backend()`, so the same jitted function runs interpreted on a CPU and compiled on a GPU.
+per platform (`kernels.lowering.per_platform_kernel`): Pallas's interpret mode on cpu (slow; for tests),
+the Triton-compiled kernel on cuda and rocm (through `jax.experimental.pallas.triton.CompilerParams`, since
+`pl.pallas_call` on GPUs defaults to Mosaic GPU in JAX 0.10), and a clear error when tpu is the only platform.
+The choice is never made from `jax.default_backend()`, so the same jitted function runs interpreted on a CPU
+and compiled on a GPU.
 `jax.lax.platform_dependent` is not used here because it lowers every branch for every platform of a
 multi-platform export, and a compiled `pallas_call` cannot lower for cpu or tpu. With per-platform rules, a
 caller's own per-platform choice (`impl="auto"`) can hold this kernel in its GPU branch and still export for
@@ -58,14 +59,13 @@ import functools
 from typing import Any
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from jax.interpreters import batching, mlir
 
 from kernels import registry
+from kernels.lowering import per_platform_kernel
 
 _F32 = jnp.float32
 # Head dims the kernel pads to a power of two (Triton tiles are powers of two); at least 16 for tl.dot.
@@ -77,8 +77,8 @@ _MAX_TILE_ROWS = 256
 _TARGET_PROGRAMS = 256
 _MAX_SPLITS = 64
 # The defaults below follow the anchors (JAX's Pallas GPU attention ops, FlashAttention's Triton kernels) and
-# what Triton 3.9 + ptxas make of this kernel for sm_90a offline (registers, spills, shared memory; see the
-# README): no GPU timing went into them yet.
+# what Triton 3.9 + ptxas make of this kernel for sm_90a offline (registers, spills, shared memory; see
+# docs/accelerators.md).
 # Decode, 16-bit q: 32 KiB of K per step, i.e. 128 bf16 keys of D = 128 (the block of JAX's Pallas paged
 # op, 8 pages of 16). With 4 warps and 2 stages that is 209 registers, no spills and 107 KiB of shared
 # memory, so two programs fit an SM of an H100/H200 (228 KiB), one an A100 (164 KiB); cp.async keeps a
@@ -442,27 +442,17 @@ def _paged_attention_pallas(
         out_shape = (jax.ShapeDtypeStruct((num_tiles, kh, rows, dp), q.dtype),)
         out_specs = (pl.BlockSpec((None, None, rows, dp), lambda i, k, j: (i, k, 0, 0)),)
 
-    def call(use_interpret: bool):
-        def run(*xs):
-            return pl.pallas_call(
-                kernel,
-                out_shape=out_shape,
-                grid=grid,
-                in_specs=in_specs,
-                out_specs=out_specs,
-                interpret=use_interpret,
-                compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-                name=f"paged_attention_r{rows}_bk{block_k}_s{num_splits}",
-            )(*xs)
-
-        return run
-
-    if interpret is None:
-        outs = _per_platform_p.bind(
-            *args, interpreted=call(True), compiled=call(False), out_avals=tuple(map(_aval, out_shape))
-        )
-    else:
-        outs = call(interpret)(*args)
+    call = functools.partial(
+        pl.pallas_call,
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name=f"paged_attention_r{rows}_bk{block_k}_s{num_splits}",
+    )
+    outs = _per_platform(*args, call=call) if interpret is None else call(interpret=interpret)(*args)
 
     if split:
         acc, m, l = outs
@@ -486,59 +476,24 @@ def _zeros_index(ndim: int, *_: Any) -> tuple[int, ...]:
     return (0,) * ndim
 
 
-def _aval(x: jax.ShapeDtypeStruct) -> jax.core.ShapedArray:
-    return jax.core.ShapedArray(x.shape, x.dtype)
+def _run(*args: jax.Array, call: Any, interpret: bool) -> Any:
+    return call(interpret=interpret)(*args)
 
 
-# One primitive whose lowering is chosen per platform: the interpreted kernel on cpu, the Triton kernel on
-# cuda/rocm. `jax.lax.platform_dependent` would lower every branch for every platform of a multi-platform
-# export (and a compiled pallas_call refuses to lower for cpu or tpu); a per-platform lowering rule is lowered
-# only for its own platforms, so `impl="auto"` can hold this kernel in its GPU branch and still export for
-# cpu, cuda, rocm and tpu at once. Defining the primitive registers its rules with JAX once, at import.
-_per_platform_p = jax.extend.core.Primitive("tokenlab_paged_attention_pallas")
-_per_platform_p.multiple_results = True
-_per_platform_p.def_abstract_eval(lambda *args, interpreted, compiled, out_avals: list(out_avals))
-
-
-def _lower_with(which: str, ctx: Any, *args: Any, interpreted: Any, compiled: Any, out_avals: Any) -> Any:
-    fn = interpreted if which == "interpreted" else compiled
-    return mlir.lower_fun(lambda *xs: fn(*xs), multiple_results=True)(ctx, *args)
-
-
-def _lower_elsewhere(ctx: Any, *args: Any, interpreted: Any, compiled: Any, out_avals: Any) -> Any:
-    platforms = tuple(ctx.module_context.platforms)
-    if len(platforms) == 1:
-        raise ValueError(
-            f"the Pallas paged attention kernel runs on cpu (interpreted), cuda and rocm, not {platforms[0]}"
-        )
-    # A multi-platform lowering also lowers the branches that the caller's own per-platform choice never
-    # takes on this platform; they get NaN, so that a wrong choice could not pass for a result.
-    del interpreted, compiled
-    return mlir.lower_fun(
-        lambda *xs: [jnp.full(a.shape, jnp.nan, a.dtype) for a in out_avals], multiple_results=True
-    )(ctx, *args)
-
-
-mlir.register_lowering(_per_platform_p, functools.partial(_lower_with, "interpreted"), platform="cpu")
-mlir.register_lowering(_per_platform_p, functools.partial(_lower_with, "compiled"), platform="cuda")
-mlir.register_lowering(_per_platform_p, functools.partial(_lower_with, "compiled"), platform="rocm")
-mlir.register_lowering(_per_platform_p, _lower_elsewhere)
-
-
-def _batch(args: Any, dims: Any, *, interpreted: Any, compiled: Any, out_avals: Any) -> Any:
-    """vmap: both kernels vmapped (pallas_call batches by adding a grid axis), batch axis in front."""
-    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
-    in_axes = tuple(dims)  # None: not mapped
-    outs = _per_platform_p.bind(
-        *args,
-        interpreted=jax.vmap(interpreted, in_axes),
-        compiled=jax.vmap(compiled, in_axes),
-        out_avals=tuple(jax.core.ShapedArray((size, *a.shape), a.dtype) for a in out_avals),
-    )
-    return outs, [0] * len(outs)
-
-
-batching.primitive_batchers[_per_platform_p] = _batch
+# The interpreted kernel on cpu, the Triton kernel on cuda/rocm, chosen per lowering platform (see
+# `kernels.lowering`): `impl="auto"` can hold this kernel in its GPU branch and still export for cpu, cuda,
+# rocm and tpu at once.
+_per_platform = per_platform_kernel(
+    "tokenlab_paged_attention_pallas",
+    {
+        "cpu": functools.partial(_run, interpret=True),
+        "cuda": functools.partial(_run, interpret=False),
+        "rocm": functools.partial(_run, interpret=False),
+    },
+    kernel="the Pallas Triton paged attention kernel",
+    runs_on="cpu (interpreted), cuda and rocm",
+    out_shape=lambda *args, call: call.keywords["out_shape"],
+)
 
 
 def paged_attention_pallas(
