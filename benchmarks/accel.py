@@ -568,7 +568,21 @@ def _row(r: dict) -> str:
     )
 
 
+def _only(text: str) -> tuple[str, ...]:
+    """argparse `type` of --only: comma-separated kernels, each one of KERNELS, at least one, no repeats."""
+    names = [s.strip() for s in text.split(",")]
+    valid = ", ".join(KERNELS)
+    if not any(names) or not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item; give kernels from: {valid}")
+    bad = [n for n in names if n not in KERNELS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown kernel(s) {', '.join(bad)}; valid kernels: {valid}")
+    return tuple(dict.fromkeys(names))
+
+
 def main(argv: list[str] | None = None) -> int:
+    from roofline.cli import writable_path
+
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.accel",
         description="The lab's kernels against the accelerator's own baselines (see the module docstring).",
@@ -576,8 +590,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny shapes, any backend (the test suite's run)"
     )
-    parser.add_argument("--out", help="write the records as JSON to this file")
-    parser.add_argument("--only", default=",".join(KERNELS), help="comma-separated kernels to run")
+    parser.add_argument(
+        "--out", type=writable_path, help="write the records as JSON to this file (checked before any run)"
+    )
+    parser.add_argument(
+        "--only",
+        type=_only,
+        default=KERNELS,
+        help=f"comma-separated kernels to run, of: {', '.join(KERNELS)} (default: all)",
+    )
     parser.add_argument(
         "--impl-module",
         action="append",
@@ -586,7 +607,6 @@ def main(argv: list[str] | None = None) -> int:
         help="import MODULE first; the implementations it registers (kernels.registry.register) are timed",
     )
     args = parser.parse_args(argv)
-    only = tuple(s for s in args.only.split(",") if s)
     for module in args.impl_module:
         try:
             importlib.import_module(module)
@@ -595,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = run(
         smoke=args.smoke,
-        only=only,
+        only=args.only,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
         impl_modules=tuple(args.impl_module),
     )
@@ -609,11 +629,15 @@ def main(argv: list[str] | None = None) -> int:
         f"measured {_fmt(dev['measured_bandwidth'] and dev['measured_bandwidth'] / 1e9, '.0f')} GB/s; "
         f"{time.perf_counter() - t0:.0f} s. ratio: ms over the best baseline's ms in the same case."
     )
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
-        print(f"wrote {args.out}")
     bad = [r for r in result["records"] if r["status"].startswith("failed") and r["role"] == "lab"]
+    if args.out:
+        try:
+            with open(args.out, "w") as fh:
+                json.dump(result, fh, indent=1)
+        except OSError as err:  # the table above is already printed
+            print(f"error: could not write {args.out!r}: {err}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.out}")
     return 1 if bad else 0
 
 

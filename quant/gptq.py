@@ -54,6 +54,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax import lax
 
@@ -77,7 +78,8 @@ _MAX_DAMP = 1e4
 
 
 def validate_hessian(H: Any, k: int, *, name: str = "H") -> None:
-    """H must be a finite, square `[K, K]` float matrix matching the weight's K, with calibration data in it.
+    """H must be a finite, symmetric (within 1e-5 of max |H|), square `[K, K]` float matrix matching the
+    weight's K, with calibration data in it.
 
     An all-zero diagonal (every channel dead: `HessianAccumulator(K).H` before any `.add()`) is an error:
     GPTQ would quietly return an all-zero weight.
@@ -95,10 +97,32 @@ def validate_hessian(H: Any, k: int, *, name: str = "H") -> None:
             f"{name} contains NaN or Inf: it is not the Hessian of finite calibration data (hessian() and "
             "HessianAccumulator.add() refuse NaN/Inf inputs; was it built another way, or did it overflow?)"
         )
+    _check_symmetric(h, name)
     if k and not np.any(np.diag(h)):
         raise ValueError(
             f"{name} is all zero on its diagonal (every input channel is dead): no calibration data was "
             "added. Pass hessian(x) of the layer's inputs, or call HessianAccumulator.add(x) before using .H"
+        )
+
+
+def _check_symmetric(h: np.ndarray, name: str) -> None:
+    """H = 2/n · Xᵀ X is symmetric; one that is not (a hand-built or corrupted matrix) would be factored from
+    one triangle and quietly give other codes. Tolerance: 1e-5 of max |H| (a few ulps for 16-bit floats)."""
+    k = h.shape[0]
+    scale = float(np.max(np.abs(h))) if h.size else 0.0
+    tol = max(1e-5, 8.0 * float(ml_dtypes.finfo(h.dtype).eps)) * scale
+    worst, at = 0.0, (0, 0)
+    for i in range(0, k, 1024):  # in row blocks: no second [K, K] array
+        d = np.abs(h[i : i + 1024].astype(np.float64) - h[:, i : i + 1024].T)
+        j = int(np.argmax(d))
+        if d.flat[j] > worst:
+            worst, at = float(d.flat[j]), (i + j // k, j % k)
+    if worst > tol:
+        r, c = at
+        raise ValueError(
+            f"{name} is not symmetric: |{name}[{r}, {c}] - {name}[{c}, {r}]| = {worst:.3g} exceeds the "
+            f"tolerance {tol:.3g}; a Hessian 2/n · Xᵀ X is symmetric: build it with hessian(x) or "
+            "HessianAccumulator, or symmetrize it, (H + H.T) / 2"
         )
 
 

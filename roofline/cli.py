@@ -15,13 +15,15 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from roofline import report as rep
 from roofline.hardware import CHIPS, DTYPES, Chip, get_chip, measure_host
 from roofline.models import MODELS, get_model
 from roofline.plots import plot_measured, plot_roofline
-from roofline.tokens import KV_FORMATS, PHASES, WEIGHT_FORMATS
+from roofline.tokens import KV_FORMATS, PHASES, WEIGHT_FORMATS, tensor_parallel_problem, valid_tensor_parallel
 
 
 def _items(text: str, arg: str) -> list[str]:
@@ -104,6 +106,42 @@ def _positive(value: float, arg: str, *, integer: bool = False) -> None:
         raise ValueError(f"{arg}={value} must be a positive number")
 
 
+def writable_path(text: str) -> str:
+    """argparse `type` for an output file: '' (none), or a path this process can write now. Checked when the
+    command line is parsed, so a bad path is a usage error (exit 2) before any work, not a traceback after.
+    """
+    if not text:
+        return text
+    path = Path(text)
+    parent = path.parent
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: it is a directory")
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory '{parent}' does not exist")
+    if path.exists():
+        ok = os.access(path, os.W_OK)
+    else:
+        try:  # os.access is not enough: root may "write" a read-only mount or /proc
+            with tempfile.TemporaryFile(dir=parent):
+                ok = True
+        except OSError:
+            ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: permission denied")
+    return text
+
+
+def _write_plot(plot, *args) -> int:
+    """Write a plot after the results were printed; 1 (with the reason) if the file cannot be written."""
+    try:
+        plot(*args)
+    except OSError as err:
+        print(f"error: could not write the plot {args[0]!r}: {err}", file=sys.stderr)
+        return 1
+    _progress(f"wrote {args[0]}")
+    return 0
+
+
 def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -129,6 +167,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     prices = _prices(args.price)
     if args.tp is not None:
         _positive(args.tp, "--tp", integer=True)
+        problem = tensor_parallel_problem(model, args.tp)
+        if problem is not None:
+            valid = ", ".join(map(str, valid_tensor_parallel(model)))
+            raise ValueError(f"--tp={args.tp} cannot split {model.name}: {problem}; valid --tp: {valid}")
     if args.ep is not None:
         _positive(args.ep, "--ep", integer=True)
         if not model.is_moe:
@@ -164,10 +206,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         mem_fraction=args.mem_fraction,
     )
     plot_chips = [c for c in chips if args.compute_dtype in c.peak_flops]
-    if args.out and plot_chips:
-        title = rep.report_title(model.name, args.phase, args.context)
-        plot_roofline(args.out, plot_chips, estimates, args.compute_dtype, title)
-        _progress(f"wrote {args.out}")
+    plot = args.out if args.out and plot_chips else None
     report = rep.report_json(
         model,
         chips,
@@ -177,9 +216,13 @@ def cmd_report(args: argparse.Namespace) -> int:
         kv=args.kv,
         group_size=group_size,
         compute_dtype=args.compute_dtype,
-        plot=args.out or None,
+        plot=plot,
     )
-    return _emit(report, rep.report_text(report, chips), args.json)
+    _emit(report, rep.report_text(report, chips), args.json)  # the table first, whatever happens next
+    if plot is None:
+        return 0
+    title = rep.report_title(model.name, args.phase, args.context)
+    return _write_plot(plot_roofline, plot, plot_chips, estimates, args.compute_dtype, title)
 
 
 def cmd_measure_sharded(args: argparse.Namespace) -> int:
@@ -240,21 +283,38 @@ def cmd_measure(args: argparse.Namespace) -> int:
                 )
             )
     report = rep.measure_json(model, chip, results, context=args.context, kv=args.kv, prices=prices)
-    if args.out and results:
-        last = results[-1].estimate
-        plot_measured(
-            args.out,
-            chip,
-            last,
-            f"{model.name} on this host, {last.weights} weights, batch "
-            f"{last.batch}, context {args.context} (measured)",
-        )
-        _progress(f"wrote {args.out}")
-    return _emit(report, rep.measure_text(report), args.json)
+    _emit(report, rep.measure_text(report), args.json)  # the table first, whatever happens next
+    if not (args.out and results):
+        return 0
+    last = results[-1].estimate
+    title = (
+        f"{model.name} on this host, {last.weights} weights, batch {last.batch}, context {args.context} "
+        "(measured)"
+    )
+    return _write_plot(plot_measured, args.out, chip, last, title)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with "(default: X)" added only where it tells something: not for flags, not where
+    there is no default (None, '' or an empty list), and not where the help text already states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or "default" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or default in ("", [])
+        ):
+            return action.help
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     parser = argparse.ArgumentParser(
         prog="python -m roofline", description=__doc__.split("\n\n")[0], formatter_class=fmt
     )
@@ -306,7 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--mem-fraction", type=float, default=0.9, help="usable fraction of each chip's memory, in (0, 1]"
     )
     rep.add_argument("--price", action="append", default=[], metavar="CHIP=USD", help=price_help)
-    rep.add_argument("--out", default="roofline.png", help="roofline plot path ('' for none)")
+    rep.add_argument(
+        "--out", default="roofline.png", type=writable_path, help="roofline plot path ('' for none)"
+    )
     rep.add_argument("--json", action="store_true", help="write only JSON to stdout (progress on stderr)")
     rep.set_defaults(func=cmd_report)
     mea = sub.add_parser(
@@ -335,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the sharded INT4 kernels (kernels.parallel) of one layer on this many devices against "
         "one; on a CPU-only machine the devices are simulated (they share cores: not a scaling result)",
     )
-    mea.add_argument("--out", default="roofline_measured.png", help="plot path ('' for none)")
+    mea.add_argument(
+        "--out", default="roofline_measured.png", type=writable_path, help="plot path ('' for none)"
+    )
     mea.add_argument("--json", action="store_true", help="write only JSON to stdout (progress on stderr)")
     mea.set_defaults(func=cmd_measure)
     return parser

@@ -44,6 +44,21 @@ def dtype_name(dtype: Any) -> str:
     return table[name]
 
 
+# The dtype names `itemsize` knows besides NumPy/JAX dtypes.
+DTYPE_NAMES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4", "int32")
+
+
+def _itemsize(arg: str, dtype: Any) -> float:
+    """`itemsize(dtype)`, or a ValueError naming the argument and the valid dtypes."""
+    try:
+        return itemsize(dtype)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{arg}={dtype!r} is not a dtype; valid: {', '.join(DTYPE_NAMES)}, or a NumPy/JAX dtype "
+            "such as 'float32', 'bfloat16' or jnp.float16"
+        ) from None
+
+
 def matmul_cost(
     m: int,
     k: int,
@@ -60,10 +75,12 @@ def matmul_cost(
             raise ValueError(f"{arg}={v} must be at least 1")
     w_dtype = x_dtype if w_dtype is None else w_dtype
     out_dtype = x_dtype if out_dtype is None else out_dtype
+    x_size, w_size = _itemsize("x_dtype", x_dtype), _itemsize("w_dtype", w_dtype)
+    out_size = _itemsize("out_dtype", out_dtype)
     return Cost(
         flops=2.0 * batch * m * k * n,
-        bytes_read=batch * (m * k * itemsize(x_dtype) + k * n * itemsize(w_dtype)),
-        bytes_written=batch * m * n * itemsize(out_dtype),
+        bytes_read=batch * (m * k * x_size + k * n * w_size),
+        bytes_written=batch * m * n * out_size,
     )
 
 
@@ -103,6 +120,7 @@ def attention_cost(
         raise ValueError(f"q_len={q_len} cannot exceed kv_len={kv_len} for causal attention")
     dv = head_dim if v_head_dim is None else v_head_dim
     kv_dtype = dtype if kv_dtype is None else kv_dtype
+    q_size, kv_size = _itemsize("dtype", dtype), _itemsize("kv_dtype", kv_dtype)
     if causal:
         # Query i of the last q_len sees kv_len - q_len + i + 1 keys.
         pairs = q_len * (kv_len - q_len) + q_len * (q_len + 1) / 2
@@ -112,11 +130,8 @@ def attention_cost(
     return Cost(
         flops=scores * (2.0 * head_dim + 2.0 * dv + 5.0),
         bytes_read=batch
-        * (
-            q_len * num_q_heads * head_dim * itemsize(dtype)
-            + kv_len * num_kv_heads * (head_dim + dv) * itemsize(kv_dtype)
-        ),
-        bytes_written=batch * q_len * num_q_heads * dv * itemsize(dtype),
+        * (q_len * num_q_heads * head_dim * q_size + kv_len * num_kv_heads * (head_dim + dv) * kv_size),
+        bytes_written=batch * q_len * num_q_heads * dv * q_size,
         transcendentals=scores,
     )
 

@@ -23,7 +23,9 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -214,6 +216,29 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+def _usable_cache_dir(root: Path, say: Callable[[str], None]) -> bool:
+    """Whether measurements can be cached under `root` (created if missing). When they cannot: with
+    $TOKENLAB_CACHE set, a ValueError naming the variable and the path (the user asked for that place);
+    with the default location, `say` that this run measures without caching, and False."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+        return True
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+    if os.environ.get("TOKENLAB_CACHE"):
+        raise ValueError(
+            f"TOKENLAB_CACHE={os.environ['TOKENLAB_CACHE']!r}: the measurement cache directory '{root}' "
+            f"cannot be created or written ({reason}); set TOKENLAB_CACHE to a writable directory or unset it"
+        )
+    say(
+        f"the measurement cache '{root}' cannot be created or written ({reason}); measuring without caching "
+        "(set TOKENLAB_CACHE to a writable directory to keep the result)"
+    )
+    return False
+
+
 def _best_seconds(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -330,7 +355,7 @@ def measure_host(
             stream_bytes = max(1 << 30, 4 * _last_level_cache_bytes())
     path = _cache_dir() / f"host-{host_key()}-mm{matmul_n}-stream{stream_bytes >> 20}MiB.json"
     data = None
-    if cache and not refresh and path.exists():
+    if cache and not refresh:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -340,12 +365,18 @@ def measure_host(
     if data is not None and progress is not None:
         progress(f"this host's roofline: cached, measured {data['measured_at']} ({path})")
     if data is None:
+        say = progress or (lambda msg: warnings.warn(msg, stacklevel=3))
+        # Checked before measuring: a cache that cannot be written fails (or is skipped) at once, not after.
+        cache = cache and _usable_cache_dir(path.parent, say)
         if progress is not None:
-            progress("measuring this host's roofline (cached per machine after the first run) ...")
+            cached = "cached per machine after the first run" if cache else "not cached"
+            progress(f"measuring this host's roofline ({cached}) ...")
         data = _measure(matmul_n, stream_bytes, repeats)
         if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(data, indent=2))
+            try:
+                path.write_text(json.dumps(data, indent=2))
+            except OSError as err:
+                say(f"could not cache this host's roofline in '{path}': {err.strerror or err}")
 
     where = f"measured on this machine {data['measured_at']} ({data['cpu']}, {data['cores']} cores)"
     entry = None

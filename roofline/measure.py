@@ -55,8 +55,21 @@ _BF16_BLOCK_K = 512
 _BF16_REDUCE_MAX_ROWS = 8
 
 
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 def _progress(step: int, total: int, label: str, stream=None) -> None:
+    """Step `step` of `total` (now running `label`) on `stream` (stderr): a bar redrawn in place with `\r`
+    on a terminal; one plain line per step otherwise, so logs and CI output hold no carriage returns."""
     stream = stream or sys.stderr
+    if not _isatty(stream):
+        stream.write(f"[{step}/{total}] {label}\n")
+        stream.flush()
+        return
     width = 30
     done = int(width * step / total)
     stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total} {label:<24}")

@@ -25,6 +25,24 @@ def fmt_money(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def fmt_rate(v: float) -> str:
+    """Tokens/s: whole numbers from 100 up, three significant digits below (0.345, not 0)."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def format_table(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Lines of a text table: a header, a rule and the rows. `columns` are (header, align) with align "<"
+    or ">"; each column is as wide as its widest cell, so long values (a huge context, thousands of chips)
+    never push the columns out of line."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, (h, _) in enumerate(columns)]
+
+    def line(cells: Sequence[str]) -> str:
+        return " ".join(f"{c:{a}{w}}" for c, (_, a), w in zip(cells, columns, widths, strict=True)).rstrip()
+
+    head = line([h for h, _ in columns])
+    return [head, "-" * len(head), *(line(r) for r in rows)]
+
+
 def report_title(model: str, phase: str, context: int) -> str:
     return f"{model}, {phase}, context {context}"
 
@@ -63,6 +81,7 @@ def estimate_row(e: StepEstimate) -> dict[str, Any]:
         "step_s": e.step_s,
         "tokens_per_s": e.tokens_per_s,
         "usd_per_mtok": e.usd_per_mtok,
+        "usd_per_chip_hour": e.price_per_hour,
         "dominant_bound": e.dominant_bound,
         "fits": e.fits,
         "chips_needed": e.chips_needed,
@@ -70,6 +89,7 @@ def estimate_row(e: StepEstimate) -> dict[str, Any]:
         "ep": e.ep,
         "comm_s": e.comm_s,
         "memory_gb": e.footprint.total / 1e9,
+        "memory_per_chip_gb": e.memory_per_chip / 1e9,
         "notes": list(e.notes),
         "components": [
             {
@@ -106,21 +126,38 @@ def estimate_row(e: StepEstimate) -> dict[str, Any]:
 
 
 def estimates_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    head = (
-        f"{'chip':<10} {'chips':>5} {'tp×ep':>6} {'weights':>7} {'batch':>5} {'step ms':>9} {'comm ms':>8} "
-        f"{'tokens/s':>10} {'$/Mtok':>8} {'bound':>8} {'GB':>7}"
-    )
-    lines = [head, "-" * len(head)]
+    """The report's table: one line per row, its notes as numbered references listed under the table (a note
+    that several rows share is listed once)."""
+    columns = [
+        ("chip", "<"), ("chips", ">"), ("tp×ep", ">"), ("weights", ">"), ("batch", ">"), ("step ms", ">"),
+        ("comm ms", ">"), ("tokens/s", ">"), ("$/Mtok", ">"), ("$/chip-h", ">"), ("bound", ">"),
+        ("GB", ">"), ("notes", "<"),
+    ]  # fmt: skip
+    notes: dict[str, int] = {}
+    cells = []
     for r in rows:
-        line = (
-            f"{r['chip']:<10} {r['chips']:>5} {str(r['tp']) + '×' + str(r['ep']):>6} {r['weights']:>7} "
-            f"{r['batch']:>5} {r['step_s'] * 1e3:>9.2f} {r['comm_s'] * 1e3:>8.3f} "
-            f"{r['tokens_per_s']:>10.0f} {fmt_money(r['usd_per_mtok']):>8} {r['dominant_bound']:>8} "
-            f"{r['memory_gb']:>7.1f}"
+        refs = [notes.setdefault(n, len(notes) + 1) for n in r.get("notes", ())]
+        fit = "" if r["fits"] else f"does not fit: needs {r['chips_needed']} chips"
+        cells.append(
+            [
+                r["chip"],
+                str(r["chips"]),
+                f"{r['tp']}×{r['ep']}",
+                r["weights"],
+                str(r["batch"]),
+                f"{r['step_s'] * 1e3:.2f}",
+                f"{r['comm_s'] * 1e3:.3f}",
+                fmt_rate(r["tokens_per_s"]),
+                fmt_money(r["usd_per_mtok"]),
+                "n/a" if r.get("usd_per_chip_hour") is None else f"{r['usd_per_chip_hour']:.2f}",
+                r["dominant_bound"],
+                f"{r['memory_gb']:.1f}",
+                " ".join([f"[{','.join(map(str, refs))}]" if refs else "", fit]).strip(),
+            ]
         )
-        if not r["fits"]:
-            line += f"  does not fit: needs {r['chips_needed']} chips"
-        lines.append(line)
+    lines = format_table(columns, cells)
+    if notes:
+        lines += ["notes:", *(f"[{i}] {n}" for n, i in notes.items())]
     return "\n".join(lines)
 
 
@@ -175,7 +212,9 @@ def report_text(report: Mapping[str, Any], chips: Sequence[Chip]) -> str:
         "Roofline bounds: each component takes max(FLOPs / peak, bytes / bandwidth); with several chips the "
         "work splits evenly (chips = tp × ep) and comm ms adds per layer two ring all-reduces (tp > 1) and, "
         "for MoE with ep > 1, two all-to-alls over the chip's link. $/Mtok uses on-demand prices "
-        "(roofline/data/prices.json); n/a where no price is known (pass --price host=USD).",
+        "(roofline/data/prices.json), shown as $/chip-h (USD per chip-hour; $/Mtok = $/chip-h × chips / "
+        "(tokens/s × 3600) × 1e6); n/a where no price is known (pass --price host=USD). GB: weights and KV "
+        "cache of all chips together.",
     ]
     for c in chips:
         if c.name == "host":
@@ -212,6 +251,7 @@ def projection(
             "step_s": p.step_s,
             "tokens_per_s": p.tokens_per_s,
             "usd_per_mtok": p.usd_per_mtok,
+            "usd_per_chip_hour": p.price_per_hour,
         }
     return out
 
@@ -276,38 +316,58 @@ def measure_json(
 def measure_text(report: Mapping[str, Any]) -> str:
     """`measure` as text: per run, the component table, the step, the notes and the projection."""
     sheet = report["datasheet_chip"]
+    price = report["price_per_hour"]
     lines = []
     for run in report["runs"]:
         lines.append(
             f"\n{report['model']}: {run['weights']} weights, batch {run['batch']}, "
             f"context {report['context']}, KV {report['kv']}, on {report['device']}"
         )
-        head = (
-            f"{'component':<12} {'count':>5} {'measured ms':>12} {'bound ms':>10} {'fraction':>9} "
-            + (f"{'of ' + sheet:>13} " if sheet is not None else "")
-            + f"{'share':>7}  implementation"
-        )
-        lines += [head, "-" * len(head)]
+        columns = [("component", "<"), ("count", ">"), ("measured ms", ">"), ("bound ms", ">")]
+        columns += [("fraction", ">")] + ([(f"of {sheet}", ">")] if sheet is not None else [])
+        columns += [("share", ">"), ("implementation", "<")]
+        rows = []
         for c in run["components"]:
-            datasheet = f"{c['fraction_of_datasheet']:>13.1%} " if sheet is not None else ""
-            lines.append(
-                f"{c['name']:<12} {c['count']:>5} {c['measured_s'] * 1e3:>12.3f} {c['bound_s'] * 1e3:>10.3f} "
-                f"{c['fraction']:>9.1%} {datasheet}{c['share']:>7.1%}  {c['impl']}"
+            datasheet = [f"{c['fraction_of_datasheet']:.1%}"] if sheet is not None else []
+            rows.append(
+                [
+                    c["name"],
+                    str(c["count"]),
+                    f"{c['measured_s'] * 1e3:.3f}",
+                    f"{c['bound_s'] * 1e3:.3f}",
+                    f"{c['fraction']:.1%}",
+                    *datasheet,
+                    f"{c['share']:.1%}",
+                    c["impl"],
+                ]
             )
+        lines += format_table(columns, rows)
         lines.append(
             f"step {run['step_s'] * 1e3:.1f} ms -> {run['tokens_per_s']:.2f} tokens/s, "
             f"$/Mtok {fmt_money(run['usd_per_mtok'])}"
-            + ("" if report["price_per_hour"] else " (pass --price host=USD_PER_HOUR for this machine)")
+            + (
+                f" at ${price:.2f}/chip-hour"
+                if price
+                else " (pass --price host=USD_PER_HOUR for this machine)"
+            )
         )
         lines += [f"note: {note}" for note in run["notes"]]
         lines.append(
             "analytic projection (roofline bounds; this host's fractions above are data, not applied):"
         )
-        for name, p in run["projection"].items():
-            lines.append(
-                f"  {name:<10} x{p['chips']:<3} {p['step_s'] * 1e3:8.2f} ms  "
-                f"{p['tokens_per_s']:10.0f} tokens/s  $/Mtok {fmt_money(p['usd_per_mtok'])}"
-            )
+        proj = [
+            [
+                name,
+                f"x{p['chips']}",
+                f"{p['step_s'] * 1e3:.2f} ms",
+                f"{fmt_rate(p['tokens_per_s'])} tokens/s",
+                f"$/Mtok {fmt_money(p['usd_per_mtok'])}",
+                "" if p.get("usd_per_chip_hour") is None else f"at ${p['usd_per_chip_hour']:.2f}/chip-hour",
+            ]
+            for name, p in run["projection"].items()
+        ]
+        align = ["<", "<", ">", ">", ">", "<"]
+        lines += ["  " + line for line in format_table(list(zip([""] * 6, align, strict=True)), proj)[2:]]
     return "\n".join(lines)
 
 
@@ -353,14 +413,15 @@ def sharded_text(model: str, runs: Sequence[ShardedMeasurement]) -> str:
             f"\n{model}: one layer's kernels sharded over {r.devices} {r.platform} devices, "
             f"int4 weights, batch {r.batch}, context {r.context}"
         )
-        sharded_head = f"{r.devices} devices ms"
-        head = f"{'component':<12} {'layout':<40} {'1 device ms':>12} {sharded_head:>14} {'speedup':>8}"
-        lines += [head, "-" * len(head)]
-        for c in r.components:
-            lines.append(
-                f"{c.name:<12} {c.layout:<40} {c.single_s * 1e3:>12.3f} {c.sharded_s * 1e3:>14.3f} "
-                f"{c.speedup:>7.2f}x"
-            )
+        columns = [
+            ("component", "<"), ("layout", "<"), ("1 device ms", ">"), (f"{r.devices} devices ms", ">"),
+            ("speedup", ">"),
+        ]  # fmt: skip
+        rows = [
+            [c.name, c.layout, f"{c.single_s * 1e3:.3f}", f"{c.sharded_s * 1e3:.3f}", f"{c.speedup:.2f}x"]
+            for c in r.components
+        ]
+        lines += format_table(columns, rows)
         lines += [f"note: {note}" for note in r.notes]
     return "\n".join(lines)
 
@@ -371,6 +432,8 @@ __all__ = [
     "estimate_row",
     "estimates_table",
     "fmt_money",
+    "fmt_rate",
+    "format_table",
     "measure_json",
     "measure_text",
     "projection",

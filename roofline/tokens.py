@@ -21,7 +21,12 @@ Communication (comm_s), from each chip's link (`Chip.link_bandwidth` B per direc
 - ep > 1, per MoE layer: two all-to-alls (dispatch to the experts' chips and combine back), each chip
   scattering S = (tokens / ep) × top_k × hidden × 2 bytes: α + (ep − 1) / ep × S / B each.
 Not modelled: overlap of collectives with compute, lm_head's logit gather, the embedding, replication of
-kv heads when tp exceeds them, and topology beyond one switch or torus (one node).
+kv heads when tp exceeds them (the estimate notes it), and topology beyond one switch or torus (one node).
+
+A `tp` given explicitly must split the model (`check_tensor_parallel`): the query heads, the kv heads
+(each chip holds a whole number of them, or tp is a multiple of them and each is replicated tp / K times),
+and the FFN width of the dense MLPs and of each expert. A tp derived from `chips` or from the memory
+footprint that cannot is kept, with a note that says so.
 
 Components, per layer unless said: "qkv_proj" (q, k, v projections; MLA's q_a, q_b, kv_a, kv_b),
 "attention" (over the KV cache), "o_proj", "mlp" (dense SwiGLU layers), "moe_router", "moe_experts"
@@ -59,8 +64,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 from roofline.counters import Cost, itemsize
-from roofline.hardware import Chip
-from roofline.models import ModelShape
+from roofline.hardware import Chip, get_chip
+from roofline.models import MODELS, ModelShape, get_model
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4", "fp32")
 KV_FORMATS = ("bf16", "fp8", "int8", "fp32")
@@ -380,6 +385,8 @@ class StepEstimate:
     ep: int = 1  # expert-parallel degree (MoE experts split over ep groups of tp chips)
     comm_s: float = 0.0  # seconds per step in collectives (included in step_s)
     collectives: tuple[Collective, ...] = ()
+    price_per_hour: float | None = None  # the USD per chip-hour usd_per_mtok used (None: no price known)
+    memory_per_chip: float = 0.0  # bytes each chip holds under the layout (what `fits` compares)
 
     @property
     def dominant_bound(self) -> str:
@@ -395,6 +402,60 @@ def usd_per_mtok(price_per_hour: float, chips: int, tokens_per_s: float) -> floa
     return price_per_hour * chips / (tokens_per_s * 3600.0) * 1e6
 
 
+def tensor_parallel_problem(model: ModelShape, tp: int) -> str | None:
+    """Why `tp` chips cannot split `model` tensor parallel, or None when they can.
+
+    The query heads must split evenly; so must the kv heads, or tp must be a multiple of them (each kv head
+    then replicated tp / K times; MLA's latent cache is shared by all heads and not split); the FFN width of
+    the dense MLPs and of each expert must split evenly.
+    """
+    _check_positive("tp", tp)
+    problems = []
+    if model.heads % tp:
+        problems.append(f"its {model.heads} query heads do not split evenly over {tp} chips")
+    k = model.kv_heads
+    if not model.is_mla and k % tp and tp % k:
+        problems.append(
+            f"its {k} kv heads neither split evenly over {tp} chips nor replicate evenly onto them "
+            f"(tp must divide {k} or be a multiple of it)"
+        )
+    if model.layers > model.moe_layers and model.ffn % tp:
+        problems.append(f"its FFN width {model.ffn} does not split evenly over {tp} chips")
+    if model.moe_layers and model.moe_ffn % tp:
+        problems.append(f"its expert FFN width {model.moe_ffn} does not split evenly over {tp} chips")
+    return "; ".join(problems) or None
+
+
+def valid_tensor_parallel(model: ModelShape) -> list[int]:
+    """Every tp that splits `model` (`tensor_parallel_problem` is None), up to its query heads."""
+    return [t for t in range(1, model.heads + 1) if tensor_parallel_problem(model, t) is None]
+
+
+def check_tensor_parallel(model: ModelShape, tp: int) -> None:
+    """Raise ValueError, with the reason and the tp values that work, when `tp` cannot split `model`."""
+    problem = tensor_parallel_problem(model, tp)
+    if problem is not None:
+        valid = ", ".join(map(str, valid_tensor_parallel(model)))
+        raise ValueError(f"tp={tp} cannot split {model.name}: {problem}; tp values that can: {valid}")
+
+
+def _resolve(model: ModelShape | str, chip: Chip | str) -> tuple[ModelShape, Chip]:
+    """`estimate`'s model and chip, given as objects or by their catalogue names."""
+    if isinstance(model, str):
+        model = get_model(model)
+    elif not isinstance(model, ModelShape):
+        raise TypeError(
+            f"model must be a ModelShape or a model name ({', '.join(MODELS)}); got {type(model).__name__}"
+        )
+    if isinstance(chip, str):
+        chip = get_chip(chip)
+    elif not isinstance(chip, Chip):
+        raise TypeError(
+            f"chip must be a Chip or a chip name (roofline.CHIPS, or 'host'); got {type(chip).__name__}"
+        )
+    return model, chip
+
+
 def _layout(
     model: ModelShape, chips: int | None, tp: int | None, ep: int | None, needed: int
 ) -> tuple[int, int, int]:
@@ -406,6 +467,8 @@ def _layout(
         raise ValueError(f"ep={ep}: expert parallelism needs an MoE model; {model.name} has no experts")
     if ep is not None and ep > 1 and model.experts % ep:
         raise ValueError(f"ep={ep} must divide the number of routed experts ({model.experts})")
+    if tp is not None:
+        check_tensor_parallel(model, tp)
     ep = ep or 1
     if chips is None:
         chips = tp * ep if tp is not None else max(needed, ep)
@@ -419,8 +482,8 @@ def _layout(
 
 
 def estimate(
-    model: ModelShape,
-    chip: Chip,
+    model: ModelShape | str,
+    chip: Chip | str,
     *,
     batch: int,
     context: int,
@@ -437,9 +500,12 @@ def estimate(
 ) -> StepEstimate:
     """Step time, tokens/s and $/Mtok of `model` on `chip` (see the module docstring).
 
-    Layout: `chips` = `tp` × `ep`. By default every chip is tensor parallel (tp = chips, ep = 1); `chips`
-    defaults to tp × ep when tp is given, else to the fewest (a power of two) that hold the model.
+    `model` and `chip` are objects or catalogue names ("llama-3-70b", "h100-sxm"; "host" measures this
+    machine). Layout: `chips` = `tp` × `ep`. By default every chip is tensor parallel (tp = chips, ep = 1);
+    `chips` defaults to tp × ep when tp is given, else to the fewest (a power of two) that hold the model.
+    A `tp` given that cannot split the model's heads or FFN width raises (`check_tensor_parallel`).
     """
+    model, chip = _resolve(model, chip)
     comps = step_components(
         model, batch=batch, context=context, phase=phase, weights=weights, group_size=group_size, kv=kv
     )
@@ -489,8 +555,18 @@ def estimate(
         )
     if ep > 1 and batch < ep:
         notes.append(
-            f"batch={batch} < ep={ep}: some expert-parallel groups have no sequence to attend for; the even "
-            "split assumed here flatters this layout"
+            f"batch={batch} < ep={ep}: {ep - batch} of {ep} expert-parallel groups have no sequence to "
+            "attend for; the even split assumed here flatters this layout"
+        )
+    problem = tensor_parallel_problem(model, tp)
+    if problem is not None:
+        notes.append(
+            f"tp={tp} cannot split {model.name} ({problem}); the even split assumed here flatters it"
+        )
+    elif not model.is_mla and tp > model.kv_heads:
+        notes.append(
+            f"tp={tp} > {model.kv_heads} kv heads: each kv head is replicated on {tp // model.kv_heads} "
+            "chips, which the KV bytes per chip here do not count"
         )
     collectives: list[Collective] = []
     if chips > 1:
@@ -499,10 +575,13 @@ def estimate(
             collectives = step_collectives(
                 model, batch=batch, context=context, phase=phase, tp=tp, ep=ep, chip=chip
             )
-            comm = sum(c.step_s for c in collectives)
-            notes.append(f"{layout}; collectives over {chip.link}: {comm * 1e3:.3f} ms per step")
+            notes.append(f"{layout}; collectives over {chip.link}")
         else:
-            notes.append(f"{layout}; communication ignored: {chip.name} has no interconnect figures")
+            who = "hosts" if chip.name == "host" else f"{chip.name} chips"
+            notes.append(
+                f"{layout}; communication ignored: {chip.name} has no interconnect figures, so the {chips} "
+                f"{who} are assumed to exchange data for free (an optimistic bound)"
+            )
     comm_s = sum(c.step_s for c in collectives)
     step_s = sum(t.count * t.chip_s for t in times) + comm_s
     tokens = batch if phase == "decode" else batch * context
@@ -530,4 +609,6 @@ def estimate(
         ep=ep,
         comm_s=comm_s,
         collectives=tuple(collectives),
+        price_per_hour=chip.price_per_hour,
+        memory_per_chip=per_chip,
     )

@@ -118,3 +118,23 @@ def test_a_module_that_does_not_import_is_a_usage_error():
 def test_module_keeps_heavy_imports_and_benchmark_names_out_of_module_level():
     assert not [n for n in vars(accel) if n.startswith(("time_", "track_", "mem_", "peakmem_"))]
     assert "torch" not in vars(accel) and "jax" not in vars(accel)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--only", "nope"], "argument --only: unknown kernel(s) nope; valid kernels: paged_attention, "),
+        (["--only", ","], "argument --only: ',' has an empty item; give kernels from: paged_attention"),
+        (["--only", "moe_ffn,"], "has an empty item"),
+        (["--out", "/nonexistent/a.json"], "argument --out: cannot write '/nonexistent/a.json': directory"),
+    ],
+)
+def test_bad_flags_are_usage_errors_before_any_run(args, message):
+    proc = _accel("--smoke", *args, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""  # nothing ran
+
+
+def test_repeated_kernels_run_once():
+    assert accel._only("moe_ffn,int4_matmul,moe_ffn") == ("moe_ffn", "int4_matmul")

@@ -206,6 +206,21 @@ def test_gptq_without_calibration_data_is_an_error(quantize):
     quantize(W, acc.H, group_size=32)  # once data is added, it runs
 
 
+@pytest.mark.parametrize("quantize", [quant.gptq_quantize, quant.gptq_reference], ids=["jax", "reference"])
+def test_gptq_refuses_a_non_symmetric_hessian(quantize):
+    # Used to escalate damp with four "Cholesky failed" warnings and return codes differing on ~7% of entries.
+    W, _, H = problem(3, k=64, n=16, samples=256)
+    bad = H + np.triu(np.random.default_rng(3).standard_normal((64, 64))).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the refusal comes first, with no damping warnings
+        with pytest.raises(ValueError, match=r"^H is not symmetric: \|H\[\d+, \d+\] - H\[\d+, \d+\]\| = "):
+            quantize(W, bad, group_size=32)
+    # Rounding-level asymmetry (a float32 X^T X from another library) is accepted.
+    tiny = H + np.triu(np.full((64, 64), 1e-7 * np.abs(H).max(), np.float32), 1)
+    quantize(W, tiny, group_size=32)
+    quantize(W, np.asarray((bad + bad.T) / 2, np.float32) + 64 * np.eye(64, dtype=np.float32), group_size=32)
+
+
 def test_gptq_escalates_damp_with_a_warning():
     rng = np.random.default_rng(2)
     k = 32

@@ -87,8 +87,8 @@ def test_text_report_marks_rows_that_do_not_fit_and_says_how_many_chips_would(ca
 
 
 def test_text_report_marks_a_tp_that_is_too_small(capsys):
-    # --tp 3 at batch 64: weights and KV need more than 3 x 80 GB x 0.9.
-    rc, out, _ = _report(capsys, "--chips", "h100-sxm", "--tp", "3", "--batch", "64", "--weights", "bf16")
+    # --tp 2 at batch 64: weights and KV (227 GB) need more than 2 x 80 GB x 0.9.
+    rc, out, _ = _report(capsys, "--chips", "h100-sxm", "--tp", "2", "--batch", "64", "--weights", "bf16")
     assert rc == 0
     row = next(line for line in out.splitlines() if line.startswith("h100-sxm"))
     assert "does not fit: needs 4 chips" in row
@@ -209,3 +209,162 @@ def test_report_shows_comm_as_its_own_component(capsys):
 def test_ep_is_validated(args, message, capsys):
     rc, _, err = _report(capsys, "--chips", "h100-sxm", *args)
     assert rc == 2 and message in err
+
+
+# -- output paths are checked before any work, and the table comes first -------------------------------------
+
+
+@pytest.mark.parametrize("command", ["report", "measure"])
+def test_an_unwritable_out_path_is_a_usage_error_before_any_work(command, capsys, monkeypatch):
+    import roofline.cli as cli
+
+    def no_work(**kw):
+        raise AssertionError("measured the host before checking --out")
+
+    monkeypatch.setattr(cli, "measure_host", no_work)
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--out", "/nonexistent/dir/y.png"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        "argument --out: cannot write '/nonexistent/dir/y.png': directory '/nonexistent/dir' does not exist"
+        in err
+    )
+
+
+def test_an_out_path_that_is_a_directory_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--no-host", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "it is a directory" in capsys.readouterr().err
+
+
+def test_the_table_is_printed_before_the_plot_is_written(capsys, monkeypatch, tmp_path):
+    import roofline.cli as cli
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "plot_roofline", full_disk)
+    rc = main(
+        ["report", "--no-host", "--chips", "h100-sxm", "--batch", "1", "--out", str(tmp_path / "r.png")]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "h100-sxm" in out and "tokens/s" in out  # the results are not lost
+    assert "could not write the plot" in err and "No space left on device" in err
+
+
+# -- --tp must split the model ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tp,message",
+    [
+        ("3", "--tp=3 cannot split llama-3-70b: its 64 query heads do not split evenly over 3 chips"),
+        ("128", "--tp=128 cannot split llama-3-70b: its 64 query heads do not split evenly over 128 chips"),
+        ("6", "its 8 kv heads neither split evenly over 6 chips nor replicate evenly onto them"),
+    ],
+)
+def test_a_tp_that_cannot_split_the_model_is_refused(tp, message, capsys):
+    rc, out, err = _report(capsys, "--chips", "h100-sxm", "--tp", tp)
+    assert rc == 2 and out == ""
+    assert message in err and "valid --tp: 1, 2, 4, 8, 16, 32, 64" in err
+
+
+# -- the text shows each row's notes and the price it used ------------------------------------------------
+
+
+def test_text_report_shows_row_notes_and_the_price_per_chip_hour(capsys):
+    rc, out, _ = _report(
+        capsys, "--model", "deepseek-v3", "--chips", "h200", "--weights", "int4", "--batch", "1,64",
+        "--tp", "1", "--ep", "8", "--price", "h200=5.0",
+    )  # fmt: skip
+    assert rc == 0
+    lines = out.splitlines()
+    head = next(line for line in lines if line.startswith("chip"))
+    assert "$/Mtok" in head and "$/chip-h" in head and "notes" in head
+    b1, b64 = (line for line in lines if line.startswith("h200"))
+    assert " 5.00 " in b1 and " 5.00 " in b64
+    notes = {line.split("] ", 1)[0] + "]": line.split("] ", 1)[1] for line in lines if line.startswith("[")}
+    b1_notes = [notes[f"[{i}]"] for i in b1.rsplit("[", 1)[1].rstrip("]").split(",")]
+    assert any("7 of 8 expert-parallel groups have no sequence" in n for n in b1_notes)
+    assert not any("no sequence" in notes[f"[{i}]"] for i in b64.rsplit("[", 1)[1].rstrip("]").split(","))
+
+
+def test_text_report_says_hosts_are_assumed_to_talk_for_free():
+    from roofline import report as rep
+    from roofline.hardware import Chip
+    from roofline.models import MODELS
+
+    host = Chip("host", "this machine", {"fp32": 1e11, "bf16": 1e11}, 2e10, 64e9, None, {"bandwidth": "test"})
+    model = MODELS["llama-3-70b"]
+    rows = rep.estimate_grid(model, [host], weights=["bf16"], batches=[1], context=4096)
+    assert rows[0].chips > 1
+    doc = rep.report_json(
+        model, [host], rows, phase="decode", context=4096, kv="bf16", group_size=128, compute_dtype="bf16",
+        plot=None,
+    )  # fmt: skip
+    text = rep.report_text(doc, [host])
+    assert f"so the {rows[0].chips} hosts are assumed to exchange data for free" in text
+    row = next(line for line in text.splitlines() if line.startswith("host"))
+    assert " n/a " in row and "[1]" in row
+
+
+def test_wide_values_keep_the_columns_aligned(capsys):
+    # A 10M-token context needs thousands of chips and hundreds of TB: every cell still ends under its header.
+    rc, out, _ = _report(capsys, "--chips", "h100-sxm,l4", "--context", "10000000")
+    assert rc == 0
+    lines = out.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("chip"))
+    rows = [line for line in lines[head + 2 :] if line.startswith(("h100-sxm", "l4"))]
+    assert len(rows) == 12 and any("16384" in r for r in rows)
+    header = lines[head]
+    for col in (
+        "chips",
+        "tp×ep",
+        "weights",
+        "batch",
+        "step ms",
+        "comm ms",
+        "tokens/s",
+        "$/Mtok",
+        "bound",
+        "GB",
+    ):
+        end = header.index(col) + len(col)
+        for r in rows:
+            assert r[end - 1] != " " and r[end] == " ", (col, r)
+
+
+# -- help text --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["report", "measure"])
+def test_help_states_each_default_once_and_never_none(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "(default: False)" not in out and "(default: [])" not in out
+    options = out.split("options:", 1)[1]
+    for block in options.split("\n  -")[1:]:
+        assert block.count("(default") <= 1, block
+
+
+# -- TOKENLAB_CACHE ---------------------------------------------------------------------------------------
+
+
+def test_an_unusable_tokenlab_cache_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    import roofline.hardware as hw
+
+    def no_measurement(*args):
+        raise AssertionError("measured before checking the cache")
+
+    monkeypatch.setattr(hw, "_measure", no_measurement)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("TOKENLAB_CACHE", str(blocker / "cache"))
+    rc = main(["report", "--chips", "host", "--batch", "1", "--weights", "int4", "--out", ""])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"error: TOKENLAB_CACHE='{blocker / 'cache'}'" in err and "cannot be created or written" in err
+    assert "Traceback" not in err

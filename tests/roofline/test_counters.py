@@ -122,3 +122,15 @@ def test_xla_cost_counts_a_loop_body_once():
     loop = xla_cost(looped, x)
     assert once.flops == 2 * 64**3
     assert loop.flops < 2 * once.flops  # ten trips, counted as one
+
+
+def test_an_unknown_dtype_name_lists_the_valid_ones():
+    with pytest.raises(
+        ValueError, match=r"x_dtype='fp13' is not a dtype; valid: fp32, tf32, bf16, fp16, fp8"
+    ):
+        matmul_cost(2, 3, 4, x_dtype="fp13")
+    with pytest.raises(ValueError, match=r"w_dtype='int3' is not a dtype"):
+        matmul_cost(2, 3, 4, w_dtype="int3")
+    with pytest.raises(ValueError, match=r"kv_dtype='fp13' is not a dtype"):
+        attention_cost(1, 2, 1, 1, 4, 8, kv_dtype="fp13")
+    assert matmul_cost(2, 3, 4, x_dtype="bfloat16").bytes == matmul_cost(2, 3, 4, x_dtype="bf16").bytes

@@ -157,3 +157,50 @@ def test_measure_host_on_an_accelerator_measures_bf16_and_recognizes_the_chip(tm
         # Measured roofs land below the datasheet's and within an order of magnitude of it.
         assert 0.1 * sheet.bandwidth < chip.bandwidth <= 1.05 * sheet.bandwidth
         assert 0.1 * sheet.peak("bf16") < chip.peak("bf16") <= 1.05 * sheet.peak("bf16")
+
+
+def _fake_measurement(matmul_n, stream_bytes, repeats):
+    return {
+        "fp32_matmul_flops": 1e11,
+        "matmul_n": matmul_n,
+        "stream_bytes": stream_bytes,
+        "bandwidth_xla": 1e10,
+        "bandwidth_numpy": 1e10,
+        "bandwidth": 1e10,
+        "device": "cpu:cpu",
+        "cpu": "test",
+        "cores": 1,
+        "jax": jax.__version__,
+        "measured_at": "now",
+    }
+
+
+def test_an_unusable_tokenlab_cache_fails_before_measuring_and_names_the_variable(tmp_path, monkeypatch):
+    import roofline.hardware as hw
+
+    def no_measurement(*args):
+        raise AssertionError("measured before checking the cache")
+
+    monkeypatch.setattr(hw, "_measure", no_measurement)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("TOKENLAB_CACHE", str(blocker / "cache"))
+    with pytest.raises(ValueError, match=r"TOKENLAB_CACHE='.*a-file/cache'.*cannot be created or written"):
+        measure_host(matmul_n=64, stream_bytes=1 << 20, repeats=1)
+
+
+def test_an_unusable_default_cache_measures_without_caching_and_says_so(tmp_path, monkeypatch):
+    import roofline.hardware as hw
+
+    monkeypatch.setattr(hw, "_measure", _fake_measurement)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.delenv("TOKENLAB_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    lines = []
+    chip = measure_host(matmul_n=64, stream_bytes=1 << 20, repeats=1, progress=lines.append)
+    assert chip.bandwidth == 1e10
+    assert "measuring without caching" in lines[0] and str(blocker / "tokenlab") in lines[0]
+    assert lines[1].startswith("measuring this host's roofline (not cached)")
+    with pytest.warns(UserWarning, match="measuring without caching"):
+        measure_host(matmul_n=64, stream_bytes=1 << 20, repeats=1)

@@ -203,3 +203,23 @@ def test_component_impls_name_what_runs_for_these_inputs():
     assert labels["bf16"] != "cpu_native"
     if labels["fp32"] == "cpu_native":
         assert labels["bf16"] == "xla"
+
+
+def test_progress_is_one_plain_line_per_step_when_stderr_is_not_a_terminal():
+    import io
+
+    from roofline.measure import _progress
+
+    log = io.StringIO()
+    for i, name in enumerate(["qkv_proj", "attention", "done"]):
+        _progress(i, 2, name, log)
+    assert "\r" not in log.getvalue()
+    assert log.getvalue().splitlines() == ["[0/2] qkv_proj", "[1/2] attention", "[2/2] done"]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Terminal()
+    _progress(1, 2, "attention", tty)
+    assert tty.getvalue().startswith("\r[")  # a terminal still gets the bar redrawn in place

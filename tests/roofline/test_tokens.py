@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from roofline import (
@@ -283,3 +285,87 @@ def test_every_catalogue_chip_has_a_sourced_link(name):
     assert chip.sources["link_latency"].strip()
     assert 1e10 <= chip.link_bandwidth <= 2e12
     assert 1e-6 <= chip.link_latency <= 5e-5
+
+
+# -- names for the model and the chip ---------------------------------------------------------------------
+
+
+def test_estimate_takes_catalogue_names():
+    by_name = estimate("llama-3-70b", "h100-sxm", batch=4, context=1024, weights="int4")
+    by_object = estimate(MODELS["llama-3-70b"], CHIPS["h100-sxm"], batch=4, context=1024, weights="int4")
+    assert by_name == by_object
+    with pytest.raises(ValueError, match="unknown model 'llama-70b'; valid models: llama-3-8b"):
+        estimate("llama-70b", "h100-sxm", batch=1, context=16)
+    with pytest.raises(ValueError, match="unknown chip 'h100'"):
+        estimate("llama-3-70b", "h100", batch=1, context=16)
+
+
+def test_estimate_names_the_type_it_expects():
+    with pytest.raises(TypeError, match="model must be a ModelShape or a model name .*llama-3-70b.*got dict"):
+        estimate({"name": "llama-3-70b"}, "h100-sxm", batch=1, context=16)
+    with pytest.raises(TypeError, match="chip must be a Chip or a chip name .*got int"):
+        estimate("llama-3-70b", 3, batch=1, context=16)
+
+
+# -- tensor parallelism must split the model --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model,tp,match",
+    [
+        (MODELS["llama-3-70b"], 3, "tp=3 cannot split llama-3-70b: its 64 query heads do not split evenly"),
+        (MODELS["llama-3-70b"], 128, "tp=128 cannot split llama-3-70b: its 64 query heads"),
+        # 48 heads and 8 kv heads: 12 chips split the heads, but 8 kv heads neither split over 12 nor
+        # replicate evenly onto them.
+        (
+            ModelShape("h48", 2, 64, heads=48, kv_heads=8, head_dim=8, ffn=96, vocab=16, source="test"),
+            12,
+            "its 8 kv heads neither split evenly over 12 chips nor replicate evenly",
+        ),
+        (
+            ModelShape("f12", 2, 64, heads=8, kv_heads=8, head_dim=8, ffn=12, vocab=16, source="test"),
+            8,
+            "its FFN width 12 does not split evenly over 8 chips",
+        ),
+        (MODELS["qwen3-30b-a3b"], 512, "its 32 query heads"),
+    ],
+)
+def test_a_tp_that_cannot_split_the_model_raises(model, tp, match):
+    with pytest.raises(ValueError, match=match):
+        estimate(model, LINKED, batch=1, context=16, tp=tp)
+
+
+def test_kv_heads_may_replicate_and_a_derived_tp_that_cannot_split_is_noted():
+    # 16 chips over 8 kv heads: each kv head on two chips (allowed, and noted: the KV bytes do not count it).
+    e = estimate(MODELS["llama-3-70b"], CHIPS["h100-sxm"], batch=1, context=16, tp=16)
+    assert e.tp == 16 and any("replicated on 2 chips" in n for n in e.notes)
+    # A tp that follows from `chips` is kept, with a note.
+    e = estimate(TOY, LINKED, batch=2, context=3, chips=4)
+    assert any("tp=4 cannot split toy" in n for n in e.notes)
+
+
+# -- memory fit under expert parallelism ------------------------------------------------------------------
+
+
+def test_expert_parallel_memory_fit_by_hand():
+    """Mixtral-8x7B, bf16, tp=1 × ep=4, batch 64 × context 32768. Per chip: the dense weights whole (tp=1),
+    a quarter of the experts and a quarter of the KV cache (each ep group holds its own sequences).
+
+    dense  per layer: qkv 4096·(32 + 2·8)·128 + o 4096·4096 + router 4096·8 = 41,975,808 weights;
+           32 layers + embedding and lm_head 2·32000·4096 = 1,605,369,856 weights = 3,210,739,712 B
+    experts 32 layers · 8 · 3·4096·14336 = 45,097,156,608 weights = 90,194,313,216 B
+    KV     per token and layer 2·8·128·2 = 4096 B; 64·32768·32·4096 B = 274,877,906,944 B
+    per chip = 3,210,739,712 + 90,194,313,216 / 4 + 274,877,906,944 / 4 = 94,478,794,752 B (94.5 GB)
+    Dividing the KV by tp = 1 instead would give 300.6 GB. A 120 GB chip (108 GB usable) holds the first."""
+    dense = 32 * (4096 * 48 * 128 + 4096 * 4096 + 4096 * 8) + 2 * 32000 * 4096
+    assert dense == 1_605_369_856
+    experts = 32 * 8 * 3 * 4096 * 14336
+    kv = 64 * 32768 * 32 * 4096
+    per_chip = 2 * dense + 2 * experts / 4 + kv / 4
+    assert per_chip == 94_478_794_752
+    chip = dataclasses.replace(CHIPS["h100-sxm"], memory=120e9)
+    e = estimate(MODELS["mixtral-8x7b"], chip, batch=64, context=32768, weights="bf16", tp=1, ep=4)
+    assert (e.chips, e.tp, e.ep) == (4, 1, 4)
+    assert e.memory_per_chip == pytest.approx(per_chip)
+    assert e.fits and not any("does not fit" in n for n in e.notes)
+    assert 2 * dense + 2 * experts / 4 + kv > 0.9 * chip.memory  # the over-count would not fit
