@@ -1,5 +1,6 @@
-// Grouped SwiGLU expert FFN, AVX2 (+ FMA) path: 8 columns per vector. Compiled per function for AVX2 and run
-// only where the CPU has it (see isa.h); the algorithm is described in moe_ffn.cc.
+// Grouped SwiGLU expert FFN, AVX2 (+ FMA) path: 8 columns per vector. The loops are shared with the
+// AVX-512 path (moe_ffn_simd.h); this file sets their register block for 16 registers and compiles them
+// for AVX2 only (see isa.h). The algorithm is described in moe_ffn.cc.
 #include <cstdint>
 
 #include "moe_ffn.h"
@@ -9,131 +10,26 @@
 namespace tokenlab {
 namespace moe {
 namespace avx2 {
+TOKENLAB_BEGIN_TARGET(TOKENLAB_AVX2_ISA)
 namespace {
 
-constexpr int kRows = 6;  // rows of a register block: 6 x 2 vectors = 12 accumulators of the 16 registers
+#include "simd_avx2.h"
 
-// C[r0 : r0+MB, c : c+8*NV] (+)= A[r0 : r0+MB, k0:k1] @ B[k0:k1, c : c+8*NV], the sums in registers.
-template <int MB, int NV>
-TOKENLAB_TARGET_AVX2 inline void Kernel(const Gemm& g, int64_t r0, int64_t k0, int64_t k1, int64_t c,
-                                        bool accumulate) {
-  __m256 acc[MB][NV];
-  for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < NV; ++v)
-      acc[m][v] = accumulate ? _mm256_loadu_ps(g.c + (r0 + m) * g.ldc + c + 8 * v) : _mm256_setzero_ps();
-  const float* a0 = g.a + r0 * g.lda;
-  for (int64_t k = k0; k < k1; ++k) {
-    const float* brow = g.b + k * g.ldb + c;
-    __m256 b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = _mm256_loadu_ps(brow + 8 * v);
-    for (int m = 0; m < MB; ++m) {
-      const __m256 x = _mm256_broadcast_ss(a0 + m * g.lda + k);
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(x, b[v], acc[m][v]);
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(g.c + (r0 + m) * g.ldc + c + 8 * v, acc[m][v]);
-}
+struct Vec : F32 {
+  static constexpr int kRows = 6;  // 6 x 2 vectors = 12 accumulators of the 16 registers
+};
 
-// Every column strip of one row block; few rows (decode) take wider strips for more independent sums.
-template <int MB>
-TOKENLAB_TARGET_AVX2 void Rows(const Gemm& g, int64_t r0, int64_t k0, int64_t k1, int64_t c0, int64_t c1,
-                               bool accumulate) {
-  int64_t c = c0;
-  if (MB <= 2)
-    for (; c + 32 <= c1; c += 32) Kernel<MB, 4>(g, r0, k0, k1, c, accumulate);
-  for (; c + 16 <= c1; c += 16) Kernel<MB, 2>(g, r0, k0, k1, c, accumulate);
-  for (; c + 8 <= c1; c += 8) Kernel<MB, 1>(g, r0, k0, k1, c, accumulate);
-}
+#include "moe_ffn_simd.h"
 
 }  // namespace
 
-TOKENLAB_TARGET_AVX2 void StreamGemm(const Gemm& g, int64_t k0, int64_t k1, int64_t c0, int64_t c1) {
-  const int64_t vec_end = c0 + (c1 - c0) / 8 * 8;
-  for (int64_t m = 0; m < g.m; ++m)
-    for (int64_t c = c0; c < c1; ++c) g.c[m * g.ldc + c] = 0.f;
-  int64_t k = k0;
-  for (; k + 4 <= k1; k += 4) {
-    const float* b0 = g.b + k * g.ldb;
-    __m256 a[kStreamMaxRows][4];
-    for (int64_t m = 0; m < g.m; ++m)
-      for (int j = 0; j < 4; ++j) a[m][j] = _mm256_set1_ps(g.a[m * g.lda + k + j]);
-    for (int64_t c = c0; c < vec_end; c += 8) {
-      const __m256 v0 = _mm256_loadu_ps(b0 + c), v1 = _mm256_loadu_ps(b0 + g.ldb + c);
-      const __m256 v2 = _mm256_loadu_ps(b0 + 2 * g.ldb + c), v3 = _mm256_loadu_ps(b0 + 3 * g.ldb + c);
-      for (int64_t m = 0; m < g.m; ++m) {
-        float* cp = g.c + m * g.ldc + c;
-        __m256 s = _mm256_fmadd_ps(a[m][0], v0, _mm256_loadu_ps(cp));
-        s = _mm256_fmadd_ps(a[m][1], v1, s);
-        s = _mm256_fmadd_ps(a[m][2], v2, s);
-        _mm256_storeu_ps(cp, _mm256_fmadd_ps(a[m][3], v3, s));
-      }
-    }
-  }
-  for (; k < k1; ++k) {
-    const float* b0 = g.b + k * g.ldb;
-    for (int64_t m = 0; m < g.m; ++m) {
-      const __m256 a = _mm256_set1_ps(g.a[m * g.lda + k]);
-      float* cp = g.c + m * g.ldc;
-      for (int64_t c = c0; c < vec_end; c += 8)
-        _mm256_storeu_ps(cp + c, _mm256_fmadd_ps(a, _mm256_loadu_ps(b0 + c), _mm256_loadu_ps(cp + c)));
-    }
-  }
-  if (vec_end < c1) ScalarGemm(g, k0, k1, vec_end, c1, false);
+void BlockGemm(const Gemm& g, int64_t k0, int64_t k1, int64_t c0, int64_t c1, bool accumulate) {
+  Block<Vec>(g, k0, k1, c0, c1, accumulate);
 }
+void StreamGemm(const Gemm& g, int64_t k0, int64_t k1, int64_t c0, int64_t c1) { Stream<Vec>(g, k0, k1, c0, c1); }
+void SiluMul(float* h, const float* u, int64_t n) { Silu<Vec>(h, u, n); }
 
-TOKENLAB_TARGET_AVX2 void BlockGemm(const Gemm& g, int64_t k0, int64_t k1, int64_t c0, int64_t c1,
-                                    bool accumulate) {
-  const int64_t vec_end = c0 + (c1 - c0) / 8 * 8;
-  int64_t r = 0;
-  for (; r + kRows <= g.m; r += kRows) Rows<kRows>(g, r, k0, k1, c0, vec_end, accumulate);
-  switch (g.m - r) {
-    case 5: Rows<5>(g, r, k0, k1, c0, vec_end, accumulate); break;
-    case 4: Rows<4>(g, r, k0, k1, c0, vec_end, accumulate); break;
-    case 3: Rows<3>(g, r, k0, k1, c0, vec_end, accumulate); break;
-    case 2: Rows<2>(g, r, k0, k1, c0, vec_end, accumulate); break;
-    case 1: Rows<1>(g, r, k0, k1, c0, vec_end, accumulate); break;
-    default: break;
-  }
-  if (vec_end < c1) ScalarGemm(g, k0, k1, vec_end, c1, accumulate);
-}
-
-// exp(x) for x <= 0 (the argument here is -|h|): 2^n * p(r) with n = round(x / ln 2), r = x - n ln 2 in two
-// parts, p a degree-6 polynomial; below -87 it flushes to 0.
-TOKENLAB_TARGET_AVX2 inline __m256 ExpNonPositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-
-// silu(h) * u with sigmoid(h) = 1 / (1 + e^-h) for h >= 0 and e^h / (1 + e^h) below (no overflow); a NaN h
-// stays NaN (it multiplies the result).
-TOKENLAB_TARGET_AVX2 void SiluMul(float* h, const float* u, int64_t n) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 x = _mm256_loadu_ps(h + i);
-    const __m256 t = ExpNonPositive(_mm256_or_ps(x, sign));  // e^-|x|
-    const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, t));
-    const __m256 neg = _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ);
-    const __m256 sig = _mm256_blendv_ps(inv, _mm256_mul_ps(t, inv), neg);
-    _mm256_storeu_ps(h + i, _mm256_mul_ps(_mm256_mul_ps(x, sig), _mm256_loadu_ps(u + i)));
-  }
-  if (i < n) ScalarSiluMul(h + i, u + i, n - i);
-}
-
+TOKENLAB_END_TARGET
 }  // namespace avx2
 }  // namespace moe
 }  // namespace tokenlab
