@@ -1,12 +1,19 @@
-# Two commands from a fresh machine with Python 3.11 and make: `make test` and `make report`.
-PYTHON ?= python3.11
+# Two commands from a fresh machine with Python 3.12 and make: `make test` and `make report`.
+# Python 3.12 (JAX after 0.10.2 needs >= 3.12): `python3.12` where it runs, else pyenv's 3.12.
+PYTHON ?= $(shell for p in python3.12 "$$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The floor of the JAX range pyproject.toml allows, tested by `make test-floor` in a second environment: the
+# pins of constraints.txt with jax and jaxlib at the floor.
+FLOOR_JAX := 0.10.2
+FLOOR := .venv-floor
 
-.PHONY: test test-full report bench lint format clean
+.PHONY: test test-full test-floor report bench lint format clean
 
 $(BIN)/python:
+	@test -n "$(PYTHON)" || { echo "no Python 3.12 found; run make PYTHON=/path/to/python3.12"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
@@ -21,6 +28,20 @@ $(STAMP): pyproject.toml constraints.txt Makefile | $(BIN)/python
 
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# The shared kernel suites (every implementation against the references) on the floor JAX.
+$(FLOOR)/.installed: pyproject.toml constraints.txt Makefile
+	@test -n "$(PYTHON)" || { echo "no Python 3.12 found; run make PYTHON=/path/to/python3.12"; exit 1; }
+	$(PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/python -m pip install --quiet --upgrade pip
+	sed -e 's/^jax==.*/jax==$(FLOOR_JAX)/' -e 's/^jaxlib==.*/jaxlib==$(FLOOR_JAX)/' constraints.txt > $(FLOOR)/constraints.txt
+	$(FLOOR)/bin/python -m pip install --quiet -c $(FLOOR)/constraints.txt -e '.[test]'
+	touch $@
+
+test-floor: $(FLOOR)/.installed
+	HYPOTHESIS_PROFILE=ci $(FLOOR)/bin/python -m pytest -q -p no:cacheprovider tests/kernels/test_registry.py \
+		tests/kernels/paged_attention/test_shared.py tests/kernels/int4_matmul/test_shared.py \
+		tests/kernels/moe/test_shared.py $(PYTEST_ARGS)
 
 test-full: $(STAMP)
 	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q --durations=15 --full $(PYTEST_ARGS)
@@ -42,4 +63,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .asv .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(FLOOR) .asv .pytest_cache .hypothesis build *.egg-info
