@@ -52,7 +52,9 @@ def device_context(*platforms: str, device_kind: str | None = None) -> Iterator[
     device = jax.sharding.AbstractDevice(
         device_kind=device_kind or DEVICE_KINDS[platform], num_cores=1, platform=platform
     )
-    mesh = jax.sharding.AbstractMesh((1,), ("targets",), abstract_device=device)
+    # Auto axes: the lab's kernels shard nothing themselves, so the mesh must not make their arrays Explicit.
+    auto = (jax.sharding.AxisType.Auto,)
+    mesh = jax.sharding.AbstractMesh((1,), ("targets",), axis_types=auto, abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh):
         yield
 

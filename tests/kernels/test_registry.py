@@ -19,6 +19,7 @@ from kernels import (
     paged_attention,
     paged_attention_reference,
     registry,
+    targets,
 )
 from kernels.cpu import loader
 from kernels.registry import OPS, auto_impl, valid_impls
@@ -61,7 +62,6 @@ def test_auto_picks_native_on_cpu_and_xla_forces_portable():
 
 
 TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call that holds a Pallas Triton kernel
-PALLAS_GPU_CALLS = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
 
 
 def test_auto_exports_for_other_backends():
@@ -84,11 +84,9 @@ def test_auto_exports_for_other_backends():
         (int4, [spec((64, K), jnp.float32)]),
         (decode, dec_args),
     ):
-        tpu = jax.export.export(jax.jit(fn), platforms=("tpu",))(*args).mlir_module()
+        tpu = targets.export(fn, *args, platforms=("tpu",)).mlir_module()
         assert not any(f"@{t}(" in tpu for t in cpu.TARGETS) and TRITON_CALL not in tpu
-        gpu = jax.export.export(jax.jit(fn), platforms=("cuda", "rocm"), disabled_checks=PALLAS_GPU_CALLS)(
-            *args
-        )
+        gpu = targets.export(fn, *args, platforms=("cuda", "rocm"), disabled_checks=[TRITON_CALL])
         assert (
             not any(f"@{t}(" in gpu.mlir_module() for t in cpu.TARGETS) and TRITON_CALL in gpu.mlir_module()
         )
@@ -98,12 +96,12 @@ def test_auto_exports_for_other_backends():
 def test_auto_exports_for_all_four_with_the_custom_call_allowed():
     spec = jax.ShapeDtypeStruct
     qw = make_weight(0)
-    checks = [jax.export.DisabledSafetyCheck.custom_call(t) for t in cpu.TARGETS] + PALLAS_GPU_CALLS
-    exp = jax.export.export(
-        jax.jit(lambda x: int4_matmul(x, qw)),
+    exp = targets.export(
+        lambda x: int4_matmul(x, qw),
+        spec((1, K), jnp.float32),
         platforms=("cpu", "cuda", "rocm", "tpu"),
-        disabled_checks=checks,
-    )(spec((1, K), jnp.float32))
+        disabled_checks=(*cpu.TARGETS, TRITON_CALL),
+    )
     assert "@tokenlab_int4_matmul(" in exp.mlir_module() and TRITON_CALL in exp.mlir_module()
 
 

@@ -88,9 +88,10 @@ def test_prefill_attention_flops_match_and_xla_bytes_include_scores():
     cost = attention_cost(b, h, kv, lq, lq, d)
     cmp = compare_with_xla(cost, _dense_attention, q, k, k)
     assert cmp.flops_ratio == pytest.approx(1.0, rel=COST_FLOPS_RTOL)
-    # The unfused program writes and reads the [Lq, Lk] scores; the analytic (fused) minimum does not.
+    # XLA materializes the [Lq, Lk] scores at least once (JAX 0.10's CPU fusion writes and reads them; 0.12
+    # fuses the read); the analytic (fused) minimum never does.
     scores_bytes = b * h * lq * lq * 4
-    assert cmp.xla.bytes_accessed > cost.bytes + 2 * scores_bytes
+    assert cmp.xla.bytes_accessed >= cost.bytes + scores_bytes
 
 
 def test_causal_attention_counts_the_triangle():

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import available_impls, int4_matmul, int4_matmul_reference
+from kernels import available_impls, int4_matmul, int4_matmul_reference, targets
 from kernels.int4_matmul import pallas_triton as pg
 from tests.kernels.int4_matmul.cases import VARIANTS as CASE_VARIANTS
 from tests.kernels.int4_matmul.cases import K, N, make_weight
@@ -142,8 +142,8 @@ def test_vmap_over_stacked_expert_weights():
 
 
 def _lowered_text(x, qw, platform, **tunables):
-    f = jax.jit(lambda x, w: pg.int4_weight_matmul_pallas(x, w, **tunables))
-    return f.trace(x, qw).lower(lowering_platforms=(platform,)).as_text()
+    f = lambda x, w: pg.int4_weight_matmul_pallas(x, w, **tunables)  # noqa: E731
+    return targets.lower(f, x, qw, platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize("m,block_m", [(1, None), (64, None), (2, 2)])
@@ -165,12 +165,13 @@ def test_exports_for_every_platform_and_runs_the_export_on_the_cpu():
     # `disabled_checks`); the cuda branch holds the Triton kernel and the CPU runs the interpreted one.
     qw = make_weight(16, **VARIANTS["act_order_and_scales"])
     x = activations(17, 4, jnp.bfloat16)
-    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    exported = jax.export.export(
-        jax.jit(pg.int4_weight_matmul_pallas),
+    exported = targets.export(
+        pg.int4_weight_matmul_pallas,
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        qw,
         platforms=("cpu", "cuda", "rocm", "tpu"),
-        disabled_checks=[triton],
-    )(jax.ShapeDtypeStruct(x.shape, x.dtype), qw)
+        disabled_checks=["__gpu$xla.gpu.triton"],
+    )
     assert "xla.gpu.triton" in exported.mlir_module()
     expected = int4_matmul_reference(x, qw).astype(np.float64)
     assert normalized_error(exported.call(jnp.asarray(x), qw), expected) <= tolerance(x.dtype).nerr
@@ -180,12 +181,13 @@ def test_vmapped_kernel_exports_for_every_platform():
     experts = [make_weight(18 + e) for e in range(2)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *experts)
     x = np.stack([activations(20 + e, 3) for e in range(2)])
-    triton = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    exported = jax.export.export(
-        jax.jit(jax.vmap(pg.int4_weight_matmul_pallas)),
+    exported = targets.export(
+        jax.vmap(pg.int4_weight_matmul_pallas),
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        stacked,
         platforms=("cpu", "cuda", "rocm", "tpu"),
-        disabled_checks=[triton],
-    )(jax.ShapeDtypeStruct(x.shape, x.dtype), stacked)
+        disabled_checks=["__gpu$xla.gpu.triton"],
+    )
     assert "xla.gpu.triton" in exported.mlir_module()
     out = exported.call(x, stacked)
     for e in range(2):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import cpu
+from kernels import cpu, targets
 from kernels.moe import combine, dispatch, expert_capacity, moe_ffn, moe_ffn_reference
 from tests.kernels.moe.cases import make_routing, make_weights, make_x
 from tests.tolerances import normalized_error, tolerance
@@ -129,10 +129,10 @@ def test_export_for_accelerators_has_no_native_call(impl):
 
     # impl="auto" runs the Pallas (Triton) kernel on cuda/rocm: a custom call that exports only when allowed.
     # The native call is not allowed, so export itself refuses it too.
-    triton = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     for fn in (functools.partial(moe_ffn, impl=impl), jax.grad(loss, argnums=(0, 3))):
-        export = jax.export.export(jax.jit(fn), platforms=("cuda", "rocm", "tpu"), disabled_checks=triton)
-        exported = export(*args)
+        exported = targets.export(
+            fn, *args, platforms=("cuda", "rocm", "tpu"), disabled_checks=["__gpu$xla.gpu.triton"]
+        )
         assert NATIVE_CALL not in exported.mlir_module()
 
 

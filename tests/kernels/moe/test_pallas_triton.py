@@ -10,7 +10,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
 import pytest
 
-from kernels import expert_capacity, moe_ffn, moe_ffn_reference
+from kernels import expert_capacity, moe_ffn, moe_ffn_reference, targets
 from kernels.moe.pallas_triton import (
     grouped_ffn_pallas,
     launch_order,
@@ -261,21 +261,21 @@ def _sds(shape, dtype):
 def test_lowers_the_triton_kernels_for_cuda(quantized):
     ws = _quantized_experts(13, 8) if quantized else _weights(13, 8, d=QD, dtype=jnp.bfloat16)
     args = (_sds((T, QD), jnp.bfloat16), _sds((T, 2), jnp.float32), _sds((T, 2), jnp.int32), *ws)
-    f = jax.jit(functools.partial(moe_ffn_pallas, capacity=None, drop_priority="choice"))
-    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    f = functools.partial(moe_ffn_pallas, capacity=None, drop_priority="choice")
+    text = targets.lower(f, *args, platforms=("cuda",)).as_text()
     assert text.count(TRITON_CALL) == 2  # the gate/up and down kernels
     # One jitted function lowers for every platform: Triton on cuda/rocm, interpret mode on cpu, XLA on tpu.
-    f.trace(*args).lower(lowering_platforms=("cpu", "cuda", "rocm", "tpu"))
+    targets.lower(f, *args, platforms=("cpu", "cuda", "rocm", "tpu"))
     if quantized:
         return
 
     def loss(x, w, ids, *ws):
         return jnp.sum(moe_ffn_pallas(x, w, ids, *ws).astype(jnp.float32) ** 2)
 
-    g = jax.jit(jax.grad(loss, argnums=(0, 1, 3, 4, 5)))
-    text = g.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    g = jax.grad(loss, argnums=(0, 1, 3, 4, 5))
+    text = targets.lower(g, *args, platforms=("cuda",)).as_text()
     assert text.count(TRITON_CALL) == 6  # the forward's two, then gate/up backward, dx, two weight gradients
-    g.trace(*args).lower(lowering_platforms=("cpu", "cuda", "rocm", "tpu"))
+    targets.lower(g, *args, platforms=("cpu", "cuda", "rocm", "tpu"))
 
 
 def _kernel_dots(jaxpr, inside=False):

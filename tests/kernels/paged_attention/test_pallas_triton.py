@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kernels import paged_attention_reference
+from kernels import paged_attention_reference, targets
 from kernels.paged_attention.pallas_triton import default_tunables, paged_attention_pallas, pallas_unsupported
 from tests.tolerances import assert_close, normalized_error, tolerance
 
@@ -215,7 +215,7 @@ def _lowered(decode: bool, kv_dtype, platform: str) -> str:
         kw.setdefault("q_lens", None)
         return paged_attention_pallas(**kw)
 
-    return jax.jit(f).trace(arrays).lower(lowering_platforms=(platform,)).as_text()
+    return targets.lower(f, arrays, platforms=(platform,)).as_text()
 
 
 @pytest.mark.parametrize(
@@ -237,17 +237,17 @@ def test_exports_for_gpus_only_with_disabled_checks():
         return paged_attention_pallas(*arrays, **{n: v for n, v in case.items() if n not in names})
 
     with pytest.raises(ValueError, match="custom calls"):
-        jax.export.export(jax.jit(f), platforms=("cuda",))(*args)
-    checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
-    exported = jax.export.export(jax.jit(f), platforms=("cuda", "rocm"), disabled_checks=checks)(*args)
+        targets.export(f, *args, platforms=("cuda",))
+    checks = [TRITON_CALL]
+    exported = targets.export(f, *args, platforms=("cuda", "rocm"), disabled_checks=checks)
     assert exported.platforms == ("cuda", "rocm")
     # With cpu and tpu too: each platform lowers only its own rule (a caller's per-platform choice keeps
     # the kernel off tpu; on its own, tpu is refused).
     everywhere = ("cpu", "cuda", "rocm", "tpu")
-    exported = jax.export.export(jax.jit(f), platforms=everywhere, disabled_checks=checks)(*args)
+    exported = targets.export(f, *args, platforms=everywhere, disabled_checks=checks)
     assert exported.mlir_module().count(TRITON_CALL) == 2  # cuda's and rocm's
     with pytest.raises(ValueError, match="not tpu"):
-        jax.export.export(jax.jit(f), platforms=("tpu",), disabled_checks=checks)(*args)
+        targets.export(f, *args, platforms=("tpu",), disabled_checks=checks)
 
 
 def test_lowers_for_cpu_as_the_interpreter():
