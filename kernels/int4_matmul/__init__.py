@@ -37,10 +37,17 @@ Why blocks: converting a whole 16M-element uint8 matrix to float32 on this CPU c
 matmul itself; a block of a few hundred rows is converted in cache and consumed at once. Bits 4 and 3
 (3-bit codes share the 4-bit container) use the nibble path; 2- and 8-bit weights use "dense".
 
-Gradients: `jax.grad` with respect to x goes through a custom VJP, dx = dy @ Wᵀ, computed block by block
-from the packed weight, so the backward pass never stores a dequantized copy (the native forward shares this
-XLA backward). Under `jax.vmap` over a leading axis of weights (MoE experts), every strategy batches; the
-native kernel runs once per batch element.
+Gradients (reverse mode, `jax.grad`/`jax.vjp`) on every implementation, with respect to x and to the weight's
+float fields `scales` and `act_scales`; `packed`, `zeros` and `perm` are integer codes and get none (float0).
+A custom VJP computes, block by block from the packed weight (no dequantized copy is ever stored),
+
+    dx̃ = dy @ W_storedᵀ                                                 (`scan_matmul_transposed`)
+    ds[g, n] = Σ_m Σ_{r∈g} dy[m, n] · x̃[m, r] · (q[r, n] − z[g, n])       (`scan_scale_grad`)
+
+and the gradients of x and `act_scales` follow by autodiff of x̃ = (x / a)[:, perm]. The native and Pallas
+forwards share this XLA backward; "dense" differentiates the dequantized weight and agrees. Forward mode
+(`jax.jvp`) is only defined for "dense". Under `jax.vmap` over a leading axis of weights (MoE experts), every
+strategy batches; the native kernel runs once per batch element. No rows (M = 0) give the empty result.
 
 Axis legend: M rows of x (all leading axes flattened), K input features, N output features, G groups,
 bk rows of K per block.
@@ -48,9 +55,11 @@ bk rows of K per block.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from kernels import registry
 from kernels.cost import Cost, itemsize
@@ -76,11 +85,13 @@ def int4_matmul(x: jax.Array, w: Int4Weight, *, impl: str = "auto", config: Any 
     ("codes", "dequant", "dense"; see the module docstring). `config`: the Config of the implementation it
     tunes (`kernels.int4_matmul.xla.Config(strategy=...)`, `...pallas_triton.Config(block_m=...)`); default:
     chosen from the shapes. Jittable, vmappable over a leading axis of stacked weights, differentiable with
-    respect to x.
+    respect to x, `w.scales` and `w.act_scales` (reverse mode; the integer fields get no gradient).
     """
     registry.check_impl("int4_matmul", impl)
     if impl != "reference":  # the reference validates its (concrete) inputs itself
         validate_int4_matmul_inputs(x, w)
+        if math.prod(x.shape[:-1]) == 0:  # no rows: the empty result, whatever the implementation
+            return jnp.zeros((*x.shape[:-1], w.shape[1]), x.dtype)
     return registry.dispatch("int4_matmul", impl, x, w, config=config)
 
 

@@ -3,7 +3,8 @@
 A matrix-vector path for small M and a tiled path for larger M, packed weights dequantized in SIMD registers,
 both cores. Bits 4 and 3 with an even group size; x arrives permuted and scaled (act-order, AWQ) already.
 The caller chooses the platform (the entry's `impl="auto"` puts this in the CPU branch of its per-platform
-choice), so one jitted function exports everywhere. The backward pass is the XLA path's transposed scan.
+choice), so one jitted function exports everywhere. The backward pass is the XLA path's: the transposed
+scan for x, `scan_scale_grad` for the scales.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import cpu, registry
-from kernels.int4_matmul.xla import prepare_x, scan_matmul_transposed
+from kernels.int4_matmul.xla import prepare_x, scan_matmul_transposed, scan_scale_grad
 from kernels.precision import highest_precision
 from quant.format import Int4Weight, symmetric_zero
 
@@ -27,21 +28,22 @@ def _native(x, packed, scales, zeros, group_size, sym_zero):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def native_matmul(x, packed, scales, zeros, group_size, sym_zero):
     """x [M, K] float32 @ the packed weight through the native kernel (CPU only: the caller chooses the
-    platform); the backward is the XLA path's transposed scan."""
+    platform); the backward (x and the scales) is the XLA path's blocked scans."""
     return _native(x, packed, scales, zeros, group_size, sym_zero)
 
 
 def _native_matmul_fwd(x, packed, scales, zeros, group_size, sym_zero):
-    return _native(x, packed, scales, zeros, group_size, sym_zero), (packed, scales, zeros)
+    return _native(x, packed, scales, zeros, group_size, sym_zero), (x, packed, scales, zeros)
 
 
 @highest_precision
 def _native_matmul_bwd(group_size, sym_zero, res, dy):
-    packed, scales, zeros = res
+    x, packed, scales, zeros = res
     zp = jnp.full(scales.shape, sym_zero, jnp.uint8) if zeros is None else zeros
     dx = scan_matmul_transposed(dy, packed, scales, zp, group_size=group_size)
+    ds = scan_scale_grad(x, dy, packed, zp, group_size=group_size)
     zeros_ct = None if zeros is None else np.zeros(zeros.shape, jax.dtypes.float0)
-    return dx, np.zeros(packed.shape, jax.dtypes.float0), jnp.zeros_like(scales), zeros_ct
+    return dx, np.zeros(packed.shape, jax.dtypes.float0), ds.astype(scales.dtype), zeros_ct
 
 
 native_matmul.defvjp(_native_matmul_fwd, _native_matmul_bwd)

@@ -59,9 +59,9 @@ pallas_calls would not: a multi-platform module lowers every branch for every pl
 `jax.vmap` (stacks of expert weights) batches the pallas_call with an extra grid axis, inside the same
 primitive. `interpret=True`/`False` forces one form.
 
-Gradients: `jax.grad` with respect to x goes through a custom VJP whose backward is the XLA path's transpose
-(`xla.scan_matmul_transposed`: dx = dy @ W_storedᵀ, one dequantized K block at a time); the weight is frozen
-(zero cotangents).
+Gradients: `jax.grad` with respect to x and the scales goes through a custom VJP whose backward is the XLA
+path's (`xla.scan_matmul_transposed`: dx = dy @ W_storedᵀ, one dequantized K block at a time;
+`xla.scan_scale_grad` for the scales); the integer codes and zero points get none (float0).
 
 Axis legend: M rows of x, K input features (stored order), N output features, G groups, bm/bn/bk the tile
 sizes along M, N and K (bk counts unpacked rows: a tile holds bk/2 packed byte rows).
@@ -80,7 +80,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels import registry
-from kernels.int4_matmul.xla import scan_matmul_transposed, zero_cotangent
+from kernels.int4_matmul.xla import scan_matmul_transposed, scan_scale_grad, zero_cotangent
 from kernels.lowering import per_platform_kernel
 from kernels.precision import highest_precision
 from quant.format import Int4Weight, symmetric_zero
@@ -516,16 +516,18 @@ def _matmul_fwd(x, packed, scales, zeros, group_size, sym_zero, cfg, interpret):
     y = _forward(
         x, packed, scales, zeros, group_size=group_size, sym_zero=sym_zero, cfg=cfg, interpret=interpret
     )
-    return y, (packed, scales, zeros)
+    return y, (x, packed, scales, zeros)
 
 
 @highest_precision  # the XLA transpose's float32 dots: IEEE on every backend, never TF32
 def _matmul_bwd(group_size, sym_zero, cfg, interpret, res, dy):
-    packed, scales, zeros = res
+    x, packed, scales, zeros = res
     zp = jnp.full(scales.shape, sym_zero, jnp.uint8) if zeros is None else zeros
-    dx = scan_matmul_transposed(dy.astype(jnp.float32), packed, scales, zp, group_size=group_size)
-    # y, hence dy, has x's dtype; the weight is frozen.
-    return (dx.astype(dy.dtype), *zero_cotangent((packed, scales, zeros)))
+    dy32 = dy.astype(jnp.float32)
+    dx = scan_matmul_transposed(dy32, packed, scales, zp, group_size=group_size)
+    ds = scan_scale_grad(x.astype(jnp.float32), dy32, packed, zp, group_size=group_size)
+    # y, hence dy, has x's dtype; the codes and zero points are integers (float0).
+    return dx.astype(dy.dtype), *zero_cotangent((packed,)), ds.astype(scales.dtype), *zero_cotangent((zeros,))
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -552,8 +554,8 @@ def int4_matmul_pallas(
     it). packed: [K/2, N] uint8 (stored row order); scales: [G, N] float; zeros: [G, N] uint8, or None for a
     symmetric weight whose zero point is `sym_zero` (= 2**(bits-1)); G = K / group_size (per-channel:
     group_size = K). Tiles default by shape (`choose_config`); `interpret=None` picks interpret mode on cpu
-    and the compiled Triton kernel on cuda/rocm at lowering. Differentiable with respect to x (custom VJP, XLA
-    backward); jittable.
+    and the compiled Triton kernel on cuda/rocm at lowering. Differentiable with respect to x and the scales
+    (custom VJP, XLA backward); jittable.
     """
     if getattr(x, "ndim", None) != 2:
         raise ValueError(f"x must be 2-D [M, K], got shape {getattr(x, 'shape', None)}")

@@ -68,10 +68,13 @@ FFN strategies (`impl`):
   at run time by `lax.switch`; "grouped" when even 2x the balanced load is exceeded. No weight copies
   near balance; work ∝ E · capacity.
 - "ragged": `jax.lax.ragged_dot` on the packed layout: the grouped GEMM of GPUs and TPUs (on the CPU
-  it computes every expert on every row).
+  it computes every expert on every row, with masked rows, so the weights of experts without rows are
+  zeroed first: 0 · Inf would otherwise reach every output). Under `jax.vmap` it runs once per batch
+  element (JAX cannot batch `ragged_dot` over shared experts).
 - "batched": padded layout, one batched einsum over [E, C, d]; the capacity-mode strategy everywhere
   (dropless it needs C = A, E times the work: a test oracle).
-- "dense": every expert on every token, masked: the simplest formulation, a test oracle.
+- "dense": every expert on every token, each output selected (not multiplied by a zero gate) for the
+  tokens routed to it: the simplest formulation, a test oracle.
 - "xla": with a capacity, "batched"; dropless, "ragged" off the CPU and on the CPU "bucketed" for
   E <= BUCKETED_MAX_EXPERTS (few large experts: XLA on the CPU copies a dynamically indexed expert's
   weights before its GEMM, which costs more than padding rows) and "grouped" for more (many small
@@ -90,8 +93,10 @@ Quantized experts: w_gate, w_up and w_down may each be a stack of `quant.Int4Wei
 leading expert axis, e.g. `jax.tree.map(jnp.stack, *experts)`); every expert matmul then runs through
 `kernels.int4_matmul`. "auto"/"xla" use "grouped" on every backend (only the experts that have rows are
 read; with a capacity, "batched", vmapped over experts); "dense" dequantizes every expert first (an
-oracle). "bucketed" and "ragged" need float weights and refuse. The experts are frozen: gradients reach
-x and the routing weights. `moe_ffn_reference` compares against the dequantized experts.
+oracle). "bucketed" and "ragged" need float weights and refuse. Gradients reach x, the routing weights and
+each expert's float fields (scales, act_scales) through int4_matmul's VJP (the Pallas kernel keeps its
+quantized experts frozen: zero gradient for them). `moe_ffn_reference` compares against the dequantized
+experts.
 
 Modules: routing.py (routers, losses, their references), dispatch.py (plan, dispatch, combine, capacity),
 reference.py (validation and the NumPy FFN reference), xla.py (the strategies above), cpu_native.py (the
@@ -109,6 +114,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from kernels import registry
 from kernels.cost import Cost, itemsize
@@ -186,12 +192,16 @@ def moe_ffn(
     C in drop_priority order ("choice", "token" or "weight") contribute zero. impl: see the module
     docstring. config: the Config of the implementation it tunes (`kernels.moe.xla.Config(strategy,
     row_align, block_rows)`, `...cpu_native.Config`, `...pallas_triton.Config(block_m, block_n, block_k)`).
-    Differentiable with respect to x, weights and the expert weights; empty experts get zero gradients.
+    Differentiable with respect to x, weights, float expert weights and Int4Weight experts' scales (reverse
+    mode; not in the Pallas kernel); empty experts get zero gradients and touch no output. Vmappable over x,
+    weights and expert_ids. T = 0 gives the empty result.
     """
     validate_moe_ffn_inputs(
         x, weights, expert_ids, w_gate, w_up, w_down, capacity_factor=capacity_factor,
         drop_priority=drop_priority, impl=impl,
     )  # fmt: skip
+    if x.shape[0] == 0:  # no tokens (normal in a serving loop): the empty result, whatever the implementation
+        return jnp.zeros(x.shape, x.dtype)
     return registry.dispatch(
         "moe_ffn", impl, x, weights, expert_ids, w_gate, w_up, w_down,
         capacity_factor=capacity_factor, drop_priority=drop_priority, config=config,

@@ -173,27 +173,71 @@ def _grouped_ffn_quantized_fwd(xs, sizes, offsets, wg, wu, wd, row_align, block_
     return out, (xs, sizes, offsets, wg, wu, wd)
 
 
+def _float_fields(w: Int4Weight) -> tuple[Any, Any]:
+    """The differentiable leaves of an Int4Weight (stack): (scales, act_scales or None)."""
+    return w.scales, w.act_scales
+
+
+def _with_float_cotangents(w: Int4Weight, scales: Any, act_scales: Any) -> Int4Weight:
+    """The cotangent of a (stacked) Int4Weight: float0 for the integer leaves, the given float ones."""
+    zero = zero_cotangent(w)
+    return type(w).tree_unflatten(
+        w.tree_flatten()[1], (zero.packed, scales.astype(w.scales.dtype), zero.zeros, zero.perm,
+                              None if act_scales is None else act_scales.astype(w.act_scales.dtype))
+    )  # fmt: skip
+
+
 @highest_precision
 def _grouped_ffn_quantized_bwd(row_align, block_rows, res, d_out):
-    """Quantized experts are frozen: the gradient reaches the rows (and, through combine, the routing
-    weights and x), never the codes or scales."""
+    """The gradient reaches the rows (and, through combine, the routing weights and x) and each expert's
+    float fields (scales, act_scales) through int4_matmul's own VJP; never the integer codes. Experts
+    without rows get exact zeros."""
     xs, sizes, offsets, wg, wu, wd = res
+    f32 = jnp.float32
+    stacks = (wg, wu, wd)
+
+    def zeros_like_fields(w, lead=()):
+        return tuple(None if a is None else jnp.zeros((*lead, *a.shape[len(lead) or 1 :]), f32)
+                     for a in _float_fields(w))  # fmt: skip
+
+    init = (jnp.zeros(xs.shape, f32), tuple(zeros_like_fields(w, (w.scales.shape[0],)) for w in stacks))
 
     def expert_init(e):
-        return (expert_weights(wg, e), expert_weights(wu, e), expert_weights(wd, e))
+        return tuple(expert_weights(w, e) for w in stacks), tuple(zeros_like_fields(w) for w in stacks)
 
-    def block_fn(dxs, w, e, row0, n):
+    def block_fn(state, local, e, row0, n):
+        dxs, dws = state
+        w, acc = local
         v = lax.dynamic_slice_in_dim(xs, row0, n)
         dy = lax.dynamic_slice_in_dim(d_out, row0, n)
-        _, vjp = jax.vjp(lambda v: _swiglu(v, *w), v)
-        (dv,) = vjp(dy)
-        return lax.dynamic_update_slice_in_dim(dxs, dv.astype(jnp.float32), row0, 0), w
+        _, vjp = jax.vjp(_swiglu, v, *w)
+        dv, *dw = vjp(dy)
+        acc = tuple(
+            tuple(
+                None if a is None else a + b.astype(f32)
+                for a, b in zip(fields, _float_fields(d), strict=True)
+            )
+            for fields, d in zip(acc, dw, strict=True)
+        )
+        return (lax.dynamic_update_slice_in_dim(dxs, dv.astype(f32), row0, 0), dws), (w, acc)
 
-    dxs = _for_each_block(
-        sizes, offsets, row_align, block_rows, jnp.zeros(xs.shape, jnp.float32), expert_init, block_fn,
-        lambda dxs, w, e: dxs,
+    def expert_done(state, local, e):
+        dxs, dws = state
+        _, acc = local
+        dws = tuple(
+            tuple(None if s is None else lax.dynamic_update_index_in_dim(s, a, e, 0)
+                  for s, a in zip(stack, fields, strict=True))
+            for stack, fields in zip(dws, acc, strict=True)
+        )  # fmt: skip
+        return dxs, dws
+
+    dxs, dws = _for_each_block(
+        sizes, offsets, row_align, block_rows, init, expert_init, block_fn, expert_done
+    )
+    return (
+        dxs.astype(xs.dtype), None, None,
+        *(_with_float_cotangents(w, *fields) for w, fields in zip(stacks, dws, strict=True)),
     )  # fmt: skip
-    return (dxs.astype(xs.dtype), None, None, *(zero_cotangent(w) for w in (wg, wu, wd)))
 
 
 _grouped_ffn_quantized.defvjp(_grouped_ffn_quantized_fwd, _grouped_ffn_quantized_bwd)
@@ -259,6 +303,77 @@ def _ffn_bucketed(x, weights, expert_ids, wg, wu, wd, drop_priority, row_align, 
     return lax.switch(index, branches, x, weights, expert_ids, wg, wu, wd)
 
 
+def _map_under_vmap(fn):
+    """fn, whose `jax.vmap` runs it once per batch element (`lax.map`) instead of batching its primitives.
+
+    `lax.ragged_dot` has no batching rule unless every operand is batched along axis 0 (JAX 0.10 to 0.12:
+    "ragged_dot vmap over any dim but 0 - NYI"), so a vmapped MoE layer with shared experts could not use it.
+    `custom_vmap` does not support reverse-mode autodiff, so callers wrap it in a custom VJP (`_ragged_dot`).
+    """
+    mapped = jax.custom_batching.custom_vmap(fn)
+
+    @mapped.def_vmap
+    def rule(axis_size, in_batched, *args):
+        del axis_size
+        batched = [a for a, b in zip(args, in_batched, strict=True) if b]
+
+        def one(elems):
+            it = iter(elems)
+            return mapped(*[next(it) if b else a for a, b in zip(args, in_batched, strict=True)])
+
+        out = lax.map(one, batched)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return mapped
+
+
+@highest_precision
+def _ragged_dot_fwd_core(x, w, sizes):
+    return lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
+
+
+@highest_precision
+def _ragged_dot_bwd_core(x, w, sizes, dy):
+    _, vjp = jax.vjp(lambda x, w: _ragged_dot_fwd_core(x, w, sizes), x, w)
+    return vjp(dy.astype(jnp.float32))
+
+
+_ragged_dot_fwd_mapped = _map_under_vmap(_ragged_dot_fwd_core)
+_ragged_dot_bwd_mapped = _map_under_vmap(_ragged_dot_bwd_core)
+
+
+@jax.custom_vjp
+def _ragged_dot(x, w, sizes):
+    """`lax.ragged_dot(x, w, sizes)` in float32 that also runs under `jax.vmap` (and its gradient)."""
+    return _ragged_dot_fwd_mapped(x, w, sizes)
+
+
+@highest_precision
+def _ragged_dot_fwd(x, w, sizes):
+    return _ragged_dot_fwd_mapped(x, w, sizes), (x, w, sizes)
+
+
+@highest_precision
+def _ragged_dot_bwd(res, dy):
+    x, w, sizes = res
+    dx, dw = _ragged_dot_bwd_mapped(x, w, sizes, dy)
+    return dx, dw, np.zeros(sizes.shape, jax.dtypes.float0)
+
+
+_ragged_dot.defvjp(_ragged_dot_fwd, _ragged_dot_bwd)
+
+
+def _unused_experts_zeroed(sizes, *ws):
+    """The expert weights with every expert that has no rows replaced by zeros.
+
+    Where `ragged_dot` is lowered as a dense product with masked rows (the CPU; every expert meets every row),
+    and in "dense", an unused expert's weights still enter a product with zeros, and 0 · Inf = NaN would reach
+    every output. Zeroing them keeps the guarantee paged attention gives for unused slots: an expert no token
+    is routed to touches no output (nor any gradient of x)."""
+    used = sizes > 0
+    return tuple(jnp.where(used.reshape(-1, *([1] * (w.ndim - 1))), w, jnp.zeros((), w.dtype)) for w in ws)
+
+
 def _ffn_ragged(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority):
     plan = plan_rows(
         expert_ids,
@@ -271,10 +386,11 @@ def _ffn_ragged(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority):
     )
     xs = gather_rows(x, plan.row_token)
     sizes = plan.group_sizes
-    g = lax.ragged_dot(xs, wg, sizes, preferred_element_type=jnp.float32)
-    u = lax.ragged_dot(xs, wu, sizes, preferred_element_type=jnp.float32)
+    wg, wu, wd = _unused_experts_zeroed(sizes, wg, wu, wd)
+    g = _ragged_dot(xs, wg, sizes)
+    u = _ragged_dot(xs, wu, sizes)
     h = (jax.nn.silu(g) * u).astype(wd.dtype)
-    ys = lax.ragged_dot(h, wd, sizes, preferred_element_type=jnp.float32)
+    ys = _ragged_dot(h, wd, sizes)
     return combine_rows(ys, weights, plan.position).astype(x.dtype)
 
 
@@ -316,13 +432,17 @@ def _ffn_dense(x, weights, expert_ids, wg, wu, wd, capacity, drop_priority):
         row_align=1,
     )
     keep = plan.position < plan.row_token.shape[0]
+    wg, wu, wd = _unused_experts_zeroed(plan.group_sizes, wg, wu, wd)
     g = jnp.einsum("td,edf->etf", x, wg, preferred_element_type=jnp.float32)
     u = jnp.einsum("td,edf->etf", x, wu, preferred_element_type=jnp.float32)
     h = (jax.nn.silu(g) * u).astype(wd.dtype)
     out = jnp.einsum("etf,efd->etd", h, wd, preferred_element_type=jnp.float32)
     onehot = jax.nn.one_hot(expert_ids, num_experts, dtype=jnp.float32)  # [T, k, E]
     gate = jnp.einsum("tk,tke->et", jnp.where(keep, weights.astype(jnp.float32), 0.0), onehot)
-    return jnp.einsum("et,etd->td", gate, out).astype(x.dtype)
+    # Select, not multiply by a zero gate: expert e's output for a token not routed to it (Inf or NaN when
+    # its weights hold them) must not reach that token.
+    routed = jnp.einsum("tk,tke->et", keep.astype(jnp.float32), onehot) > 0
+    return jnp.where(routed[..., None], gate[..., None] * out, 0.0).sum(0).astype(x.dtype)
 
 
 STRATEGIES = ("grouped", "bucketed", "ragged", "batched", "dense")

@@ -39,6 +39,12 @@ cannot be checked, so the kernel masks instead: a key is read only if its positi
 page id is in [0, P); masked keys get logit −inf and their values are zeroed before the weighted sum, so
 neither a foreign page nor NaN/Inf garbage in unused slots can reach the output.
 
+Empty batches (B = 0 or T = 0) return the empty result for every implementation. Gradients (reverse mode)
+with respect to q, float or fp8 k_pages/v_pages, alibi_slopes, k_scale and v_scale go through one custom
+VJP that every implementation's forward takes (`xla.differentiable`): its backward recomputes each query
+tile's attention densely over its sequence's pages and scatter-adds the page cotangents; masked keys get
+exactly zero gradient. Forward mode (`jax.jvp`) is not defined. `jax.vmap` works over any argument.
+
 Implementations (`impl=`; `kernels.available_impls("paged_attention")` lists those that run here; each
 backend module's `IMPLEMENTATION` is its entry in `kernels.registry`):
     reference.py      validation, layout bridges (`gather_kv`, `dequantize_pages`) and the NumPy reference
@@ -118,7 +124,8 @@ def paged_attention(
     """Attention of q over a paged KV cache; conventions and layouts in the module docstring.
 
     q: [T, H, D] -> [T, H, D] in q's dtype. Jittable: T, B and max_pages are static; kv_lens, q_lens and
-    block_tables are dynamic. `impl`: a name of `kernels.available_impls("paged_attention")`, "auto" or
+    block_tables are dynamic. Vmappable; differentiable (reverse mode) with respect to q, k_pages, v_pages,
+    alibi_slopes and the scales. `impl`: a name of `kernels.available_impls("paged_attention")`, "auto" or
     "pallas" (see `kernels.registry`). `config`: the tiling of the implementation it is the Config of
     (`kernels.paged_attention.xla.Config`, `...pallas_triton.Config`); default: chosen from the shapes.
     """
@@ -132,6 +139,10 @@ def paged_attention(
             "paged_attention", impl, q, k_pages, v_pages, kv_lens, block_tables, **options
         )
     validate_paged_attention_inputs(q, k_pages, v_pages, kv_lens, block_tables, **options)
+    if q.shape[0] == 0 or np.shape(block_tables)[0] == 0:
+        # An empty batch (normal in a serving loop): no query has anything to attend to, for every
+        # implementation alike, so none of them is asked to handle zero-sized grids.
+        return jnp.zeros(q.shape, q.dtype)
     # The arguments every implementation takes, normalized once.
     return registry.dispatch(
         "paged_attention", impl, q, k_pages, v_pages, jnp.asarray(kv_lens), jnp.asarray(block_tables),

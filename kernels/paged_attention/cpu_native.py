@@ -6,6 +6,8 @@ all G query heads, no gathered copy — with an online softmax and a log-sum-exp
 checks every page id a sequence covers and kv_lens against the block table, and a bad one is an error
 raised from the handler (never a read outside the pages). The entry chooses it per platform at lowering
 (the CPU branch of `impl="auto"`), so the same jitted function lowers the XLA path everywhere else.
+Reverse-mode autodiff (q, k_pages, v_pages, alibi_slopes) takes the XLA path's recompute-based backward
+(`kernels.paged_attention.xla.differentiable`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 
 from kernels import cpu, registry
 from kernels.paged_attention.reference import shape_dtype
+from kernels.paged_attention.xla import differentiable
 
 
 def native_unsupported(q: Any, k_pages: Any, v_pages: Any, *, q_lens: Any = None) -> str | None:
@@ -59,9 +62,18 @@ def _native(
     q, k_pages, v_pages, kv_lens, block_tables, *, alibi_slopes, scale, soft_cap, sliding_window, config, **_
 ):
     del config
-    return paged_decode_native(
-        q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes,
-        scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+
+    def forward(q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale, v_scale):
+        del q_lens, k_scale, v_scale  # decode with float32 pages: None
+        return paged_decode_native(
+            q, k_pages, v_pages, kv_lens, block_tables, alibi_slopes,
+            scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        )  # fmt: skip
+
+    # The native forward with the XLA path's recompute-based backward (reverse-mode autodiff).
+    return differentiable(
+        forward, (scale, soft_cap, sliding_window, 1), q, k_pages, v_pages, kv_lens, block_tables, None,
+        alibi_slopes, None, None,
     )  # fmt: skip
 
 

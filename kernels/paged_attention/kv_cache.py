@@ -62,6 +62,12 @@ def validate_write_kv_inputs(
         raise ValueError(f"v has {np.shape(v)[0]} tokens but k has {t}")
     if np.shape(slot_mapping) != (t,):
         raise ValueError(f"slot_mapping.shape={np.shape(slot_mapping)} must be (T={t},)")
+    slot_dtype = (
+        np.dtype(slot_mapping.dtype) if hasattr(slot_mapping, "dtype") else np.asarray(slot_mapping).dtype
+    )
+    if t and not np.issubdtype(slot_dtype, np.integer):
+        # A float slot would be truncated to a neighbouring slot: refuse it instead.
+        raise ValueError(f"slot_mapping.dtype={slot_dtype} must be an integer type (int32 slots, -1 to skip)")
     for name, pages, sc in (("k_pages", k_pages, k_scale), ("v_pages", v_pages, v_scale)):
         dt = np.dtype(pages.dtype)
         if dt in _QMAX:

@@ -34,6 +34,10 @@ as zeros by masked loads (no memory access), their probabilities are zeroed with
 past kv_len cannot reach the output. A NaN in q reaches exactly the output rows it feeds; only rows with
 nothing to attend to become zeros.
 
+Gradients (reverse mode): the entry's implementation wraps the kernel in the XLA path's recompute-based
+custom VJP (`kernels.paged_attention.xla.differentiable`), with respect to q, the pages, the ALiBi slopes and
+the scales.
+
 Lowering. `paged_attention_pallas` chooses per lowering platform through one primitive with a lowering rule
 per platform (`kernels.lowering.per_platform_kernel`): Pallas's interpret mode on cpu (slow; for tests),
 the Triton-compiled kernel on cuda and rocm (through `jax.experimental.pallas.triton.CompilerParams`, since
@@ -66,6 +70,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels import registry
 from kernels.lowering import per_platform_kernel
+from kernels.paged_attention.xla import differentiable
 
 _F32 = jnp.float32
 # Head dims the kernel pads to a power of two (Triton tiles are powers of two); at least 16 for tl.dot.
@@ -621,12 +626,23 @@ def _supports(q, k_pages, v_pages, kv_lens, block_tables, *, q_lens=None, **opti
     return pallas_unsupported(q, k_pages, v_pages, q_lens=q_lens)
 
 
-def _pallas(q, k_pages, v_pages, kv_lens, block_tables, *, q_lens, config, **options):
-    return paged_attention_pallas(
-        q, k_pages, v_pages, kv_lens, block_tables, q_lens=q_lens, **options,
-        pages_per_block=config.block_pages, num_splits=config.num_splits,
-        q_block=None if q_lens is None else config.q_tile,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+def _pallas(q, k_pages, v_pages, kv_lens, block_tables, *, q_lens, config, scale, soft_cap, sliding_window,
+            **options):  # fmt: skip
+    logit = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+
+    def forward(q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale, v_scale):
+        return paged_attention_pallas(
+            q, k_pages, v_pages, kv_lens, block_tables, q_lens=q_lens, alibi_slopes=alibi_slopes,
+            k_scale=k_scale, v_scale=v_scale, **logit,
+            pages_per_block=config.block_pages, num_splits=config.num_splits,
+            q_block=None if q_lens is None else config.q_tile,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+
+    # The kernel's forward with the XLA path's recompute-based backward (reverse-mode autodiff).
+    return differentiable(
+        forward, (scale, soft_cap, sliding_window, config.q_tile or 32), q, k_pages, v_pages, kv_lens,
+        block_tables, q_lens, options["alibi_slopes"], options["k_scale"], options["v_scale"],
     )  # fmt: skip
 
 

@@ -46,13 +46,29 @@ def validate_paged_attention_inputs(
 ) -> None:
     """Raise ValueError naming the argument when the inputs are inconsistent (see the module docstring
     for which checks need concrete values)."""
+    _validate(
+        q, k_pages, v_pages, kv_lens, block_tables, q_lens=q_lens, scale=scale, soft_cap=soft_cap,
+        sliding_window=sliding_window, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
+        float_dtypes=FLOAT_DTYPES,
+    )  # fmt: skip
+
+
+# The NumPy reference also takes float64 q and pages (finite differences of it check the gradients).
+_REFERENCE_FLOAT_DTYPES = (*FLOAT_DTYPES, np.dtype(np.float64))
+
+
+def _validate(
+    q, k_pages, v_pages, kv_lens, block_tables, *, q_lens, scale, soft_cap, sliding_window, alibi_slopes,
+    k_scale, v_scale, float_dtypes,
+) -> None:  # fmt: skip
     q_shape, q_dtype = shape_dtype(q)
     k_shape, k_dtype = shape_dtype(k_pages)
     v_shape, v_dtype = shape_dtype(v_pages)
     if len(q_shape) != 3:
         raise ValueError(f"q must be [T, H, D]; got shape {q_shape}")
-    if q_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"q.dtype={q_dtype} must be one of float32, bfloat16, float16")
+    if q_dtype not in float_dtypes:
+        names = ", ".join(d.name for d in float_dtypes)
+        raise ValueError(f"q.dtype={q_dtype} must be one of {names}")
     if len(k_shape) != 4:
         raise ValueError(f"k_pages must be [P, S, K, D]; got shape {k_shape}")
     if v_shape != k_shape:
@@ -71,7 +87,7 @@ def validate_paged_attention_inputs(
             sc_shape = tuple(np.shape(sc))
             if sc_shape not in ((), (p, s, kh)):
                 raise ValueError(f"{sc_name}.shape={sc_shape} must be () (per tensor) or {(p, s, kh)}")
-        elif dt in FLOAT_DTYPES:
+        elif dt in float_dtypes:
             if dt != q_dtype:
                 raise ValueError(f"{name}.dtype={dt} must equal q.dtype={q_dtype} (or be int8/float8_e4m3fn)")
             if sc is not None:
@@ -82,9 +98,21 @@ def validate_paged_attention_inputs(
     bt_shape, bt_dtype = shape_dtype(block_tables)
     if len(kv_shape) != 1:
         raise ValueError(f"kv_lens must be [B]; got shape {kv_shape}")
+    if len(bt_shape) != 2:
+        raise ValueError(f"block_tables must be [B, max_pages]; got shape {bt_shape}")
+    if kv_shape[0] != bt_shape[0]:
+        # Blame the one that disagrees with a third witness of B: q in decode (T == B), else q_lens.
+        witness = t if q_lens is None else (shape_dtype(q_lens)[0] or (None,))[0]
+        if witness == kv_shape[0]:
+            raise ValueError(
+                f"block_tables.shape={bt_shape} must be [B={kv_shape[0]}, max_pages]: one row per sequence "
+                f"of kv_lens (shape {kv_shape})"
+            )
+        raise ValueError(
+            f"kv_lens.shape={kv_shape} must be (B={bt_shape[0]},): one length per row of block_tables "
+            f"(shape {bt_shape})"
+        )
     b = kv_shape[0]
-    if len(bt_shape) != 2 or bt_shape[0] != b:
-        raise ValueError(f"block_tables must be [B={b}, max_pages]; got shape {bt_shape}")
     for name, dt in (("kv_lens", kv_dtype), ("block_tables", bt_dtype)):
         if not np.issubdtype(dt, np.integer):
             raise ValueError(f"{name}.dtype={dt} must be an integer type")
@@ -183,22 +211,14 @@ def paged_attention_reference(
     v_scale: Any = None,
     impl: str = "reference",
 ) -> np.ndarray:
-    """NumPy, float64 inside, one query token at a time. Same arguments as `paged_attention`."""
+    """NumPy, float64 inside, one query token at a time. Same arguments as `paged_attention`; q and the
+    pages may also be float64 here (for finite differences)."""
     del impl
-    validate_paged_attention_inputs(
-        q,
-        k_pages,
-        v_pages,
-        kv_lens,
-        block_tables,
-        q_lens=q_lens,
-        scale=scale,
-        soft_cap=soft_cap,
-        sliding_window=sliding_window,
-        alibi_slopes=alibi_slopes,
-        k_scale=k_scale,
-        v_scale=v_scale,
-    )
+    _validate(
+        q, k_pages, v_pages, kv_lens, block_tables, q_lens=q_lens, scale=scale, soft_cap=soft_cap,
+        sliding_window=sliding_window, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
+        float_dtypes=_REFERENCE_FLOAT_DTYPES,
+    )  # fmt: skip
     q_dtype = np.asarray(q).dtype
     q64 = np.asarray(q).astype(np.float64)
     t_total, h, d = q64.shape

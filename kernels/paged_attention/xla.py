@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels import registry
 from kernels.precision import highest_precision
@@ -30,7 +31,7 @@ PREFILL_BLOCK_TOKENS = 256
 
 def auto_block_pages(rows: int, page_size: int, num_kv_heads: int, head_dim: int, splits: int) -> int:
     """Pages per block step for decode: about `_BLOCK_BYTES` of gathered keys (upcast to float32)."""
-    per_page = rows * splits * page_size * num_kv_heads * head_dim * 4
+    per_page = max(1, rows * splits * page_size * num_kv_heads * head_dim * 4)  # rows = 0: an empty batch
     return max(1, _BLOCK_BYTES // per_page)
 
 
@@ -193,6 +194,184 @@ def paged_attention_xla(
     return res.astype(q.dtype)
 
 
+# --------------------------------------------------------------------------------------------------
+# Reverse-mode autodiff: a custom VJP whose backward recomputes attention per query tile.
+
+
+def _tile_attention(qrows, kblk, vblk, ksc, vsc, slopes, key_ok, kpos, rpos, row_ok, *, scale, soft_cap,
+                    sliding_window):  # fmt: skip
+    """One query tile over its sequence's whole context, densely: the formula of the package docstring.
+
+    qrows [qt, H, D]; kblk, vblk [max_pages, S, K, D] as stored; ksc, vsc None, a scalar or [max_pages, S, K];
+    slopes None or [H]; key_ok [L] (L = max_pages · S), kpos [L], rpos [qt], row_ok [qt]. -> [qt, H, D] f32.
+    Masked keys and values are zeroed before any product, so neither their values nor their gradients can
+    carry NaN/Inf garbage (0 · NaN) into a used row.
+    """
+    f32 = jnp.float32
+    qt, h, d = qrows.shape
+    mp, s, kh, _ = kblk.shape
+    g = h // kh
+
+    def dequant(blk, sc):
+        x = blk.astype(f32)
+        if sc is not None:
+            x = x * (sc.astype(f32)[..., None] if sc.ndim == 3 else sc.astype(f32))
+        return jnp.where(key_ok[:, None, None], x.reshape(mp * s, kh, d), 0.0)
+
+    k, v = dequant(kblk, ksc), dequant(vblk, vsc)
+    qf = (qrows.astype(f32) * f32(scale)).reshape(qt, kh, g, d)
+    logits = jnp.einsum("tkgd,lkd->tkgl", qf, k, preferred_element_type=f32)
+    if soft_cap is not None:
+        logits = soft_cap * jnp.tanh(logits / soft_cap)
+    if slopes is not None:
+        rel = (kpos[None, :] - rpos[:, None]).astype(f32)  # [qt, L]
+        logits = logits + slopes.astype(f32).reshape(kh, g)[None, :, :, None] * rel[:, None, None, :]
+    keep = key_ok[None, :] & (kpos[None, :] <= rpos[:, None]) & row_ok[:, None]  # [qt, L]
+    if sliding_window is not None:
+        keep &= kpos[None, :] > rpos[:, None] - sliding_window
+    keep = keep[:, None, None, :]
+    logits = jnp.where(keep, logits, -jnp.inf)
+    m = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(keep, jnp.exp(logits - m), 0.0)
+    l = p.sum(-1, keepdims=True)
+    acc = jnp.einsum("tkgl,lkd->tkgd", p, v, preferred_element_type=f32)
+    empty = l == 0  # nothing to attend to: zeros, as in the forward
+    out = jnp.where(empty, 0.0, acc / jnp.where(empty, 1.0, l))
+    return out.reshape(qt, h, d)
+
+
+def _zero_cotangent(x):
+    if x is None:
+        return None
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+@highest_precision
+def attention_vjp(
+    q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale, v_scale, dout, *,
+    scale, soft_cap, sliding_window, q_tile,
+):  # fmt: skip
+    """The cotangents of every argument of the paged attention (the 9 arrays, in order) for `dout`.
+
+    Recompute-based: a `lax.scan` over query tiles (one query for decode; `q_tile` consecutive queries of one
+    sequence otherwise) recomputes each tile's attention densely over its sequence's pages (`_tile_attention`)
+    and takes its VJP, then scatter-adds the page cotangents into [P, S, K, D]. Memory: the inputs, float32
+    cotangents of the pages, and one tile's [q_tile, H, max_pages · S] probabilities; nothing is saved by the
+    forward. q, float pages, float8 pages (the stored value's cotangent), the scales and the ALiBi slopes get
+    their gradients; int8 pages and the integer arguments get none (float0).
+    """
+    f32 = jnp.float32
+    t_total, h, d = q.shape
+    p, s, _, _ = k_pages.shape
+    b, max_pages = block_tables.shape
+    kv_lens = kv_lens.astype(jnp.int32)
+    bt = block_tables.astype(jnp.int32)
+    if q_lens is None:
+        qt, num_tiles = 1, b
+        seq = jnp.arange(b)
+        row0, count, pos0 = seq, jnp.where(kv_lens > 0, 1, 0), kv_lens - 1
+    else:
+        qt = q_tile
+        num_tiles = -(-t_total // qt) + b
+        seq, row0, count, pos0 = _tiles(q_lens.astype(jnp.int32), kv_lens, num_tiles, qt)
+    length = max_pages * s
+    kpos = jnp.arange(length)
+    per_token_k = k_scale is not None and k_scale.ndim == 3
+    per_token_v = v_scale is not None and v_scale.ndim == 3
+    grads_k = jnp.issubdtype(k_pages.dtype, jnp.inexact)
+    grads_v = jnp.issubdtype(v_pages.dtype, jnp.inexact)
+    dout = dout.astype(f32)
+
+    def tile_inputs(n):
+        ids = bt[seq[n]]
+        page_ok = (ids >= 0) & (ids < p) & (jnp.arange(max_pages) * s < kv_lens[seq[n]])
+        ids = jnp.where(page_ok, ids, 0)
+        key_ok = jnp.repeat(page_ok, s) & (kpos < kv_lens[seq[n]])
+        rows = row0[n] + jnp.arange(qt)
+        row_ok = jnp.arange(qt) < count[n]
+        rows = jnp.where(row_ok, rows, 0)
+        return ids, key_ok, rows, row_ok, pos0[n] + jnp.arange(qt)
+
+    def body(carry, n):
+        dq, dk, dv, dks, dvs, dsl = carry
+        ids, key_ok, rows, row_ok, rpos = tile_inputs(n)
+        ksc = k_scale[ids] if per_token_k else k_scale
+        vsc = v_scale[ids] if per_token_v else v_scale
+        primals = (q[rows], k_pages[ids], v_pages[ids], ksc, vsc, alibi_slopes)
+        fn = functools.partial(
+            _tile_attention, key_ok=key_ok, kpos=kpos, rpos=rpos, row_ok=row_ok, scale=scale,
+            soft_cap=soft_cap, sliding_window=sliding_window,
+        )  # fmt: skip
+        _, vjp = jax.vjp(fn, *primals)
+        cq, ck, cv, cks, cvs, csl = vjp(jnp.where(row_ok[:, None, None], dout[rows], 0.0))
+        dq = dq.at[jnp.where(row_ok, rows, t_total)].add(cq.astype(f32), mode="drop")
+        if grads_k:
+            dk = dk.at[ids].add(ck.astype(f32))
+        if grads_v:
+            dv = dv.at[ids].add(cv.astype(f32))
+        if k_scale is not None:
+            dks = dks.at[ids].add(cks) if per_token_k else dks + cks
+        if v_scale is not None:
+            dvs = dvs.at[ids].add(cvs) if per_token_v else dvs + cvs
+        if alibi_slopes is not None:
+            dsl = dsl + csl.astype(f32)
+        return (dq, dk, dv, dks, dvs, dsl), None
+
+    def zeros_f32(x, wanted=True):
+        return None if x is None or not wanted else jnp.zeros(x.shape, f32)
+
+    init = (
+        jnp.zeros((t_total, h, d), f32),
+        zeros_f32(k_pages, grads_k),
+        zeros_f32(v_pages, grads_v),
+        zeros_f32(k_scale),
+        zeros_f32(v_scale),
+        zeros_f32(alibi_slopes),
+    )
+    (dq, dk, dv, dks, dvs, dsl), _ = jax.lax.scan(body, init, jnp.arange(num_tiles))
+
+    def cast(ct, x):
+        return _zero_cotangent(x) if ct is None else ct.astype(x.dtype)
+
+    return (
+        dq.astype(q.dtype),
+        cast(dk, k_pages),
+        cast(dv, v_pages),
+        _zero_cotangent(kv_lens),
+        _zero_cotangent(block_tables),
+        _zero_cotangent(q_lens),
+        None if alibi_slopes is None else cast(dsl, alibi_slopes),
+        None if k_scale is None else cast(dks, k_scale),
+        None if v_scale is None else cast(dvs, v_scale),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def differentiable(forward, logit, *arrays):
+    """`forward(*arrays)` (q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale,
+    v_scale) with the recompute-based VJP (`attention_vjp`); `logit` = (scale, soft_cap, sliding_window,
+    q_tile) of the call. Any implementation's forward can take this backward: the XLA path and the native
+    decode kernel do. Reverse mode only (`jax.grad`, `jax.vjp`); forward mode (`jax.jvp`) is not defined."""
+    return forward(*arrays)
+
+
+def _differentiable_fwd(forward, logit, *arrays):
+    return forward(*arrays), tuple(None if a is None else jnp.asarray(a) for a in arrays)
+
+
+def _differentiable_bwd(forward, logit, arrays, dout):
+    scale, soft_cap, sliding_window, q_tile = logit
+    return attention_vjp(
+        *arrays, dout, scale=scale, soft_cap=soft_cap, sliding_window=sliding_window, q_tile=q_tile
+    )
+
+
+differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Tiling of the XLA path; a field left None is chosen from the call's shapes (`resolve`).
@@ -235,11 +414,24 @@ class Config:
 def _xla(
     q, k_pages, v_pages, kv_lens, block_tables, *, q_lens, alibi_slopes, k_scale, v_scale, config, **logit
 ):
-    return paged_attention_xla(
-        q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale, v_scale,
-        q_tile=config.q_tile, block_pages=config.block_pages, num_splits=config.num_splits,
-        decode=q_lens is None, **logit,
+    forward = functools.partial(
+        paged_attention_xla, q_tile=config.q_tile, block_pages=config.block_pages,
+        num_splits=config.num_splits, decode=q_lens is None, **logit,
     )  # fmt: skip
+    grad_logit = (logit["scale"], logit["soft_cap"], logit["sliding_window"], config.q_tile)
+    return differentiable(
+        forward,
+        grad_logit,
+        q,
+        k_pages,
+        v_pages,
+        kv_lens,
+        block_tables,
+        q_lens,
+        alibi_slopes,
+        k_scale,
+        v_scale,
+    )
 
 
 IMPLEMENTATION = registry.Implementation("xla", _xla, platforms=registry.PLATFORMS, config=Config)

@@ -45,6 +45,12 @@ def make_weight(seed, *, group_size=64, sym=False, act_order=False, act_scales=F
     )
 
 
+def with_float_fields(qw, scales, act_scales):
+    """qw with its float fields replaced (traced values welcome): the leaves a gradient can reach."""
+    aux = qw.tree_flatten()[1]
+    return type(qw).tree_unflatten(aux, (qw.packed, scales, qw.zeros, qw.perm, act_scales))
+
+
 def unsupported(impl, x, qw):
     """Why `impl` does not serve this weight (None when it does)."""
     return suite.unsupported("int4_matmul", impl, x, qw)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from kernels.int4_matmul import int4_matmul, int4_matmul_cost, int4_matmul_reference
 from roofline import compare_with_xla
-from tests.kernels.int4_matmul.cases import VARIANTS, K, N, check, make_weight
-from tests.tolerances import COST_FLOPS_RTOL, normalized_error
+from tests.kernels.int4_matmul.cases import VARIANTS, K, N, check, make_weight, with_float_fields
+from tests.tolerances import COST_FLOPS_RTOL, normalized_error, tolerance
 
 FEW = settings(max_examples=max(4, settings.default.max_examples // 4))
 STRATEGIES = ["codes", "dequant", "dense"]
@@ -66,6 +66,25 @@ def test_grad_with_respect_to_x(impl, variant):
     dx = jax.grad(lambda x: jnp.sum(int4_matmul(x, qw, impl=impl) * dy))(jnp.asarray(x))
     w = np.asarray(qw.dequantize(), np.float64)
     assert normalized_error(dx, dy.astype(np.float64) @ w.T) <= 1e-5
+
+
+@pytest.mark.parametrize("impl", ["codes", "dequant"])
+@pytest.mark.parametrize("variant,k", [("g32", K), ("per_channel", 1024), ("bits3", K)])
+def test_grad_with_respect_to_scales_every_block_shape(impl, variant, k):
+    """Blocks holding several groups (g32), several blocks per group (a 1024-row group: 512-row blocks), and
+    3-bit codes, for both strategies: the scales' gradient against the one by hand."""
+    qw = make_weight(8, k=k, **VARIANTS[variant])
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    dy = rng.standard_normal((4, N)).astype(np.float32)
+    ds = jax.grad(lambda s: jnp.sum(int4_matmul(x, with_float_fields(qw, s, None), impl=impl) * dy))(
+        qw.scales
+    )
+    g, gs = qw.num_groups, qw.group_size
+    codes = np.asarray(qw.codes(), np.float64).reshape(g, gs, N)
+    z = np.asarray(qw.zero_points(), np.float64)[:, None, :]
+    ds_hand = ((x.astype(np.float64).T @ dy).reshape(g, gs, N) * (codes - z)).sum(1)
+    assert normalized_error(ds, ds_hand) <= tolerance(ds.dtype).nerr
 
 
 def test_lowers_for_every_backend():

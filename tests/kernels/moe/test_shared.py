@@ -14,6 +14,7 @@ from tests.kernels import suite
 from tests.kernels.moe.cases import (
     PATTERNS,
     QD,
+    D,
     T,
     check_ffn,
     make_routing,
@@ -136,3 +137,57 @@ def test_dtype_rule(impl):
         moe_ffn(x.astype(np.float64), w, ids, *(a.astype(np.float64) for a in ws), impl=impl)
     with pytest.raises(ValueError, match=r"w_gate.dtype=float32 must equal x.dtype=bfloat16"):
         moe_ffn(jnp.asarray(x, jnp.bfloat16), w, ids, *ws, impl=impl)
+
+
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+@for_each_impl(OP)
+def test_an_unused_expert_touches_no_output(impl, value):
+    """Inf or NaN in the weights of experts no token is routed to reaches nothing (as for unused KV slots)."""
+    w, ids = make_routing(14, 2, pattern="empty_experts")  # experts 3.. receive no token
+    x, clean = make_x(14), make_weights(14)
+    poisoned = tuple(a.copy() for a in clean)
+    for a in poisoned:
+        a[3:] = value
+    reason = suite.unsupported(OP, impl, x, w, ids, *poisoned)
+    if reason is not None:
+        pytest.skip(f"impl={impl!r} does not serve {reason}")
+    y = moe_ffn(x, w, ids, *poisoned, impl=impl)
+    assert np.isfinite(np.asarray(y)).all()
+    expected = moe_ffn_reference(x, w, ids, *clean)
+    assert normalized_error(y, expected) <= tolerance(x.dtype).nerr
+    if value == np.inf and not suite.eager(OP, impl):  # nor the gradients of x and the weights
+        gx, gw = jax.grad(lambda x, w: jnp.sum(moe_ffn(x, w, ids, *poisoned, impl=impl)), argnums=(0, 1))(
+            x, w
+        )
+        assert np.isfinite(np.asarray(gx)).all() and np.isfinite(np.asarray(gw)).all()
+
+
+@pytest.mark.parametrize("cf", [None, 1.0])
+@for_each_impl(OP)
+def test_no_tokens_give_the_empty_result(impl, cf):
+    """T = 0 (an empty batch in a serving loop) returns [0, d], eagerly and under jit."""
+    ws = make_weights(0)
+    x, w, ids = np.zeros((0, D), np.float32), np.zeros((0, 2), np.float32), np.zeros((0, 2), np.int32)
+    y = moe_ffn(x, w, ids, *ws, capacity_factor=cf, impl=impl)
+    assert y.shape == (0, D) and y.dtype == x.dtype
+    if not suite.eager(OP, impl):
+        y = jax.jit(lambda x, w, ids: moe_ffn(x, w, ids, *ws, capacity_factor=cf, impl=impl))(x, w, ids)
+        assert y.shape == (0, D)
+
+
+@for_each_impl(OP)
+def test_vmap_over_batches_of_tokens(impl):
+    """`jax.vmap` over a leading batch of (x, weights, expert_ids) with shared experts (gradients under vmap:
+    tests/kernels/moe/test_xla.py)."""
+    if suite.eager(OP, impl):
+        pytest.skip("the reference runs eagerly: it cannot be vmapped")
+    w, ids = make_routing(15, 2, t=2 * T)
+    x, ws = make_x(15, t=2 * T), make_weights(15)
+    xb, wb, ib = x.reshape(2, T, D), w.reshape(2, T, 2), ids.reshape(2, T, 2)
+
+    def layer(x, w, ids, wg):
+        return moe_ffn(x, w, ids, wg, *ws[1:], impl=impl)
+
+    y = jax.vmap(layer, in_axes=(0, 0, 0, None))(xb, wb, ib, ws[0])
+    for b in range(2):
+        assert normalized_error(y[b], moe_ffn_reference(xb[b], wb[b], ib[b], *ws)) <= tolerance(x.dtype).nerr

@@ -72,6 +72,8 @@ def test_write_kv_per_tensor_clips_instead_of_overflowing():
         ({"k_pages": np.zeros((P, S, K * D), np.float32)}, r"k_pages must be \[P, S, K, D\]"),
         ({"slot_mapping": np.array([0, P * S], np.int32)}, r"slot_mapping\[1\]=32"),
         ({"slot_mapping": np.array([0, -2], np.int32)}, r"slot_mapping\[1\]=-2"),
+        ({"slot_mapping": np.array([0.0, 1.7], np.float32)}, "slot_mapping.dtype=float32 must be an integer"),
+        ({"slot_mapping": [0, 1.7]}, "slot_mapping.dtype=float64 must be an integer"),
         (
             {"k_pages": np.zeros((P, S, K, D), np.int8), "v_pages": np.zeros((P, S, K, D), np.int8)},
             "needs k_scale",

@@ -25,7 +25,7 @@ from tests.kernels.paged_attention.cases import (
     skip_unsupported,
 )
 from tests.kernels.suite import for_each_impl, property_for_each_impl
-from tests.tolerances import assert_close
+from tests.tolerances import DIRECTIONAL_GRAD_RTOL, assert_close
 
 OP = "paged_attention"
 SEED = st.integers(0, 2**31)
@@ -156,6 +156,47 @@ def test_shared_prefix_pages(impl, seed, prefix, tails):
     check(impl, q, kp, vp, lens, bt)
 
 
+@pytest.mark.parametrize("b,q_lens", [(0, None), (0, []), (2, [0, 0])], ids=["decode_B0", "prefill_B0", "T0"])
+@for_each_impl(OP)
+def test_empty_batch_gives_the_empty_result(impl, b, q_lens):
+    """B = 0 or T = 0 (normal in a serving loop) returns [T, H, D] zeros, eagerly and under jit."""
+    _, kp, vp, _, _ = make_cache(0, lens=[0])
+    q = np.zeros((0, 4, 64), np.float32)
+    lens, bt = np.full(b, 5, np.int32), np.zeros((b, 4), np.int32)
+    q_lens = None if q_lens is None else np.asarray(q_lens, np.int32)
+    for jit in (False, True):
+        out = run(impl, q, kp, vp, lens, bt, q_lens=q_lens, jit=jit)
+        assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def window_edge_lens(q_len, window, block_k, capacity):
+    """kv_lens whose first query tile puts the window's oldest key on the last key of a block of block_k
+    keys, (p_first − W + 1) % block_k == block_k − 1 with p_first = kv_len − q_len (for decode:
+    (kv_len − W) % block_k == block_k − 1), and one key either side of it."""
+    lens = []
+    for j in (1, 2):
+        edge = q_len + window - 2 + j * block_k
+        lens += [n for n in (edge - 1, edge, edge + 1) if q_len <= n <= capacity]
+    return lens
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+# Blocks of 16 and 32 keys (pages of 8), windows shorter and longer than a block.
+@pytest.mark.parametrize("window,block_pages", [(11, 2), (11, 4), (21, 2)])
+@for_each_impl(OP)
+def test_sliding_window_oldest_key_on_a_block_edge(impl, window, block_pages, decode):
+    """A kernel that skips blocks outside the window must keep the block holding the window's oldest key when
+    that key is the block's last one (a lower bound one key late loses it)."""
+    s, max_pages, q_len = 8, 12, 1 if decode else 3
+    block_k = block_pages * s
+    lens = window_edge_lens(q_len, window, block_k, max_pages * s)
+    q_lens = None if decode else np.full(len(lens), q_len, np.int32)
+    q, kp, vp, lens, bt = make_cache(
+        window * block_pages, lens=lens, q_lens=q_lens, h=2, k=1, d=16, s=s, max_pages=max_pages, num_pages=64
+    )
+    check(impl, q, kp, vp, lens, bt, q_lens=q_lens, sliding_window=window, block_pages=block_pages)
+
+
 @pytest.mark.parametrize(
     "change,match",
     [
@@ -167,6 +208,11 @@ def test_shared_prefix_pages(impl, seed, prefix, tails):
         (lambda a: a.update(k_pages=a["k_pages"].astype(np.int8)), "needs k_scale"),
         (lambda a: a.update(kv_lens=np.array([5, 65, 1], np.int32)), r"kv_lens\[1\]=65 exceeds"),
         (lambda a: a.update(kv_lens=np.array([5, -1, 1], np.int32)), "kv_lens must be >= 0"),
+        (lambda a: a.update(kv_lens=a["kv_lens"][:2]), r"kv_lens.shape=\(2,\) must be \(B=3,\)"),
+        (
+            lambda a: a.update(block_tables=a["block_tables"][:2]),
+            r"block_tables.shape=\(2, 4\) must be \[B=3",
+        ),
         (lambda a: a["block_tables"].__setitem__((2, 0), 99), r"block_tables\[2, 0\]=99 is not a page id"),
         (lambda a: a["block_tables"].__setitem__((0, 0), -1), r"block_tables\[0, 0\]=-1"),
         (lambda a: a.update(q_lens=np.array([1, 1, 2], np.int32)), r"q_lens\[2\]=2 exceeds kv_lens\[2\]=1"),
@@ -223,3 +269,55 @@ def test_non_finite_inputs_reach_exactly_the_outputs_they_feed(impl, where, valu
     finite = np.isfinite(expected)
     np.testing.assert_array_equal(np.isfinite(out), finite)
     assert_close(out[finite], expected[finite], np.float32)
+
+
+GRAD_CASES = {
+    # name: (lens, q_lens, options)
+    "decode": ([20, 5, 0], None, {}),
+    "decode_window_alibi_cap": ([37, 3, 16], None, {**FEATURES["all"], "sliding_window": 5}),
+    "prefill_all_features": ([20, 9, 0], [6, 2, 0], FEATURES["all"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+@for_each_impl(OP)
+def test_grad_matches_finite_differences_of_the_reference(impl, case):
+    """jax.grad with respect to q, k_pages, v_pages (and the ALiBi slopes): directional derivatives against
+    central differences of the float64 reference; unused slots get exactly zero gradient, even when they
+    hold NaN."""
+    if suite.eager(OP, impl):
+        pytest.skip("the reference runs eagerly: it cannot be differentiated")
+    lens, q_lens, options = GRAD_CASES[case]
+    q_lens = None if q_lens is None else np.asarray(q_lens, np.int32)
+    q, kp, vp, lens, bt = make_cache(3, lens=lens, q_lens=q_lens, d=16, s=8, num_pages=12, max_pages=5,
+                                     poison=True)  # fmt: skip
+    skip_unsupported(impl, q, kp, vp, q_lens)
+    rng = np.random.default_rng(4)
+    cot = rng.standard_normal(q.shape).astype(np.float32)
+    slopes = options.get("alibi_slopes")
+    rest = {k: v for k, v in options.items() if k != "alibi_slopes"}
+
+    def loss(q, kp, vp, slopes):
+        out = paged_attention(q, kp, vp, lens, bt, q_lens=q_lens, alibi_slopes=slopes, impl=impl, **rest)
+        return jnp.sum(out * cot)
+
+    argnums = (0, 1, 2) if slopes is None else (0, 1, 2, 3)
+    grads = jax.grad(loss, argnums=argnums)(q, kp, vp, slopes)
+    clean = [np.where(np.isfinite(a), a, 0.0) for a in (q, kp, vp)]
+    used = np.isfinite(kp)  # make_cache poisons exactly the slots no sequence covers
+    for g in grads:
+        assert np.isfinite(np.asarray(g)).all()
+    assert not np.asarray(grads[1])[~used].any() and not np.asarray(grads[2])[~used].any()
+
+    def ref_loss(q, kp, vp, slopes):
+        out = paged_attention_reference(q, kp, vp, lens, bt, q_lens=q_lens, alibi_slopes=slopes, **rest)
+        return float(np.sum(out * cot))
+
+    args = [a.astype(np.float64) for a in clean] + [None if slopes is None else slopes.astype(np.float64)]
+    eps = 1e-6
+    for i, g in zip(argnums, grads, strict=True):
+        v = rng.standard_normal(args[i].shape)
+        plus, minus = list(args), list(args)
+        plus[i], minus[i] = args[i] + eps * v, args[i] - eps * v
+        fd = (ref_loss(*plus) - ref_loss(*minus)) / (2 * eps)
+        assert float(np.sum(np.asarray(g, np.float64) * v)) == pytest.approx(fd, rel=DIRECTIONAL_GRAD_RTOL), i

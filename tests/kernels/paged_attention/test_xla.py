@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import paged_attention, paged_attention_cost
+from kernels import paged_attention, paged_attention_cost, paged_attention_reference
 from kernels.paged_attention.xla import Config
 from roofline import compare_with_xla
-from tests.kernels.paged_attention.cases import check, make_cache
-from tests.tolerances import COST_FLOPS_RTOL
+from tests.kernels.paged_attention.cases import FP8, check, make_cache, quantize_pages
+from tests.tolerances import COST_FLOPS_RTOL, DIRECTIONAL_GRAD_RTOL
 
 
 @pytest.mark.parametrize("q_tile,block_pages,num_splits", [(1, 1, 1), (3, 2, 2), (16, 4, 1), (5, 1, 4)])
@@ -29,6 +29,36 @@ def test_tunables_do_not_change_the_result(q_tile, block_pages, num_splits):
         block_pages=block_pages,
         num_splits=num_splits,
     )
+
+
+@pytest.mark.parametrize("dtype,mode", [(np.dtype(np.int8), "token"), (FP8, "tensor")])
+def test_grad_through_quantized_pages(dtype, mode):
+    """With int8 / fp8 pages the gradient reaches q and the scales (against central differences of the
+    float64 reference); int8 pages are integers and get none."""
+    lens, q_lens = [21, 9], np.array([4, 1], np.int32)
+    q, kp, vp, lens, bt = make_cache(5, lens=lens, q_lens=q_lens, d=16, s=8, num_pages=8, max_pages=4)
+    qk, qv, ks, vs = (np.asarray(a) for a in quantize_pages(kp, vp, mode, dtype, 5))
+    ks, vs = np.asarray(ks, np.float32), np.asarray(vs, np.float32)
+    cot = np.random.default_rng(6).standard_normal(q.shape).astype(np.float32)
+
+    def loss(q, ks, vs):
+        return jnp.sum(cot * paged_attention(q, qk, qv, lens, bt, q_lens=q_lens, k_scale=ks, v_scale=vs))
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, ks, vs)
+
+    def ref_loss(q, ks, vs):
+        out = paged_attention_reference(q, qk, qv, lens, bt, q_lens=q_lens, k_scale=ks, v_scale=vs)
+        return float(np.sum(out * cot))
+
+    args = [q.astype(np.float64), np.float64(ks) if ks.ndim == 0 else ks.astype(np.float64),
+            np.float64(vs) if vs.ndim == 0 else vs.astype(np.float64)]  # fmt: skip
+    rng = np.random.default_rng(7)
+    for i, g in enumerate(grads):
+        v = rng.standard_normal(np.shape(args[i]))
+        plus, minus = list(args), list(args)
+        plus[i], minus[i] = args[i] + 1e-6 * v, args[i] - 1e-6 * v
+        fd = (ref_loss(*plus) - ref_loss(*minus)) / 2e-6
+        assert float(np.sum(np.asarray(g, np.float64) * v)) == pytest.approx(fd, rel=DIRECTIONAL_GRAD_RTOL), i
 
 
 def test_lowers_for_every_backend():
