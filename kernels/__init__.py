@@ -5,6 +5,9 @@ where it pays, faster paths for one backend (`cpu_native`, `pallas`); `available
 run here and `kernels.registry` says how `impl=` is chosen.
 """
 
+from importlib import metadata as _metadata
+
+from kernels.cpu import loader as _cpu_loader
 from kernels.int4_matmul import (
     int4_matmul,
     int4_matmul_cost,
@@ -44,6 +47,16 @@ from kernels.paged_attention import (
     write_kv,
 )
 from kernels.registry import available_impls
+
+try:
+    __version__ = _metadata.version("tokenlab")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
+
+# The one import-time side effect, on purpose: register the native CPU kernels' FFI handlers (when the library
+# is built) so that a deserialized jax.export calling them runs after `import kernels` (docs/export.md). It is
+# quiet without a library and never raises.
+_cpu_loader.load_if_built()
 
 __all__ = [
     "DispatchPlan",

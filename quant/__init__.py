@@ -9,6 +9,7 @@ Layering: imports nothing of ours; never `kernels`. The packed format and RTN ar
 """
 
 import importlib
+from importlib import metadata as _metadata
 from typing import Any
 
 from quant.format import (
@@ -37,6 +38,11 @@ from quant.rtn import (
     validate_quantize_inputs,
     validate_scale_dtype,
 )
+
+try:
+    __version__ = _metadata.version("tokenlab")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
 
 # Public names of the heavier modules, imported on first access (PEP 562).
 _LAZY = {

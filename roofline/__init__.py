@@ -1,5 +1,7 @@
 """What a kernel costs and what that means per token: chips, counters, timing, model shapes, token cost."""
 
+from importlib import metadata as _metadata
+
 from roofline.counters import (
     Cost,
     CostComparison,
@@ -32,6 +34,11 @@ from roofline.tokens import (
     usd_per_mtok,
     weight_bytes,
 )
+
+try:
+    __version__ = _metadata.version("tokenlab")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "CHIPS",

@@ -5,7 +5,8 @@
     moe_ffn.cc           the MoE grouped SwiGLU expert FFN over rows sorted by expert, weights read in place
     *_{avx512,avx2,neon}.cc   each kernel's vector path for one instruction set (moe_ffn: no NEON path yet)
     isa.h, isa.cc        run-time choice of the instruction set, and its C interface
-    loader.py            finds the built library, registers the handlers, applies TOKENLAB_CPU_ISA
+    loader.py            finds the built library, registers the handlers (at `import kernels`), applies
+                         TOKENLAB_CPU_ISA
 
 Instruction sets, chosen at run time: `isa()` names the path in use: "avx512" (AVX512F + AVX512BW), "avx2"
 (AVX2 + FMA + F16C), "neon" (aarch64) or "scalar" (portable C++). The library is compiled once for the

@@ -3,7 +3,9 @@
 The library (`_tokenlab_cpu*.so` beside this file) is built by the package build (setup.py) with the system's
 C++ compiler. It is optional: when it is missing (no compiler at install time, or an unsupported platform),
 `available()` is False, the kernels' `impl="auto"` uses the portable XLA path, and one warning says why.
-Set TOKENLAB_CPU_NATIVE=0 to ignore a built library (the XLA path everywhere).
+Set TOKENLAB_CPU_NATIVE=0 to ignore a built library (the XLA path everywhere). `import kernels` registers the
+handlers of a built library (`load_if_built`), so that a deserialized `jax.export` calling them runs in any
+process that imports the lab.
 
 Instruction sets: one build carries a scalar path and the vector paths of its architecture (AVX2 and AVX-512
 on x86-64, NEON on aarch64) and uses the best one the CPU reports. TOKENLAB_CPU_ISA=<name> (one of `ISAS`)
@@ -106,7 +108,7 @@ def load() -> str | None:
         lib = _open(str(path))
         for target, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-    except (OSError, AttributeError) as e:
+    except Exception as e:  # OSError (dlopen), AttributeError (a missing symbol), or JAX refusing the handler
         reason = (
             f"the CPU-native kernel library {path} could not be loaded ({e}); using the portable XLA path"
         )
@@ -114,6 +116,21 @@ def load() -> str | None:
         return reason
     _select_isa(lib)
     return None
+
+
+def load_if_built() -> None:
+    """`load()` when a library was built, at `import kernels`: the handlers are then registered in every
+    process that imports the lab, so a deserialized `jax.export` whose CPU code calls them runs after a bare
+    `import kernels` (docs/export.md). Quiet when there is no library (the kernels say so when asked for
+    `cpu_native`); a library that is there but cannot be used gives `load()`'s one warning. Never raises."""
+    if os.environ.get("TOKENLAB_CPU_NATIVE", "1") == "0" or library_path() is None:
+        return
+    try:
+        load()
+    except Exception as e:  # load() reports what it foresees; nothing else may break the import either
+        warnings.warn(
+            f"tokenlab: the CPU-native kernels are not registered ({e!r})", RuntimeWarning, stacklevel=3
+        )
 
 
 def available() -> bool:
