@@ -47,7 +47,9 @@ def test_jax_is_a_range_and_ci_pins_it():
     extras = _pyproject()["project"]["optional-dependencies"]
     assert {"cuda12", "cuda13", "tpu"} <= set(extras)
     pins = (ROOT / "constraints.txt").read_text().split()
-    assert "jax==0.10.2" in pins and "jaxlib==0.10.2" in pins
+    assert "jax==0.12.1" in pins and "jaxlib==0.12.1" in pins  # the newest of the range
+    # and `make test-floor` runs the shared suites on the floor of the range
+    assert "FLOOR_JAX := 0.10.2" in (ROOT / "Makefile").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------

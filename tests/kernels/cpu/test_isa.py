@@ -4,8 +4,6 @@ otherwise), except the checks of what happens without it."""
 
 import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -255,27 +253,3 @@ def test_handler_rejects_a_path_this_cpu_does_not_run():
         fn(x).block_until_ready()
 
 
-@needs_lib
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 vector registers only")
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="no objdump to disassemble the library")
-def test_vector_instructions_only_in_the_vector_paths():
-    """One build runs on any x86-64 CPU: ymm/zmm registers appear only in the avx2/avx512 functions, which run
-    after the CPU check; the handlers and the scalar path use the baseline instruction set."""
-    asm = subprocess.run(
-        ["objdump", "-d", "--no-show-raw-insn", "-C", str(cpu.library_path())],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout
-    offenders, fn, vector_fns = set(), "", set()
-    for line in asm.splitlines():
-        if line.endswith(">:"):
-            fn = line.split("<", 1)[1][:-2]
-        elif "%ymm" in line or "%zmm" in line:
-            vector_fns.add(fn)
-            allowed = "::avx512::" in fn or ("::avx2::" in fn and "%zmm" not in line)
-            if not allowed:
-                offenders.add(fn)
-    assert any("::avx2::" in f for f in vector_fns) and any("::avx512::" in f for f in vector_fns)
-    assert not offenders, f"vector instructions outside their paths: {sorted(offenders)[:5]}"
