@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from kernels import case_table
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:
@@ -106,18 +108,12 @@ CASES: tuple[Case, ...] = (
 
 def cases(tag: str) -> tuple[Case, ...]:
     """The cases carrying `tag`, in `CASES` order."""
-    found = tuple(c for c in CASES if tag in c.tags)
-    if not found:
-        raise ValueError(f"no INT4 matmul case has tag={tag!r}")
-    return found
+    return case_table.with_tag(CASES, tag, "INT4 matmul")
 
 
 def get(name: str) -> Case:
     """The case called `name`."""
-    for c in CASES:
-        if c.name == name:
-            return c
-    raise ValueError(f"no INT4 matmul case is named {name!r}; known: {[c.name for c in CASES]}")
+    return case_table.named(CASES, name, "INT4 matmul")
 
 
 def make_args(case: Case, seed: int = 0) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from kernels import case_table
+
 ROUTINGS = ("router", "random", "one_expert", "empty_experts")
 
 
@@ -102,18 +104,12 @@ CASES: tuple[Case, ...] = (
 
 def cases(tag: str) -> tuple[Case, ...]:
     """The cases carrying `tag`, in `CASES` order."""
-    found = tuple(c for c in CASES if tag in c.tags)
-    if not found:
-        raise ValueError(f"no MoE case has tag={tag!r}")
-    return found
+    return case_table.with_tag(CASES, tag, "MoE")
 
 
 def get(name: str) -> Case:
     """The case called `name`."""
-    for c in CASES:
-        if c.name == name:
-            return c
-    raise ValueError(f"no MoE case is named {name!r}; known: {[c.name for c in CASES]}")
+    return case_table.named(CASES, name, "MoE")
 
 
 def _routing(case: Case, key: Any) -> tuple[Any, Any]:
