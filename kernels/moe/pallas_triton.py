@@ -137,15 +137,15 @@ def pallas_unsupported(
     """
     del capacity
     if np.dtype(x.dtype).name not in FLOAT_DTYPES:
-        return f"x.dtype={x.dtype} is not one of {FLOAT_DTYPES}"
+        return f"x.dtype={x.dtype} (it takes {FLOAT_DTYPES})"
     _, d, f = _dims(w_gate)
     for name, size in (("d", d), ("f", f)):
         if size % MIN_BLOCK:
-            return f"{name}={size} is not a multiple of {MIN_BLOCK} (Triton tiles need >= 16 per dimension)"
+            return f"{name}={size} (must be a multiple of {MIN_BLOCK}: Triton tiles need >= 16 per dimension)"
     quantized = [isinstance(w, Int4Weight) for w in (w_gate, w_up, w_down)]
     if not any(quantized):
         if np.dtype(w_gate.dtype).name not in FLOAT_DTYPES:
-            return f"w_gate.dtype={w_gate.dtype} is not one of {FLOAT_DTYPES}"
+            return f"w_gate.dtype={w_gate.dtype} (it takes {FLOAT_DTYPES})"
         return None
     if not all(quantized):
         return "mixed float and Int4Weight experts"
@@ -155,7 +155,7 @@ def pallas_unsupported(
         )
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
         if w.perm is not None:
-            return f"{name} is act-ordered (perm): each expert would gather its own activation columns"
+            return f"act-ordered {name} (perm): each expert would gather its own activation columns"
         if w.bits not in INT4_BITS:
             return f"{name}.bits={w.bits}: the INT4 tile helper reads the 4-bit container (bits {INT4_BITS})"
         if _quantized_block_k(w, 1 << 30) < 2 * MIN_BLOCK:
