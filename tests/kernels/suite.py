@@ -29,7 +29,7 @@ def for_each_impl(op: str):
 
 
 def examples_for(impl: str, n: int) -> int:
-    """`n` examples under the `ci` profile (25 by default), scaled with the profile's max_examples."""
+    """`n` examples at 25 max_examples, scaled with the profile's (the `ci` profile's 20 gives 0.8 n)."""
     scale = settings.default.max_examples / 25
     n = max(1, round(n * scale))
     if impl in SLOW_IMPL_EXAMPLES:

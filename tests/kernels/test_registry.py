@@ -229,7 +229,7 @@ def test_a_config_of_the_wrong_backend_is_a_type_error():
     assert normalized_error(out, int4_matmul_reference(np.asarray(x), qw)) < 1e-5
 
 
-def _shared_suite(module):
+def _shared_suite(module, *options):
     """The int4_matmul shared suite run against the backends `module` registers (only those)."""
     name = module.rsplit(".", 1)[-1]
     suite = "tests/kernels/int4_matmul/test_shared.py"
@@ -245,6 +245,7 @@ def _shared_suite(module):
         module,
         "-k",
         name,
+        *options,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
@@ -253,6 +254,6 @@ def test_the_shared_suite_runs_a_registered_backend_and_rejects_a_wrong_one():
     good = _shared_suite("tests.kernels.byo.xla_copy")
     assert good.returncode == 0, good.stdout[-3000:]
     assert " passed" in good.stdout
-    bad = _shared_suite("tests.kernels.byo.wrong")
+    bad = _shared_suite("tests.kernels.byo.wrong", "-x")  # the first failure is the answer
     assert bad.returncode == 1, bad.stdout[-3000:]
     assert "failed" in bad.stdout
