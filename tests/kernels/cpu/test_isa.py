@@ -251,5 +251,3 @@ def test_handler_rejects_a_path_this_cpu_does_not_run():
     )
     with pytest.raises(Exception, match=r"tokenlab_int4_matmul: isa=99 is not an instruction-set path"):
         fn(x).block_until_ready()
-
-
