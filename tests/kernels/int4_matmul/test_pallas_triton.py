@@ -272,7 +272,7 @@ def test_bad_arrays():
 
 
 @pytest.mark.skipif(
-    "pallas" not in available_impls("int4_matmul"), reason="impl='pallas' is not wired into int4_matmul here"
+    "pallas_triton" not in available_impls("int4_matmul"), reason="the Pallas Triton kernel does not run here"
 )
 def test_public_entry_runs_the_kernel():
     qw = make_weight(40, **VARIANTS["act_order_and_scales"])
