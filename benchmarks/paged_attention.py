@@ -124,8 +124,8 @@ def torch_sdpa_peer(q, kp, vp, bt):
 
 
 class PagedDecodeNativeVsXla:
-    """The CPU-native decode kernel (impl="cpu_native") against the portable XLA path and, when installed,
-    PyTorch's scaled_dot_product_attention over a contiguous cache; ratios measured back to back."""
+    """The CPU-native decode kernel (impl="cpu_native") against the portable XLA path; ratios measured back to
+    back (PyTorch's scaled_dot_product_attention: PagedDecodeNativeVsTorch)."""
 
     params = [c.name for c in arg_specs.cases("native")]
     param_names = ["case"]

@@ -54,11 +54,20 @@ def _join(names: list[str]) -> str:
 
 
 class PerPlatformKernel:
-    """The callable `per_platform_kernel` returns: `kernel(*args, **params)` binds the primitive.
+    """A primitive with one lowering per platform (see the module docstring), as a callable:
+    `kernel(*args, **params)` binds the primitive. args: arrays or pytrees of arrays (None leaves allowed);
+    params: static keyword parameters passed to the lowerings. Returns the lowerings' output pytree.
+    `primitive` is the JAX primitive, `platforms` the platforms with a lowering.
 
-    args: arrays or pytrees of arrays (None leaves allowed); params: static keyword parameters passed to the
-    lowerings. Returns the lowerings' output pytree. `primitive` is the JAX primitive, `platforms` the
-    platforms with a lowering.
+    name       the primitive's name (unique in the process: its rules are registered with JAX at definition).
+    lowerings  platform -> fn(*args, **params) -> array or pytree of arrays, for platforms in PLATFORMS.
+    kernel     what the error calls the kernel, e.g. "the Pallas Triton paged attention kernel".
+    runs_on    how the error names the platforms it runs on (default: the lowerings' platforms), e.g.
+               "cpu (interpreted), cuda and rocm".
+    advice     appended to the error, e.g. "use impl='auto' or 'xla'" (None: nothing).
+    out_shape  out_shape(*args, **params) -> pytree of jax.ShapeDtypeStruct, args as ShapeDtypeStructs
+               (default: jax.eval_shape of the first lowering).
+    map_sequentially  platforms whose lowering does not batch under jax.vmap: each vmap level runs a lax.map.
     """
 
     def __init__(
@@ -185,34 +194,5 @@ def _map_over(fn: Callable[..., list], in_axes: tuple) -> Callable[..., list]:
     return mapped
 
 
-def per_platform_kernel(
-    name: str,
-    lowerings: Mapping[str, Callable[..., Any]],
-    *,
-    kernel: str,
-    runs_on: str | None = None,
-    advice: str | None = "use impl='auto' or 'xla'",
-    out_shape: Callable[..., Any] | None = None,
-    map_sequentially: Collection[str] = (),
-) -> PerPlatformKernel:
-    """A primitive with one lowering per platform (see the module docstring); returns the callable.
-
-    name       the primitive's name (unique in the process: its rules are registered with JAX at definition).
-    lowerings  platform -> fn(*args, **params) -> array or pytree of arrays, for platforms in PLATFORMS.
-    kernel     what the error calls the kernel, e.g. "the Pallas Triton paged attention kernel".
-    runs_on    how the error names the platforms it runs on (default: the lowerings' platforms), e.g.
-               "cpu (interpreted), cuda and rocm".
-    advice     appended to the error, e.g. "use impl='auto' or 'xla'" (None: nothing).
-    out_shape  out_shape(*args, **params) -> pytree of jax.ShapeDtypeStruct, args as ShapeDtypeStructs
-               (default: jax.eval_shape of the first lowering).
-    map_sequentially  platforms whose lowering does not batch under jax.vmap: each vmap level runs a lax.map.
-    """
-    return PerPlatformKernel(
-        name,
-        lowerings,
-        kernel=kernel,
-        runs_on=runs_on,
-        advice=advice,
-        out_shape=out_shape,
-        map_sequentially=map_sequentially,
-    )
+# The public name: `per_platform_kernel(name, lowerings, *, kernel, ...)` builds one.
+per_platform_kernel = PerPlatformKernel

@@ -190,9 +190,8 @@ def register(op: str, impl: Implementation, *, replace: bool = False) -> Impleme
 
 def unregister(op: str, name: str) -> None:
     """Remove a registered implementation (the built-in ones stay)."""
-    _, builtin = _BUILTIN[op] if op in _BUILTIN else (None, ())
-    table = _table(op)
-    if name in builtin:
+    table = _table(op)  # checks op
+    if name in _BUILTIN[op][1]:
         raise ValueError(f"{name!r} is a built-in implementation of {op} and cannot be removed")
     if name not in table:
         raise ValueError(f"{op} has no registered implementation named {name!r}")

@@ -23,16 +23,14 @@ from typing import Any
 import jax
 from jax import export as jax_export
 
+from kernels.cpu.loader import TARGETS as NATIVE_TARGETS
+
 # The device each platform is lowered for when none is attached: the abstract device's `device_kind`.
 DEVICE_KINDS = {"cuda": "NVIDIA H100", "rocm": "AMD Instinct MI300X", "tpu": "TPU v6 lite"}
-# The custom calls of the lab's kernels: Pallas Triton (cuda/rocm), Mosaic (tpu) and the native CPU library.
-KERNEL_CALLS = (
-    "__gpu$xla.gpu.triton",
-    "tpu_custom_call",
-    "tokenlab_paged_decode",
-    "tokenlab_int4_matmul",
-    "tokenlab_moe_ffn",
-)
+# The custom call that holds a Pallas Triton kernel (cuda/rocm).
+TRITON_CALL = "__gpu$xla.gpu.triton"
+# The custom calls of the lab's kernels: Pallas Triton, Mosaic (tpu) and the native CPU library's FFI targets.
+KERNEL_CALLS = (TRITON_CALL, "tpu_custom_call", *NATIVE_TARGETS)
 
 
 def _needs_abstract_device() -> bool:

@@ -23,6 +23,7 @@ from kernels import (
 )
 from kernels.cpu import loader
 from kernels.registry import OPS, auto_impl, valid_impls
+from kernels.targets import TRITON_CALL
 from tests.kernels.int4_matmul.cases import K, make_weight
 from tests.kernels.paged_attention.cases import make_cache
 from tests.tolerances import assert_close, normalized_error
@@ -59,9 +60,6 @@ def test_auto_picks_native_on_cpu_and_xla_forces_portable():
     assert "tokenlab_paged_decode" in _lowered_text(lambda *a: paged_attention(*a), q, kp, vp, lens, bt)
     xla_text = _lowered_text(lambda *a: paged_attention(*a, impl="xla"), q, kp, vp, lens, bt)
     assert "tokenlab_paged_decode" not in xla_text
-
-
-TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call that holds a Pallas Triton kernel
 
 
 def test_auto_exports_for_other_backends():

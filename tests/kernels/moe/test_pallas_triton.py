@@ -18,6 +18,7 @@ from kernels.moe.pallas_triton import (
     pallas_unsupported,
     tile_schedule,
 )
+from kernels.targets import TRITON_CALL
 from quant.format import Int4Weight
 from tests.tolerances import normalized_error, tolerance
 
@@ -248,9 +249,6 @@ def test_quantized_experts_gradient_reaches_x():
 
 # ---------------------------------------------------------------------------------------------------------
 # Lowering, support, bad input.
-
-
-TRITON_CALL = "__gpu$xla.gpu.triton"  # the custom call target of a Pallas Triton kernel
 
 
 def _sds(shape, dtype):

@@ -19,6 +19,7 @@ import pytest
 
 from kernels import paged_attention_reference, targets
 from kernels.paged_attention.pallas_triton import default_tunables, paged_attention_pallas, pallas_unsupported
+from kernels.targets import TRITON_CALL
 from tests.tolerances import assert_close, normalized_error, tolerance
 
 F8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -26,7 +27,6 @@ KV_LENS = (13, 0, 8, 41)  # sequence 1 is empty
 Q_LENS = (1, 0, 3, 6)  # a decode, an empty sequence, speculative verification, a prefill chunk
 MAX_PAGES = 6
 NUM_PAGES = 16
-TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
 def make_case(
