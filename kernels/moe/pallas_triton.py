@@ -287,6 +287,12 @@ def _tile_header(sched_ref, block_m, block_n, num_col_tiles):
     return e, pl.ds(row0, block_m), rows, cols, lo, hi, zero_from
 
 
+def _steps_if(cond: jax.Array, steps: int | jax.Array) -> jax.Array:
+    """`steps` where `cond` holds, else 0, as an int32 loop bound. With Python-int branches `jnp.where`
+    lowers for Triton to a select typed i1, and an `scf.for` bound of that type does not verify."""
+    return jnp.where(cond, jnp.asarray(steps, jnp.int32), jnp.int32(0))
+
+
 def _gate_up_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k, num_col_tiles):
     """h[rows of e, cols] = silu(x · w_gate[e]) ⊙ (x · w_up[e]) for one (row tile, column tile)."""
     sched_ref, x_ref, *rest = refs
@@ -304,7 +310,7 @@ def _gate_up_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k, num_
 
     zeros = jnp.zeros((block_m, block_n), jnp.float32)
     # Tiles with no rows (past the schedule, or wholly past the routed rows) skip the loop: no weight reads.
-    g, u = lax.fori_loop(0, jnp.where(hi > lo, num_k, 0), step, (zeros, zeros))
+    g, u = lax.fori_loop(0, _steps_if(hi > lo, num_k), step, (zeros, zeros))
     h = (g / (1.0 + jnp.exp(-g)) * u).astype(dtype)
     keep = jnp.broadcast_to((rows >= lo) & (rows < hi), (block_m, block_n))
     plgpu.store(h_ref.at[xrows, cols], h, mask=keep)
@@ -322,7 +328,7 @@ def _down_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k, num_col
         k0 = pl.multiple_of(kk * block_k, block_k)
         return acc + _tile_dot(h_ref, act_ref, wd_refs, meta, e, hrows, k0, block_k, cols, dtype)
 
-    acc = lax.fori_loop(0, jnp.where(hi > lo, num_k, 0), step, jnp.zeros((block_m, block_n), jnp.float32))
+    acc = lax.fori_loop(0, _steps_if(hi > lo, num_k), step, jnp.zeros((block_m, block_n), jnp.float32))
     mine = (rows >= lo) & (rows < hi)
     y = jnp.where(mine, acc, 0.0).astype(y_ref.dtype)
     keep = jnp.broadcast_to(mine | (rows >= zero_from), (block_m, block_n))
@@ -433,7 +439,7 @@ def _gate_up_bwd_kernel(sched_ref, x_ref, dy_ref, wg_ref, wu_ref, wd_ref, h_ref,
         return g, u, dh
 
     zeros = jnp.zeros((block_m, block_n), jnp.float32)
-    g, u, dh = lax.fori_loop(0, jnp.where(hi > lo, num_k, 0), step, (zeros, zeros, zeros))
+    g, u, dh = lax.fori_loop(0, _steps_if(hi > lo, num_k), step, (zeros, zeros, zeros))
     sig = 1.0 / (1.0 + jnp.exp(-g))
     keep = jnp.broadcast_to((rows >= lo) & (rows < hi), (block_m, block_n))
     plgpu.store(h_ref.at[xrows, cols], (g * sig * u).astype(dtype), mask=keep)
@@ -456,7 +462,7 @@ def _dx_kernel(sched_ref, dg_ref, du_ref, wg_ref, wu_ref, dx_ref, *, block_m, bl
             )
         return acc
 
-    acc = lax.fori_loop(0, jnp.where(hi > lo, num_k, 0), step, jnp.zeros((block_m, block_n), jnp.float32))
+    acc = lax.fori_loop(0, _steps_if(hi > lo, num_k), step, jnp.zeros((block_m, block_n), jnp.float32))
     mine = (rows >= lo) & (rows < hi)
     keep = jnp.broadcast_to(mine | (rows >= zero_from), (block_m, block_n))
     plgpu.store(dx_ref.at[xrows, cols], jnp.where(mine, acc, 0.0).astype(dx_ref.dtype), mask=keep)
@@ -472,7 +478,7 @@ def _weight_grad_kernel(bounds_ref, a_ref, *refs, block_m, block_p, block_q):
     qcols = pl.ds(pl.multiple_of(pl.program_id(2) * block_q, block_q), block_q)
     start, end = bounds_ref[0, e], bounds_ref[1, e]
     first = start // block_m
-    steps = jnp.where(end > start, (end + block_m - 1) // block_m - first, 0)
+    steps = _steps_if(end > start, (end + block_m - 1) // block_m - first)
     precision = dot_precision(a_ref.dtype)
 
     def step(t, accs):
