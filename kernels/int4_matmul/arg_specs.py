@@ -158,6 +158,13 @@ def make_args(case: Case, seed: int = 0) -> tuple[tuple[Any, ...], dict[str, Any
     return (x, w), {}
 
 
+def arg_shapes(case: Case) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`make_args(case)` as shapes only (`jax.ShapeDtypeStruct` leaves): for compiling, no array is made."""
+    import jax
+
+    return jax.eval_shape(lambda: make_args(case)[0]), {}
+
+
 def cost(case: Case, args: tuple[Any, ...] | None = None) -> Any:
     """`int4_matmul_cost` of one call on `case` (a `kernels.cost.Cost`; `args` are not needed)."""
     from kernels.int4_matmul import int4_matmul_cost

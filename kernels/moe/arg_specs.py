@@ -188,6 +188,14 @@ def experts_touched(args: tuple[Any, ...]) -> int:
     return int(np.unique(np.asarray(args[2])).size)
 
 
+def arg_shapes(case: Case) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`make_args(case)` as shapes only (`jax.ShapeDtypeStruct` leaves): for compiling, no array is made."""
+    import jax
+
+    kwargs = {} if case.capacity_factor is None else {"capacity_factor": case.capacity_factor}
+    return jax.eval_shape(lambda: make_args(case)[0]), kwargs
+
+
 def cost(case: Case, args: tuple[Any, ...] | None = None) -> Any:
     """`moe_ffn_cost` of one call on `case` (a `kernels.cost.Cost`): the experts `args` touch, or the
     expectation under uniform routing without `args`."""

@@ -171,6 +171,21 @@ def make_args(case: Case, seed: int = 0) -> tuple[tuple[Any, ...], dict[str, Any
     return args, kwargs
 
 
+def arg_shapes(case: Case) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """`make_args(case)` as shapes only (`jax.ShapeDtypeStruct`s): for compiling, no array is made."""
+    import jax
+    import jax.numpy as jnp
+
+    def sds(shape: tuple[int, ...], dtype: Any) -> Any:
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+
+    pages = sds((case.pool_pages, case.page_size, case.num_kv_heads, case.head_dim), case.dtype)
+    q = sds((case.num_tokens, case.num_q_heads, case.head_dim), case.dtype)
+    args = (q, pages, pages, sds((case.batch,), jnp.int32), sds((case.batch, case.table_width), jnp.int32))
+    kwargs = {} if case.q_lens is None else {"q_lens": sds((case.batch,), jnp.int32)}
+    return args, kwargs
+
+
 def cost(case: Case, args: tuple[Any, ...] | None = None) -> Any:
     """`paged_attention_cost` of one call on `case` (a `kernels.cost.Cost`; `args` are not needed)."""
     from kernels.paged_attention import paged_attention_cost

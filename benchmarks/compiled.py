@@ -1,0 +1,420 @@
+"""Every lab program compiled for the GPUs and TPUs it is meant for, on a machine with neither, and what the
+compiled code says about each kernel.
+
+    python -m benchmarks.compiled [--only OP[,OP]] [--targets sm_80,sm_90a,sm_100a,v5e,v6e] [--quick]
+                                  [--json FILE]
+
+Programs (`programs`): each op's public entry at its benchmark cases (`kernels/<op>/arg_specs.py`, tag
+"accel", the shapes `benchmarks.accel` times) and at its small ones (tag "smoke"), shape-only (no array is
+made). For every implementation of `kernels.registry.implementations(op)` that lowers for the target's
+platform and is traced (the NumPy reference and the CPU library are not): a Pallas kernel in the case's
+dtype, forward and, where the op differentiates through the kernel, backward (`jax.grad` of the summed
+output with respect to the floating inputs); the XLA path at every strategy (`xla.Config(strategy=...)`),
+in the case's dtype and in float32. `--quick`: the small cases only.
+
+Targets (`kernels.compile_only.TARGETS`): sm_80 (A100), sm_90a (H100) and sm_100a (B200) through XLA:GPU's
+deviceless compilation with the CUDA plugin; v5e and v6e through libtpu's compile-only devices.
+
+Records (one per kernel op × case × impl × target; `--json` writes {"device", "records"} as
+`benchmarks.accel --out` does): kernel (the op), case, impl (with the strategy and, for a backward, " grad"),
+dtype, target, status: "ok", "unsupported: <why>" (the backend declines the call on that target; not a
+failure), "failed: <compiler message>" or "missing: <toolchain absent>". On GPU targets `kernels` lists each
+compiled kernel: name, pallas (a lab Pallas kernel, not one of XLA's fusions), registers, spill_bytes (local
+memory), shared_bytes (static + dynamic), threads, ctas_per_sm (the fewest of registers, shared memory,
+threads and the hardware's cap allow), programs (the launch grid), waves (programs / (SMs × ctas_per_sm)),
+tensor_core ("tcgen05", "wgmma", "mma" or "none", from the SASS), tma (bulk tensor copies in the SASS) and
+loop_instructions (the SASS instructions of the largest innermost loop; null without a loop). On TPU targets,
+the program's compiled figures: `vmem` (the scoped VMEM its Mosaic kernels ask for, where readable) against
+`vmem_capacity`. This is a compile, not a timing: nothing runs.
+
+The exit status is 1 if any program failed to compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+KERNELS = ("paged_attention", "int4_matmul", "moe_ffn")
+ARG_SPECS = {op: f"kernels.{'moe' if op == 'moe_ffn' else op}.arg_specs" for op in KERNELS}
+GPU_TARGETS = ("sm_80", "sm_90a")
+TPU_TARGETS = ("v5e", "v6e")
+DEFAULT_TARGETS = (*GPU_TARGETS, "sm_100a", *TPU_TARGETS)
+# Custom calls that hold a lab Pallas kernel, and where their kernel's name is.
+_PALLAS_NAME = re.compile(r'custom_call_target="__gpu\$xla\.gpu\.triton".*?\bname = \\?"([A-Za-z0-9_]+)')
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """One compiled program: `fn(*args)` for the op `kernel` at `case`, by `impl`."""
+
+    kernel: str
+    case: str
+    impl: str
+    dtype: str
+    fn: Callable[..., Any] = dataclasses.field(repr=False)
+    args: tuple[Any, ...] = dataclasses.field(repr=False)
+    check: Callable[..., str | None] | None = None  # why the backend declines the call (None: it serves it)
+
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.kernel, self.case, self.impl, self.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The programs
+def _entry(op: str) -> Callable[..., Any]:
+    import kernels
+
+    return getattr(kernels, op)
+
+
+def _with_dtype(op: str, case: Any, dtype: str) -> Any:
+    """`case` with its activations (and float weights) in `dtype`, renamed to say so."""
+    field = "x_dtype" if op == "int4_matmul" else "dtype"
+    old = getattr(case, field)
+    if old == dtype:
+        return case
+    short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+    name = case.name.replace(short.get(old, old), short.get(dtype, dtype))
+    return dataclasses.replace(case, name=name, **{field: dtype})
+
+
+def _float_argnums(args: tuple[Any, ...]) -> tuple[int, ...]:
+    import jax.numpy as jnp
+
+    return tuple(
+        i for i, a in enumerate(args) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
+    )
+
+
+def _grad_fn(entry: Callable[..., Any], argnums: tuple[int, ...], **kw: Any) -> Callable[..., Any]:
+    import jax
+    import jax.numpy as jnp
+
+    def loss(*a: Any) -> Any:
+        return entry(*a, **kw).astype(jnp.float32).sum()
+
+    return jax.grad(loss, argnums=argnums)
+
+
+def programs(op: str, platform: str, *, quick: bool = False) -> Iterator[Program]:
+    """The programs `op` is compiled as for `platform` ("cuda" or "tpu"); see the module docstring."""
+    import importlib
+
+    from kernels import registry
+
+    specs = importlib.import_module(ARG_SPECS[op])
+    entry = _entry(op)
+    cases = specs.cases("smoke") + (() if quick else specs.cases("accel"))
+    impls = [
+        impl
+        for name, impl in registry.implementations(op).items()
+        if platform in impl.platforms and impl.traceable and name != "reference"
+    ]
+    for case in cases:
+        for impl in impls:
+            if impl.name == "xla":
+                for dtype in dict.fromkeys((_dtype(op, case), "float32")):
+                    variant = _with_dtype(op, case, dtype)
+                    args, kwargs = specs.arg_shapes(variant)
+                    for strategy in registry.STRATEGIES[op] or (None,):
+                        label = "xla" if strategy is None else f"xla:{strategy}"
+                        kw = {"impl": strategy or "xla", **kwargs}
+                        yield Program(op, variant.name, label, dtype, functools.partial(entry, **kw), args)
+                continue
+            args, kwargs = specs.arg_shapes(case)
+            check = functools.partial(impl.unsupported, **kwargs)
+            kw = {"impl": impl.name, **kwargs}
+            dtype = _dtype(op, case)
+            yield Program(op, case.name, impl.name, dtype, functools.partial(entry, **kw), args, check)
+            if impl.name.startswith("pallas") and op in ("int4_matmul", "moe_ffn"):
+                grad = _grad_fn(entry, _float_argnums(args), **kw)
+                yield Program(op, case.name, f"{impl.name} grad", dtype, grad, args, check)
+
+
+def _dtype(op: str, case: Any) -> str:
+    return case.x_dtype if op == "int4_matmul" else case.dtype
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading the compiled code
+def _tool(name: str) -> str | None:
+    """A CUDA binary tool (cuobjdump, nvdisasm): the pip wheel's copy, else one on PATH."""
+    try:
+        import nvidia.cu13 as cu13  # the nvidia-cuda-cuobjdump wheel's namespace
+
+        for root in cu13.__path__:
+            path = os.path.join(root, "bin", name)
+            if os.access(path, os.X_OK):
+                return path
+    except ImportError:
+        pass
+    return shutil.which(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cubin_figures(digest: str, cubin: bytes) -> dict[str, Any]:
+    """Registers, spills, static shared memory and SASS figures of a one-kernel cubin (by cuobjdump)."""
+    tool = _tool("cuobjdump")
+    if tool is None:
+        raise FileNotFoundError("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        dump = subprocess.run(
+            [tool, "--dump-resource-usage", "--dump-sass", fh.name], capture_output=True, text=True
+        )
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", dump.stdout)
+    if m is None:
+        raise ValueError(f"cuobjdump could not read the cubin: {(dump.stderr or dump.stdout).strip()[:200]}")
+    return {
+        "registers": int(m.group(1)),
+        "spill_bytes": int(m.group(4)) + int(m.group(2)),
+        "static_shared": int(m.group(3)),
+        **sass_figures(dump.stdout),
+    }
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+
+
+def sass_figures(sass: str) -> dict[str, Any]:
+    """From `cuobjdump -sass` text: the tensor-core instructions used, whether TMA is, and the instruction
+    count of the largest innermost loop (a backward branch whose span holds no other backward branch)."""
+    lines = [(int(a, 16), op) for a, op in _SASS_LINE.findall(sass)]
+    ops = " ".join(op for _, op in lines)
+    if re.search(r"\bUTC\w*MMA", ops):
+        tensor_core = "tcgen05"
+    elif re.search(r"\bHGMMA|\bIGMMA|\bQGMMA", ops):
+        tensor_core = "wgmma"
+    elif re.search(r"\bHMMA|\bIMMA", ops):
+        tensor_core = "mma"
+    else:
+        tensor_core = "none"
+    tma = bool(re.search(r"\bUTMALDG|\bUTMASTG|\bUBLKCP", ops))
+    loops = []
+    for addr, op in lines:
+        m = re.search(r"\bBRA(?:\.\w+)* (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", op)
+        if m and int(m.group(1), 16) < addr:
+            loops.append((int(m.group(1), 16), addr))
+    inner = [
+        (s, e) for s, e in loops if not any(s < s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)
+    ]
+    size = max((sum(1 for a, _ in lines if s <= a <= e) for s, e in inner), default=None)
+    return {"tensor_core": tensor_core, "tma": tma, "loop_instructions": size}
+
+
+def gpu_report(compiled: Any, target: str) -> list[dict[str, Any]]:
+    """One dict per kernel of a program compiled for a GPU target (see the module docstring)."""
+    from kernels import compile_only
+
+    info = compile_only.gpu_info(target)
+    pallas = set(_PALLAS_NAME.findall(compiled.as_text()))
+    out = []
+    for k in compile_only.gpu_kernels(compiled):
+        fig = _cubin_figures(hashlib.sha1(k.cubin).hexdigest(), k.cubin)
+        shared = fig["static_shared"] + k.dynamic_shared
+        ctas = info.occupancy(threads=k.threads, registers=fig["registers"], shared=shared)
+        waves = k.programs / (info.sms * ctas) if ctas else None
+        out.append(
+            {
+                "name": k.name,
+                "pallas": k.name in pallas,
+                "registers": fig["registers"],
+                "spill_bytes": fig["spill_bytes"],
+                "shared_bytes": shared,
+                "threads": k.threads,
+                "ctas_per_sm": ctas,
+                "programs": k.programs,
+                "waves": None if waves is None else round(waves, 3),
+                "tensor_core": fig["tensor_core"],
+                "tma": fig["tma"],
+                "loop_instructions": fig["loop_instructions"],
+            }
+        )
+    return out
+
+
+def tpu_report(compiled: Any, target: str) -> dict[str, Any]:
+    """The figures of a program compiled for a TPU target: its memory analysis (bytes) where readable."""
+    stats = compiled.memory_analysis()
+    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
+    return {f: getattr(stats, f, None) for f in fields} if stats is not None else {}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Running
+def _short(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg[:400]}"
+
+
+def compile_program(program: Program, target: str) -> dict[str, Any]:
+    """The record of `program` compiled for `target`."""
+    from kernels import compile_only
+
+    rec: dict[str, Any] = {
+        "kernel": program.kernel,
+        "case": program.case,
+        "impl": program.impl,
+        "dtype": program.dtype,
+        "target": target,
+    }
+    import jax
+
+    reason = compile_only.missing(target)
+    if reason:
+        return {**rec, "status": f"missing: {reason}"}
+    t0 = time.perf_counter()
+    try:
+        with compile_only.on_target(target) as place:
+            args = place(program.args)
+            why = program.check(*args) if program.check else None
+            if why:
+                return {**rec, "status": f"unsupported: {why}"}
+            compiled = jax.jit(program.fn).trace(*args).lower().compile()
+    except Exception as err:  # the compiler's own message is the record
+        return {**rec, "status": f"failed: {_short(err)}", "seconds": round(time.perf_counter() - t0, 2)}
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    try:
+        if compile_only.get_target(target).platform == "cuda":
+            rec["kernels"] = gpu_report(compiled, target)
+        else:
+            rec.update(tpu_report(compiled, target))
+    except (compile_only.ToolchainMissing, FileNotFoundError) as err:
+        return {**rec, "status": f"missing: {err}"}
+    except Exception as err:
+        return {**rec, "status": f"failed: reading the compiled code: {_short(err)}"}
+    return {**rec, "status": "ok"}
+
+
+def run(
+    *,
+    only: tuple[str, ...] = KERNELS,
+    targets: tuple[str, ...] = DEFAULT_TARGETS,
+    quick: bool = False,
+    select: Callable[[Program], bool] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Compile every program of `only` for every target; {"device", "records"}."""
+    import jax
+
+    from kernels import compile_only
+
+    records = []
+    for target in targets:
+        platform = compile_only.get_target(target).platform
+        for op in only:
+            for program in programs(op, platform, quick=quick):
+                if select is not None and not select(program):
+                    continue
+                rec = compile_program(program, target)
+                records.append(rec)
+                if progress:
+                    progress(_row(rec))
+    device = {
+        "platform": "compile-only",
+        "targets": {t: compile_only.get_target(t).label for t in targets},
+        "jax": jax.__version__,
+    }
+    return {"device": device, "records": records}
+
+
+def main_kernels(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The kernels of a record a row summarizes: its Pallas kernels, else all of them."""
+    ks = rec.get("kernels") or []
+    return [k for k in ks if k["pallas"]] or ks
+
+
+HEADER = (
+    f"{'kernel':<16} {'case':<22} {'impl':<22} {'target':<7} {'#k':>3} {'regs':>4} {'spill':>5} "
+    f"{'smem KiB':>8} {'CTA/SM':>6} {'waves':>7} {'tc':<7} {'loop':>5}  status"
+)
+
+
+def _row(rec: dict[str, Any]) -> str:
+    ks = main_kernels(rec)
+    if not ks:
+        extra = f" vmem {rec['vmem'] / 2**20:.1f} MiB" if rec.get("vmem") else ""
+        return (
+            f"{rec['kernel']:<16} {rec['case']:<22} {rec['impl']:<22} {rec['target']:<7} "
+            f"{'':>3} {'':>4} {'':>5} {'':>8} {'':>6} {'':>7} {'':<7} {'':>5}  {rec['status'][:160]}{extra}"
+        )
+    worst = max(ks, key=lambda k: (k["registers"], k["shared_bytes"]))
+    loops = [k["loop_instructions"] for k in ks if k["loop_instructions"]]
+    waves = max((k["waves"] or 0) for k in ks)
+    head = f"{rec['kernel']:<16} {rec['case']:<22} {rec['impl']:<22} {rec['target']:<7}"
+    spills = sum(k["spill_bytes"] for k in ks)
+    return (
+        f"{head} {len(rec['kernels']):>3} {worst['registers']:>4} {spills:>5} "
+        f"{worst['shared_bytes'] / 1024:>8.1f} {min(k['ctas_per_sm'] for k in ks):>6} {waves:>7.2f} "
+        f"{worst['tensor_core']:<7} {max(loops) if loops else '':>5}  {rec['status'][:160]}"
+    )
+
+
+def _names(valid: tuple[str, ...], what: str) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        names = [s.strip() for s in text.split(",")]
+        if not all(names):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} has an empty item; give {what} from: {', '.join(valid)}"
+            )
+        bad = [n for n in names if n not in valid]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(bad)}; valid: {', '.join(valid)}")
+        return tuple(dict.fromkeys(names))
+
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kernels.compile_only import TARGETS
+    from roofline.cli import writable_path
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compiled",
+        description="Every lab program compiled for GPU and TPU targets, with each kernel's resources "
+        "(a compile, not a timing; see the module docstring).",
+    )
+    parser.add_argument("--only", type=_names(KERNELS, "kernels"), default=KERNELS)
+    parser.add_argument("--targets", type=_names(tuple(TARGETS), "targets"), default=DEFAULT_TARGETS)
+    parser.add_argument("--quick", action="store_true", help="the small cases only")
+    parser.add_argument("--json", type=writable_path, help="write {device, records} as JSON to this file")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    print(HEADER, flush=True)
+    result = run(
+        only=args.only, targets=args.targets, quick=args.quick, progress=lambda r: print(r, flush=True)
+    )
+    failed = [r for r in result["records"] if r["status"].startswith("failed")]
+    print(
+        f"\n{len(result['records'])} programs, {len(failed)} failed, jax {result['device']['jax']}, "
+        f"{time.perf_counter() - t0:.0f} s. A compile for each target, not a timing."
+    )
+    if args.json:
+        try:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=1)
+        except OSError as err:
+            print(f"error: could not write {args.json!r}: {err}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.json}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    # Compile-only devices need no platform: keep JAX on the CPU, quietly, with the CUDA plugin installed.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.exit(main())
