@@ -69,9 +69,20 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
+@functools.cache
 def missing(target: str) -> str | None:
-    """Why `target` cannot be compiled for on this machine, or None when it can."""
-    t = get_target(target)
+    """Why `target` cannot be compiled for on this machine, or None when it can (its compile-only device is
+    made once, here, so that a toolchain that is installed but does not start is a reason too)."""
+    reason = _missing_toolchain(get_target(target))
+    if reason is None:
+        try:
+            _device(target)
+        except Exception as err:  # the plugin's own message says why (e.g. a CUDA version check)
+            return f"the compile-only {target} device could not be made: {' '.join(str(err).split())[:300]}"
+    return reason
+
+
+def _missing_toolchain(t: Target) -> str | None:
     if t.platform == "cuda":
         if jax.__version_info__[:2] not in GPU_EXECUTABLE_LAYOUTS:
             known = ", ".join(f"{a}.{b}" for a, b in GPU_EXECUTABLE_LAYOUTS)
@@ -79,10 +90,10 @@ def missing(target: str) -> str | None:
                 f"the XLA:GPU executable layout of jax {jax.__version__} is not known here (known: {known})"
             )
         if importlib.util.find_spec(_CUDA_PLUGIN) is None:
-            return f"the CUDA plugin is not installed (pip install 'jax[cuda13]=={jax.__version__}')"
+            return "the CUDA plugin is not installed (pip install 'tokenlab[compile]')"
         return None
     if importlib.util.find_spec("libtpu") is None:
-        return "libtpu is not installed (pip install libtpu; see docs/accelerators.md)"
+        return "libtpu is not installed (pip install 'tokenlab[compile]'; see docs/accelerators.md)"
     return None
 
 
@@ -91,7 +102,7 @@ class ToolchainMissing(RuntimeError):
 
 
 def _require(target: str) -> Target:
-    reason = missing(target)
+    reason = _missing_toolchain(get_target(target))
     if reason:
         raise ToolchainMissing(f"{target}: {reason}")
     return get_target(target)
@@ -201,10 +212,15 @@ def _device(target: str) -> tuple[Any, Any]:
 def on_target(target: str) -> Iterator[Callable[[Any], Any]]:
     """Trace and lower under this context to compile for `target`; it yields `place(tree)`, which turns the
     arrays and `ShapeDtypeStruct`s of a pytree into `ShapeDtypeStruct`s on the target's device."""
-    from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+    from jax.sharding import NamedSharding, PartitionSpec
 
     device, mesh = _device(target)
-    sharding = SingleDeviceSharding(device) if mesh is None else NamedSharding(mesh, PartitionSpec())
+    if mesh is not None:
+        sharding = NamedSharding(mesh, PartitionSpec())
+    elif hasattr(jax.sharding, "make_single_device_sharding"):  # JAX >= 0.12
+        sharding = jax.sharding.make_single_device_sharding(device)
+    else:
+        sharding = jax.sharding.SingleDeviceSharding(device)
 
     def place(tree: Any) -> Any:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)

@@ -35,6 +35,13 @@ scales if any. Float experts are never materialized. block_k divides the group s
 in one group). Act-order weights (`perm`) are not taken (each expert would gather its own activation
 columns), nor are bits 2 and 8: `pallas_unsupported` says so, and `moe_ffn` keeps its XLA path for them.
 
+Addressing. Expert stacks are the kernels' big operands (DeepSeek-V3's bf16 w_gate, E256 x d7168 x f2048,
+is 7.5 GB). JAX's Triton lowering gives an operand 64-bit element offsets past 2**32 bytes and 32-bit ones
+below, exact for float stacks and their float32 weight gradients; the one-byte operands of INT4 stacks
+(packed codes, zero points) of 2**31 to 2**32 elements would wrap, so they go in as 16-bit words
+(`kernels.int4_matmul.pallas_triton.to_words`), split back into bytes after each load. The choice is static,
+by each operand's size as the pallas_call sees it (through jax.vmap).
+
 Platforms. The kernels are chosen per lowering platform, never from `jax.default_backend()`: compiled
 Triton on cuda and rocm, interpret mode on cpu (slow: for tests at small shapes), and the XLA
 `jax.lax.ragged_dot` formulation anywhere else (TPU). The choice is a small primitive (forward, and one
@@ -73,7 +80,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import registry
-from kernels.int4_matmul.pallas_triton import dot_precision, int4_tile_dot
+from kernels.int4_matmul.pallas_triton import (
+    dot_precision,
+    from_words,
+    int4_tile_dot,
+    needs_words,
+    to_words,
+    word_slice,
+)
 from kernels.int4_matmul.xla import zero_cotangent
 from kernels.lowering import per_platform_kernel
 from kernels.moe.reference import capacity_of
@@ -244,20 +258,30 @@ def _tile_dot(x_ref, act_ref, w_refs, meta, e, rows, k0, block_k, cols, dtype):
     """float32 [bm, bn]: rows `rows` of x (k columns [k0, k0 + block_k)) times expert e's weight tile.
 
     Float experts: one dot. INT4 experts: the INT4 kernel's `int4_tile_dot` on the tile's packed bytes,
-    with the activation's even and odd columns loaded by strided reads (the tile lies in one group).
+    with the activation's even and odd columns loaded by strided reads (the tile lies in one group); packed
+    bytes and zero points stored as 16-bit words (`to_words`) are split back into bytes after the load.
     """
     if meta is None:
         xv = _x_cols(x_ref, act_ref, e, rows, k0, block_k, 1, dtype)
         w = w_refs[0][e, pl.ds(k0, block_k), cols].astype(dtype)
         return jnp.dot(xv, w, preferred_element_type=jnp.float32, precision=dot_precision(dtype))
     packed_ref, scales_ref, zeros_ref = w_refs
-    bits, group_size = meta
+    bits, group_size, packed_words, zeros_words = meta
     half = block_k // 2
     g = k0 // group_size
     x_even = _x_cols(x_ref, act_ref, e, rows, k0, half, 2, dtype)
     x_odd = _x_cols(x_ref, act_ref, e, rows, k0 + 1, half, 2, dtype)
-    packed = packed_ref[e, pl.ds(pl.multiple_of(k0 // 2, half), half), cols]
-    zero = symmetric_zero(bits) if zeros_ref is None else zeros_ref[e, pl.ds(g, 1), cols]
+    krows = pl.ds(pl.multiple_of(k0 // 2, half), half)
+    if packed_words:
+        packed = from_words(packed_ref[e, krows, word_slice(cols)], jnp.uint8)
+    else:
+        packed = packed_ref[e, krows, cols]
+    if zeros_ref is None:
+        zero = symmetric_zero(bits)
+    elif zeros_words:
+        zero = from_words(zeros_ref[e, pl.ds(g, 1), word_slice(cols)], jnp.uint8)
+    else:
+        zero = zeros_ref[e, pl.ds(g, 1), cols]
     return int4_tile_dot(x_even, x_odd, packed, scales_ref[e, pl.ds(g, 1), cols], zero)
 
 
@@ -293,7 +317,7 @@ def _steps_if(cond: jax.Array, steps: int | jax.Array) -> jax.Array:
     return jnp.where(cond, jnp.asarray(steps, jnp.int32), jnp.int32(0))
 
 
-def _gate_up_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k, num_col_tiles):
+def _gate_up_kernel(*refs, metas, n_wrefs, block_m, block_n, block_k, num_k, num_col_tiles):
     """h[rows of e, cols] = silu(x · w_gate[e]) ⊙ (x · w_up[e]) for one (row tile, column tile)."""
     sched_ref, x_ref, *rest = refs
     wg_refs, wu_refs = rest[:n_wrefs], rest[n_wrefs : 2 * n_wrefs]
@@ -304,8 +328,8 @@ def _gate_up_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k, num_
     def step(kk, acc):
         g, u = acc
         k0 = pl.multiple_of(kk * block_k, block_k)
-        g = g + _tile_dot(x_ref, act_g_ref, wg_refs, meta, e, xrows, k0, block_k, cols, dtype)
-        u = u + _tile_dot(x_ref, act_u_ref, wu_refs, meta, e, xrows, k0, block_k, cols, dtype)
+        g = g + _tile_dot(x_ref, act_g_ref, wg_refs, metas[0], e, xrows, k0, block_k, cols, dtype)
+        u = u + _tile_dot(x_ref, act_u_ref, wu_refs, metas[1], e, xrows, k0, block_k, cols, dtype)
         return g, u
 
     zeros = jnp.zeros((block_m, block_n), jnp.float32)
@@ -339,12 +363,23 @@ def _down_kernel(*refs, meta, n_wrefs, block_m, block_n, block_k, num_k, num_col
 # pallas_call wrappers
 
 
-def _weight_operands(w):
+def _weight_operands(w, words=None):
     """(static meta, the refs' arrays, act_scales or None): meta is None for a float stack and
-    (bits, group_size) for a stack of Int4Weight (whose zeros are None when symmetric)."""
-    if isinstance(w, Int4Weight):
-        return (w.bits, w.group_size), (w.packed, w.scales, w.zeros), w.act_scales
-    return None, (w,), None
+    (bits, group_size, packed_words, zeros_words) for a stack of Int4Weight (whose zeros are None when
+    symmetric). The packed codes and the zero points go in as 16-bit words (`to_words`) where their size
+    needs it (`needs_words`; this runs inside the kernels' lowering, so the count sees through vmap);
+    words=True/False forces the choice (tests). Float stacks are addressed as they are: two-byte and wider
+    operands get the lowering's 64-bit offsets when they pass 2**32 bytes, which is all they need."""
+    if not isinstance(w, Int4Weight):
+        return None, (w,), None
+
+    def wide(a):
+        return a is not None and (needs_words(a) if words is None else bool(words))
+
+    packed_words, zeros_words = wide(w.packed), wide(w.zeros)
+    packed = to_words(w.packed) if packed_words else w.packed
+    zeros = to_words(w.zeros) if zeros_words else w.zeros
+    return (w.bits, w.group_size, packed_words, zeros_words), (packed, w.scales, zeros), w.act_scales
 
 
 def _call(kernel, grid, out_shape, operands, interpret, name):
@@ -368,10 +403,11 @@ def _call(kernel, grid, out_shape, operands, interpret, name):
     )(*present)
 
 
-def _kernels(xs, sched, wg, wu, wd, *, blocks, interpret):
+def _kernels(xs, sched, wg, wu, wd, *, blocks, interpret, words=None):
     """Both kernels on rows xs: [A_pad, d] (A_pad a multiple of block_m) -> ys [A_pad, d].
 
-    ys (and h) are in the weights' dtype for float experts and in xs's dtype for INT4 experts.
+    ys (and h) are in the weights' dtype for float experts and in xs's dtype for INT4 experts. words: how
+    INT4 stacks' one-byte operands go in (`_weight_operands`; None: by size).
     """
     block_m, block_n, block_k = blocks
     num_rows, d = xs.shape
@@ -381,13 +417,13 @@ def _kernels(xs, sched, wg, wu, wd, *, blocks, interpret):
     dtype = xs.dtype if quantized else wd.dtype
     xs = xs.astype(dtype)
 
-    meta, gate_arrays, act_g = _weight_operands(wg)
-    _, up_arrays, act_u = _weight_operands(wu)
+    meta, gate_arrays, act_g = _weight_operands(wg, words)
+    up_meta, up_arrays, act_u = _weight_operands(wu, words)
     bn = _pow2_divisor(f, block_n)
     bk = _quantized_block_k(wg, block_k) if quantized else _pow2_divisor(d, block_k)
     gate_up = functools.partial(
-        _gate_up_kernel, meta=meta, n_wrefs=len(gate_arrays), block_m=block_m, block_n=bn, block_k=bk,
-        num_k=d // bk, num_col_tiles=f // bn,
+        _gate_up_kernel, metas=(meta, up_meta), n_wrefs=len(gate_arrays), block_m=block_m, block_n=bn,
+        block_k=bk, num_k=d // bk, num_col_tiles=f // bn,
     )  # fmt: skip
     h = _call(
         gate_up,
@@ -398,7 +434,7 @@ def _kernels(xs, sched, wg, wu, wd, *, blocks, interpret):
         "moe_gate_up_swiglu",
     )
 
-    meta, down_arrays, act_d = _weight_operands(wd)
+    meta, down_arrays, act_d = _weight_operands(wd, words)
     bn = _pow2_divisor(d, block_n)
     bk = _quantized_block_k(wd, block_k) if quantized else _pow2_divisor(f, block_k)
     down = functools.partial(

@@ -50,7 +50,16 @@ caller's own per-platform choice (`impl="auto"`) can hold this kernel in its GPU
 cpu, cuda, rocm and tpu together. In such a multi-platform lowering, the rule for a platform without a kernel
 lowers to NaN outputs that the caller never selects. Exporting the kernel with `jax.export` needs
 `disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]`. float8 pages need a
-GPU with native fp8 conversion in Triton (sm89+: Ada, Hopper); Triton refuses them for sm80.
+GPU with native fp8 conversion in Triton (compute capability 8.9 and newer: Ada, Hopper). For an older target
+(A100), found as the Triton lowering finds it (`target_gpu`), `pallas_unsupported` declines them: impl="auto"
+takes the XLA path, and impl="pallas_triton" is a ValueError naming the pages and the target.
+
+Addressing. The page pools are the kernel's big operands (a KV pool of 4 GiB and more is normal on 80-141 GB
+GPUs). JAX's Triton lowering gives an operand 64-bit element offsets when it holds more than 2**32 bytes and
+32-bit ones otherwise, which is exact for 16- and 32-bit pages; int8/float8 pools of 2**31 to 2**32 elements
+go in as 16-bit words instead (`kernels.int4_matmul.pallas_triton.to_words`), each loaded word split into its
+two page bytes in registers, so no offset wraps (the reasons are with `to_words`). The choice is static, by
+the pool's size as the pallas_call sees it (through jax.vmap: a stack of layers' pools counts whole).
 
 Axis legend: T query tokens, B sequences, H query heads, K kv heads, G = H // K, Gq = G padded, D head dim,
 Dp = D padded to a power of two, P pages, S page size, N query tiles, R rows of a tile, BK keys per block.
@@ -69,6 +78,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import registry
+from kernels.int4_matmul.pallas_triton import from_words, needs_words, operand_elements, to_words
 from kernels.lowering import per_platform_kernel
 from kernels.paged_attention.xla import differentiable
 
@@ -112,14 +122,41 @@ def _dtype(x: Any) -> np.dtype:
     return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
+# The first NVIDIA compute capability with float8 conversions in Triton (Ada sm_89, Hopper sm_90).
+_MIN_FP8_CAPABILITY = 89
+
+
+def target_gpu() -> tuple[str, int] | None:
+    """(device kind, compute capability as an int, e.g. 80 or 90) of the NVIDIA GPU being lowered for, as
+    JAX's Triton lowering finds it: the abstract device of the current mesh when there is one (a compile-only
+    target such as "NVIDIA A100-SXM4-40GB", or `kernels.targets`' abstract H100), else the default device.
+    None when that is no NVIDIA GPU (a CPU host without a GPU target, ROCm) or JAX cannot say."""
+    try:
+        from jax._src import gpu_info  # what the Pallas Triton lowering itself asks (JAX >= 0.11)
+    except ImportError:
+        gpu_info = None
+    try:
+        if gpu_info is not None:
+            cc = int(gpu_info.get_gpu_info().compute_capability)
+            return (gpu_info.get_device_kind(), cc) if cc else None
+        device = jax.config.jax_default_device or jax.devices()[0]
+        cc = getattr(device, "compute_capability", None)  # a CUDA device: "9.0"
+        return (device.device_kind, int(str(cc).replace(".", ""))) if cc else None
+    except (ValueError, RuntimeError, TypeError, AttributeError):
+        return None
+
+
 def pallas_unsupported(q: Any, k_pages: Any, v_pages: Any, *, q_lens: Any = None) -> str | None:
     """Why the Pallas kernel cannot serve these (already validated) inputs; None when it can.
 
     q: [T, H, D], k_pages/v_pages: [P, S, K, D]. Head dims from 16 to 256 are padded to a power of two
     inside the kernel (64, 80, 128, 256 all work); any page size works (keys are gathered one by one);
-    a kv head's query rows (G = H // K, padded to a power of two) must fit one tile of 256 rows.
+    a kv head's query rows (G = H // K, padded to a power of two) must fit one tile of 256 rows. float8
+    pages need a GPU target of compute capability 8.9 or more when one is known (`target_gpu`): Triton has no
+    float8 conversion below (A100). A one-byte pool of 2**31 to 2**32 elements is read as 16-bit words,
+    which needs an even D.
     """
-    del v_pages, q_lens
+    del q_lens
     _, h, d = np.shape(q)
     kh = np.shape(k_pages)[2]
     if not _MIN_HEAD_DIM <= d <= _MAX_HEAD_DIM:
@@ -127,6 +164,22 @@ def pallas_unsupported(q: Any, k_pages: Any, v_pages: Any, *, q_lens: Any = None
     g = h // kh
     if _pow2_at_least(g) > _MAX_TILE_ROWS:
         return f"{g} query heads per kv head (the Pallas kernel takes at most {_MAX_TILE_ROWS})"
+    for name, pages in (("k_pages", k_pages), ("v_pages", v_pages)):
+        dt = _dtype(pages)
+        if dt.itemsize == 1 and jnp.issubdtype(dt, jnp.floating):
+            target = target_gpu()
+            if target is not None and target[1] < _MIN_FP8_CAPABILITY:
+                kind, cc = target
+                need = _MIN_FP8_CAPABILITY
+                return (
+                    f"{name}.dtype={dt} on {kind} (compute capability {cc // 10}.{cc % 10}): Triton converts "
+                    f"float8 only on compute capability {need // 10}.{need % 10} and newer"
+                )
+        if d % 2 and needs_words(pages):
+            return (
+                f"head dim D={d} with one-byte {name} {list(np.shape(pages))}: a pool of more than 2**31 "
+                "elements is read as 16-bit words, which needs an even D"
+            )
     return None
 
 
@@ -199,6 +252,8 @@ def _kernel(
     compute_dtype: Any,
     split: bool,
     num_splits: int,
+    kv_dtypes: tuple[Any, Any],
+    words: tuple[bool, bool],
 ) -> None:
     refs = list(refs)
     tiles_ref, kv_lens_ref, bt_ref, q_ref, k_ref, v_ref = refs[:6]
@@ -238,10 +293,17 @@ def _kernel(
     slopes = slope_ref[kh, :] if alibi else None  # [R]
     precision = jax.lax.Precision.HIGHEST if compute_dtype == _F32 else None
 
-    def load_rows(ref, tok, ok):  # [BK] token rows -> [BK, Dp] in compute dtype; masked rows and lanes are 0
+    def load_rows(which, tok, ok):
+        # K (which=0) or V (1): [BK] token rows -> [BK, Dp] in compute dtype; masked rows and lanes are 0.
+        ref = (k_ref, v_ref)[which]
         mask = ok[:, None] & d_ok
         # Masked lanes are not read; `where` (not `other`, which Triton cannot cast to float8) makes them 0.
-        x = plgpu.load(ref.at[tok[:, None], kh, d_idx], mask=mask).astype(compute_dtype)
+        if words[which]:  # one-byte pages as 16-bit words [P·S, K, D/2] (see `to_words`): two lanes a word
+            w_idx = jax.lax.broadcasted_iota(jnp.int32, (1, dp // 2), 1)
+            w = plgpu.load(ref.at[tok[:, None], kh, w_idx], mask=ok[:, None] & (w_idx < head_dim // 2))
+            x = from_words(w, kv_dtypes[which]).astype(compute_dtype)
+        else:
+            x = plgpu.load(ref.at[tok[:, None], kh, d_idx], mask=mask).astype(compute_dtype)
         return jnp.where(mask, x, jnp.zeros((), compute_dtype))
 
     def body(blk, carry):
@@ -251,7 +313,7 @@ def _kernel(
         page = bt_ref[b, jnp.minimum(slot, max_pages - 1)]
         ok = (slot < max_pages) & (kpos < n) & (page >= 0) & (page < num_pages)
         tok = jnp.where(ok, page, 0) * page_size + kpos % page_size  # never outside [0, P·S)
-        k = load_rows(k_ref, tok, ok)
+        k = load_rows(0, tok, ok)
         s = jax.lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=_F32
         )  # [R, BK]
@@ -273,7 +335,7 @@ def _kernel(
         l = l * corr + p.sum(axis=1)
         if per_token_v:
             p = p * plgpu.load(vs_ref.at[tok, kh], mask=ok, other=0.0)[None, :]
-        v = load_rows(v_ref, tok, ok)
+        v = load_rows(1, tok, ok)
         pv = jax.lax.dot_general(
             p.astype(compute_dtype),
             v,
@@ -334,6 +396,7 @@ def _query_tiles(q_lens: jax.Array, kv_lens: jax.Array, num_tiles: int, q_block:
         "num_warps",
         "num_stages",
         "interpret",
+        "words",
     ),
 )
 def _paged_attention_pallas(
@@ -356,6 +419,7 @@ def _paged_attention_pallas(
     num_warps,
     num_stages,
     interpret,
+    words=None,
 ):
     t, h, d = q.shape
     p, s, kh, _ = k_pages.shape
@@ -429,9 +493,9 @@ def _paged_attention_pallas(
         compute_dtype=compute_dtype,
         split=split,
         num_splits=num_splits,
+        kv_dtypes=(np.dtype(k_pages.dtype), np.dtype(v_pages.dtype)),
     )
     grid = (num_tiles, kh, num_splits)
-    in_specs = [pl.BlockSpec(a.shape, functools.partial(_zeros_index, a.ndim)) for a in args]
     if split:
         out_shape = (
             jax.ShapeDtypeStruct((num_tiles, num_splits, kh, rows, dp), _F32),
@@ -452,12 +516,14 @@ def _paged_attention_pallas(
         kernel,
         out_shape=out_shape,
         grid=grid,
-        in_specs=in_specs,
         out_specs=out_specs,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name=f"paged_attention_r{rows}_bk{block_k}_s{num_splits}",
     )
-    outs = _per_platform(*args, call=call) if interpret is None else call(interpret=interpret)(*args)
+    if interpret is None:
+        outs = _per_platform(*args, call=call, words=words)
+    else:
+        outs = _run(*args, call=call, interpret=interpret, words=words)
 
     if split:
         acc, m, l = outs
@@ -481,8 +547,28 @@ def _zeros_index(ndim: int, *_: Any) -> tuple[int, ...]:
     return (0,) * ndim
 
 
-def _run(*args: jax.Array, call: Any, interpret: bool) -> Any:
-    return call(interpret=interpret)(*args)
+def _run(*args: jax.Array, call: Any, interpret: bool, words: bool | None) -> Any:
+    """The pallas_call on its operands (args as `_paged_attention_pallas` lists them; the kernel's full-array
+    block specs are made here). A one-byte K or V pool goes in as 16-bit words when its size needs it
+    (`needs_words`): this runs inside the primitive's lowering, so the count sees through jax.vmap (a stack
+    of layers' pools). words=True forces the word view for one-byte pools, words=False forbids it (tests)."""
+    kernel = call.args[0]
+    args = list(args)
+    flags = []
+    for i, name in ((4, "k_pages"), (5, "v_pages")):
+        one_byte = np.dtype(args[i].dtype).itemsize == 1
+        flag = one_byte and (needs_words(args[i]) if words is None else bool(words))
+        if flag:
+            if kernel.keywords["head_dim"] % 2:
+                raise ValueError(
+                    f"{name}: a one-byte pool of {operand_elements(args[i])} elements is read as 16-bit "
+                    f"words, which pair head-dim lanes; head dim D={kernel.keywords['head_dim']} is odd"
+                )
+            args[i] = to_words(args[i])
+        flags.append(flag)
+    in_specs = [pl.BlockSpec(a.shape, functools.partial(_zeros_index, a.ndim)) for a in args]
+    kernel = functools.partial(kernel, words=tuple(flags))
+    return call.func(kernel, *call.args[1:], **call.keywords, in_specs=in_specs, interpret=interpret)(*args)
 
 
 # The interpreted kernel on cpu, the Triton kernel on cuda/rocm, chosen per lowering platform (see
@@ -497,7 +583,7 @@ _per_platform = per_platform_kernel(
     },
     kernel="the Pallas Triton paged attention kernel",
     runs_on="cpu (interpreted), cuda and rocm",
-    out_shape=lambda *args, call: call.keywords["out_shape"],
+    out_shape=lambda *args, call, words: call.keywords["out_shape"],
 )
 
 
