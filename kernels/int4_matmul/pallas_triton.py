@@ -62,8 +62,8 @@ primitive. `interpret=True`/`False` forces one form.
 Addressing: JAX's Triton lowering gives an operand 32-bit element offsets up to 2**32 bytes, which wrap for
 a one-byte operand of more than 2**31 elements (a packed weight of 2 to 4 GiB, such as the output head of a
 262,144-token vocabulary at d above 16384, or a stack of experts under vmap). Those go in as 16-bit words
-(`to_words`, below), split back into bytes after each load; past 2**32 bytes the lowering's own 64-bit
-offsets take over. Smaller weights keep their byte loads.
+(`kernels.triton_addressing`, which gives the rule and its evidence), split back into bytes after each
+load; past 2**32 bytes the lowering's own 64-bit offsets take over. Smaller weights keep their byte loads.
 
 Gradients: `jax.grad` with respect to x and the scales goes through a custom VJP whose backward is the XLA
 path's (`xla.scan_matmul_transposed`: dx = dy @ W_storedᵀ, one dequantized K block at a time;
@@ -89,6 +89,7 @@ from kernels import registry
 from kernels.int4_matmul.xla import scan_matmul_transposed, scan_scale_grad, zero_cotangent
 from kernels.lowering import per_platform_kernel
 from kernels.precision import highest_precision
+from kernels.triton_addressing import from_words, needs_words, to_words
 from quant.format import Int4Weight, symmetric_zero
 
 X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
@@ -343,80 +344,6 @@ def int4_tile_dot(
         x_odd, hi, dims, precision=precision, preferred_element_type=jnp.float32
     )
     return part * scale_row.astype(jnp.float32).reshape(1, packed_tile.shape[-1])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Addressing large one-byte operands (shared with the paged attention and MoE kernels).
-#
-# JAX's Pallas Triton lowering (`_compute_offsets_from_indices`, 0.12 and earlier) computes the element
-# offsets of a load or store in 64 bits only when the whole operand holds more than 2**32 bytes, and in 32
-# bits otherwise, whatever the index dtype (an index is cast to the offset type: an int64 one is truncated).
-# The address add sign-extends a 32-bit offset (`tt.addptr` lowers to a GEP; SASS `LEA.HI.X.SX32`), so
-# 32-bit offsets are exact up to 2**31 - 1. An operand of two-byte or wider elements never has more than
-# 2**31 elements while it stays at or under 2**32 bytes, so the lowering's rule is exact for it, but a
-# one-byte operand (int8/fp8 KV pages, packed INT4 weights, zero points) with 2**31 + 1 to 2**32 elements
-# would be read at wrong addresses past its first 2 GiB. Below 2**32 bytes the lowering cannot be asked for
-# 64-bit offsets, so the kernels take such an operand as 16-bit words (`to_words`, a free bitcast in XLA):
-# half as many elements, all within reach of 32-bit offsets, and past 2**32 bytes the lowering's 64-bit
-# offsets take over as for any operand. The kernel splits each loaded word back into its two bytes
-# (`from_words`: shifts and a join in registers). Smaller operands keep their one-byte loads.
-
-MAX_I32_OFFSET_BYTES = 2**32  # operands up to this size get 32-bit offsets from the lowering
-MAX_I32_ELEMENTS = 2**31  # 32-bit offsets (sign-extended) reach elements 0 .. 2**31 - 1
-
-
-def offsets_are_64bit(num_elements: int, itemsize: int) -> bool:
-    """Whether JAX's Pallas Triton lowering addresses an operand of `num_elements` elements of `itemsize`
-    bytes with 64-bit offsets (more than 2**32 bytes) rather than 32-bit ones."""
-    return int(num_elements) * int(itemsize) > MAX_I32_OFFSET_BYTES
-
-
-def operand_elements(x: Any) -> int:
-    """Elements of x as a pallas_call built from it sees them. Under `jax.vmap` (the lab's kernel primitives
-    batch by running their lowering under `jax.vmap`), Pallas batches the call over the mapped axes, so the
-    batched value counts: x's per-example shape alone would hide a stack of weights or of layers' pages.
-    JAX has no public way to ask a vmapped value for its batch, hence the private BatchTracer (its `val` is
-    the batched value, in every JAX the lab supports)."""
-    from jax._src.interpreters import batching
-
-    while isinstance(x, batching.BatchTracer):
-        x = x.val
-    return int(np.prod(np.shape(x), dtype=np.int64))
-
-
-def needs_words(x: Any) -> bool:
-    """True when x, about to be a pallas_call operand, must go in as 16-bit words (`to_words`): one-byte
-    elements, more than 2**31 of them (through vmap), and at most 2**32 bytes, where the lowering's 32-bit
-    offsets would wrap."""
-    itemsize = np.dtype(x.dtype).itemsize
-    n = operand_elements(x)
-    return itemsize == 1 and n > MAX_I32_ELEMENTS and not offsets_are_64bit(n, itemsize)
-
-
-def to_words(x: jax.Array) -> jax.Array:
-    """x: [..., L] one-byte dtype, L even -> [..., L/2] uint16, word i holding bytes 2i (low) and 2i + 1
-    (high), as in memory on little-endian GPUs: XLA makes this a bitcast, no copy."""
-    if np.dtype(x.dtype).itemsize != 1 or x.shape[-1] % 2:
-        raise ValueError(f"x: {x.dtype}{list(x.shape)} must have one-byte elements and an even last axis")
-    return jax.lax.bitcast_convert_type(x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2), jnp.uint16)
-
-
-def from_words(words: jax.Array, dtype: Any) -> jax.Array:
-    """Inside a kernel: words [..., n] uint16 (a tile loaded from a `to_words` operand) -> [..., 2n] in the
-    one-byte `dtype` (int8, uint8, float8_*), the bytes in memory order. Lowers to shifts, truncations and
-    one `tt.join`; a masked word's bytes are as undefined as the word."""
-    lo = words.astype(jnp.uint8)
-    hi = jax.lax.shift_right_logical(words, jnp.asarray(8, jnp.uint16)).astype(jnp.uint8)
-    b = jnp.stack([lo, hi], axis=-1).reshape(*words.shape[:-1], 2 * words.shape[-1])
-    dtype = np.dtype(dtype)
-    return b if dtype == np.uint8 else jax.lax.bitcast_convert_type(b, dtype)
-
-
-def word_slice(cols: Any) -> Any:
-    """The `pl.ds` of 16-bit words covering the byte columns `cols` (a `pl.ds` of even start and size)."""
-    half = cols.size // 2
-    start = cols.start // 2
-    return pl.ds(start if isinstance(start, int) else pl.multiple_of(start, half), half)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ Addressing. Expert stacks are the kernels' big operands (DeepSeek-V3's bf16 w_ga
 is 7.5 GB). JAX's Triton lowering gives an operand 64-bit element offsets past 2**32 bytes and 32-bit ones
 below, exact for float stacks and their float32 weight gradients; the one-byte operands of INT4 stacks
 (packed codes, zero points) of 2**31 to 2**32 elements would wrap, so they go in as 16-bit words
-(`kernels.int4_matmul.pallas_triton.to_words`), split back into bytes after each load. The choice is static,
-by each operand's size as the pallas_call sees it (through jax.vmap).
+(`kernels.triton_addressing`: the rule, its evidence and `to_words`), split back into bytes after each
+load. The choice is static, by each operand's size as the pallas_call sees it (through jax.vmap).
 
 Platforms. The kernels are chosen per lowering platform, never from `jax.default_backend()`: compiled
 Triton on cuda and rocm, interpret mode on cpu (slow: for tests at small shapes), and the XLA
@@ -80,17 +80,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import registry
-from kernels.int4_matmul.pallas_triton import (
-    dot_precision,
-    from_words,
-    int4_tile_dot,
-    needs_words,
-    to_words,
-    word_slice,
-)
+from kernels.int4_matmul.pallas_triton import dot_precision, int4_tile_dot
 from kernels.int4_matmul.xla import zero_cotangent
 from kernels.lowering import per_platform_kernel
 from kernels.moe.reference import capacity_of
+from kernels.triton_addressing import from_words, needs_words, to_words, word_slice
 from quant.format import Int4Weight, codes_per_byte, symmetric_zero
 
 __all__ = [

@@ -57,9 +57,10 @@ takes the XLA path, and impl="pallas_triton" is a ValueError naming the pages an
 Addressing. The page pools are the kernel's big operands (a KV pool of 4 GiB and more is normal on 80-141 GB
 GPUs). JAX's Triton lowering gives an operand 64-bit element offsets when it holds more than 2**32 bytes and
 32-bit ones otherwise, which is exact for 16- and 32-bit pages; int8/float8 pools of 2**31 to 2**32 elements
-go in as 16-bit words instead (`kernels.int4_matmul.pallas_triton.to_words`), each loaded word split into its
-two page bytes in registers, so no offset wraps (the reasons are with `to_words`). The choice is static, by
-the pool's size as the pallas_call sees it (through jax.vmap: a stack of layers' pools counts whole).
+go in as 16-bit words instead (`kernels.triton_addressing.to_words`), each loaded word split into its two
+page bytes in registers, so no offset wraps (the rule and its evidence are in `kernels.triton_addressing`).
+The choice is static, by the pool's size as the pallas_call sees it (through jax.vmap: a stack of layers'
+pools counts whole).
 
 Axis legend: T query tokens, B sequences, H query heads, K kv heads, G = H // K, Gq = G padded, D head dim,
 Dp = D padded to a power of two, P pages, S page size, N query tiles, R rows of a tile, BK keys per block.
@@ -78,9 +79,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import registry
-from kernels.int4_matmul.pallas_triton import from_words, needs_words, operand_elements, to_words
 from kernels.lowering import per_platform_kernel
 from kernels.paged_attention.xla import differentiable
+from kernels.triton_addressing import from_words, needs_words, operand_elements, to_words
 
 _F32 = jnp.float32
 # Head dims the kernel pads to a power of two (Triton tiles are powers of two); at least 16 for tl.dot.

@@ -1,21 +1,24 @@
-"""The Pallas Triton kernels at sizes real GPUs hold, and on GPUs without float8: compiled for GPUs that are
-not attached (`kernels.compile_only`), from shapes only, so a 5 GiB KV pool or DeepSeek-V3's expert stack
-costs nothing.
+"""The Pallas Triton kernels at sizes real GPUs hold, and on GPUs without float8: lowered (and some compiled)
+for GPUs that are not attached (`kernels.compile_only`), from shapes only, so a 5 GiB KV pool or DeepSeek-V3's
+expert stack costs nothing.
 
 Addressing. JAX's Pallas Triton lowering gives the element offsets of a load or store 64 bits when the operand
 holds more than 2**32 bytes and 32 bits otherwise, and the address add sign-extends 32-bit offsets, so they
-reach 2**31 elements (the reasons, and the kernels' answer for one-byte operands, are with
-`kernels.int4_matmul.pallas_triton.to_words`). These tests capture the Triton module of every kernel the
-public entries lower and read the offset width of each `tt.addptr` on a kernel argument. They check the
-lowering's rule itself, that no operand addressed with 32-bit offsets has more than 2**31 elements, and, on
-both sides of each boundary, the form each big operand takes: its own dtype with 32-bit offsets up to 2**31
-elements, 16-bit words with 32-bit offsets for one-byte operands of 2**31 to 2**32 elements, its own dtype
-with 64-bit offsets past 2**32 bytes. At least one program per kernel is compiled in full at a big shape (a
-module that lowers can still fail to compile).
+reach 2**31 elements; one-byte operands of 2**31 to 2**32 elements therefore go in as 16-bit words (the rule,
+its evidence and the word view are in `kernels.triton_addressing`). These tests capture the Triton module of
+every kernel the public entries lower and read the offset width of each `tt.addptr` on a kernel argument.
+They check the lowering's rule itself, that no operand addressed with 32-bit offsets has more than 2**31
+elements, and, on both sides of each boundary, the form each big operand takes: its own dtype with 32-bit
+offsets up to 2**31 elements, 16-bit words with 32-bit offsets for one-byte operands of 2**31 to 2**32
+elements, its own dtype with 64-bit offsets past 2**32 bytes. Reading the lowered Triton module is enough for
+that; each kernel is also compiled in full once, at a big shape in the word range (a module that lowers can
+still fail to compile): the paged attention kernel on float8 pools for the H100, the INT4 kernel at 2**32
+bytes for the H100, the MoE kernels on INT4 stacks for the A100. `--full` compiles every other case too.
+On the CPU, interpret mode checks that word loads and byte loads give bit-identical outputs, at tiny shapes.
 
-fp8 pages below sm_89: for an A100 target impl="auto" compiles to the XLA path (no Pallas kernel in the
-program) and impl="pallas_triton" is a ValueError naming the pages and the GPU; for an H100 the Pallas kernel
-compiles. The INT4 and MoE kernels compile for the A100 at their big shapes.
+fp8 pages below sm_89: for an A100 target impl="auto" lowers to the XLA path (no Pallas kernel in the
+program; `--full` compiles it) and impl="pallas_triton" is a ValueError naming the pages and the GPU; for an
+H100 the Pallas kernel compiles.
 
 Axis legend as in the kernels: P pages, S page size, K kv heads (paged) or input features (INT4), D head dim,
 N output features, E experts, d model width, f expert width.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -36,6 +40,7 @@ import numpy as np
 import pytest
 
 from kernels import registry
+from kernels import triton_addressing as addressing
 from kernels.int4_matmul import int4_matmul
 from kernels.int4_matmul import pallas_triton as int4_triton
 from kernels.moe import moe_ffn
@@ -47,6 +52,7 @@ from quant.format import Int4Weight
 
 GiB = 2**30
 sds = jax.ShapeDtypeStruct
+slow = pytest.mark.slow
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -128,10 +134,11 @@ def triton_kernels() -> Iterator[list[TritonKernel]]:
 
 
 def lower(on_gpu: Any, target: str, fn: Any, *args: Any, full: bool = False) -> list[TritonKernel]:
-    """Lower `jax.jit(fn)` for `target` at the shapes of `args` (compile it too if `full`); returns its Triton
-    kernels, each checked against the lowering's offset rule."""
+    """Lower `fn` jitted for `target` at the shapes of `args` (compile it too if `full`); returns its Triton
+    kernels, each checked against the lowering's offset rule. A fresh function is jitted each time, so that
+    no lowering comes from JAX's caches (the same case may be lowered, then compiled)."""
     with on_gpu(target) as place, triton_kernels() as kernels:
-        lowered = jax.jit(fn).trace(*place(args)).lower()
+        lowered = jax.jit(lambda *a: fn(*a)).trace(*place(args)).lower()
         if full:
             lowered.compile()
     assert kernels, "no Pallas Triton kernel was lowered"
@@ -139,7 +146,7 @@ def lower(on_gpu: Any, target: str, fn: Any, *args: Any, full: bool = False) -> 
         for index, bits in k.offset_bits().items():
             shape, dtype = k.operands[index]
             n = math.prod(shape)
-            # JAX's rule, pinned: a change in it must be looked at (`to_words` relies on it).
+            # JAX's rule, pinned: a change in it must be looked at (`kernels.triton_addressing` relies on it).
             assert bits == {64 if n * dtype.itemsize > 2**32 else 32}, (k.name, index, shape, dtype, bits)
             # Nothing wraps: 32-bit offsets only where they reach every element.
             assert bits == {64} or n <= 2**31, (k.name, index, shape, dtype, bits)
@@ -151,17 +158,38 @@ def kernel(kernels: list[TritonKernel], name: str) -> TritonKernel:
     return found
 
 
+def cases(*rows: tuple[Any, ...]) -> list[Any]:
+    """pytest params from rows whose last field says whether the default run compiles the case in full (else
+    it is only lowered); each lowered-only row also comes compiled, marked slow (`--full`)."""
+    params = []
+    for *fields, full in rows:
+        name = "-".join(map(str, fields))
+        params.append(pytest.param(*fields, full, id=f"{name}-{'compiled' if full else 'lowered'}"))
+        if not full:
+            params.append(pytest.param(*fields, True, id=f"{name}-compiled", marks=slow))
+    return params
+
+
+LOWERED_OR_COMPILED = [pytest.param(False, id="lowered"), pytest.param(True, id="compiled", marks=slow)]
+
+
 # --------------------------------------------------------------------------------------------------------
 # The 16-bit word view, on the CPU
 
 
 def test_needs_words_only_for_one_byte_operands_between_2_31_and_2_32_elements():
-    assert not int4_triton.needs_words(sds((2**31,), jnp.int8))  # offsets 0 .. 2**31 - 1: fine
-    assert int4_triton.needs_words(sds((2**31 + 2,), jnp.int8))
-    assert int4_triton.needs_words(sds((2**16, 2**16), jnp.uint8))  # 2**32 bytes: still 32-bit offsets
-    assert not int4_triton.needs_words(sds((2**32 + 2,), jnp.float8_e4m3fn))  # 64-bit offsets
-    assert not int4_triton.needs_words(sds((2**31 + 2,), jnp.bfloat16))  # 4 GiB + 4 bytes: 64-bit offsets
-    assert not int4_triton.needs_words(sds((2**31,), jnp.bfloat16))
+    assert not addressing.needs_words(sds((2**31,), jnp.int8))  # offsets 0 .. 2**31 - 1: fine
+    assert addressing.needs_words(sds((2**31 + 2,), jnp.int8))
+    assert addressing.needs_words(sds((2**16, 2**16), jnp.uint8))  # 2**32 bytes: still 32-bit offsets
+    assert not addressing.needs_words(sds((2**32 + 2,), jnp.float8_e4m3fn))  # 64-bit offsets
+    assert not addressing.needs_words(sds((2**31 + 2,), jnp.bfloat16))  # 4 GiB + 4 bytes: 64-bit offsets
+    assert not addressing.needs_words(sds((2**31,), jnp.bfloat16))
+
+
+def test_the_kernels_share_one_word_view():
+    for module in (int4_triton, moe_triton, paged_triton):
+        assert module.to_words is addressing.to_words and module.from_words is addressing.from_words
+        assert module.needs_words is addressing.needs_words
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "int8", "float8_e4m3fn"])
@@ -169,57 +197,68 @@ def test_words_hold_the_bytes_in_memory_order(dtype):
     x = jax.lax.bitcast_convert_type(
         jnp.arange(3 * 2 * 8, dtype=jnp.uint8).reshape(3, 2, 8), jnp.dtype(dtype)
     )
-    words = int4_triton.to_words(x)
+    words = addressing.to_words(x)
     assert words.shape == (3, 2, 4) and words.dtype == jnp.uint16
     assert int(words[0, 0, 0]) == 0x0100  # bytes 0 (low) and 1 (high)
-    back = int4_triton.from_words(words, x.dtype)
+    back = addressing.from_words(words, x.dtype)
     np.testing.assert_array_equal(
         np.asarray(jax.lax.bitcast_convert_type(back, jnp.uint8)),
         np.asarray(jax.lax.bitcast_convert_type(x, jnp.uint8)),
     )
     with pytest.raises(ValueError, match="even last axis"):
-        int4_triton.to_words(x[..., :7])
+        addressing.to_words(x[..., :7])
+
+
+# XLA's CPU compile is most of an interpret-mode check's cost, and these programs run once, at tiny shapes.
+QUICK_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def assert_words_match_bytes(fn: Any, *args: Any) -> None:
+    """fn(*args, words=False) and fn(*args, words=True), in interpret mode: bit-identical nonzero outputs."""
+    outs = []
+    for words in (False, True):
+        f = jax.jit(functools.partial(fn, words=words))
+        out = f.trace(*args).lower().compile(compiler_options=QUICK_CPU_COMPILE)(*args)
+        outs.append(np.asarray(out, np.float32))
+    assert np.abs(outs[0]).max() > 0
+    np.testing.assert_array_equal(outs[1], outs[0])
 
 
 def test_word_loads_match_byte_loads_in_paged_attention():
-    """The same pages read as bytes and as 16-bit words give the same output (interpret mode)."""
-    p, s, k, d, b, h = 6, 16, 1, 32, 2, 2
+    """int8 K pages and float8 V pages, read as bytes and as 16-bit words (split-K, two sequences)."""
+    p, s, k, d, b, h = 4, 8, 1, 16, 2, 2
     rng = np.random.default_rng(0)
     q = jnp.asarray(rng.standard_normal((b, h, d)), jnp.bfloat16)
     k_pages = jnp.asarray(rng.integers(-127, 128, (p, s, k, d), np.int8))
     v_pages = jnp.asarray(rng.standard_normal((p, s, k, d)), jnp.float8_e4m3fn)
-    kv_lens = jnp.array([20, 37], jnp.int32)
-    tables = jnp.array([[4, 1, 0], [2, 5, 3]], jnp.int32)
+    kv_lens = jnp.array([11, 19], jnp.int32)
+    tables = jnp.array([[3, 1, 0], [2, 0, 1]], jnp.int32)
     k_scale = jnp.asarray(rng.uniform(0.01, 0.02, (p, s, k)), jnp.float32)
     args = (q, k_pages, v_pages, kv_lens, tables, None, None, k_scale, jnp.float32(0.5))
     tun = dict(block_k=16, q_block=1, num_splits=2, num_warps=4, num_stages=2, interpret=True)
     logits = dict(scale=0.2, soft_cap=None, sliding_window=None)
-    outs = [
-        paged_triton._paged_attention_pallas(*args, words=words, **logits, **tun) for words in (False, True)
-    ]
-    assert float(jnp.abs(outs[0].astype(jnp.float32)).max()) > 0
-    np.testing.assert_array_equal(np.asarray(outs[1], np.float32), np.asarray(outs[0], np.float32))
+    assert_words_match_bytes(functools.partial(paged_triton._paged_attention_pallas, **logits, **tun), *args)
 
 
 def test_word_loads_match_byte_loads_in_int4_matmul():
-    k, n, group, m = 128, 32, 64, 3
+    """The packed weight and the zero points, read as bytes and as 16-bit words (two groups, two N tiles)."""
+    k, n, group, m = 64, 32, 32, 3
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     packed = jnp.asarray(rng.integers(0, 256, (k // 2, n), np.uint8))
     scales = jnp.asarray(rng.uniform(0.5, 1.5, (k // group, n)), jnp.float32)
     zeros = jnp.asarray(rng.integers(0, 16, (k // group, n), np.uint8))
-    cfg = int4_triton.choose_config(m, k, n, group, dtype=x.dtype)
+    cfg = int4_triton.choose_config(m, k, n, group, dtype=x.dtype, block_n=16)
     xe, xo = int4_triton.split_even_odd(jnp.pad(x, ((0, cfg.block_m - m), (0, 0))))
     spec = int4_triton._Spec(cfg, group, None, k, n, cfg.block_m, np.dtype(x.dtype))
-    outs = [
-        int4_triton._pallas_kernel(xe, xo, packed, scales, zeros, spec=spec, interpret=True, words=words)
-        for words in (False, True)
-    ]
-    assert float(jnp.abs(outs[0].astype(jnp.float32)).max()) > 0
-    np.testing.assert_array_equal(np.asarray(outs[1], np.float32), np.asarray(outs[0], np.float32))
+    fn = functools.partial(int4_triton._pallas_kernel, spec=spec, interpret=True)
+    assert_words_match_bytes(fn, xe, xo, packed, scales, zeros)
 
 
 def test_word_loads_match_byte_loads_in_moe_int4_experts():
+    """INT4 expert stacks' packed codes and zero points, as bytes and as words. Column tiles of 16: two of
+    w_gate and w_up, four of w_down, so a word slice at the wrong column cannot hide behind interpret mode's
+    clamping of out-of-range slices."""
     e, d, f, rows, block_m, group = 2, 64, 32, 32, 16, 32
     rng = np.random.default_rng(0)
 
@@ -234,13 +273,8 @@ def test_word_loads_match_byte_loads_in_moe_int4_experts():
     stacks = (experts(d, f), experts(d, f), experts(f, d))
     xs = jnp.asarray(rng.standard_normal((rows, d)), jnp.bfloat16)
     sched = jax.jit(moe_triton.tile_schedule, static_argnums=(1, 2))(jnp.array([11, 17]), rows, block_m)
-    blocks = (block_m, 32, 64)
-    outs = [
-        moe_triton._kernels(xs, sched, *stacks, blocks=blocks, interpret=True, words=words)
-        for words in (False, True)
-    ]
-    assert float(jnp.abs(outs[0].astype(jnp.float32)).max()) > 0
-    np.testing.assert_array_equal(np.asarray(outs[1], np.float32), np.asarray(outs[0], np.float32))
+    fn = functools.partial(moe_triton._kernels, blocks=(block_m, 16, 64), interpret=True)
+    assert_words_match_bytes(fn, xs, sched, *stacks)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -262,19 +296,19 @@ def _paged(*args: Any) -> Any:
     return paged_attention(*args, impl="pallas_triton", **scales)
 
 
-# (pool dtype, bytes per pool, target, compile in full, the pool as the kernel takes it: dtype, offset bits)
-PAGED_POOLS = [
-    ("int8", 2 * GiB, "sm_90a", False, "int8", 32),  # 2**31 elements: 32-bit offsets reach them all
-    ("int8", 3 * GiB, "sm_90a", True, "uint16", 32),  # 16-bit words: 1.5 * 2**30 of them
-    ("float8_e4m3fn", 3 * GiB, "sm_90a", True, "uint16", 32),
-    ("int8", 5 * GiB, "sm_80", False, "int8", 64),
-    ("bfloat16", 3 * GiB, "sm_90a", False, "bfloat16", 32),  # 1.5 * 2**30 elements
-    ("bfloat16", 5 * GiB, "sm_80", True, "bfloat16", 64),
-]
+# (pool dtype, bytes per pool, target, the pool as the kernel takes it: dtype, offset bits; compiled by
+# default)
+PAGED_POOLS = cases(
+    ("int8", 2 * GiB, "sm_90a", "int8", 32, False),  # 2**31 elements: 32-bit offsets reach them all
+    ("float8_e4m3fn", 3 * GiB, "sm_90a", "uint16", 32, True),  # 16-bit words: 1.5 * 2**30 of them
+    ("int8", 5 * GiB, "sm_80", "int8", 64, False),
+    ("bfloat16", 3 * GiB, "sm_90a", "bfloat16", 32, False),  # 1.5 * 2**30 elements
+    ("bfloat16", 5 * GiB, "sm_80", "bfloat16", 64, False),
+)
 
 
-@pytest.mark.parametrize("dtype, pool_bytes, target, full, as_dtype, bits", PAGED_POOLS)
-def test_paged_attention_addresses_the_whole_pool(on_gpu, dtype, pool_bytes, target, full, as_dtype, bits):
+@pytest.mark.parametrize("dtype, pool_bytes, target, as_dtype, bits, full", PAGED_POOLS)
+def test_paged_attention_addresses_the_whole_pool(on_gpu, dtype, pool_bytes, target, as_dtype, bits, full):
     args = _paged_args(pool_bytes, dtype)
     (k,) = lower(on_gpu, target, _paged, *args, full=full)
     pages, s, kh, d = args[1].shape
@@ -312,17 +346,17 @@ def _int4(x: Any, w: Int4Weight) -> Any:
     return int4_matmul(x, w, impl="pallas_triton")
 
 
-# (K, N, target, compile in full, the packed weight as the kernel takes it: dtype, offset bits)
-INT4_WEIGHTS = [
-    (16384, 262144, "sm_90a", False, "uint8", 32),  # 2**31 bytes
-    (16384, 262272, "sm_90a", False, "uint16", 32),  # just past: words
-    (32768, 262144, "sm_90a", True, "uint16", 32),  # 2**32 bytes: the lowering still picks 32-bit offsets
-    (32768, 262272, "sm_80", True, "uint8", 64),
-]
+# (K, N, target, the packed weight as the kernel takes it: dtype, offset bits; compiled by default)
+INT4_WEIGHTS = cases(
+    (16384, 262144, "sm_90a", "uint8", 32, False),  # 2**31 bytes
+    (16384, 262272, "sm_90a", "uint16", 32, False),  # just past: words
+    (32768, 262144, "sm_90a", "uint16", 32, True),  # 2**32 bytes: the lowering still picks 32-bit offsets
+    (32768, 262272, "sm_80", "uint8", 64, False),
+)
 
 
-@pytest.mark.parametrize("k, n, target, full, as_dtype, bits", INT4_WEIGHTS)
-def test_int4_matmul_addresses_the_whole_packed_weight(on_gpu, k, n, target, full, as_dtype, bits):
+@pytest.mark.parametrize("k, n, target, as_dtype, bits, full", INT4_WEIGHTS)
+def test_int4_matmul_addresses_the_whole_packed_weight(on_gpu, k, n, target, as_dtype, bits, full):
     (kern,) = lower(on_gpu, target, _int4, sds((1, k), jnp.bfloat16), _int4_weight(k, n), full=full)
     words = as_dtype == "uint16"
     assert kern.form(2) == ((k // 2, n // 2 if words else n), as_dtype, bits)
@@ -359,23 +393,19 @@ def _moe(*args: Any) -> Any:
     return moe_ffn(*args, impl="pallas_triton")
 
 
-def test_moe_addresses_deepseek_v3_expert_stacks_with_64_bit_offsets(on_gpu):
-    """DeepSeek-V3's experts in bf16, E256 d7168 f2048: 7.5 GB a stack; compiled for the H100."""
-    e, d, f = 256, 7168, 2048
-    kernels = lower(on_gpu, "sm_90a", _moe, *_moe_args(e, d, f), full=True)
-    gate_up, down = kernel(kernels, "moe_gate_up_swiglu"), kernel(kernels, "moe_down")
-    assert gate_up.form(2) == gate_up.form(3) == ((e, d, f), "bfloat16", 64)
-    assert down.form(2) == ((e, f, d), "bfloat16", 64)
-
-
-def test_moe_backward_addresses_the_stacks_and_their_gradients_with_64_bit_offsets(on_gpu):
+@pytest.mark.parametrize("full", LOWERED_OR_COMPILED)
+def test_moe_addresses_deepseek_v3_stacks_and_their_gradients_with_64_bit_offsets(on_gpu, full):
+    """DeepSeek-V3's experts in bf16, E256 d7168 f2048: 7.5 GB a stack, forward and backward kernels."""
     e, d, f = 256, 7168, 2048
 
     def loss(x, weights, ids, w_gate, w_up, w_down):
         return _moe(x, weights, ids, w_gate, w_up, w_down).astype(jnp.float32).sum()
 
-    grad = jax.grad(loss, argnums=(0, 3, 4, 5))
-    kernels = lower(on_gpu, "sm_90a", grad, *_moe_args(e, d, f))
+    fn = jax.value_and_grad(loss, argnums=(0, 3, 4, 5))  # the value keeps the forward kernels
+    kernels = lower(on_gpu, "sm_90a", fn, *_moe_args(e, d, f), full=full)
+    gate_up, down = kernel(kernels, "moe_gate_up_swiglu"), kernel(kernels, "moe_down")
+    assert gate_up.form(2) == gate_up.form(3) == ((e, d, f), "bfloat16", 64)
+    assert down.form(2) == ((e, f, d), "bfloat16", 64)
     dw_gate_up, dw_down = kernel(kernels, "moe_dw_gate_up"), kernel(kernels, "moe_dw_down")
     outs = [k.form(len(k.operands) - 1) for k in (dw_gate_up, dw_down)]  # the float32 weight gradients
     assert outs == [((e, d, f), "float32", 64), ((e, f, d), "float32", 64)]
@@ -388,13 +418,13 @@ def test_moe_bf16_stacks_below_4_gib_keep_32_bit_offsets(on_gpu):
 
 
 @pytest.mark.parametrize(
-    "e, target, full, words",
-    [
+    "e, target, words, full",
+    cases(
         (256, "sm_90a", False, False),  # DeepSeek-V3 in INT4: 1.75 GiB of packed codes a stack
         (384, "sm_80", True, True),  # E384 (Kimi K2's experts): 2.6 GiB, words; compiled for the A100
-    ],
+    ),
 )
-def test_moe_int4_stacks_are_addressed_whole(on_gpu, e, target, full, words):
+def test_moe_int4_stacks_are_addressed_whole(on_gpu, e, target, words, full):
     d, f = 7168, 2048
     kernels = lower(on_gpu, target, _moe, *_moe_args(e, d, f, int4=True), full=full)
     gate_up, down = kernel(kernels, "moe_gate_up_swiglu"), kernel(kernels, "moe_down")
@@ -417,13 +447,15 @@ def _fp8_paged(impl: str) -> Any:
     return lambda *a: paged_attention(*a, impl=impl, k_scale=0.5, v_scale=0.5)
 
 
-def test_fp8_pages_on_an_a100_take_the_xla_path(on_gpu):
+@pytest.mark.parametrize("full", LOWERED_OR_COMPILED)
+def test_fp8_pages_on_an_a100_take_the_xla_path(on_gpu, full):
     args = _fp8_paged_args()
     with on_gpu("sm_80") as place:
         assert registry.auto_impl("paged_attention", *args, platform="cuda") == "xla"
         why = paged_triton.pallas_unsupported(*args[:3])
         assert why is not None and "k_pages.dtype=float8_e4m3fn" in why and "NVIDIA A100" in why
-        program = jax.jit(_fp8_paged("auto")).trace(*place(args)).lower().compile().as_text()
+        lowered = jax.jit(_fp8_paged("auto")).trace(*place(args)).lower()
+        program = lowered.compile().as_text() if full else lowered.as_text()
     assert TRITON_CALL not in program and "paged_attention_r" not in program
 
 
@@ -436,6 +468,7 @@ def test_fp8_pages_on_an_a100_refuse_the_pallas_kernel(on_gpu):
 
 
 def test_fp8_pages_on_an_h100_compile_the_pallas_kernel(on_gpu):
+    """The byte-load form of float8 pages (the 3 GiB pool above compiles the word form)."""
     with on_gpu("sm_90a") as place:
         assert registry.auto_impl("paged_attention", *_fp8_paged_args(), platform="cuda") == "pallas_triton"
         program = jax.jit(_fp8_paged("auto")).trace(*place(_fp8_paged_args())).lower().compile().as_text()
