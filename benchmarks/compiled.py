@@ -10,7 +10,8 @@ made). For every implementation of `kernels.registry.implementations(op)` that l
 platform and is traced (the NumPy reference and the CPU library are not): a Pallas kernel in the case's
 dtype, forward and, where the op differentiates through the kernel, backward (`jax.grad` of the summed
 output with respect to the floating inputs); the XLA path at every strategy (`xla.Config(strategy=...)`),
-in the case's dtype and in float32. `--quick`: the small cases only.
+in the case's dtype and in float32 ("xla": the strategy it picks itself; "xla:<strategy>": each one).
+`--quick`: the small cases only. `--impls pallas,xla,strategies`: which of the three families (default all).
 
 Targets (`kernels.compile_only.TARGETS`): sm_80 (A100), sm_90a (H100) and sm_100a (B200) through XLA:GPU's
 deviceless compilation with the CUDA plugin; v5e and v6e through libtpu's compile-only devices.
@@ -23,7 +24,10 @@ compiled kernel: name, pallas (a lab Pallas kernel, not one of XLA's fusions), r
 memory), shared_bytes (static + dynamic), threads, ctas_per_sm (the fewest of registers, shared memory,
 threads and the hardware's cap allow), programs (the launch grid), waves (programs / (SMs × ctas_per_sm)),
 tensor_core ("tcgen05", "wgmma", "mma" or "none", from the SASS), tma (bulk tensor copies in the SASS) and
-loop_instructions (the SASS instructions of the largest innermost loop; null without a loop). On TPU targets,
+loop_instructions (the SASS instructions of the largest innermost loop; null without a loop). Reading SASS
+costs about a second a kernel, so by default it is read for the lab's Pallas kernels only (`--sass all`: for
+XLA's own kernels too; the others have these three null). GEMMs XLA hands to cuBLAS are library calls, not
+kernels of the program, and do not appear. On TPU targets,
 the program's compiled figures: `vmem` (the scoped VMEM its Mosaic kernels ask for, where readable) against
 `vmem_capacity`. This is a compile, not a timing: nothing runs.
 
@@ -35,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import re
@@ -52,6 +55,7 @@ ARG_SPECS = {op: f"kernels.{'moe' if op == 'moe_ffn' else op}.arg_specs" for op 
 GPU_TARGETS = ("sm_80", "sm_90a")
 TPU_TARGETS = ("v5e", "v6e")
 DEFAULT_TARGETS = (*GPU_TARGETS, "sm_100a", *TPU_TARGETS)
+FAMILIES = ("pallas", "xla", "strategies")
 # Custom calls that hold a lab Pallas kernel, and where their kernel's name is.
 _PALLAS_NAME = re.compile(r'custom_call_target="__gpu\$xla\.gpu\.triton".*?\bname = \\?"([A-Za-z0-9_]+)')
 
@@ -68,8 +72,13 @@ class Program:
     args: tuple[Any, ...] = dataclasses.field(repr=False)
     check: Callable[..., str | None] | None = None  # why the backend declines the call (None: it serves it)
 
-    def key(self) -> tuple[str, str, str, str]:
-        return (self.kernel, self.case, self.impl, self.dtype)
+    @property
+    def family(self) -> str:
+        """ "pallas" (a Pallas kernel, forward or backward), "xla" (the XLA path's own strategy choice) or
+        "strategies" (one XLA strategy named)."""
+        if self.impl.startswith("xla:"):
+            return "strategies"
+        return "xla" if self.impl == "xla" else "pallas"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,10 +138,11 @@ def programs(op: str, platform: str, *, quick: bool = False) -> Iterator[Program
                 for dtype in dict.fromkeys((_dtype(op, case), "float32")):
                     variant = _with_dtype(op, case, dtype)
                     args, kwargs = specs.arg_shapes(variant)
-                    for strategy in registry.STRATEGIES[op] or (None,):
-                        label = "xla" if strategy is None else f"xla:{strategy}"
-                        kw = {"impl": strategy or "xla", **kwargs}
-                        yield Program(op, variant.name, label, dtype, functools.partial(entry, **kw), args)
+                    # "xla": the strategy the XLA path picks itself (the one impl="auto" runs); then each.
+                    for name in ("xla", *registry.STRATEGIES[op]):
+                        label = name if name == "xla" else f"xla:{name}"
+                        fn = functools.partial(entry, impl=name, **kwargs)
+                        yield Program(op, variant.name, label, dtype, fn, args)
                 continue
             args, kwargs = specs.arg_shapes(case)
             check = functools.partial(impl.unsupported, **kwargs)
@@ -164,27 +174,39 @@ def _tool(name: str) -> str | None:
     return shutil.which(name)
 
 
-@functools.lru_cache(maxsize=4096)
-def _cubin_figures(digest: str, cubin: bytes) -> dict[str, Any]:
-    """Registers, spills, static shared memory and SASS figures of a one-kernel cubin (by cuobjdump)."""
+def _cuobjdump(cubin: bytes, option: str) -> str:
     tool = _tool("cuobjdump")
     if tool is None:
         raise FileNotFoundError("cuobjdump not found (pip install nvidia-cuda-cuobjdump)")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
         fh.write(cubin)
         fh.flush()
-        dump = subprocess.run(
-            [tool, "--dump-resource-usage", "--dump-sass", fh.name], capture_output=True, text=True
-        )
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", dump.stdout)
+        out = subprocess.run([tool, option, fh.name], capture_output=True, text=True)
+    if out.returncode:
+        raise ValueError(f"cuobjdump {option}: {(out.stderr or out.stdout).strip()[:200]}")
+    return out.stdout
+
+
+@functools.lru_cache(maxsize=4096)
+def cubin_resources(cubin: bytes) -> dict[str, int]:
+    """Registers per thread, spill bytes per thread (local memory and stack) and static shared memory of a
+    one-kernel cubin (`cuobjdump --dump-resource-usage`)."""
+    usage = _cuobjdump(cubin, "--dump-resource-usage")
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if m is None:
-        raise ValueError(f"cuobjdump could not read the cubin: {(dump.stderr or dump.stdout).strip()[:200]}")
+        raise ValueError(f"cuobjdump found no kernel in the cubin: {usage.strip()[:200]}")
     return {
         "registers": int(m.group(1)),
         "spill_bytes": int(m.group(4)) + int(m.group(2)),
         "static_shared": int(m.group(3)),
-        **sass_figures(dump.stdout),
     }
+
+
+@functools.lru_cache(maxsize=1024)
+def cubin_sass(cubin: bytes) -> dict[str, Any]:
+    """`sass_figures` of a one-kernel cubin (`cuobjdump --dump-sass`: about a second each, so the report
+    reads the SASS of the lab's Pallas kernels, and of XLA's own kernels only when asked)."""
+    return sass_figures(_cuobjdump(cubin, "--dump-sass"))
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
@@ -216,32 +238,36 @@ def sass_figures(sass: str) -> dict[str, Any]:
     return {"tensor_core": tensor_core, "tma": tma, "loop_instructions": size}
 
 
-def gpu_report(compiled: Any, target: str) -> list[dict[str, Any]]:
-    """One dict per kernel of a program compiled for a GPU target (see the module docstring)."""
+def gpu_report(compiled: Any, target: str, *, sass: str = "pallas") -> list[dict[str, Any]]:
+    """One dict per kernel of a program compiled for a GPU target (see the module docstring). `sass`: whose
+    SASS is read for tensor_core, tma and loop_instructions: "pallas" (the lab's kernels), "all" or "none";
+    the others have them null."""
     from kernels import compile_only
 
+    if sass not in ("pallas", "all", "none"):
+        raise ValueError(f"sass={sass!r} must be 'pallas', 'all' or 'none'")
     info = compile_only.gpu_info(target)
     pallas = set(_PALLAS_NAME.findall(compiled.as_text()))
     out = []
     for k in compile_only.gpu_kernels(compiled):
-        fig = _cubin_figures(hashlib.sha1(k.cubin).hexdigest(), k.cubin)
-        shared = fig["static_shared"] + k.dynamic_shared
-        ctas = info.occupancy(threads=k.threads, registers=fig["registers"], shared=shared)
+        res = cubin_resources(k.cubin)
+        shared = res["static_shared"] + k.dynamic_shared
+        ctas = info.occupancy(threads=k.threads, registers=res["registers"], shared=shared)
         waves = k.programs / (info.sms * ctas) if ctas else None
+        read = sass == "all" or (sass == "pallas" and k.name in pallas)
+        code = cubin_sass(k.cubin) if read else dict.fromkeys(("tensor_core", "tma", "loop_instructions"))
         out.append(
             {
                 "name": k.name,
                 "pallas": k.name in pallas,
-                "registers": fig["registers"],
-                "spill_bytes": fig["spill_bytes"],
+                "registers": res["registers"],
+                "spill_bytes": res["spill_bytes"],
                 "shared_bytes": shared,
                 "threads": k.threads,
                 "ctas_per_sm": ctas,
                 "programs": k.programs,
                 "waves": None if waves is None else round(waves, 3),
-                "tensor_core": fig["tensor_core"],
-                "tma": fig["tma"],
-                "loop_instructions": fig["loop_instructions"],
+                **code,
             }
         )
     return out
@@ -261,7 +287,7 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[:400]}"
 
 
-def compile_program(program: Program, target: str) -> dict[str, Any]:
+def compile_program(program: Program, target: str, *, sass: str = "pallas") -> dict[str, Any]:
     """The record of `program` compiled for `target`."""
     from kernels import compile_only
 
@@ -290,7 +316,7 @@ def compile_program(program: Program, target: str) -> dict[str, Any]:
     rec["seconds"] = round(time.perf_counter() - t0, 2)
     try:
         if compile_only.get_target(target).platform == "cuda":
-            rec["kernels"] = gpu_report(compiled, target)
+            rec["kernels"] = gpu_report(compiled, target, sass=sass)
         else:
             rec.update(tpu_report(compiled, target))
     except (compile_only.ToolchainMissing, FileNotFoundError) as err:
@@ -306,6 +332,7 @@ def run(
     targets: tuple[str, ...] = DEFAULT_TARGETS,
     quick: bool = False,
     select: Callable[[Program], bool] | None = None,
+    sass: str = "pallas",
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Compile every program of `only` for every target; {"device", "records"}."""
@@ -320,7 +347,7 @@ def run(
             for program in programs(op, platform, quick=quick):
                 if select is not None and not select(program):
                     continue
-                rec = compile_program(program, target)
+                rec = compile_program(program, target, sass=sass)
                 records.append(rec)
                 if progress:
                     progress(_row(rec))
@@ -360,8 +387,31 @@ def _row(rec: dict[str, Any]) -> str:
     return (
         f"{head} {len(rec['kernels']):>3} {worst['registers']:>4} {spills:>5} "
         f"{worst['shared_bytes'] / 1024:>8.1f} {min(k['ctas_per_sm'] for k in ks):>6} {waves:>7.2f} "
-        f"{worst['tensor_core']:<7} {max(loops) if loops else '':>5}  {rec['status'][:160]}"
+        f"{worst['tensor_core'] or '':<7} {max(loops) if loops else '':>5}  {rec['status'][:160]}"
     )
+
+
+def markdown(records: list[dict[str, Any]]) -> str:
+    """The records as a Markdown table, one row per program (its Pallas kernels, else all its kernels)."""
+    cols = ("op", "case", "impl", "target", "regs", "spills (B)", "shared (KiB)", "CTAs/SM", "waves")
+    cols += ("tensor cores", "loop")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for rec in records:
+        ks = main_kernels(rec)
+        if not ks:
+            status = rec["status"] if rec["status"] != "ok" else "compiles"
+            row = (rec["kernel"], rec["case"], rec["impl"], rec["target"], status, *[""] * (len(cols) - 5))
+            lines.append("| " + " | ".join(row) + " |")
+            continue
+        worst = max(ks, key=lambda k: (k["registers"], k["shared_bytes"]))
+        loops = [k["loop_instructions"] for k in ks if k["loop_instructions"]]
+        lines.append(
+            f"| {rec['kernel']} | {rec['case']} | {rec['impl']} | {rec['target']} | {worst['registers']} | "
+            f"{sum(k['spill_bytes'] for k in ks)} | {worst['shared_bytes'] / 1024:.1f} | "
+            f"{min(k['ctas_per_sm'] for k in ks)} | {max((k['waves'] or 0) for k in ks):.2f} | "
+            f"{worst['tensor_core'] or ''} | {max(loops) if loops else ''} |"
+        )
+    return "\n".join(lines)
 
 
 def _names(valid: tuple[str, ...], what: str) -> Callable[[str], tuple[str, ...]]:
@@ -391,14 +441,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=_names(KERNELS, "kernels"), default=KERNELS)
     parser.add_argument("--targets", type=_names(tuple(TARGETS), "targets"), default=DEFAULT_TARGETS)
     parser.add_argument("--quick", action="store_true", help="the small cases only")
+    parser.add_argument(
+        "--impls",
+        type=_names(FAMILIES, "families"),
+        default=FAMILIES,
+        help="pallas (the Pallas kernels), xla (the XLA path's own choice), strategies (each XLA strategy)",
+    )
+    parser.add_argument(
+        "--sass",
+        choices=("pallas", "all", "none"),
+        default="pallas",
+        help="whose SASS to read for tensor cores, TMA and the main loop (about 1 s a kernel; default: the "
+        "lab's Pallas kernels)",
+    )
+    parser.add_argument("--markdown", action="store_true", help="also print the rows as a Markdown table")
     parser.add_argument("--json", type=writable_path, help="write {device, records} as JSON to this file")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     print(HEADER, flush=True)
     result = run(
-        only=args.only, targets=args.targets, quick=args.quick, progress=lambda r: print(r, flush=True)
+        only=args.only,
+        targets=args.targets,
+        quick=args.quick,
+        select=lambda p: p.family in args.impls,
+        sass=args.sass,
+        progress=lambda r: print(r, flush=True),
     )
     failed = [r for r in result["records"] if r["status"].startswith("failed")]
+    if args.markdown:
+        print("\n" + markdown(result["records"]))
     print(
         f"\n{len(result['records'])} programs, {len(failed)} failed, jax {result['device']['jax']}, "
         f"{time.perf_counter() - t0:.0f} s. A compile for each target, not a timing."

@@ -42,6 +42,20 @@ def pytest_configure(config):
         importlib.import_module(name)
 
 
+def pytest_collection_finish(session):
+    # The compile-for-targets run takes minutes: start it now, beside the rest of the suite.
+    if any(item.path.name == "test_compiled.py" for item in session.items):
+        from tests import compile_run
+
+        compile_run.start()
+
+
+def pytest_unconfigure(config):
+    from tests import compile_run
+
+    compile_run.stop()
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--full") or "slow" in (config.getoption("-m") or ""):
         return

@@ -68,10 +68,12 @@ POPULARITY = 1.5  # the accelerator cases' router skew
 ROUTER_BIAS_STD = 0.1  # the asv cases' per-expert bias
 
 
-def model_case(model: str, widths: dict, tokens: int, *, tags: tuple[str, ...], **kw: Any) -> Case:
+def model_case(
+    model: str, widths: dict, tokens: int, *, tags: tuple[str, ...], prefix: str = "", **kw: Any
+) -> Case:
     e, k, d, f = widths[model]
     short = {"float32": "f32", "bfloat16": "bf16"}.get(kw.get("dtype", "float32"), kw.get("dtype"))
-    return Case(f"{model} T{tokens} {short}", tokens, e, k, d, f, tags=tags, **kw)
+    return Case(f"{prefix}{model} T{tokens} {short}", tokens, e, k, d, f, tags=tags, **kw)
 
 
 _TEST = {"tokens": 16, "num_experts": 8, "top_k": 2, "d_model": 32, "d_ff": 48, "routing": "random"}
@@ -96,7 +98,9 @@ CASES: tuple[Case, ...] = (
         for t in (8, 256, 4096)
     ),
     *(
-        model_case(m, SMOKE_MODELS, 8, dtype="bfloat16", popularity=POPULARITY, tags=("smoke",))
+        model_case(
+            m, SMOKE_MODELS, 8, dtype="bfloat16", popularity=POPULARITY, tags=("smoke",), prefix="smoke "
+        )
         for m in SMOKE_MODELS
     ),
 )

@@ -1,0 +1,185 @@
+"""Every lab program compiled for its real targets (sm_80, sm_90a, v5e, v6e) on this CPU-only machine, through
+`benchmarks.compiled` (the command's own code), and the sm_90a report held against its committed baseline.
+
+Default run: every Pallas kernel (forward and backward) at the small and the benchmark cases on sm_80 and
+sm_90a, with no spills and shared memory within the target; the XLA path `impl="auto"` would run (its own
+strategy choice) at the same cases, float32 and bf16, on sm_80, sm_90a, v5e and v6e. `--full` adds every
+XLA strategy. Skipped with the reason where the toolchain is absent (`pip install tokenlab[compile]`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import pytest
+
+from benchmarks import compiled
+from kernels import compile_only
+from tests import compile_run
+
+BASELINE = pathlib.Path(__file__).parents[1] / "benchmarks" / "baselines" / "compiled_sm_90a.json"
+# How much worse than the baseline a figure may get before the test fails (registers are allocated in
+# steps of 8; instruction counts move a little with unrelated code).
+TOLERANCE = {"registers": 8, "loop_instructions": 0.05, "shared_bytes": 0.0}
+
+
+def _needs(target: str) -> None:
+    reason = compile_only.missing(target)
+    if reason:
+        pytest.skip(f"{target}: {reason}")
+
+
+@functools.cache
+def _run(target: str, family: str) -> tuple[dict, ...]:
+    """The records of `family` ("pallas", "xla" or "strategies") for `target`: from the session's background
+    run (tests/compile_run.py) where it covers them, else compiled here."""
+    if family in compile_run.IMPLS and target in compile_run.TARGETS:
+        records = compile_run.records()
+    else:
+        records = compiled.run(targets=(target,), select=lambda p: p.family == family)["records"]
+    return tuple(r for r in records if r["target"] == target and compiled.family(r["impl"]) == family)
+
+
+def _failures(records: tuple[dict, ...]) -> list[str]:
+    return [f"{r['kernel']} {r['case']} {r['impl']}: {r['status']}" for r in records if r["status"] != "ok"]
+
+
+@pytest.mark.parametrize("target", compiled.GPU_TARGETS)
+def test_pallas_kernels_compile_for_gpus(target):
+    _needs(target)
+    records = _run(target, "pallas")
+    assert {r["kernel"] for r in records} == set(compiled.KERNELS)
+    bad = [f for f in _failures(records) if "unsupported" not in f]
+    assert not bad, "\n".join(bad)
+    info = compile_only.gpu_info(target)
+    for rec in records:
+        if rec["status"] != "ok":
+            continue
+        pallas = [k for k in rec["kernels"] if k["pallas"]]
+        if not rec["impl"].endswith("grad"):  # INT4's backward is the XLA path's: no Pallas kernel in it
+            assert pallas, f"{rec['case']} {rec['impl']}: no Pallas kernel among {rec['kernels']}"
+        for k in pallas:
+            where = f"{rec['kernel']} {rec['case']} {rec['impl']} {k['name']}"
+            assert k["spill_bytes"] == 0, f"{where} spills {k['spill_bytes']} bytes"
+            assert k["shared_bytes"] <= info.shared_per_block_optin, f"{where}: {k['shared_bytes']} B shared"
+            assert k["ctas_per_sm"] >= 1, where
+            assert k["registers"] <= 255, where
+
+
+@pytest.mark.parametrize("target", (*compiled.GPU_TARGETS, *compiled.TPU_TARGETS))
+def test_xla_paths_compile(target):
+    _needs(target)
+    records = _run(target, "xla")
+    assert {r["kernel"] for r in records} == set(compiled.KERNELS)
+    assert {r["dtype"] for r in records} == {"float32", "bfloat16"}
+    assert not _failures(records), "\n".join(_failures(records))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", (*compiled.GPU_TARGETS, *compiled.TPU_TARGETS))
+def test_every_xla_strategy_compiles(target):
+    _needs(target)
+    records = _run(target, "strategies")
+    assert not _failures(records), "\n".join(_failures(records))
+
+
+def _figures(records) -> dict[tuple, dict]:
+    return {
+        (r["kernel"], r["case"], r["impl"], k["name"]): k
+        for r in records
+        if r["status"] == "ok"
+        for k in r["kernels"]
+        if k["pallas"]
+    }
+
+
+def worse_than(base: dict, now: dict) -> list[str]:
+    """The figures of `now` that are worse than `base` beyond TOLERANCE."""
+    out = []
+    if now["registers"] > base["registers"] + TOLERANCE["registers"]:
+        out.append(f"registers {base['registers']} -> {now['registers']}")
+    if now["spill_bytes"] > base["spill_bytes"]:
+        out.append(f"spill_bytes {base['spill_bytes']} -> {now['spill_bytes']}")
+    if now["shared_bytes"] > base["shared_bytes"] * (1 + TOLERANCE["shared_bytes"]):
+        out.append(f"shared_bytes {base['shared_bytes']} -> {now['shared_bytes']}")
+    if now["ctas_per_sm"] < base["ctas_per_sm"]:
+        out.append(f"ctas_per_sm {base['ctas_per_sm']} -> {now['ctas_per_sm']}")
+    b, n = base["loop_instructions"], now["loop_instructions"]
+    if b and n and n > b * (1 + TOLERANCE["loop_instructions"]):
+        out.append(f"loop_instructions {b} -> {n}")
+    return out
+
+
+def test_sm90a_report_no_worse_than_baseline():
+    """The lab's Pallas kernels on sm_90a against the committed report. Regenerate it deliberately, in a
+    reviewed change: python -m benchmarks.compiled --targets sm_90a --impls pallas --json BASELINE"""
+    _needs("sm_90a")
+    base = _figures(json.loads(BASELINE.read_text())["records"])
+    now = _figures(_run("sm_90a", "pallas"))
+    assert base, "the baseline holds no Pallas kernel"
+    missing = sorted(set(base) - set(now))
+    assert not missing, f"kernels in the baseline but not compiled now (update the baseline?): {missing}"
+    worse = {key: w for key in base if (w := worse_than(base[key], now[key]))}
+    assert not worse, "worse than benchmarks/baselines/compiled_sm_90a.json:\n" + "\n".join(
+        f"{' '.join(k)}: {', '.join(w)}" for k, w in worse.items()
+    )
+
+
+def test_baseline_check_catches_a_regression():
+    k = {
+        "registers": 128,
+        "spill_bytes": 0,
+        "shared_bytes": 32768,
+        "ctas_per_sm": 2,
+        "loop_instructions": 500,
+    }
+    assert worse_than(k, k) == []
+    assert worse_than(k, {**k, "registers": 136}) == []
+    assert worse_than(k, {**k, "registers": 137}) == ["registers 128 -> 137"]
+    assert worse_than(k, {**k, "spill_bytes": 4}) == ["spill_bytes 0 -> 4"]
+    assert worse_than(k, {**k, "ctas_per_sm": 1}) == ["ctas_per_sm 2 -> 1"]
+    assert worse_than(k, {**k, "loop_instructions": 600}) == ["loop_instructions 500 -> 600"]
+
+
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*0030*/                   ISETP.GE.AND P0, PT, R0, 0x10, PT ;
+        /*0040*/               @!P0 BRA 0x10 ;
+        /*0050*/                   FADD R2, R2, R3 ;
+        /*0060*/               @!P1 BRA 0x0 ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80;
+"""
+
+
+def test_sass_figures_find_the_innermost_loop_and_the_tensor_cores():
+    fig = compiled.sass_figures(SASS)
+    assert fig == {"tensor_core": "mma", "tma": False, "loop_instructions": 4}
+    hopper = SASS.replace("HMMA.16816.F32.BF16", "HGMMA.64x128x16.F32.BF16").replace("FADD", "UTMALDG.2D")
+    assert compiled.sass_figures(hopper) == {"tensor_core": "wgmma", "tma": True, "loop_instructions": 4}
+
+
+def test_occupancy_is_limited_by_each_resource():
+    info = compile_only.GpuInfo(
+        capability=(9, 0),
+        sms=132,
+        registers_per_sm=65536,
+        shared_per_sm=233472,
+        shared_per_block_optin=232448,
+        shared_reserved_per_block=1024,
+        threads_per_sm=2048,
+        ctas_per_sm=32,
+    )
+    assert info.occupancy(threads=128, registers=32, shared=0) == 16  # threads
+    assert info.occupancy(threads=128, registers=168, shared=0) == 3  # registers: 168·32 -> 5376 per warp
+    assert info.occupancy(threads=128, registers=64, shared=100 * 1024) == 2  # shared memory
+    assert info.occupancy(threads=32, registers=16, shared=0) == 32  # the hardware's cap
+
+
+def test_unknown_target_is_named():
+    with pytest.raises(ValueError, match="target='sm_75' is not one of"):
+        compile_only.missing("sm_75")
