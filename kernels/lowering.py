@@ -196,3 +196,31 @@ def _map_over(fn: Callable[..., list], in_axes: tuple) -> Callable[..., list]:
 
 # The public name: `per_platform_kernel(name, lowerings, *, kernel, ...)` builds one.
 per_platform_kernel = PerPlatformKernel
+
+
+def target_gpu() -> tuple[str, int] | None:
+    """(device kind, compute capability as an int, e.g. 80 or 90) of the NVIDIA GPU being lowered for, as
+    JAX's Triton lowering finds it: the abstract device of the current mesh when there is one (a compile-only
+    target such as "NVIDIA A100-SXM4-40GB", or `kernels.targets`' abstract H100), else the default device.
+    None when that is no NVIDIA GPU (a CPU host without a GPU target, ROCm) or JAX cannot say."""
+    try:
+        from jax._src import gpu_info  # what the Pallas Triton lowering itself asks (JAX >= 0.11)
+    except ImportError:
+        gpu_info = None
+    try:
+        if gpu_info is not None:
+            cc = int(gpu_info.get_gpu_info().compute_capability)
+            return (gpu_info.get_device_kind(), cc) if cc else None
+        device = jax.config.jax_default_device or jax.devices()[0]
+        cc = getattr(device, "compute_capability", None)  # a CUDA device: "9.0"
+        return (device.device_kind, int(str(cc).replace(".", ""))) if cc else None
+    except (ValueError, RuntimeError, TypeError, AttributeError):
+        return None
+
+
+def before_hopper() -> bool:
+    """Whether the NVIDIA GPU being lowered for (`target_gpu`) is older than Hopper (compute capability
+    below 9.0: A100, Ada). There a CTA's tensor-core accumulators live in its warps' registers (no wgmma),
+    so the lab's Triton kernels give large tiles 8 warps instead of 4, or they spill."""
+    target = target_gpu()
+    return target is not None and target[1] < 90

@@ -87,7 +87,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from kernels import registry
 from kernels.int4_matmul.xla import scan_matmul_transposed, scan_scale_grad, zero_cotangent
-from kernels.lowering import per_platform_kernel
+from kernels.lowering import before_hopper, per_platform_kernel
 from kernels.precision import highest_precision
 from kernels.triton_addressing import from_words, needs_words, to_words
 from quant.format import Int4Weight, symmetric_zero
@@ -245,7 +245,10 @@ def choose_config(
     if decode:
         num_warps, num_stages = 4, 4
     else:
-        num_warps, num_stages = (8 if block_m * block_n >= 128 * 128 else 4), 3
+        # Before Hopper a 64x128 tile's accumulator and dequantized operand need 8 warps' registers (with 4,
+        # sm_80 spills); Hopper's wgmma keeps 4 warps (one warpgroup) up to 128x128.
+        big = 64 * 128 if before_hopper() else 128 * 128
+        num_warps, num_stages = (8 if block_m * block_n >= big else 4), 3
     return Tiling(block_m, block_n, block_k, split_k, num_warps, num_stages)
 
 

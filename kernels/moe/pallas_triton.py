@@ -82,7 +82,7 @@ from jax.experimental.pallas import triton as plgpu
 from kernels import registry
 from kernels.int4_matmul.pallas_triton import dot_precision, int4_tile_dot
 from kernels.int4_matmul.xla import zero_cotangent
-from kernels.lowering import per_platform_kernel
+from kernels.lowering import before_hopper, per_platform_kernel
 from kernels.moe.reference import capacity_of
 from kernels.triton_addressing import from_words, needs_words, to_words, word_slice
 from quant.format import Int4Weight, codes_per_byte, symmetric_zero
@@ -103,8 +103,14 @@ DEFAULT_BLOCK_N = 128
 DEFAULT_BLOCK_K = 64  # 32 for float32 (twice the bytes per element)
 GROUP_M = 8  # row tiles per group of the launch order (see launch_order)
 WGRAD_BLOCK = 64  # weight-gradient tiles: 64 x 64 float32 accumulators, two of them for gate and up
-_NUM_WARPS = 4
+_NUM_WARPS = 4  # 8 before Hopper (see `_num_warps`)
 _NUM_STAGES = 3
+
+
+def _num_warps() -> int:
+    """Warps per CTA: 4, or 8 before Hopper, where the gate/up tiles' two float32 accumulators (three in the
+    backward) held in 4 warps' registers spill on sm_80 (`kernels.lowering.before_hopper`)."""
+    return 2 * _NUM_WARPS if before_hopper() else _NUM_WARPS
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,7 +399,7 @@ def _call(kernel, grid, out_shape, operands, interpret, name):
         out_shape=out_shape,
         interpret=interpret,
         name=name,
-        compiler_params=plgpu.CompilerParams(num_warps=_NUM_WARPS, num_stages=_NUM_STAGES),
+        compiler_params=plgpu.CompilerParams(num_warps=_num_warps(), num_stages=_NUM_STAGES),
     )(*present)
 
 

@@ -79,7 +79,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kernels import registry
-from kernels.lowering import per_platform_kernel
+from kernels.lowering import per_platform_kernel, target_gpu
 from kernels.paged_attention.xla import differentiable
 from kernels.triton_addressing import from_words, needs_words, operand_elements, to_words
 
@@ -125,26 +125,6 @@ def _dtype(x: Any) -> np.dtype:
 
 # The first NVIDIA compute capability with float8 conversions in Triton (Ada sm_89, Hopper sm_90).
 _MIN_FP8_CAPABILITY = 89
-
-
-def target_gpu() -> tuple[str, int] | None:
-    """(device kind, compute capability as an int, e.g. 80 or 90) of the NVIDIA GPU being lowered for, as
-    JAX's Triton lowering finds it: the abstract device of the current mesh when there is one (a compile-only
-    target such as "NVIDIA A100-SXM4-40GB", or `kernels.targets`' abstract H100), else the default device.
-    None when that is no NVIDIA GPU (a CPU host without a GPU target, ROCm) or JAX cannot say."""
-    try:
-        from jax._src import gpu_info  # what the Pallas Triton lowering itself asks (JAX >= 0.11)
-    except ImportError:
-        gpu_info = None
-    try:
-        if gpu_info is not None:
-            cc = int(gpu_info.get_gpu_info().compute_capability)
-            return (gpu_info.get_device_kind(), cc) if cc else None
-        device = jax.config.jax_default_device or jax.devices()[0]
-        cc = getattr(device, "compute_capability", None)  # a CUDA device: "9.0"
-        return (device.device_kind, int(str(cc).replace(".", ""))) if cc else None
-    except (ValueError, RuntimeError, TypeError, AttributeError):
-        return None
 
 
 def pallas_unsupported(q: Any, k_pages: Any, v_pages: Any, *, q_lens: Any = None) -> str | None:
