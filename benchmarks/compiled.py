@@ -74,11 +74,15 @@ class Program:
 
     @property
     def family(self) -> str:
-        """ "pallas" (a Pallas kernel, forward or backward), "xla" (the XLA path's own strategy choice) or
-        "strategies" (one XLA strategy named)."""
-        if self.impl.startswith("xla:"):
-            return "strategies"
-        return "xla" if self.impl == "xla" else "pallas"
+        return family(self.impl)
+
+
+def family(impl: str) -> str:
+    """The family of a program's impl label: "pallas" (a Pallas kernel, forward or backward), "xla" (the XLA
+    path's own strategy choice) or "strategies" (one XLA strategy named)."""
+    if impl.startswith("xla:"):
+        return "strategies"
+    return "xla" if impl == "xla" else "pallas"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """The precision policy of the lab's XLA paths: float32 data is computed to float32 accuracy on every backend.
 
 XLA's default precision for float32 dots is backend-dependent: exact on the CPU, TF32 (10-bit mantissa) on
-NVIDIA GPUs, bf16 passes on TPUs. The lab's own dots on float32 data therefore ask for HIGHEST; bfloat16 and
-float16 operands are unaffected (their dots are native, accumulating in float32). A user who wants TF32 speed
-passes bf16 data.
+NVIDIA GPUs, bf16 passes on TPUs. The lab's own dots on float32 data therefore ask for HIGHEST; for bfloat16
+and float16 operands it changes no result (their products are exact in float32), though a dot carries it into
+the HLO, and a backend kernel may reject it: libtpu's Mosaic ragged-dot kernel does, so the MoE path's
+`ragged_dot`s of low-precision operands ask for DEFAULT explicitly. A user who wants TF32 speed passes bf16
+data.
 
 `highest_precision(fn)` traces `fn` with `jax.default_matmul_precision("highest")`, so every dot it builds
 carries that precision in the HLO. Apply it inside `jax.jit` and to each custom VJP's forward and backward

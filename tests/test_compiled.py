@@ -1,10 +1,11 @@
 """Every lab program compiled for its real targets (sm_80, sm_90a, v5e, v6e) on this CPU-only machine, through
 `benchmarks.compiled` (the command's own code), and the sm_90a report held against its committed baseline.
 
-Default run: every Pallas kernel (forward and backward) at the small and the benchmark cases on sm_80 and
-sm_90a, with no spills and shared memory within the target; the XLA path `impl="auto"` would run (its own
-strategy choice) at the same cases, float32 and bf16, on sm_80, sm_90a, v5e and v6e. `--full` adds every
-XLA strategy. Skipped with the reason where the toolchain is absent (`pip install tokenlab[compile]`).
+Default run (tests/compile_run.py, beside the rest of the suite): every Pallas kernel (forward and backward)
+at the small and the benchmark cases on sm_80 and sm_90a, with no spills and shared memory within the
+target; the XLA path's own strategy choice (what `impl="auto"` runs there) at the same cases on sm_80 and
+sm_90a, and at the small cases on v5e and v6e, float32 and bf16. `--full` adds the TPU benchmark cases and
+every XLA strategy. Skipped with the reason where the toolchain is absent (`pip install tokenlab[compile]`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _needs(target: str) -> None:
 def _run(target: str, family: str) -> tuple[dict, ...]:
     """The records of `family` ("pallas", "xla" or "strategies") for `target`: from the session's background
     run (tests/compile_run.py) where it covers them, else compiled here."""
-    if family in compile_run.IMPLS and target in compile_run.TARGETS:
+    if compile_run.covers(target, family):
         records = compile_run.records()
     else:
         records = compiled.run(targets=(target,), select=lambda p: p.family == family)["records"]
@@ -75,6 +76,14 @@ def test_xla_paths_compile(target):
     assert {r["kernel"] for r in records} == set(compiled.KERNELS)
     assert {r["dtype"] for r in records} == {"float32", "bfloat16"}
     assert not _failures(records), "\n".join(_failures(records))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", compiled.TPU_TARGETS)
+def test_xla_paths_compile_for_tpus_at_the_benchmark_cases(target):
+    _needs(target)
+    records = compiled.run(targets=(target,), select=lambda p: p.family == "xla")["records"]
+    assert not _failures(tuple(records)), "\n".join(_failures(tuple(records)))
 
 
 @pytest.mark.slow

@@ -75,10 +75,13 @@ FFN strategies (`impl`):
   (dropless it needs C = A, E times the work: a test oracle).
 - "dense": every expert on every token, each output selected (not multiplied by a zero gate) for the
   tokens routed to it: the simplest formulation, a test oracle.
-- "xla": with a capacity, "batched"; dropless, "ragged" off the CPU and on the CPU "bucketed" for
-  E <= BUCKETED_MAX_EXPERTS (few large experts: XLA on the CPU copies a dynamically indexed expert's
-  weights before its GEMM, which costs more than padding rows) and "grouped" for more (many small
-  experts).
+- "xla": with a capacity, "batched"; dropless, on the CPU "bucketed" for E <= BUCKETED_MAX_EXPERTS (few
+  large experts: XLA on the CPU copies a dynamically indexed expert's weights before its GEMM, which costs
+  more than padding rows) and "grouped" for more (many small experts); on a TPU "grouped"
+  (`kernels.moe.xla.TPU_STRATEGY`: XLA's TPU `ragged_dot` computes every expert on every row by default,
+  and "bucketed" compiles 5-9x slower there); on GPUs "ragged". bf16/f16 `ragged_dot`s
+  ask for DEFAULT precision (HIGHEST only for float32 operands), which XLA's Mosaic ragged-dot kernel on
+  TPUs needs.
 - "cpu_native" (cpu_native.py): the grouped plan with its forward in the native C++ kernel
   (kernels/cpu/moe_ffn*.cc: each touched expert's weights read in place) and the grouped loop's backward;
   float32 x and experts, CPU only.

@@ -270,6 +270,13 @@ BUCKET_FACTORS = (1.0, 1.0625, 1.125, 1.1875, 1.25, 1.3125, 1.375, 1.5, 1.625, 1
 # "auto" on the CPU: the bucketed batched einsum for few, large experts (a weight copy per expert, which
 # the grouped loop pays, costs more than padding rows); the grouped loop for many small experts.
 BUCKETED_MAX_EXPERTS = 16
+# "auto" on a TPU: the grouped loop. Not "ragged": XLA's TPU lowering of `lax.ragged_dot` (libtpu 0.0.52,
+# default flags) is a dense convolution over every expert for every row, E times the FLOPs (51.6 GFLOP
+# instead of 6.5 at T=256, E=8, k=2, d=1024, f=2048), and its float32 weight gradient runs out of scoped VMEM
+# on v6e at that shape. Not "bucketed": its switch over bucket capacities holds a dozen GEMM chains, and
+# libtpu takes 5-9x longer to compile it (30-800 s at that shape on the compile-only devices, against 6-71 s).
+# "grouped" reads only the experts that have rows, each sliced expert kept in VMEM across its row blocks.
+TPU_STRATEGY = "grouped"
 
 
 def _bucket_capacities(num_assign: int, num_experts: int, row_align: int) -> list[int]:
@@ -327,9 +334,26 @@ def _map_under_vmap(fn):
     return mapped
 
 
+def _ragged_dot_precision(x, w):
+    """HIGHEST for float32 operands (the precision policy), DEFAULT (native bf16/f16 passes) otherwise.
+
+    Explicit, so the `highest_precision` context around the strategies does not ask for float32 contraction
+    of low-precision operands: XLA's TPU ragged-dot kernel (Mosaic, libtpu's
+    `xla_tpu_enable_ragged_dot_kernel`) rejects a float32 contract precision on a bf16 operand ("Mosaic failed
+    to compile TPU kernel: Bad lhs type" in its `matmul`; "Bad rhs type" in the gradient's f32 x bf16 dot).
+    The transpose rule reuses this precision, so the backward dots follow the forward operands' dtype.
+    """
+    f32 = jnp.dtype(jnp.float32)
+    if jnp.dtype(x.dtype) == f32 and jnp.dtype(w.dtype) == f32:
+        return lax.Precision.HIGHEST
+    return lax.Precision.DEFAULT
+
+
 @highest_precision
 def _ragged_dot_fwd_core(x, w, sizes):
-    return lax.ragged_dot(x, w, sizes, preferred_element_type=jnp.float32)
+    return lax.ragged_dot(
+        x, w, sizes, precision=_ragged_dot_precision(x, w), preferred_element_type=jnp.float32
+    )
 
 
 @highest_precision
@@ -452,9 +476,9 @@ STRATEGIES = ("grouped", "bucketed", "ragged", "batched", "dense")
 class Config:
     """The XLA path's strategy and the grouped loop's row blocks.
 
-    strategy    one of STRATEGIES; None: with a capacity "batched", dropless "ragged" off the CPU and on the
-                CPU "bucketed" for E <= BUCKETED_MAX_EXPERTS, else "grouped" (for quantized experts:
-                "grouped", with a capacity "batched").
+    strategy    one of STRATEGIES; None: with a capacity "batched"; dropless, on the CPU "bucketed" for
+                E <= BUCKETED_MAX_EXPERTS, else "grouped", on a TPU "grouped" (TPU_STRATEGY), on GPUs
+                "ragged" (for quantized experts: "grouped", with a capacity "batched").
     row_align, block_rows  powers of two, row_align <= block_rows: the grouped loop's row granularity and
                 largest block.
     """
@@ -503,7 +527,7 @@ def moe_ffn_xla(
         if capacity is not None:
             return _ffn_batched(*args, **common)
         on_cpu = bucketed if wg.shape[0] <= BUCKETED_MAX_EXPERTS else grouped
-        return lax.platform_dependent(*args, cpu=on_cpu, default=ragged)
+        return lax.platform_dependent(*args, cpu=on_cpu, tpu=grouped, default=ragged)
     if impl == "grouped":
         return grouped(*args)
     if impl == "bucketed":
