@@ -492,4 +492,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # Compile-only devices need no platform: keep JAX on the CPU, quietly, with the CUDA plugin installed.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu: one process at a time, unless told
     sys.exit(main())

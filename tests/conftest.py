@@ -3,6 +3,10 @@
 import importlib
 import os
 
+# libtpu (the `compile` extra's compile-only TPU devices) lets one process at a time load it unless told: the
+# session and its compile run (tests/compile_run.py) both compile for TPUs.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import pytest
 from hypothesis import HealthCheck, settings
 
