@@ -19,17 +19,22 @@ deviceless compilation with the CUDA plugin; v5e and v6e through libtpu's compil
 Records (one per kernel op × case × impl × target; `--json` writes {"device", "records"} as
 `benchmarks.accel --out` does): kernel (the op), case, impl (with the strategy and, for a backward, " grad"),
 dtype, target, status: "ok", "unsupported: <why>" (the backend declines the call on that target; not a
-failure), "failed: <compiler message>" or "missing: <toolchain absent>". On GPU targets `kernels` lists each
-compiled kernel: name, pallas (a lab Pallas kernel, not one of XLA's fusions), registers, spill_bytes (local
-memory), shared_bytes (static + dynamic), threads, ctas_per_sm (the fewest of registers, shared memory,
-threads and the hardware's cap allow), programs (the launch grid), waves (programs / (SMs × ctas_per_sm)),
-tensor_core ("tcgen05", "wgmma", "mma" or "none", from the SASS), tma (bulk tensor copies in the SASS) and
-loop_instructions (the SASS instructions of the largest innermost loop; null without a loop). Reading SASS
-costs about a second a kernel, so by default it is read for the lab's Pallas kernels only (`--sass all`: for
-XLA's own kernels too; the others have these three null). GEMMs XLA hands to cuBLAS are library calls, not
-kernels of the program, and do not appear. On TPU targets,
-the program's compiled figures: `vmem` (the scoped VMEM its Mosaic kernels ask for, where readable) against
-`vmem_capacity`. This is a compile, not a timing: nothing runs.
+failure), "failed: <compiler message>" or "missing: <toolchain absent>".
+
+On GPU targets `kernels` lists each compiled kernel: name; pallas (a lab Pallas kernel, not one of XLA's
+fusions); registers; spill_bytes (local memory and stack frame per thread: where spills go, so an upper
+bound on them); shared_bytes (static + dynamic); threads; ctas_per_sm (the fewest that registers, shared
+memory, threads and the hardware's cap allow); programs (the launch grid); waves (programs / (SMs ×
+ctas_per_sm)); tensor_core ("tcgen05", "wgmma", "mma" or "none", from the SASS); tma (bulk tensor copies in
+the SASS); loop_instructions (the SASS instructions of the largest innermost loop; null without a loop).
+Reading SASS costs about a second a kernel, so by default it is read for the lab's Pallas kernels only
+(`--sass all`: XLA's own kernels too; the others have these three null). GEMMs XLA hands to cuBLAS are
+library calls, not kernels of the program, and do not appear.
+
+On TPU targets: `vmem`, the most scoped VMEM one of the program's Mosaic kernels uses (libtpu's
+`used_scoped_memory_configs`; null without a Mosaic kernel), `vmem_limit` (what the kernel asked for, or
+libtpu's default scoped limit), and `vmem_capacity`, the chip's (`pltpu.get_tpu_info()`). This is a compile,
+not a timing: nothing runs.
 
 The exit status is 1 if any program failed to compile.
 """
@@ -277,11 +282,30 @@ def gpu_report(compiled: Any, target: str, *, sass: str = "pallas") -> list[dict
     return out
 
 
+_USED_VMEM = re.compile(r'"used_scoped_memory_configs":\[\{"memory_space":"1"[^}]*?"size":"?(\d+)')
+_ASKED_VMEM = re.compile(r'"scoped_memory_configs":\[\{"memory_space":1,[^}]*?"size":"?(\d+)')
+# libtpu's default scoped VMEM limit per chip (from its out-of-memory messages; no API reports it).
+DEFAULT_SCOPED_VMEM = {"v5e": 16 << 20, "v6e": 32 << 20}
+
+
 def tpu_report(compiled: Any, target: str) -> dict[str, Any]:
-    """The figures of a program compiled for a TPU target: its memory analysis (bytes) where readable."""
-    stats = compiled.memory_analysis()
-    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
-    return {f: getattr(stats, f, None) for f in fields} if stats is not None else {}
+    """The VMEM figures of a program compiled for a TPU target (see the module docstring)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from kernels import compile_only
+
+    text = "\n".join(
+        line for line in compiled.as_text().splitlines() if 'custom_call_target="tpu_custom_call"' in line
+    )
+    used = [int(v) for v in _USED_VMEM.findall(text)]
+    asked = [int(v) for v in _ASKED_VMEM.findall(text)]
+    with compile_only.on_target(target):
+        capacity = pltpu.get_tpu_info().vmem_capacity_bytes
+    return {
+        "vmem": max(used) if used else None,
+        "vmem_limit": max(asked) if asked else DEFAULT_SCOPED_VMEM.get(target),
+        "vmem_capacity": capacity,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -192,3 +192,25 @@ def test_occupancy_is_limited_by_each_resource():
 def test_unknown_target_is_named():
     with pytest.raises(ValueError, match="target='sm_75' is not one of"):
         compile_only.missing("sm_75")
+
+
+@pytest.mark.parametrize("target", compiled.TPU_TARGETS)
+def test_tpu_report_reads_the_vmem_a_mosaic_kernel_uses(target):
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    _needs(target)
+
+    def double(x_ref, o_ref):
+        o_ref[...] = x_ref[...] * 2
+
+    def fn(x):
+        return pl.pallas_call(double, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+
+    program = compile_only.compile_for(target, fn, jax.ShapeDtypeStruct((256, 512), jnp.float32))
+    report = compiled.tpu_report(program, target)
+    # One 512 KiB block in and one out, each double-buffered or not: between 1 and 4 blocks of VMEM.
+    assert 512 << 10 <= report["vmem"] <= 2 << 20, report
+    assert report["vmem_limit"] == compiled.DEFAULT_SCOPED_VMEM[target]
+    assert report["vmem_capacity"] == 128 << 20
