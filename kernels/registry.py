@@ -41,7 +41,10 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 # `<package>.<name>.IMPLEMENTATION`.
 _BUILTIN = {
     "paged_attention": ("kernels.paged_attention", ("reference", "xla", "cpu_native", "pallas_triton")),
-    "int4_matmul": ("kernels.int4_matmul", ("reference", "xla", "cpu_native", "pallas_triton")),
+    "int4_matmul": (
+        "kernels.int4_matmul",
+        ("reference", "xla", "cpu_native", "pallas_triton", "pallas_mosaic_tpu"),
+    ),
     "moe_ffn": ("kernels.moe", ("reference", "xla", "cpu_native", "pallas_triton")),
 }
 # The XLA path's strategies, selectable by name: impl=s is impl="xla" with the XLA Config's strategy=s.
