@@ -2,15 +2,20 @@
 code, in a second process started as soon as the session has collected those tests (tests/conftest.py), so
 that its minutes of compiling overlap the rest of the suite instead of adding to it.
 
-What it compiles (`select`): on sm_80 and sm_90a every Pallas kernel (forward and backward) and the XLA
-path's own choice at the small and the benchmark cases, the benchmark cases in their dtype (bf16) and the
-small ones in float32 too; on v5e and v6e the XLA path at the small cases in float32 and bf16 (the TPU
-compiler takes minutes over the largest benchmark cases: `--full` and `python -m benchmarks.compiled`
-compile them, and every XLA strategy).
+What it compiles (`select`), to keep `make test` under 10 minutes on 2 cores:
+- sm_90a (the baseline's target): every Pallas kernel, forward and backward, and the XLA path's own
+  strategy choice, at the small and the benchmark cases (those in their dtype, bf16; the small ones in
+  float32 too);
+- sm_80: every Pallas kernel forward at the small and the benchmark cases, backward and the XLA path at the
+  small cases;
+- v5e and v6e: the XLA path at the small cases, float32 and bf16.
+`--full` compiles the rest (tests/test_compiled.py::test_the_rest_compiles), and `python -m
+benchmarks.compiled` everything, every XLA strategy included.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -27,25 +32,24 @@ _run: dict = {}
 
 
 def covers(target: str, family: str) -> bool:
-    """Whether this run holds `family`'s programs for `target` (else tests compile them themselves)."""
-    return (target in GPU_TARGETS and family in ("pallas", "xla")) or (
-        target in TPU_TARGETS and family == "xla"
-    )
+    """Whether this run holds programs of `family` for `target`."""
+    return target in GPU_TARGETS or (target in TPU_TARGETS and family == "xla")
 
 
 def select(program, target: str) -> bool:
-    from benchmarks import compiled
-
+    """Whether this run compiles `program` for `target` (see the module docstring)."""
     small = program.case in _small_cases()
+    if program.family == "strategies":
+        return False
     if target in TPU_TARGETS:
         return program.family == "xla" and small
-    if program.family == "pallas":
-        return True
-    case_dtype = program.dtype == "bfloat16"  # the benchmark cases' dtype
-    return program.family == "xla" and (small or case_dtype) and compiled.family(program.impl) == "xla"
+    if program.family == "xla":
+        return small or (target == "sm_90a" and program.dtype == "bfloat16")
+    return small or target == "sm_90a" or not program.impl.endswith("grad")
 
 
-def _small_cases() -> set[str]:
+@functools.cache
+def _small_cases() -> frozenset[str]:
     import importlib
 
     from benchmarks import compiled
@@ -54,7 +58,7 @@ def _small_cases() -> set[str]:
     for op in compiled.KERNELS:
         for case in importlib.import_module(compiled.ARG_SPECS[op]).cases("smoke"):
             names |= {case.name, *(compiled._with_dtype(op, case, dt).name for dt in ("float32", "bfloat16"))}
-    return names
+    return frozenset(names)
 
 
 def main(out: str) -> None:

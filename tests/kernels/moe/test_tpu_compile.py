@@ -93,7 +93,7 @@ INT4 = get("test int4 experts")  # "grouped" over int4_matmul
 BRANCHES = [
     INT4,
     get("test capacity 1.0"),  # "batched"
-    dataclasses.replace(SMALL, name="test decode T2 bf16", tokens=2, dtype="bfloat16"),  # T·k < 2E: "grouped"
+    dataclasses.replace(SMALL, name="test decode T2 bf16", tokens=2, dtype="bfloat16"),  # decode
 ]
 
 
@@ -110,6 +110,7 @@ def test_auto_compiles_for_each_tpu_branch(tpu_devices, case, grad):
     compile_for(tpu_devices["v6e"], moe_ffn, case, grad=grad, impl="auto")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chip,dtype", [("v6e", "bfloat16"), ("v5e", "float32")])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_compiles(tpu_devices, strategy, chip, dtype):
@@ -120,14 +121,23 @@ def test_every_strategy_compiles(tpu_devices, strategy, chip, dtype):
     "chip,kernel,grad",
     [
         pytest.param(
-            chip, kernel, grad, id=f"{chip}-{'kernel' if kernel else 'dense'}-{'grad' if grad else 'fwd'}"
+            chip,
+            kernel,
+            grad,
+            id=f"{chip}-{'kernel' if kernel else 'dense'}-{'grad' if grad else 'fwd'}",
+            marks=() if default else pytest.mark.slow,
         )
-        for chip, kernel, grad in [
-            ("v5e", True, False),
-            ("v5e", True, True),
-            ("v6e", True, False),
-            ("v6e", True, True),
-            ("v6e", False, True),  # the default (dense) lowering's forward: test_every_strategy_compiles
+        for chip, kernel, grad, default in [
+            ("v5e", True, False, True),
+            ("v5e", True, True, False),
+            ("v6e", True, False, False),
+            ("v6e", True, True, True),
+            (
+                "v6e",
+                False,
+                True,
+                False,
+            ),  # the default (dense) lowering's forward: test_every_strategy_compiles
         ]
     ],
 )
