@@ -3,12 +3,11 @@ code, in a second process started as soon as the session has collected those tes
 that its minutes of compiling overlap the rest of the suite instead of adding to it.
 
 What it compiles (`select`), to keep `make test` under 10 minutes on 2 cores:
-- sm_90a (the baseline's target): every Pallas kernel, forward and backward, and the XLA path's own
-  strategy choice, at the small and the benchmark cases (those in their dtype, bf16; the small ones in
-  float32 too);
-- sm_80: every Pallas kernel forward at the small and the benchmark cases, backward and the XLA path at the
-  small cases;
-- v5e and v6e: the XLA path at the small cases, float32 and bf16.
+- sm_90a (the baseline's target): every Pallas kernel, forward and backward, at the small and the
+  benchmark cases;
+- sm_80: every Pallas kernel forward at the small and the benchmark cases, backward at the small cases;
+- every target (sm_80, sm_90a, v5e, v6e): the XLA path's own strategy choice at the small cases, float32
+  and bf16.
 `--full` compiles the rest (tests/test_compiled.py::test_the_rest_compiles), and `python -m
 benchmarks.compiled` everything, every XLA strategy included.
 """
@@ -44,7 +43,7 @@ def select(program, target: str) -> bool:
     if target in TPU_TARGETS:
         return program.family == "xla" and small
     if program.family == "xla":
-        return small or (target == "sm_90a" and program.dtype == "bfloat16")
+        return small
     return small or target == "sm_90a" or not program.impl.endswith("grad")
 
 

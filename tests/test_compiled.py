@@ -4,9 +4,9 @@
 Default run (tests/compile_run.py, beside the rest of the suite): every Pallas kernel at the small and the
 benchmark cases on sm_80 and sm_90a (the backward at both on sm_90a, at the small cases on sm_80), with no
 spills and shared memory within the target; the XLA path's own strategy choice (what `impl="auto"` runs
-there), float32 and bf16, at the small cases on sm_80, v5e and v6e and at the benchmark cases too on sm_90a.
-`--full` compiles the rest (every XLA strategy, the TPU benchmark cases). Skipped with the reason where the
-toolchain is absent (`pip install tokenlab[compile]`).
+there), float32 and bf16, at the small cases on sm_80, sm_90a, v5e and v6e. `--full` compiles the rest
+(the XLA paths at the benchmark cases, every XLA strategy, sm_80's backward at the benchmark cases).
+Skipped with the reason where the toolchain is absent (`pip install tokenlab[compile]`).
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def test_xla_paths_compile(target):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", (*compiled.GPU_TARGETS, *compiled.TPU_TARGETS))
 def test_the_rest_compiles(target):
-    """What the default run leaves out: every XLA strategy, the TPU benchmark cases (libtpu takes minutes
-    over the largest), sm_80's Pallas backward and XLA path at the benchmark cases."""
+    """What the default run leaves out: the XLA paths at the benchmark cases (libtpu takes minutes over the
+    largest), every XLA strategy, sm_80's Pallas backward at the benchmark cases."""
     _needs(target)
     records = compiled.run(targets=(target,), select=lambda p: not compile_run.select(p, target))["records"]
     assert not _failures(tuple(records)), "\n".join(_failures(tuple(records)))

@@ -13,9 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# ~30 s on 2 cores: under --full; docs/scale-out.md's blocks run the sharded kernels on 8 devices by default.
+@pytest.mark.slow
 def test_sharded_kernels_match_single_device_on_8_simulated_devices():
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "")

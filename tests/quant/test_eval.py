@@ -60,6 +60,7 @@ def test_embedding_quality_hand_worked():
     assert q["cos_min"] == pytest.approx(0.96 * 0.28 + 0.28 * 0.96, abs=tolerance(np.float64).atol)
 
 
+@pytest.mark.slow  # ~18 s on 2 cores; the subset's pieces are tested one by one above
 @needs_model
 def test_eval_command_on_a_subset(capsys):
     args = ["--calib", "16", "--eval", "8", "--methods", "rtn,awq_shared", "--group-sizes", "128", "--json"]
