@@ -15,7 +15,7 @@ settings.register_profile(
     "ci",
     derandomize=True,
     deadline=None,
-    max_examples=12,
+    max_examples=8,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )

@@ -2,11 +2,12 @@
 `benchmarks.compiled` (the command's own code), and the sm_90a report held against its committed baseline.
 
 Default run (tests/compile_run.py, beside the rest of the suite): every Pallas kernel at the small and the
-benchmark cases on sm_80 and sm_90a (the backward at both on sm_90a, at the small cases on sm_80), with no
-spills and shared memory within the target; the XLA path's own strategy choice (what `impl="auto"` runs
-there), float32 and bf16, at the small cases on sm_80, sm_90a, v5e and v6e. `--full` compiles the rest
-(the XLA paths at the benchmark cases, every XLA strategy, sm_80's backward at the benchmark cases).
-Skipped with the reason where the toolchain is absent (`pip install tokenlab[compile]`).
+benchmark cases on sm_90a, forward and backward, and on sm_80 at the small cases (paged attention's and
+INT4's forward at the benchmark cases too), with no spills and shared memory within the target; the XLA
+path's own strategy choice (what `impl="auto"` runs there), float32 and bf16, at the small cases on sm_80,
+sm_90a, v5e and v6e. `--full` compiles the rest (the XLA paths and sm_80's MoE kernels at the benchmark
+cases, every XLA strategy). Skipped with the reason where the toolchain is absent
+(`pip install tokenlab[compile]`).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def test_xla_paths_compile(target):
 @pytest.mark.parametrize("target", (*compiled.GPU_TARGETS, *compiled.TPU_TARGETS))
 def test_the_rest_compiles(target):
     """What the default run leaves out: the XLA paths at the benchmark cases (libtpu takes minutes over the
-    largest), every XLA strategy, sm_80's Pallas backward at the benchmark cases."""
+    largest), every XLA strategy, sm_80's MoE kernels at the benchmark cases."""
     _needs(target)
     records = compiled.run(targets=(target,), select=lambda p: not compile_run.select(p, target))["records"]
     assert not _failures(tuple(records)), "\n".join(_failures(tuple(records)))

@@ -29,7 +29,7 @@ def for_each_impl(op: str):
 
 
 def examples_for(impl: str, n: int) -> int:
-    """`n` examples at 25 max_examples, scaled with the profile's (the `ci` profile's 12 give about 0.5 n)."""
+    """`n` examples at 25 max_examples, scaled with the profile's (the `ci` profile's 8: about n / 3)."""
     scale = settings.default.max_examples / 25
     n = max(1, round(n * scale))
     if impl in SLOW_IMPL_EXAMPLES:
