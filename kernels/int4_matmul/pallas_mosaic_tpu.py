@@ -90,7 +90,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import registry
-from kernels.int4_matmul.xla import scan_matmul_transposed, scan_scale_grad, zero_cotangent
+from kernels.int4_matmul.xla import prepare_x, scan_matmul_transposed, scan_scale_grad, zero_cotangent
 from kernels.lowering import per_platform_kernel
 from kernels.precision import highest_precision
 from quant.format import Int4Weight, symmetric_zero
@@ -657,12 +657,8 @@ def int4_weight_matmul_tpu(x: jax.Array, w: Int4Weight, **tunables: Any) -> jax.
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "interpret"))
 def _weight_matmul(x: jax.Array, w: Int4Weight, **tunables: Any) -> jax.Array:
-    k, n = w.shape
-    xf = x.reshape(-1, k)
-    if w.act_scales is not None:
-        xf = (xf.astype(jnp.float32) / w.act_scales.astype(jnp.float32)).astype(x.dtype)
-    if w.perm is not None:
-        xf = xf[:, w.perm]
+    n = w.shape[1]
+    xf = prepare_x(x, w).astype(x.dtype)  # stored row order, AWQ scales divided out (exact round trip)
     y = int4_matmul_tpu(
         xf,
         w.packed,

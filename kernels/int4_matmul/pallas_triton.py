@@ -86,7 +86,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels import registry
-from kernels.int4_matmul.xla import scan_matmul_transposed, scan_scale_grad, zero_cotangent
+from kernels.int4_matmul.xla import prepare_x, scan_matmul_transposed, scan_scale_grad, zero_cotangent
 from kernels.lowering import before_hopper, per_platform_kernel
 from kernels.precision import highest_precision
 from kernels.triton_addressing import from_words, needs_words, to_words
@@ -656,12 +656,8 @@ def int4_weight_matmul_pallas(x: jax.Array, w: Int4Weight, **tunables: Any) -> j
 
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "split_k", "interpret"))
 def _weight_matmul(x: jax.Array, w: Int4Weight, **tunables: Any) -> jax.Array:
-    k, n = w.shape
-    xf = x.reshape(-1, k)
-    if w.act_scales is not None:
-        xf = (xf.astype(jnp.float32) / w.act_scales.astype(jnp.float32)).astype(x.dtype)
-    if w.perm is not None:
-        xf = xf[:, w.perm]
+    n = w.shape[1]
+    xf = prepare_x(x, w).astype(x.dtype)  # stored row order, AWQ scales divided out (exact round trip)
     y = int4_matmul_pallas(
         xf,
         w.packed,
