@@ -21,15 +21,27 @@ Records (one per kernel op × case × impl × target; `--json` writes {"device",
 dtype, target, status: "ok", "unsupported: <why>" (the backend declines the call on that target; not a
 failure), "failed: <compiler message>" or "missing: <toolchain absent>".
 
-On GPU targets `kernels` lists each compiled kernel: name; pallas (a lab Pallas kernel, not one of XLA's
-fusions); registers; spill_bytes (local memory and stack frame per thread: where spills go, so an upper
-bound on them); shared_bytes (static + dynamic); threads; ctas_per_sm (the fewest that registers, shared
-memory, threads and the hardware's cap allow); programs (the launch grid); waves (programs / (SMs ×
-ctas_per_sm)); tensor_core ("tcgen05", "wgmma", "mma" or "none", from the SASS); tma (bulk tensor copies in
-the SASS); loop_instructions (the SASS instructions of the largest innermost loop; null without a loop).
-Reading SASS costs about a second a kernel, so by default it is read for the lab's Pallas kernels only
-(`--sass all`: XLA's own kernels too; the others have these three null). GEMMs XLA hands to cuBLAS are
-library calls, not kernels of the program, and do not appear.
+On GPU targets `kernels` lists each compiled kernel: name; backend ("pallas_mosaic_gpu", "pallas_triton" or
+"xla": one of XLA's own fusions); pallas (a lab Pallas kernel: backend is not "xla"); registers; spill_bytes
+(local memory and stack frame per thread: where spills go, so an upper bound on them); shared_bytes (static
++ dynamic); threads; ctas_per_sm (the fewest that registers, shared memory, threads and the hardware's cap
+allow); programs (the launch grid); waves (programs / (SMs × ctas_per_sm)); tensor_core ("tcgen05",
+"wgmma", "mma" or "none", from the SASS); tma (bulk tensor copies in the SASS); loop_instructions (the SASS
+instructions of the largest innermost loop, barrier-wait loops not counted: a pipeline's mbarrier try-wait
+is a loop of a few instructions inside the main loop; null without a loop). `kernels_per_call`: how many
+distinct kernels the program launches (GEMMs XLA hands to cuBLAS are library calls, not kernels of the
+program, and are not counted). Reading SASS costs about a second a kernel, so by default it is read for the
+lab's Pallas kernels only (`--sass all`: XLA's own kernels too; the others have these three null).
+
+Mosaic GPU kernels are compiled by XLA:GPU with the program (Mosaic's passes, LLVM and ptxas, for the target
+the kernel was lowered for) and stored in their custom call's thunk, not as kernel launches: the report
+reads their cubin there and their grid and block from the kernel's MLIR module (`mosaic_gpu_kernels`).
+
+INT4 records: each Pallas kernel with a main loop carries weights_per_warp_instruction, the INT4 weights
+whose packed codes one pass of the main loop loads (`loop_weights`: the kernel module's
+`weights_per_loop_pass`, else the Triton kernel's block_k × block_n) ÷ the CTA's warps (all of them, a
+warp-specialized kernel's producer warps included) ÷ loop_instructions; null for kernels without such a loop
+(a reduction pass, XLA's fusions) and for backends that do not say.
 
 On TPU targets: `vmem`, the most scoped VMEM one of the program's Mosaic kernels uses (libtpu's
 `used_scoped_memory_configs`; null without a Mosaic kernel), `vmem_limit` (what the kernel asked for, or
@@ -84,6 +96,8 @@ class Program:
     fn: Callable[..., Any] = dataclasses.field(repr=False)
     args: tuple[Any, ...] = dataclasses.field(repr=False)
     check: Callable[..., str | None] | None = None  # why the backend declines the call (None: it serves it)
+    # INT4 Pallas programs: the weights one pass of the kernel's main loop loads (`loop_weights`).
+    weights: Callable[..., int | dict[str, int] | None] | None = None
 
     @property
     def family(self) -> str:
@@ -165,14 +179,56 @@ def programs(op: str, platform: str, *, quick: bool = False) -> Iterator[Program
             check = functools.partial(impl.unsupported, **kwargs)
             kw = {"impl": impl.name, **kwargs}
             dtype = _dtype(op, case)
-            yield Program(op, case.name, impl.name, dtype, functools.partial(entry, **kw), args, check)
+            weights = functools.partial(loop_weights, impl, **kwargs) if op == "int4_matmul" else None
+            fn = functools.partial(entry, **kw)
+            yield Program(op, case.name, impl.name, dtype, fn, args, check, weights)
             if impl.name.startswith("pallas") and op in ("int4_matmul", "moe_ffn"):
                 grad = _grad_fn(entry, _float_argnums(args), **kw)
-                yield Program(op, case.name, f"{impl.name} grad", dtype, grad, args, check)
+                yield Program(op, case.name, f"{impl.name} grad", dtype, grad, args, check, weights)
 
 
 def _dtype(op: str, case: Any) -> str:
     return case.x_dtype if op == "int4_matmul" else case.dtype
+
+
+def loop_weights(impl: Any, *args: Any, **kwargs: Any) -> int | dict[str, int] | None:
+    """The INT4 weights whose packed codes one pass of the main loop of `impl`'s kernel loads (per CTA), for
+    `int4_matmul(*args, **kwargs)` on the target being compiled for (call it under `on_target`), or None.
+
+    The kernel's module says it where it can: `weights_per_loop_pass(*args, **kwargs)` -> int, or
+    {kernel name: int} when the program launches several kernels with such a loop. Without that function:
+    the Triton kernel loads a [block_k / 2, block_n] tile of packed bytes per pass of its K loop, so block_k x
+    block_n weights, with the tiles its Config resolves to (`choose_config` for the fields the Config leaves
+    to the heuristic); any other backend: None (no figure rather than a guess)."""
+    import importlib
+
+    if not impl.name.startswith("pallas"):
+        return None
+    module = importlib.import_module(f"{impl.fn.__module__}")
+    hook = getattr(module, "weights_per_loop_pass", None)
+    if hook is not None:
+        return hook(*args, **kwargs)
+    if impl.name != "pallas_triton" or not hasattr(module, "choose_config"):
+        return None
+    import math
+
+    x, w = args[:2]
+    k, n = w.shape
+    config = impl.resolve_config(None, *args, **kwargs)
+    given = {f: v for f, v in dataclasses.asdict(config).items() if v is not None} if config else {}
+    tiles = module.choose_config(math.prod(x.shape[:-1]), k, n, w.group_size, dtype=x.dtype, **given)
+    return tiles.block_k * tiles.block_n
+
+
+def _add_loop_figures(rec: dict[str, Any], weights: int | dict[str, int] | None) -> None:
+    """weights_per_warp_instruction on each Pallas kernel with a main loop (see the module docstring)."""
+    for k in rec.get("kernels") or []:
+        k.setdefault("weights_per_warp_instruction", None)
+        if not k["pallas"] or weights is None:
+            continue
+        w = weights.get(k["name"]) if isinstance(weights, dict) else weights
+        if w and k["loop_instructions"] and k["threads"]:
+            k["weights_per_warp_instruction"] = round(w / (k["threads"] / 32) / k["loop_instructions"], 2)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -498,6 +554,15 @@ def compile_program(program: Program, target: str, *, sass: str = "pallas") -> d
             why = program.check(*args) if program.check else None
             if why:
                 return {**rec, "status": f"unsupported: {why}"}
+            hopper_only = program.impl.startswith("pallas_mosaic_gpu")
+            if hopper_only and compile_only.gpu_info(target).capability < (9, 0):
+                # LLVM aborts the whole process on wgmma/TMA for an older GPU: never try, and say whose fault.
+                return {**rec, "status": f"failed: {program.impl} serves this call on {target}, but Mosaic "
+                        "GPU kernels need compute capability 9.0; its supports() must decline"}
+            try:
+                weights = program.weights(*args) if program.weights else None
+            except Exception as err:  # the compile is still worth its record; the figure says why it is absent
+                weights, rec["weights_error"] = None, _short(err)
             compiled = jax.jit(program.fn).trace(*args).lower().compile()
     except Exception as err:  # the compiler's own message is the record
         return {**rec, "status": f"failed: {_short(err)}", "seconds": round(time.perf_counter() - t0, 2)}
@@ -505,6 +570,9 @@ def compile_program(program: Program, target: str, *, sass: str = "pallas") -> d
     try:
         if compile_only.get_target(target).platform == "cuda":
             rec["kernels"] = gpu_report(compiled, target, sass=sass)
+            rec["kernels_per_call"] = len(rec["kernels"])
+            if program.kernel == "int4_matmul":
+                _add_loop_figures(rec, weights)
         else:
             rec.update(tpu_report(compiled, target))
     except (compile_only.ToolchainMissing, FileNotFoundError) as err:
@@ -555,49 +623,64 @@ def main_kernels(rec: dict[str, Any]) -> list[dict[str, Any]]:
 
 HEADER = (
     f"{'kernel':<16} {'case':<22} {'impl':<22} {'target':<7} {'#k':>3} {'regs':>4} {'spill':>5} "
-    f"{'smem KiB':>8} {'CTA/SM':>6} {'waves':>7} {'tc':<7} {'loop':>5}  status"
+    f"{'smem KiB':>8} {'CTA/SM':>6} {'waves':>7} {'tc':<7} {'loop':>5} {'w/wi':>6}  status"
 )
 
 
-def _row(rec: dict[str, Any]) -> str:
+def _summary(rec: dict[str, Any]) -> dict[str, Any] | None:
+    """The figures one row shows for a record: over its Pallas kernels, else all its kernels."""
     ks = main_kernels(rec)
     if not ks:
-        extra = f" vmem {rec['vmem'] / 2**20:.1f} MiB" if rec.get("vmem") else ""
-        return (
-            f"{rec['kernel']:<16} {rec['case']:<22} {rec['impl']:<22} {rec['target']:<7} "
-            f"{'':>3} {'':>4} {'':>5} {'':>8} {'':>6} {'':>7} {'':<7} {'':>5}  {rec['status'][:160]}{extra}"
-        )
+        return None
     worst = max(ks, key=lambda k: (k["registers"], k["shared_bytes"]))
     loops = [k["loop_instructions"] for k in ks if k["loop_instructions"]]
-    waves = max((k["waves"] or 0) for k in ks)
+    wpi = [k["weights_per_warp_instruction"] for k in ks if k.get("weights_per_warp_instruction")]
+    ctas = [k["ctas_per_sm"] for k in ks if k["ctas_per_sm"] is not None]
+    return {
+        "kernels": rec.get("kernels_per_call", len(rec["kernels"])),
+        "registers": worst["registers"],
+        "spills": sum(k["spill_bytes"] for k in ks),
+        "shared_kib": worst["shared_bytes"] / 1024,
+        "ctas": min(ctas) if ctas else None,
+        "waves": max((k["waves"] or 0) for k in ks),
+        "tensor_core": worst["tensor_core"] or "",
+        "loop": max(loops) if loops else None,
+        "wpi": min(wpi) if wpi else None,
+    }
+
+
+def _row(rec: dict[str, Any]) -> str:
     head = f"{rec['kernel']:<16} {rec['case']:<22} {rec['impl']:<22} {rec['target']:<7}"
-    spills = sum(k["spill_bytes"] for k in ks)
+    f = _summary(rec)
+    if f is None:
+        extra = f" vmem {rec['vmem'] / 2**20:.1f} MiB" if rec.get("vmem") else ""
+        blank = f"{'':>3} {'':>4} {'':>5} {'':>8} {'':>6} {'':>7} {'':<7} {'':>5} {'':>6}"
+        return f"{head} {blank}  {rec['status'][:160]}{extra}"
     return (
-        f"{head} {len(rec['kernels']):>3} {worst['registers']:>4} {spills:>5} "
-        f"{worst['shared_bytes'] / 1024:>8.1f} {min(k['ctas_per_sm'] for k in ks):>6} {waves:>7.2f} "
-        f"{worst['tensor_core'] or '':<7} {max(loops) if loops else '':>5}  {rec['status'][:160]}"
+        f"{head} {f['kernels']:>3} {f['registers']:>4} {f['spills']:>5} {f['shared_kib']:>8.1f} "
+        f"{'' if f['ctas'] is None else f['ctas']:>6} {f['waves']:>7.2f} {f['tensor_core']:<7} "
+        f"{'' if f['loop'] is None else f['loop']:>5} {'' if f['wpi'] is None else f['wpi']:>6}  "
+        f"{rec['status'][:160]}"
     )
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
     """The records as a Markdown table, one row per program (its Pallas kernels, else all its kernels)."""
-    cols = ("op", "case", "impl", "target", "regs", "spills (B)", "shared (KiB)", "CTAs/SM", "waves")
-    cols += ("tensor cores", "loop")
+    cols = ("op", "case", "impl", "target", "kernels", "regs", "spills (B)", "shared (KiB)", "CTAs/SM")
+    cols += ("waves", "tensor cores", "loop", "weights/warp-instr")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for rec in records:
-        ks = main_kernels(rec)
-        if not ks:
+        f = _summary(rec)
+        if f is None:
             status = rec["status"] if rec["status"] != "ok" else "compiles"
             row = (rec["kernel"], rec["case"], rec["impl"], rec["target"], status, *[""] * (len(cols) - 5))
             lines.append("| " + " | ".join(row) + " |")
             continue
-        worst = max(ks, key=lambda k: (k["registers"], k["shared_bytes"]))
-        loops = [k["loop_instructions"] for k in ks if k["loop_instructions"]]
+        show = {k: "" if v is None else v for k, v in f.items()}
         lines.append(
-            f"| {rec['kernel']} | {rec['case']} | {rec['impl']} | {rec['target']} | {worst['registers']} | "
-            f"{sum(k['spill_bytes'] for k in ks)} | {worst['shared_bytes'] / 1024:.1f} | "
-            f"{min(k['ctas_per_sm'] for k in ks)} | {max((k['waves'] or 0) for k in ks):.2f} | "
-            f"{worst['tensor_core'] or ''} | {max(loops) if loops else ''} |"
+            f"| {rec['kernel']} | {rec['case']} | {rec['impl']} | {rec['target']} | {show['kernels']} | "
+            f"{show['registers']} | {show['spills']} | {f['shared_kib']:.1f} | {show['ctas']} | "
+            f"{f['waves']:.2f} | {show['tensor_core']} | {show['loop']} | {show['wpi']} |"
         )
     return "\n".join(lines)
 
