@@ -45,7 +45,10 @@ _BUILTIN = {
         "kernels.int4_matmul",
         ("reference", "xla", "cpu_native", "pallas_triton", "pallas_mosaic_tpu"),
     ),
-    "moe_ffn": ("kernels.moe", ("reference", "xla", "cpu_native", "pallas_triton")),
+    "moe_ffn": (
+        "kernels.moe",
+        ("reference", "xla", "cpu_native", "pallas_triton", "pallas_mosaic_gpu"),
+    ),
 }
 # The XLA path's strategies, selectable by name: impl=s is impl="xla" with the XLA Config's strategy=s.
 STRATEGIES = {

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from kernels import available_impls, registry
 
 # Examples per property for implementations that are slow on this machine (interpret mode, NumPy loops).
-SLOW_IMPL_EXAMPLES = {"reference": 3, "pallas_triton": 2, "pallas_mosaic_tpu": 2}
+SLOW_IMPL_EXAMPLES = {"reference": 3, "pallas_triton": 2, "pallas_mosaic_tpu": 2, "pallas_mosaic_gpu": 1}
 
 
 def for_each_impl(op: str):
