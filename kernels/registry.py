@@ -40,7 +40,10 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 # Each op's package and its built-in implementations, in table order; each is
 # `<package>.<name>.IMPLEMENTATION`.
 _BUILTIN = {
-    "paged_attention": ("kernels.paged_attention", ("reference", "xla", "cpu_native", "pallas_triton")),
+    "paged_attention": (
+        "kernels.paged_attention",
+        ("reference", "xla", "cpu_native", "pallas_triton", "pallas_mosaic_tpu"),
+    ),
     "int4_matmul": (
         "kernels.int4_matmul",
         ("reference", "xla", "cpu_native", "pallas_triton", "pallas_mosaic_tpu"),
