@@ -25,7 +25,8 @@ On GPU targets `kernels` lists each compiled kernel: name; backend ("pallas_mosa
 "xla": one of XLA's own fusions); pallas (a lab Pallas kernel: backend is not "xla"); registers; spill_bytes
 (local memory and stack frame per thread: where spills go, so an upper bound on them); shared_bytes (static
 + dynamic); threads; ctas_per_sm (the fewest that registers, shared memory, threads and the hardware's cap
-allow); programs (the launch grid); waves (programs / (SMs × ctas_per_sm)); tensor_core ("tcgen05",
+allow); programs (the launch grid); waves (programs / (SMs × ctas_per_sm)); num_stages (a Triton kernel's
+software-pipelining stages, from its custom call; null for the others); tensor_core ("tcgen05",
 "wgmma", "mma" or "none", from the SASS); tma (bulk tensor copies in the SASS); loop_instructions (the SASS
 instructions of the largest innermost loop, barrier-wait loops not counted: a pipeline's mbarrier try-wait
 is a loop of a few instructions inside the main loop; null without a loop). `kernels_per_call`: how many
@@ -324,12 +325,12 @@ def sass_figures(sass: str) -> dict[str, Any]:
 #
 # XLA:GPU compiles a Mosaic GPU custom call (`mosaic_gpu_v2`) while it compiles the program: the kernel's MLIR
 # module (in the call's backend_config) goes through Mosaic's passes, LLVM's NVPTX backend and ptxas for the
-# module's own target (its `mosaic_gpu.arch_*` attributes, set from the device lowered for), and the result is
-# stored in the custom-call thunk of the GpuExecutableProto as a `mosaic::gpu::CustomCallResources` message:
-# 1 a version, 2 the host-side launch code (an x86-64 object), 4 the kernel hash (SHA-256 of the module), 5 the
-# host entry's symbol, 8 the cubin, 9 the kernel's name, 10 its dynamic shared memory in bytes. The launch
-# grid and block are not stored: the host code computes them, so they are read from the module's
-# `gpu.launch` (constant operands, as Mosaic emits them). Field numbers checked against jax 0.12
+# module's own target (its `mosaic_gpu.arch_*` attributes, set from the device lowered for), and the result
+# is stored in the custom-call thunk of the GpuExecutableProto as a `mosaic::gpu::CustomCallResources`
+# message: 1 a version, 2 the host-side launch code (an x86-64 object), 4 the kernel hash (SHA-256 of the
+# module), 5 the host entry's symbol, 8 the cubin, 9 the kernel's name, 10 its dynamic shared memory in
+# bytes. The launch grid and block are not stored: the host code computes them, so they are read from the
+# module's `gpu.launch` (constant operands, as Mosaic emits them). Field numbers checked against jax 0.12
 # (`compile_only.GPU_EXECUTABLE_LAYOUTS`).
 _MOSAIC_RESOURCES = b"N6mosaic3gpu19CustomCallResourcesE"
 
@@ -458,6 +459,18 @@ def mosaic_gpu_kernels(compiled: Any) -> list[Any]:
     return list(found.values())
 
 
+def triton_calls(hlo_text: str) -> dict[str, int | None]:
+    """name -> num_stages of each Pallas Triton kernel in a compiled program's HLO text (its custom call's
+    backend_config)."""
+    out: dict[str, int | None] = {}
+    for line in hlo_text.splitlines():
+        m = _PALLAS_NAME.search(line)
+        if m:
+            stages = re.search(r"\bnum_stages = (\d+)", line)
+            out.setdefault(m.group(1), int(stages.group(1)) if stages else None)
+    return out
+
+
 def gpu_report(compiled: Any, target: str, *, sass: str = "pallas") -> list[dict[str, Any]]:
     """One dict per kernel of a program compiled for a GPU target (see the module docstring). `sass`: whose
     SASS is read for tensor_core, tma and loop_instructions: "pallas" (the lab's kernels), "all" or "none";
@@ -467,16 +480,22 @@ def gpu_report(compiled: Any, target: str, *, sass: str = "pallas") -> list[dict
     if sass not in ("pallas", "all", "none"):
         raise ValueError(f"sass={sass!r} must be 'pallas', 'all' or 'none'")
     info = compile_only.gpu_info(target)
-    triton = set(_PALLAS_NAME.findall(compiled.as_text()))
+    triton = triton_calls(compiled.as_text())
     mosaic = mosaic_gpu_kernels(compiled)
     kernels = [(k, "pallas_mosaic_gpu") for k in mosaic]
-    kernels += [(k, "pallas_triton" if k.name in triton else "xla") for k in compile_only.gpu_kernels(compiled)]
+    kernels += [
+        (k, "pallas_triton" if k.name in triton else "xla") for k in compile_only.gpu_kernels(compiled)
+    ]
     out = []
     for k, backend in kernels:
         pallas = backend != "xla"
         res = cubin_resources(k.cubin)
         shared = res["static_shared"] + k.dynamic_shared
-        ctas = info.occupancy(threads=k.threads, registers=res["registers"], shared=shared) if k.threads else None
+        ctas = (
+            info.occupancy(threads=k.threads, registers=res["registers"], shared=shared)
+            if k.threads
+            else None
+        )
         waves = k.programs / (info.sms * ctas) if ctas else None
         read = sass == "all" or (sass == "pallas" and pallas)
         code = cubin_sass(k.cubin) if read else dict.fromkeys(("tensor_core", "tma", "loop_instructions"))
@@ -492,6 +511,7 @@ def gpu_report(compiled: Any, target: str, *, sass: str = "pallas") -> list[dict
                 "ctas_per_sm": ctas,
                 "programs": k.programs or None,
                 "waves": None if waves is None else round(waves, 3),
+                "num_stages": triton.get(k.name) if backend == "pallas_triton" else None,
                 **code,
             }
         )
@@ -557,11 +577,14 @@ def compile_program(program: Program, target: str, *, sass: str = "pallas") -> d
             hopper_only = program.impl.startswith("pallas_mosaic_gpu")
             if hopper_only and compile_only.gpu_info(target).capability < (9, 0):
                 # LLVM aborts the whole process on wgmma/TMA for an older GPU: never try, and say whose fault.
-                return {**rec, "status": f"failed: {program.impl} serves this call on {target}, but Mosaic "
-                        "GPU kernels need compute capability 9.0; its supports() must decline"}
+                return {
+                    **rec,
+                    "status": f"failed: {program.impl} serves this call on {target}, but Mosaic "
+                    "GPU kernels need compute capability 9.0; its supports() must decline",
+                }
             try:
                 weights = program.weights(*args) if program.weights else None
-            except Exception as err:  # the compile is still worth its record; the figure says why it is absent
+            except Exception as err:  # the compile is still worth its record; this says why the figure is not
                 weights, rec["weights_error"] = None, _short(err)
             compiled = jax.jit(program.fn).trace(*args).lower().compile()
     except Exception as err:  # the compiler's own message is the record

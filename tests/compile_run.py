@@ -3,10 +3,13 @@ code, in a second process started as soon as the session has collected those tes
 that its minutes of compiling overlap the rest of the suite instead of adding to it.
 
 What it compiles (`select`), to keep `make test` under 10 minutes on 2 cores:
-- sm_90a (the baseline's target): every Pallas kernel, forward and backward, at the small and the
+- sm_90a (the baseline's target): every Triton kernel, forward and backward, at the small and the
   benchmark cases;
 - sm_80: every Pallas kernel, forward and backward, at the small cases, and the paged-attention and INT4
   forward kernels at the benchmark cases too (where 4 warps once spilled);
+- the Mosaic GPU kernels (Hopper and newer): on sm_90a forward and backward at the small cases and forward at
+  the benchmark cases the targets name (`MOSAIC_GPU_CASES`: paged decode B8 L4096, INT4 M=1/16/64 at
+  4096x14336, MoE Mixtral-like T=256); on sm_80 the small cases only, where they must decline;
 - every target (sm_80, sm_90a, v5e, v6e): the XLA path's own strategy choice at the small cases, float32
   and bf16.
 `--full` compiles the rest (tests/test_compiled.py::test_the_rest_compiles), and `python -m
@@ -28,6 +31,11 @@ GPU_TARGETS = ("sm_80", "sm_90a")
 TPU_TARGETS = ("v5e", "v6e")
 TIMEOUT_S = 1800
 
+# The benchmark cases the Mosaic GPU kernels compile at on sm_90a (forward): the targets.
+MOSAIC_GPU_CASES = frozenset(
+    {"decode B8 L4096 bf16", "mixtral T256 bf16"} | {f"4096x14336 M{m} bf16" for m in (1, 16, 64)}
+)
+
 _run: dict = {}
 
 
@@ -45,6 +53,9 @@ def select(program, target: str) -> bool:
         return program.family == "xla" and small
     if program.family == "xla":
         return small
+    if program.impl.startswith("pallas_mosaic_gpu"):
+        benchmark = program.case in MOSAIC_GPU_CASES and not program.impl.endswith("grad")
+        return small or (target == "sm_90a" and benchmark)
     cheap = program.kernel != "moe_ffn" and not program.impl.endswith("grad")  # seconds, not minutes
     return small or target == "sm_90a" or cheap
 
