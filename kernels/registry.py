@@ -46,7 +46,7 @@ _BUILTIN = {
     ),
     "int4_matmul": (
         "kernels.int4_matmul",
-        ("reference", "xla", "cpu_native", "pallas_triton", "pallas_mosaic_tpu"),
+        ("reference", "xla", "cpu_native", "pallas_triton", "pallas_mosaic_gpu", "pallas_mosaic_tpu"),
     ),
     "moe_ffn": (
         "kernels.moe",

@@ -60,9 +60,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels import registry
 from kernels.cost import Cost, itemsize
+from kernels.int4_matmul.prepared import PreparedInt4Weight, prepare, to_int4_weight
 from kernels.int4_matmul.reference import X_DTYPES, int4_matmul_reference, validate_int4_matmul_inputs
 from kernels.int4_matmul.xla import GEMM_MIN_M, zero_cotangent
 from quant.format import Int4Weight, codes_per_byte
@@ -70,29 +72,79 @@ from quant.format import Int4Weight, codes_per_byte
 __all__ = [
     "GEMM_MIN_M",
     "X_DTYPES",
+    "PreparedInt4Weight",
     "int4_matmul",
     "int4_matmul_cost",
     "int4_matmul_reference",
+    "prepare",
+    "to_int4_weight",
     "validate_int4_matmul_inputs",
     "zero_cotangent",
 ]
 
 
-def int4_matmul(x: jax.Array, w: Int4Weight, *, impl: str = "auto", config: Any = None) -> jax.Array:
-    """x: [..., K] float32|bfloat16|float16 @ w (an Int4Weight [K, N]) -> [..., N] in x's dtype.
+def int4_matmul(
+    x: jax.Array, w: Int4Weight | PreparedInt4Weight, *, impl: str = "auto", config: Any = None
+) -> jax.Array:
+    """x: [..., K] float32|bfloat16|float16 @ w (an Int4Weight [K, N], or its `prepare(w)` form) -> [..., N]
+    in x's dtype.
 
     `impl`: a name of `kernels.available_impls("int4_matmul")`, "auto", "pallas", or an XLA strategy
     ("codes", "dequant", "dense"; see the module docstring). `config`: the Config of the implementation it
     tunes (`kernels.int4_matmul.xla.Config(strategy=...)`, `...pallas_triton.Config(block_m=...)`); default:
     chosen from the shapes. Jittable, vmappable over a leading axis of stacked weights, differentiable with
     respect to x, `w.scales` and `w.act_scales` (reverse mode; the integer fields get no gradient).
+
+    Prepared weights: the Mosaic GPU kernel reads its own layout (`kernels.int4_matmul.prepared`). Given an
+    Int4Weight it prepares it once per concrete weight (cached); a serving loop that passes weights into jit
+    calls `prepare(w)` once and passes the PreparedInt4Weight. Where another implementation runs (another
+    platform, or a named impl), a prepared weight is turned back into its Int4Weight (exact), so both forms
+    work with every impl.
     """
     registry.check_impl("int4_matmul", impl)
+    if isinstance(w, PreparedInt4Weight):
+        return _prepared_matmul(x, w, impl, config)
     if impl != "reference":  # the reference validates its (concrete) inputs itself
         validate_int4_matmul_inputs(x, w)
         if math.prod(x.shape[:-1]) == 0:  # no rows: the empty result, whatever the implementation
             return jnp.zeros((*x.shape[:-1], w.shape[1]), x.dtype)
     return registry.dispatch("int4_matmul", impl, x, w, config=config)
+
+
+def _prepared_matmul(x: Any, pw: PreparedInt4Weight, impl: str, config: Any) -> jax.Array:
+    """A prepared weight: the Mosaic GPU kernel takes it as it is; anything else gets the Int4Weight back."""
+    mgpu = registry.implementations("int4_matmul").get("pallas_mosaic_gpu")
+    if impl == "pallas_mosaic_gpu":
+        validate_int4_matmul_inputs(x, to_int4_weight_shapes(pw))
+        if math.prod(x.shape[:-1]) == 0:
+            return jnp.zeros((*x.shape[:-1], pw.n), x.dtype)
+        return registry.dispatch("int4_matmul", impl, x, pw, config=config)
+    if impl not in ("auto", "pallas") or mgpu is None:
+        return int4_matmul(x, to_int4_weight(pw), impl=impl, config=config)
+    shapes = to_int4_weight_shapes(pw)
+    chosen = registry.choose("int4_matmul", impl, "cuda", x, shapes)
+    if chosen is None or chosen.name != "pallas_mosaic_gpu" or math.prod(np.shape(x)[:-1]) == 0:
+        return int4_matmul(x, to_int4_weight(pw), impl=impl, config=config)
+    validate_int4_matmul_inputs(x, shapes)
+    cfg = config if isinstance(config, mgpu.config) else None
+    # Only the branch of the platform being lowered for is lowered: on cuda the prepared codes go straight to
+    # the kernel; elsewhere the canonical weight is rebuilt for that platform's choice.
+    return jax.lax.platform_dependent(
+        x,
+        pw,
+        cuda=lambda x, pw: mgpu(x, pw, config=cfg),
+        default=lambda x, pw: int4_matmul(x, to_int4_weight(pw), impl=impl, config=config),
+    )
+
+
+def to_int4_weight_shapes(pw: PreparedInt4Weight) -> Int4Weight:
+    """An Int4Weight of the prepared weight's shapes and dtypes (placeholder codes: for validation and the
+    registry's choice, which read shapes only)."""
+    k, n = pw.shape
+    packed = jax.ShapeDtypeStruct((k // 2, n), jnp.uint8)
+    return Int4Weight.tree_unflatten(
+        (pw.bits, pw.group_size), (packed, pw.scales, pw.zeros, pw.perm, pw.act_scales)
+    )
 
 
 def int4_matmul_cost(

@@ -1,0 +1,436 @@
+"""W4A16 INT4 matmul as a Pallas Mosaic GPU kernel for Hopper (sm_90a): wgmma on the prepared weight layout.
+
+What it computes
+----------------
+With stored rows r, group g(r) = r // group_size, codes q, scales s and zero points z (quant/format.py), and
+x̃ = (x / a)[:, perm] (the AWQ division and act-order permutation, done once on the small activation):
+
+    y[m, n] = Σ_g s[g, n] · ( Σ_{r∈g} x̃[m, r] (q[r, n] − 8)  −  (z[g, n] − 8) · Σ_{r∈g} x̃[m, r] )
+
+The weight is read in the prepared layout (`kernels.int4_matmul.prepared`: `codes [Np, K]` int4 holding
+q − 8, transposed), computed once per weight and cached, so the inner loop holds no zero point and no
+per-weight scale: the zero point is the rank-1 term (z − 8) ⊗ Σ_r x̃ from the activation's per-segment sums,
+and both it and the group scale are applied to the small [bn, cols] product of each segment.
+
+Swap-AB wgmma
+-------------
+The kernel computes yᵀ = Wᵀ x̃ᵀ: the weight tile [bn, bk] is wgmma's left operand, converted in registers from
+int4 to bf16 (Mosaic GPU's conversion: a byte permute, a masked XOR onto the exponent of 128 and one packed
+bf16 subtract per two weights), and x̃ᵀ [bk, cols] is the right operand in shared memory, so N fills the
+64-row side of the tensor core and the rows of x only its narrow side (8 columns at M = 1). One kernel serves
+decode (M ≤ 16: the weight streams through a TMA pipeline once, `cols` = 8 or 16) and larger M (wgmma with up
+to 128 columns, a grid axis over tiles of M). Per grid step: TMA brings the weight tile, x̃ᵀ, the segments'
+sums of x̃ and the scale and zero rows ([rows, bn] and [rows, cols] boxes, never per-element loads); each
+segment of L = min(bk, group) rows is one wgmma group into a fresh accumulator, folded into the running total
+as s ⊙ (P − (z − 8) ⊗ Σx̃). Each output element is written once by one CTA (no split-K, no atomics):
+deterministic. The output is [Np, Mp] in x's dtype for bf16 activations (no float32 rows for padding).
+
+Precision: bf16 activations go in as they are. float16 activations are split into two bf16 parts and float32
+into three (x = hi + mid + lo, exact to float32's 24 bits); the parts sit side by side along wgmma's N (free
+at decode: the tensor core is idle), the codes are exact in bf16, accumulation is float32, and the parts'
+results are summed in float32 after the kernel.
+
+Lowering
+--------
+`kernels.lowering.per_platform_kernel`: on cuda the compiled Mosaic GPU kernel (`plgpu.kernel`, warpgroup
+semantics), on cpu the same kernel in Mosaic GPU's interpreter (`plgpu.InterpretGPUParams`), which the shared
+suite runs. wgmma and TMA are sm_90a: `pallas_unsupported` declines any other GPU target (A100 falls to the
+Triton kernel under impl="auto"; Blackwell's tcgen05 is not written yet). `jax.vmap` over stacked weights maps
+the kernel sequentially.
+
+Gradients: custom VJP; the backward is the XLA path's (`scan_matmul_transposed`, `scan_scale_grad`) on the
+canonical codes rebuilt from the prepared ones; x, the scales and the AWQ activation scales get gradients.
+
+Axis legend: M rows of x (Mp padded to whole tiles), K input features (stored order), N output features (Np
+padded to 64), G groups, bn/bk/bm the tiles along N, K and M, P the bf16 parts of x (1, 2 or 3), cols = P·bm
+the wgmma N, L the segment (rows per wgmma group, inside one group).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kernels import registry, tuning
+from kernels.int4_matmul.prepared import (
+    CODE_OFFSET,
+    SUPPORTED_BITS,
+    PreparedInt4Weight,
+    cached_prepare,
+    padded_n,
+    unprepare_codes,
+)
+from kernels.int4_matmul.xla import prepare_x, scan_matmul_transposed, scan_scale_grad, zero_cotangent
+from kernels.lowering import target_gpu
+from kernels.precision import highest_precision
+from quant.format import Int4Weight, symmetric_zero
+
+OP, NAME = "int4_matmul", "pallas_mosaic_gpu"
+X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+PARTS = {np.dtype(jnp.bfloat16): 1, np.dtype(np.float16): 2, np.dtype(np.float32): 3}
+SCALE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+WGMMA_K = 16  # bf16 wgmma K: a segment is a multiple of it
+BLOCK_KS = (256, 128, 64)
+MAX_COLS = 128  # wgmma N per CTA (accumulator + running total in registers)
+DECODE_M = 16
+HOPPER = 90
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Tiles of the Mosaic GPU INT4 kernel; a field left None takes the default for the shape (`choose`):
+    block_n output features per CTA (64 or 128: one or two wgmma row blocks), block_k stored rows per pipeline
+    step (64, 128 or 256; block_n·block_k ≤ 16384 so the converted tile fits the registers), block_m rows of x
+    per CTA (P·block_m a multiple of 16 and ≤ 128), max_concurrent_steps TMA stages in flight (2-6)."""
+
+    block_n: int | None = None
+    block_k: int | None = None
+    block_m: int | None = None
+    max_concurrent_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        registry.check_positive_ints(self, "block_n", "block_k", "block_m", "max_concurrent_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    block_n: int
+    block_k: int
+    block_m: int
+    segment: int
+    steps: int
+
+
+def _m(x: Any) -> int:
+    return int(np.prod(np.shape(x)[:-1], dtype=np.int64))
+
+
+def _parts(x: Any) -> int:
+    return PARTS[np.dtype(getattr(x, "dtype", np.float32))]
+
+
+def shape_class(x: Any, w: Any) -> str:
+    """The family of shapes sharing a best configuration: "decode" (M ≤ 16), "small" (M ≤ 64), "prefill"."""
+    m = _m(x)
+    return "decode" if m <= DECODE_M else ("small" if m <= 64 else "prefill")
+
+
+def _m_granule(parts: int) -> int:
+    """Rows of x per tile come in multiples of this: wgmma's bf16 B operand rows are swizzled in 32-byte
+    units at least, so P·block_m is a multiple of 16."""
+    return 16 // int(np.gcd(16, parts))
+
+
+def _legal_block_k(bk: int, k: int, group: int) -> bool:
+    return k % bk == 0 and ((bk % group == 0 and group % WGMMA_K == 0) or group % bk == 0)
+
+
+def choose(x: Any, w: Any, config: Config | None = None) -> Tiling:
+    """The tiling for this call: the given fields, else the tuned entry for (shape class, the GPU being lowered
+    for) from `kernels.tuning`, else the built-in default. Raises ValueError for an illegal given value."""
+    config = config or Config()
+    k, n = w.shape
+    m, parts = _m(x), _parts(x)
+    np_ = padded_n(n)
+    target = target_gpu()
+    tuned = tuning.lookup(OP, NAME, shape_class(x, w), target[0] if target else None) or {}
+    fields = {f: getattr(config, f) if getattr(config, f) is not None else tuned.get(f) for f in
+              ("block_n", "block_k", "block_m", "max_concurrent_steps")}
+    gran = _m_granule(parts)
+    bm = fields["block_m"]
+    if bm is None:
+        bm = min(-(-m // gran) * gran, MAX_COLS // parts // gran * gran)
+    if bm % gran or parts * bm > MAX_COLS:
+        raise ValueError(f"block_m={bm} must be a multiple of {gran} with {parts}·block_m ≤ {MAX_COLS}")
+    bn = fields["block_n"]
+    if bn is None:
+        bn = 128 if parts * bm <= 32 and np_ % 128 == 0 else 64
+    if bn not in (64, 128) or np_ % bn:
+        raise ValueError(f"block_n={bn} must be 64 or 128 and divide N padded to 64 ({np_})")
+    bk = fields["block_k"]
+    if bk is None:
+        bk = next((b for b in BLOCK_KS if b * bn <= 16384 and _legal_block_k(b, k, w.group_size)), None)
+        if bk is None:
+            bk = next(b for b in BLOCK_KS if _legal_block_k(b, k, w.group_size))
+    if bk not in BLOCK_KS or not _legal_block_k(bk, k, w.group_size) or bk * bn > 16384:
+        raise ValueError(
+            f"block_k={bk} must be one of {BLOCK_KS}, divide K={k}, be a multiple or divisor of "
+            f"group_size={w.group_size}, and block_n·block_k ≤ 16384"
+        )
+    steps = fields["max_concurrent_steps"] or 4
+    if not 2 <= steps <= 6:
+        raise ValueError(f"max_concurrent_steps={steps} must be between 2 and 6")
+    return Tiling(bn, bk, bm, min(bk, w.group_size), steps)
+
+
+def tune_space(x: Any, w: Any) -> list[Config]:
+    """The configurations `benchmarks.accel --tune` times for this call (legal ones only, ≤ 12): column tiles
+    64/128, K steps 128/256, 3 or 4 stages, at the default block_m."""
+    out = []
+    for bn in (64, 128):
+        for bk in (128, 256):
+            for steps in (3, 4):
+                cfg = Config(block_n=bn, block_k=bk, max_concurrent_steps=steps)
+                try:
+                    choose(x, w, cfg)
+                except ValueError:
+                    continue
+                out.append(cfg)
+    return out
+
+
+def _target_reason() -> str | None:
+    target = target_gpu()
+    if target is not None and target[1] != HOPPER:
+        return (
+            f"the GPU being lowered for ({target[0]}, compute capability {target[1] / 10:.1f}): the kernel is "
+            "wgmma + TMA, Hopper (sm_90a) only"
+        )
+    return None
+
+
+def pallas_unsupported(x: Any, w: Any) -> str | None:
+    """Why the Mosaic GPU kernel cannot take `x @ w` (None when it can): bits 3 and 4 only, a single weight,
+    a group size that is a multiple of 16 and divides or is divided by a K step of 64-256 rows dividing K,
+    x float32/bfloat16/float16, float scales, and a Hopper target (or the CPU interpreter)."""
+    if not isinstance(w, Int4Weight | PreparedInt4Weight):
+        return f"w is a {type(w).__name__}, not a quant.Int4Weight"
+    if w.bits not in SUPPORTED_BITS:
+        return f"bits={w.bits} (the Mosaic GPU kernel reads the 4-bit container: bits 3 and 4)"
+    codes = w.packed if isinstance(w, Int4Weight) else w.codes
+    if codes.ndim != 2:
+        return f"a weight of shape {tuple(codes.shape)}; the kernel takes one 2-D weight"
+    k, _ = w.shape
+    if not any(_legal_block_k(b, k, w.group_size) for b in BLOCK_KS):
+        return (
+            f"group_size={w.group_size} with K={k} (needs a K step of {BLOCK_KS} rows dividing K that the group "
+            f"size divides, as a multiple of {WGMMA_K}, or that divides the group size)"
+        )
+    if np.dtype(w.scales.dtype) not in SCALE_DTYPES:
+        return f"scales.dtype={w.scales.dtype} (float32, bfloat16 or float16)"
+    dtype = np.dtype(getattr(x, "dtype", np.float32))
+    if dtype not in X_DTYPES:
+        return f"x.dtype={dtype} (must be float32, bfloat16 or float16)"
+    return _target_reason()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Static description of one call (hashable: a primitive parameter)."""
+
+    np_: int
+    k: int
+    group: int
+    nm: int
+    parts: int
+    tiling: Tiling
+    correct_zeros: bool
+    out_dtype: Any
+
+    @property
+    def cols(self) -> int:
+        return self.parts * self.tiling.block_m
+
+    @property
+    def out_shape(self) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((self.np_, self.nm * self.cols), self.out_dtype)
+
+
+def _swizzled(rows: int, cols: int, bits: int, operand: str) -> tuple:
+    sw = plgpu.find_swizzle(cols * bits, operand)
+    return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
+
+
+def _run(codes, xt, xs, scales, zm, *, spec: _Spec, interpret: bool):
+    """codes [Np, K] int4, xt [K, nm·cols] bf16, xs [K/L, nm·cols] f32, scales and zm [G, Np] f32 (zm None
+    when no zero-point term) -> yᵀ [Np, nm·cols] (out_dtype). One plgpu.kernel launch."""
+    t = spec.tiling
+    bn, bk, seg, cols = t.block_n, t.block_k, t.segment, spec.cols
+    nseg = bk // seg
+    spg = max(1, spec.group // bk)  # K steps per group (group ≥ bk) ...
+    srows = max(1, bk // spec.group)  # ... or groups per K step (group < bk)
+    has_zm = zm is not None
+
+    def int4_w4a16(w_gmem, x_gmem, xs_gmem, s_gmem, *rest):
+        zm_gmem, o_gmem = rest if has_zm else (None, rest[0])
+        ni, mi = lax.axis_index("n"), lax.axis_index("m")
+
+        def body(_, w_smem, x_smem, xs_smem, s_smem, *rest):
+            *zm_smem, total = rest
+            a = w_smem[...].astype(jnp.bfloat16)  # [bn, bk]: q − 8, exact
+            for j in range(nseg):
+                a_j = a if nseg == 1 else a[:, j * seg : (j + 1) * seg]
+                x_j = x_smem if nseg == 1 else x_smem.at[pl.ds(j * seg, seg)]
+
+                def dot(acc_ref, a_j=a_j, x_j=x_j):
+                    plgpu.wgmma(acc_ref, a_j, x_j)
+                    return acc_ref[...]
+
+                p = pl.run_scoped(dot, plgpu.ACC((bn, cols), jnp.float32))  # Σ_r x̃ (q − 8) over the segment
+                row = j if srows > 1 else 0
+                if has_zm:
+                    p = p - zm_smem[0][row][:, None] * xs_smem[j][None, :]
+                total = total + s_smem[row][:, None] * p
+            return total
+
+        pipeline = plgpu.emit_pipeline(
+            body,
+            grid=(int(spec.k // bk),),
+            in_specs=[
+                plgpu.BlockSpec((bn, bk), lambda kk: (0, kk), transforms=_swizzled(bn, bk, 4, "lhs")),
+                plgpu.BlockSpec((bk, cols), lambda kk: (kk, 0), transforms=_swizzled(bk, cols, 16, "rhs")),
+                plgpu.BlockSpec((nseg, cols), lambda kk: (kk, 0)),
+                plgpu.BlockSpec((srows, bn), lambda kk: (kk // spg, 0)),
+            ]
+            + ([plgpu.BlockSpec((srows, bn), lambda kk: (kk // spg, 0))] if has_zm else []),
+            max_concurrent_steps=t.steps,
+            init_carry=jnp.zeros((bn, cols), jnp.float32),
+        )
+        n_sl, m_sl = pl.ds(ni * bn, bn), pl.ds(mi * cols, cols)
+        total = pipeline(
+            w_gmem.at[n_sl],
+            x_gmem.at[:, m_sl],
+            xs_gmem.at[:, m_sl],
+            s_gmem.at[:, n_sl],
+            *([zm_gmem.at[:, n_sl]] if has_zm else []),
+        )
+        o_gmem[n_sl, m_sl] = total.astype(o_gmem.dtype)
+
+    extra = dict(interpret=plgpu.InterpretGPUParams()) if interpret else {}
+    fn = plgpu.kernel(
+        int4_w4a16,
+        out_type=spec.out_shape,
+        grid=(int(spec.np_ // bn), int(spec.nm)),
+        grid_names=("n", "m"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        **extra,
+    )
+    return fn(codes, xt, xs, scales, *((zm,) if has_zm else ()))
+
+
+def _int4_mgpu(codes, xt, xs, scales, zm, *, spec: _Spec):
+    """The kernel, chosen per lowering platform: compiled on cuda, interpreted on cpu. (Not a
+    `per_platform_kernel` primitive: Mosaic GPU's interpreter runs ordered host callbacks, which a primitive's
+    lowering cannot hold; `platform_dependent` lowers only the branch of the platform being lowered for.)"""
+    args = (codes, xt, xs, scales, zm)
+    return lax.platform_dependent(
+        *args,
+        cpu=functools.partial(_run, spec=spec, interpret=True),
+        cuda=functools.partial(_run, spec=spec, interpret=False),
+    )
+
+
+def _split_parts(xf: jax.Array, parts: int) -> list[jax.Array]:
+    """x (float32) as `parts` bf16 arrays summing to it (exactly for bf16, f16 in two, f32 in three)."""
+    out, rest = [], xf
+    for _ in range(parts):
+        p = rest.astype(jnp.bfloat16)
+        out.append(p)
+        rest = rest - p.astype(jnp.float32)
+    return out
+
+
+def _forward(xf, codes, scales, zeros, *, spec: _Spec, sym_zero: int):
+    """xf: [M, K] float32 (stored order, AWQ divided) -> [M, N] float32."""
+    m, k = xf.shape
+    t, parts = spec.tiling, spec.parts
+    bm, seg = t.block_m, t.segment
+    n = scales.shape[1]
+    mp = spec.nm * bm
+    xp = jnp.pad(xf, ((0, mp - m), (0, 0))) if mp != m else xf
+    ps = jnp.stack(_split_parts(xp, parts))  # [P, Mp, K] bf16
+    xt = ps.reshape(parts, spec.nm, bm, k).transpose(3, 1, 0, 2).reshape(k, spec.nm * parts * bm)
+    sums = ps.astype(jnp.float32).reshape(parts, spec.nm, bm, k // seg, seg).sum(-1)  # [P, nm, bm, K/L]
+    xs = sums.transpose(3, 1, 0, 2).reshape(k // seg, spec.nm * parts * bm)
+    pad_n = ((0, 0), (0, spec.np_ - n))
+    s = jnp.pad(scales.astype(jnp.float32), pad_n)
+    zm = None
+    if spec.correct_zeros:
+        z = (jnp.full(scales.shape, sym_zero, jnp.float32) if zeros is None else zeros.astype(jnp.float32))
+        zm = jnp.pad(z - CODE_OFFSET, pad_n)
+    yt = _int4_mgpu(codes, xt, xs, s, zm, spec=spec).astype(jnp.float32)  # [Np, nm·P·bm]
+    y = yt.reshape(spec.np_, spec.nm, parts, bm).sum(2).reshape(spec.np_, mp)
+    return y[:n, :m].T
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _matmul(xf, codes, scales, zeros, spec, sym_zero):
+    return _forward(xf, codes, scales, zeros, spec=spec, sym_zero=sym_zero)
+
+
+def _matmul_fwd(xf, codes, scales, zeros, spec, sym_zero):
+    return _forward(xf, codes, scales, zeros, spec=spec, sym_zero=sym_zero), (xf, codes, scales, zeros)
+
+
+@highest_precision
+def _matmul_bwd(spec, sym_zero, res, dy):
+    xf, codes, scales, zeros = res
+    n = scales.shape[1]
+    packed = unprepare_codes(codes, n)
+    zp = jnp.full(scales.shape, sym_zero, jnp.uint8) if zeros is None else zeros
+    dy32 = dy.astype(jnp.float32)
+    dx = scan_matmul_transposed(dy32, packed, scales, zp, group_size=spec.group)
+    ds = scan_scale_grad(xf, dy32, packed, zp, group_size=spec.group)
+    return dx, *zero_cotangent((codes,)), ds.astype(scales.dtype), *zero_cotangent((zeros,))
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def int4_matmul_mosaic_gpu(x: jax.Array, w: Int4Weight | PreparedInt4Weight, config: Config | None = None):
+    """x: [..., K] float32|bfloat16|float16 (input-channel order) @ w -> [..., N] in x's dtype.
+
+    `w` is a canonical Int4Weight (prepared once and cached: `prepared.cached_prepare`) or a
+    PreparedInt4Weight. Differentiable with respect to x, the scales and the activation scales (reverse mode).
+    """
+    reason = pallas_unsupported(x, w)
+    if reason is not None:
+        raise ValueError(f"the Pallas Mosaic GPU INT4 kernel does not support {reason}")
+    pw = w if isinstance(w, PreparedInt4Weight) else cached_prepare(w)
+    k, n = pw.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dimension {x.shape[-1]} must equal the weight's K={k}")
+    tiling = choose(x, pw, config)
+    m = _m(x)
+    zero = symmetric_zero(pw.bits)
+    spec = _Spec(
+        np_=padded_n(n),
+        k=k,
+        group=pw.group_size,
+        nm=-(-max(m, 1) // tiling.block_m),
+        parts=_parts(x),
+        tiling=tiling,
+        correct_zeros=pw.zeros is not None or zero != CODE_OFFSET,
+        out_dtype=np.dtype(jnp.bfloat16) if _parts(x) == 1 else np.dtype(np.float32),
+    )
+    return _weight_matmul(x, pw, spec=spec, sym_zero=zero)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "sym_zero"))
+def _weight_matmul(x, pw: PreparedInt4Weight, *, spec: _Spec, sym_zero: int):
+    k, n = pw.shape
+    # prepare_x reads only the canonical small fields (perm, act_scales) that both layouts share.
+    xf = prepare_x(x, pw)
+    y = _matmul(xf, pw.codes, pw.scales, pw.zeros, spec, sym_zero)
+    return y.astype(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _pallas(x: jax.Array, w: Any, *, config: Config) -> jax.Array:
+    return int4_matmul_mosaic_gpu(x, w, config)
+
+
+IMPLEMENTATION = registry.Implementation(
+    NAME, _pallas, platforms=("cpu", "cuda"), supports=pallas_unsupported, config=Config
+)

@@ -1,0 +1,197 @@
+"""The prepared INT4 weight layout of the Mosaic GPU kernel: computed once from a canonical `Int4Weight`.
+
+Why a second layout
+-------------------
+The canonical layout (`quant/format.py`: `packed: [K/2, N] uint8`, two vertically adjacent codes per byte,
+N contiguous) suits K-blocked XLA scans and the CPU. Hopper's tensor cores want the weight as the *left*
+operand of wgmma held in registers (the swap-AB form: yᵀ = Wᵀ · x̃ᵀ, so that N fills wgmma's 64-row M side and
+the few rows of x fill its narrow N side, down to 8 at decode). So the prepared codes are
+
+    codes[n, k] = q[k, n] − 8        as int4 (signed), shape [Np, K], K contiguous (two codes per byte)
+
+- transposed, so each output column's codes are a contiguous run along K: a TMA box [bn, bk] is one wgmma
+  A tile;
+- signed (q − 8), so Mosaic GPU's register conversion int4 → bf16 (a byte permute, a masked XOR that puts
+  the nibble in a bf16 mantissa over the exponent of 128, and one packed bf16 subtract: three instructions per
+  two weights, no per-weight scale or zero) gives the exact small integer q − 8 in [−8, 7];
+- N padded to a multiple of `N_ALIGN` with zero codes (whose columns the kernel computes and drops), so every
+  weight has whole column tiles.
+The zero point never enters the kernel's inner loop: per group g,
+    Σ_{r∈g} x̃_r s_g (q_r − z_g) = s_g · (Σ_r x̃_r (q_r − 8)) − s_g · (z_g − 8) · Σ_r x̃_r,
+a rank-1 correction from the activation's group sums, applied to the small [bn, M] product once per group.
+The scales, zero points, act-order permutation and AWQ activation scales stay in their canonical form (small
+arrays; the scales stay a differentiable leaf).
+
+Preparing and caching
+---------------------
+`prepare(w)` builds a `PreparedInt4Weight` (a pytree; traceable, so it also works on traced weights inside jit
+or vmap). `cached_prepare(w)` returns the same prepared object for the same concrete weight, keyed on the
+identity of `w.packed` (a weak reference: the entry goes when the canonical array is freed), so
+`kernels.int4_matmul(x, w)` prepares a weight once however often it is called eagerly or with the weight
+closed over by jit. A weight passed to a jitted function as an argument is a tracer: it is prepared inside
+that program on every call, so a serving loop should call `prepare(w)` once and pass the prepared weight.
+`to_int4_weight(pw)` (and `unprepare_codes`) go back to the canonical layout exactly.
+
+Axes: K input features (stored row order), N output features (Np padded), G groups.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from quant.format import Int4Weight, pack_int4
+
+TARGETS = ("mosaic_gpu",)
+N_ALIGN = 64  # the rows of one wgmma: column tiles are 64 or 128 output features
+CODE_OFFSET = 8  # codes are stored as q − 8 (signed int4)
+SUPPORTED_BITS = (3, 4)  # the 4-bit container
+
+
+@jax.tree_util.register_pytree_node_class
+class PreparedInt4Weight:
+    """A `[K, N]` INT4 weight in the Mosaic GPU kernel's layout (module docstring).
+
+    Leaves: `codes: [Np, K] int4` (q − 8, transposed, N padded to a multiple of N_ALIGN), `scales: [G, N]
+    float`, `zeros: [G, N] uint8 | None`, `perm: [K] int32 | None`, `act_scales: [K] float | None` (the last
+    four exactly as in the canonical Int4Weight). Static: `bits`, `group_size`, `n` (the real N), `target`.
+    """
+
+    __slots__ = ("act_scales", "bits", "codes", "group_size", "n", "perm", "scales", "target", "zeros")
+
+    def __init__(self, codes, scales, zeros, perm, act_scales, *, bits: int, group_size: int, n: int,
+                 target: str = "mosaic_gpu"):
+        self.codes, self.scales, self.zeros, self.perm, self.act_scales = codes, scales, zeros, perm, act_scales
+        self.bits, self.group_size, self.n, self.target = int(bits), int(group_size), int(n), target
+
+    def tree_flatten(self):
+        return (self.codes, self.scales, self.zeros, self.perm, self.act_scales), (
+            self.bits, self.group_size, self.n, self.target)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        obj = object.__new__(cls)
+        obj.codes, obj.scales, obj.zeros, obj.perm, obj.act_scales = children
+        obj.bits, obj.group_size, obj.n, obj.target = aux
+        return obj
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(K, N): the logical weight's shape (N unpadded)."""
+        return int(self.codes.shape[-1]), self.n
+
+    @property
+    def num_groups(self) -> int:
+        return self.shape[0] // self.group_size
+
+    @property
+    def sym(self) -> bool:
+        return self.zeros is None
+
+    def __repr__(self) -> str:
+        k, n = self.shape
+        return (f"PreparedInt4Weight([K={k}, N={n}], target={self.target}, bits={self.bits}, "
+                f"group_size={self.group_size}, {'sym' if self.sym else 'asym'})")
+
+
+def padded_n(n: int) -> int:
+    return -(-n // N_ALIGN) * N_ALIGN
+
+
+def prepare_codes(packed: jax.Array) -> jax.Array:
+    """Canonical `packed: [K/2, N] uint8` -> prepared `codes: [Np, K] int4` (q − 8, transposed, N padded).
+    Traceable (jnp); one pass over the weight."""
+    r, n = packed.shape
+    packed = jnp.asarray(packed)
+    q = jnp.stack([packed & 0xF, packed >> 4], axis=1).reshape(2 * r, n)  # [K, N], row 2i in the low nibble
+    signed = q.astype(jnp.int8) - CODE_OFFSET
+    np_ = padded_n(n)
+    if np_ != n:
+        signed = jnp.pad(signed, ((0, 0), (0, np_ - n)))
+    return signed.T.astype(jnp.int4)
+
+
+def unprepare_codes(codes: jax.Array, n: int) -> jax.Array:
+    """Prepared `codes: [Np, K] int4` -> canonical `packed: [K/2, N] uint8` (the inverse of prepare_codes)."""
+    q = (codes[:n].astype(jnp.int8) + CODE_OFFSET).astype(jnp.uint8).T  # [K, N]
+    return pack_int4(q)
+
+
+def prepare(w: Int4Weight, target: str = "mosaic_gpu") -> PreparedInt4Weight:
+    """The prepared form of a canonical weight for `target` ("mosaic_gpu"). Bits 4 and 3 (the 4-bit
+    container); a ValueError naming the argument otherwise. Traceable."""
+    if isinstance(w, PreparedInt4Weight):
+        return w
+    if not isinstance(w, Int4Weight):
+        raise ValueError(f"w must be a quant.Int4Weight, got {type(w).__name__}")
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} must be one of {TARGETS}")
+    if w.bits not in SUPPORTED_BITS:
+        raise ValueError(f"w.bits={w.bits}: the prepared layout holds the 4-bit container (bits 3 and 4)")
+    if w.packed.ndim != 2:
+        raise ValueError(f"w.packed has shape {tuple(w.packed.shape)}; prepare one [K/2, N] weight at a time")
+    return PreparedInt4Weight(
+        prepare_codes(w.packed), w.scales, w.zeros, w.perm, w.act_scales,
+        bits=w.bits, group_size=w.group_size, n=w.shape[1], target=target,
+    )
+
+
+def to_int4_weight(pw: PreparedInt4Weight) -> Int4Weight:
+    """The canonical Int4Weight of a prepared weight (exact; traceable)."""
+    packed = unprepare_codes(pw.codes, pw.n)
+    return Int4Weight.tree_unflatten(
+        (pw.bits, pw.group_size), (packed, pw.scales, pw.zeros, pw.perm, pw.act_scales)
+    )
+
+
+class PreparedCache:
+    """Prepared weights keyed on the identity of a concrete canonical `packed` array, held by weak reference
+    (an entry goes when the canonical array is freed). Traced weights are prepared and not cached."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, str], tuple[Any, PreparedInt4Weight]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, w: Int4Weight, target: str = "mosaic_gpu") -> PreparedInt4Weight:
+        leaves = jax.tree_util.tree_leaves(w)
+        if any(isinstance(a, jax.core.Tracer) for a in leaves):
+            return prepare(w, target)
+        key = (id(w.packed), target)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0]() is w.packed:
+            pw = hit[1]
+            if (pw.scales is w.scales and pw.zeros is w.zeros and pw.perm is w.perm
+                    and pw.act_scales is w.act_scales and pw.group_size == w.group_size):
+                return pw
+            # Same codes, other small fields (e.g. new scales): reuse the prepared codes.
+            pw = PreparedInt4Weight(pw.codes, w.scales, w.zeros, w.perm, w.act_scales, bits=w.bits,
+                                    group_size=w.group_size, n=w.shape[1], target=target)
+            return pw
+        pw = prepare(w, target)
+        try:
+            ref = weakref.ref(w.packed, lambda _, key=key, d=self._entries: d.pop(key, None))
+        except TypeError:  # not weak-referenceable (a NumPy array): do not cache
+            return pw
+        self._entries[key] = (ref, pw)
+        return pw
+
+
+# The process-wide cache behind `cached_prepare` (the one piece of mutable state of the INT4 package: the
+# transparent `int4_matmul(x, w)` path needs to find a weight's prepared form again).
+_CACHE = PreparedCache()
+
+
+def cached_prepare(w: Int4Weight, target: str = "mosaic_gpu") -> PreparedInt4Weight:
+    """`prepare(w, target)`, once per concrete weight (see PreparedCache)."""
+    return _CACHE.get(w, target)
+
+
+def codes_in_stored_order(pw: PreparedInt4Weight) -> np.ndarray:
+    """The codes `[K, N] uint8` a prepared weight holds (NumPy): q = prepared + 8, transposed back."""
+    return (np.asarray(pw.codes[: pw.n].astype(jnp.int8), np.int16) + CODE_OFFSET).astype(np.uint8).T
