@@ -42,7 +42,7 @@ PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _BUILTIN = {
     "paged_attention": (
         "kernels.paged_attention",
-        ("reference", "xla", "cpu_native", "pallas_triton", "pallas_mosaic_tpu"),
+        ("reference", "xla", "cpu_native", "pallas_triton", "pallas_mosaic_gpu", "pallas_mosaic_tpu"),
     ),
     "int4_matmul": (
         "kernels.int4_matmul",
