@@ -52,8 +52,12 @@ KERNELS = ("paged_attention", "int4_matmul", "moe_ffn")
 ARG_SPECS = {op: f"kernels.{'moe' if op == 'moe_ffn' else op}.arg_specs" for op in KERNELS}
 # copy_bytes: rotate copies until they exceed this (well past a 50-60 MB L2); max_bytes: device memory per
 # row's copies; target_s: device time per timed program; repeats: interleaved rounds.
+# max_configs: with --tune, the most candidates of each space timed per case (the space's first ones; the
+# default comes first by the tuning contract).
 FULL = dict(copy_bytes=128 << 20, max_bytes=40 << 30, max_copies=8, target_s=0.02, max_calls=400, repeats=3)
+FULL.update(max_configs=None)
 SMOKE = dict(copy_bytes=1 << 16, max_bytes=1 << 26, max_copies=2, target_s=0.001, max_calls=4, repeats=1)
+SMOKE.update(max_configs=3)
 
 
 def _short(e: BaseException) -> str:
@@ -525,6 +529,236 @@ def run(
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# --tune: each Pallas GPU kernel's configuration space, pruned by compiling, timed, the best written
+
+
+# The kernels --tune sweeps, where they are available: each module's `shape_class(*args, **kwargs) -> str` and
+# `tune_space(*args, **kwargs) -> list[Config]` define the sweep (a module without them is skipped).
+TUNED_IMPLS = ("pallas_mosaic_gpu", "pallas_triton")
+# The compile-only target whose compiled code prunes the candidates on a GPU of each compute capability major
+# (the same architecture, so the same registers, spills and shared-memory limit as compiling on the device).
+PRUNE_TARGETS = {8: "sm_80", 9: "sm_90a", 10: "sm_100a"}
+
+
+def _tune_module(op: str, name: str) -> Any:
+    """The kernel module of implementation `name` of `op` when it defines the tuning contract, else None."""
+    from kernels import registry
+
+    impl = registry.implementations(op)[name]
+    module = importlib.import_module(impl.fn.__module__)
+    ok = all(callable(getattr(module, f, None)) for f in ("shape_class", "tune_space"))
+    return module if ok else None
+
+
+def _config_fields(config: Any) -> dict:
+    """A Config as the tuned file stores it: its fields that are set (None means "by heuristic")."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
+
+
+def prune_target() -> str | None:
+    """The compile-only target that stands for this machine's GPU when pruning (`PRUNE_TARGETS`), or None."""
+    import jax
+
+    dev = jax.devices()[0]
+    cc = str(getattr(dev, "compute_capability", "") or "")
+    if dev.platform != "gpu" or not cc:
+        return None
+    return PRUNE_TARGETS.get(int(cc.split(".")[0]))
+
+
+def prune_by_resources(op: str, name: str, case: Any, config: Any, target: str) -> str | None:
+    """Why `config` is dropped before timing on `target` (compiled shape-only through `benchmarks.compiled`,
+    the compile report's own code): it fails to compile there, a Pallas kernel spills, or one asks for more
+    shared memory than a CTA may have. None: it stays. A target this machine cannot compile for drops
+    nothing (the caller says so once)."""
+    import functools as ft
+
+    from benchmarks import compiled
+    from kernels import compile_only, registry
+
+    spec = importlib.import_module(ARG_SPECS[op])
+    args, kwargs = spec.arg_shapes(case)
+    impl = registry.implementations(op)[name]
+    entry = compiled._entry(op)
+    fn = ft.partial(entry, impl=name, config=config, **kwargs)
+    check = ft.partial(impl.unsupported, **kwargs)
+    program = compiled.Program(op, case.name, name, compiled._dtype(op, case), fn, args, check)
+    rec = compiled.compile_program(program, target)
+    if rec["status"].startswith("missing"):
+        return None
+    if rec["status"] != "ok":
+        return f"{target}: {rec['status']}"
+    limit = compile_only.gpu_info(target).shared_per_block_optin
+    for k in rec["kernels"]:
+        if not k["pallas"]:
+            continue
+        if k["spill_bytes"]:
+            return f"{target}: {k['name']} spills {k['spill_bytes']} bytes per thread"
+        if k["shared_bytes"] > limit:
+            return (
+                f"{target}: {k['name']} asks for {k['shared_bytes']} bytes of shared memory (limit {limit})"
+            )
+    return None
+
+
+def _tune_case(op: str, case: Any, cfg: dict, target: str | None, progress: Callable | None) -> list[dict]:
+    """One record per (tuned implementation, candidate config) of one case: compiled on this device (a
+    failure drops it), pruned on `target`'s compiled code, the rest timed in interleaved rounds."""
+    import jax
+
+    import kernels
+    from kernels import registry
+    from roofline import timing
+
+    spec = importlib.import_module(ARG_SPECS[op])
+    args, kwargs = spec.make_args(case)
+    ctx = Ctx(op, case, args, kwargs, cfg, spec.cost(case, args).bytes)
+    entry = getattr(kernels, op)
+    static = {k: v for k, v in ctx.kwargs.items() if k not in _arrays(ctx.kwargs)}
+    here = kernels.available_impls(op)
+    records: list[dict] = []
+    runners: dict[int, Any] = {}
+    for name in (n for n in TUNED_IMPLS if n in here):
+        base = {
+            "kernel": op,
+            "case": case.name,
+            "impl": name,
+            "shape_class": None,
+            "config": None,
+            "ms": None,
+        }
+        module = _tune_module(op, name)
+        if module is None:
+            records.append({**base, "status": "skipped: its module has no shape_class/tune_space"})
+            continue
+        reason = registry.implementations(op)[name].unsupported(*args, **kwargs)
+        if reason is not None:
+            records.append({**base, "status": f"unsupported: {reason}"})
+            continue
+        try:
+            shape_class = module.shape_class(*args, **kwargs)
+            space = list(module.tune_space(*args, **kwargs))
+        except Exception as err:  # the module's own error, reported in its row
+            records.append({**base, "status": f"failed: tune_space: {_short(err)}"})
+            continue
+        unique = {json.dumps(_config_fields(c), sort_keys=True, default=str): c for c in reversed(space)}
+        for config in list(reversed(unique.values()))[: cfg["max_configs"]]:
+            rec = {**base, "shape_class": shape_class, "config": _config_fields(config), "status": "ok"}
+            records.append(rec)
+
+            def fn(*s, name=name, config=config):
+                return entry(*s[:-1], impl=name, config=config, **static, **s[-1])
+
+            try:
+                jax.jit(fn).trace(*ctx.entry_sets[0]).lower().compile()
+            except Exception as err:  # does not compile here: dropped before any timing
+                rec["status"] = f"pruned: does not compile: {_short(err)}"
+                continue
+            if target is not None:
+                why = prune_by_resources(op, name, case, config, target)
+                if why:
+                    rec["status"] = f"pruned: {why}"
+                    continue
+            try:
+                runners[len(records) - 1] = timing.in_program_loop(
+                    fn, ctx.entry_sets, target_s=cfg["target_s"], max_calls=cfg["max_calls"]
+                )
+            except Exception as err:
+                rec["status"] = f"failed: {_short(err)}"
+    errors: dict[int, BaseException] = {}
+    for i, t in timing.interleave(runners, rounds=cfg["repeats"], dispatch=False, errors=errors).items():
+        records[i]["ms"] = 1e3 * t.device.median_s
+    for i, err in errors.items():
+        records[i]["status"] = f"failed: {_short(err)}"
+    for rec in records:
+        if progress is not None:
+            progress(_tune_row(rec))
+    return records
+
+
+def best_configs(records: list[dict]) -> list[tuple[str, str, str, dict, float]]:
+    """(op, impl, shape_class, config, ms) of the fastest config of each (op, impl, shape class): the lowest
+    geometric mean of ms over the class's cases, among the configs timed at every one of them (ms: that
+    geometric mean)."""
+    timed: dict[tuple, dict[str, dict]] = {}
+    cases: dict[tuple, set] = {}
+    for r in records:
+        if r["shape_class"] is None:
+            continue
+        key = (r["kernel"], r["impl"], r["shape_class"])
+        cases.setdefault(key, set()).add(r["case"])
+        if r["status"] == "ok" and r["ms"]:
+            name = json.dumps(r["config"], sort_keys=True)
+            timed.setdefault(key, {}).setdefault(name, {})[r["case"]] = r["ms"]
+    out = []
+    for key, configs in timed.items():
+        full = {c: ms for c, ms in configs.items() if set(ms) == cases[key]}
+        if not full:
+            continue
+        score = {c: math.exp(sum(math.log(v) for v in ms.values()) / len(ms)) for c, ms in full.items()}
+        best = min(score, key=score.get)
+        out.append((*key, json.loads(best), score[best]))
+    return out
+
+
+def tune(
+    smoke: bool = False,
+    only: tuple[str, ...] = KERNELS,
+    out: str | None = None,
+    target: str | None = "device",
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Sweep every tuned kernel's space at each case (`--tune`), write the best configuration per (op, impl,
+    shape class, device kind) to `out` (default `kernels.tuning.user_file()`) and return {"device",
+    "prune_target", "tuned" (the path), "entries", "records"}. `target`: the compile-only target whose
+    compiled code prunes candidates ("device": the one standing for this GPU, `prune_target()`; None: prune
+    by compiling on this device only)."""
+    import jax
+
+    from kernels import compile_only, tuning
+
+    for name in only:
+        if name not in KERNELS:
+            raise ValueError(f"kernel {name!r} must be one of {KERNELS}")
+    cfg = SMOKE if smoke else FULL
+    if target == "device":
+        target = prune_target()
+    skipped = compile_only.missing(target) if target else None
+    if skipped and progress is not None:
+        progress(f"not pruning by compiled resources: {target}: {skipped}")
+    prune_on = None if skipped else target
+    device_kind = getattr(jax.devices()[0], "device_kind", "") or jax.devices()[0].platform
+    records = []
+    for op in only:
+        for case in importlib.import_module(ARG_SPECS[op]).cases("smoke" if smoke else "accel"):
+            try:
+                records += _tune_case(op, case, cfg, prune_on, progress)
+            except Exception as err:  # e.g. the arguments cannot be built: one failed record for the case
+                records.append(
+                    {"kernel": op, "case": case.name, "impl": "-", "shape_class": None, "config": None,
+                     "ms": None, "status": f"failed: {_short(err)}"}
+                )  # fmt: skip
+    entries = [tuning.entry(op, impl, cls, device_kind, config, ms) for op, impl, cls, config, ms in
+               best_configs(records)]  # fmt: skip
+    path = tuning.write(entries, out)
+    return {
+        "device": {"platform": jax.devices()[0].platform, "device_kind": device_kind, "jax": jax.__version__},
+        "prune_target": prune_on,
+        "tuned": None if path is None else str(path),
+        "entries": entries,
+        "records": records,
+    }
+
+
+def _tune_row(r: dict) -> str:
+    config = "-" if r["config"] is None else json.dumps(r["config"], sort_keys=True)
+    return (
+        f"{r['kernel']:<16} {r['case']:<24} {r['impl']:<18} {r['shape_class'] or '-':<12} {config[:60]:<60} "
+        f"{_fmt(r['ms'], '9.4f')}  {r['status'][:200]}"
+    )
+
+
 def _fractions(rec: dict, info: dict) -> None:
     if rec["status"] != "ok" or not rec.get("bytes") or not rec.get("ms"):
         return
@@ -606,13 +840,43 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MODULE",
         help="import MODULE first; the implementations it registers (kernels.registry.register) are timed",
     )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="sweep each Pallas GPU kernel's tune_space instead: prune by compiling, time, write the best "
+        "configuration per (op, impl, shape class, device kind) to the tuned file",
+    )
+    parser.add_argument(
+        "--tune-out",
+        type=writable_path,
+        metavar="PATH",
+        help="with --tune: the tuned file to write (default: tuned.json in $TOKENLAB_CACHE; kernels read "
+        "another one through TOKENLAB_TUNED)",
+    )
+    parser.add_argument(
+        "--tune-target",
+        default="device",
+        metavar="TARGET",
+        help="with --tune: the compile-only target (sm_80, sm_90a, sm_100a) whose compiled code prunes "
+        "candidates that spill or exceed shared memory (default: the one standing for this GPU; none on "
+        "another device; 'none': prune only by compiling here)",
+    )
     args = parser.parse_args(argv)
+    if args.tune_target not in ("device", "none", *PRUNE_TARGETS.values()):
+        parser.error(
+            f"argument --tune-target: {args.tune_target!r} is not one of device, none, "
+            f"{', '.join(PRUNE_TARGETS.values())}"
+        )
+    if (args.tune_out or args.tune_target != "device") and not args.tune:
+        parser.error("--tune-out and --tune-target go with --tune")
     for module in args.impl_module:
         try:
             importlib.import_module(module)
         except Exception as err:  # say which module, then stop: the table would silently lack its rows
             parser.error(f"--impl-module {module}: {_short(err)}")
     t0 = time.perf_counter()
+    if args.tune:
+        return _main_tune(args, t0)
     result = run(
         smoke=args.smoke,
         only=args.only,
@@ -639,6 +903,40 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"wrote {args.out}")
     return 1 if bad else 0
+
+
+def _main_tune(args: argparse.Namespace, t0: float) -> int:
+    result = tune(
+        smoke=args.smoke,
+        only=args.only,
+        out=args.tune_out,
+        target=None if args.tune_target == "none" else args.tune_target,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    dev = result["device"]
+    print(f"{'kernel':<16} {'case':<24} {'impl':<18} {'class':<12} {'config':<60} {'ms':>9}  status")
+    for rec in result["records"]:
+        print(_tune_row(rec))
+    print(f"\nbest per (op, impl, shape class) on {dev['device_kind']!r}, jax {dev['jax']}:")
+    for e in result["entries"]:
+        print(
+            f"  {e['op']:<16} {e['impl']:<18} {e['shape_class']:<12} {json.dumps(e['config'])} "
+            f"{e['ms']:.4f} ms"
+        )
+    print(
+        f"{'wrote ' + result['tuned'] if result['tuned'] else 'nothing to write (no candidate was timed)'}; "
+        f"pruned on {result['prune_target'] or 'this device only'}; {time.perf_counter() - t0:.0f} s."
+    )
+    if args.out:
+        try:
+            with open(args.out, "w") as fh:
+                json.dump(result, fh, indent=1)
+        except OSError as err:
+            print(f"error: could not write {args.out!r}: {err}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.out}")
+    failed = [r for r in result["records"] if r["status"].startswith("failed")]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -197,27 +197,30 @@ def loop_weights(impl: Any, *args: Any, **kwargs: Any) -> int | dict[str, int] |
     `int4_matmul(*args, **kwargs)` on the target being compiled for (call it under `on_target`), or None.
 
     The kernel's module says it where it can: `weights_per_loop_pass(*args, **kwargs)` -> int, or
-    {kernel name: int} when the program launches several kernels with such a loop. Without that function:
-    the Triton kernel loads a [block_k / 2, block_n] tile of packed bytes per pass of its K loop, so block_k x
-    block_n weights, with the tiles its Config resolves to (`choose_config` for the fields the Config leaves
-    to the heuristic); any other backend: None (no figure rather than a guess)."""
+    {kernel name: int} when the program launches several kernels with such a loop. Without that function, one
+    pass of the main loop is taken to load one block_k × block_n tile of the weight (both Pallas INT4 kernels
+    step along K one weight tile at a time), with the tiles the kernel resolves for the call: the Mosaic GPU
+    module's `choose(x, w, config)`, the Triton module's `choose_config(M, K, N, group_size, dtype=..., **the
+    Config's fields)`. Any other backend: None (no figure rather than a guess)."""
     import importlib
+    import math
 
     if not impl.name.startswith("pallas"):
         return None
-    module = importlib.import_module(f"{impl.fn.__module__}")
+    module = importlib.import_module(impl.fn.__module__)
     hook = getattr(module, "weights_per_loop_pass", None)
     if hook is not None:
         return hook(*args, **kwargs)
-    if impl.name != "pallas_triton" or not hasattr(module, "choose_config"):
-        return None
-    import math
-
     x, w = args[:2]
-    k, n = w.shape
     config = impl.resolve_config(None, *args, **kwargs)
-    given = {f: v for f, v in dataclasses.asdict(config).items() if v is not None} if config else {}
-    tiles = module.choose_config(math.prod(x.shape[:-1]), k, n, w.group_size, dtype=x.dtype, **given)
+    if hasattr(module, "choose"):
+        tiles = module.choose(x, w, config)
+    elif hasattr(module, "choose_config"):
+        k, n = w.shape
+        given = {f: v for f, v in dataclasses.asdict(config).items() if v is not None} if config else {}
+        tiles = module.choose_config(math.prod(x.shape[:-1]), k, n, w.group_size, dtype=x.dtype, **given)
+    else:
+        return None
     return tiles.block_k * tiles.block_n
 
 
