@@ -50,7 +50,7 @@ _BUILTIN = {
     ),
     "moe_ffn": (
         "kernels.moe",
-        ("reference", "xla", "cpu_native", "pallas_triton", "pallas_mosaic_gpu"),
+        ("reference", "xla", "cpu_native", "pallas_triton", "pallas_mosaic_gpu", "pallas_mosaic_tpu"),
     ),
 }
 # The XLA path's strategies, selectable by name: impl=s is impl="xla" with the XLA Config's strategy=s.
