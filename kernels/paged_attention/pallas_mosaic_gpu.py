@@ -304,6 +304,8 @@ def _kernel(*refs, cfg: dict) -> None:
 
         def convert(raw, dst):
             x = plgpu.load(raw, layout=plgpu.Layout.WGMMA, optimized=False)
+            if jnp.issubdtype(x.dtype, jnp.floating) and dtype != np.dtype(np.float16):
+                x = x.astype(jnp.float16)  # float8 converts natively only to float16 (exact: e4m3 ⊂ f16)
             dst[...] = x.astype(dtype)
 
         def body(it, carry):
@@ -312,8 +314,8 @@ def _kernel(*refs, cfg: dict) -> None:
             slot = jax.lax.rem(it, ns)
             plgpu.barrier_wait(k_bars.at[slot])
             kbuf = k_smem.at[slot]
-            if quant[0]:
-                kbuf = k_smem.at[0]
+            if quant[0]:  # one converted buffer: the raw ring holds the blocks in flight
+                kbuf = k_smem
                 convert(kraw.at[slot], kbuf)
                 plgpu.commit_smem()
 
@@ -353,7 +355,7 @@ def _kernel(*refs, cfg: dict) -> None:
             plgpu.barrier_wait(v_bars.at[slot])
             vbuf = v_smem.at[slot]
             if quant[1]:
-                vbuf = v_smem.at[0]
+                vbuf = v_smem
                 convert(vraw.at[slot], vbuf)
             dirty = ((blk + 1) * bk > n) | (bits != 0)
 
@@ -418,8 +420,8 @@ def _kernel(*refs, cfg: dict) -> None:
     scratch = [
         plgpu.SMEM((ROWS, d), dtype),
         plgpu.SMEM((ROWS, d), dtype if c["num_splits"] == 1 else _F32),
-        plgpu.SMEM((1 if kq else ns, bk, d), dtype, transforms=kv_t),
-        plgpu.SMEM((1 if vq else ns, bk, d), dtype, transforms=kv_t),
+        plgpu.SMEM((bk, d) if kq else kv_shape, dtype, transforms=kv_t),
+        plgpu.SMEM((bk, d) if vq else kv_shape, dtype, transforms=kv_t),
         plgpu.SMEM(kv_shape, c["kv_dtypes"][0]) if kq else None,
         plgpu.SMEM(kv_shape, c["kv_dtypes"][1]) if vq else None,
         plgpu.SMEM((ns, bk), _F32) if c["per_token_k"] else None,

@@ -1,9 +1,9 @@
 """The Mosaic GPU paged attention kernel: interpreted on the CPU against the NumPy reference, what it declines,
 and compiled for an H100 (sm_90a) from the CPU.
 
-Interpret mode is slow (a few seconds per call), so the cases share one small shape family: H=4, K=2 (GQA,
+Interpret mode is slow (a few seconds per call), so the cases share one small shape family: H=2, K=1 (GQA,
 G=2), D=64, pages of 16 keys, blocks of 64 keys, a table of 12 pages (3 blocks: the TMA ring of 2 stages
-wraps), four sequences, one of them empty. Every case carries the hazards the kernel must mask: block-table
+wraps), three sequences, one of them empty. Every case carries the hazards the kernel must mask: block-table
 entries past a sequence's pages outside [0, P), and NaN/Inf in every slot no sequence may read.
 """
 
@@ -26,9 +26,9 @@ from tests.tolerances import assert_close, normalized_error, tolerance
 IMPL = "pallas_mosaic_gpu"
 BF16 = np.dtype(jnp.bfloat16)
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
-LENS = (150, 0, 17, 64)  # three blocks of 64 keys, empty, a tail, exactly one block
-Q_LENS = (70, 0, 3, 1)  # a prefill chunk of two tiles (32 tokens a tile at G=2), empty, speculative, decode
-GEOM = dict(h=4, k=2, d=64, s=16, max_pages=12, num_pages=40)
+LENS = (150, 0, 17)  # three blocks of 64 keys (a tail in the last), empty, a tail in the first block
+Q_LENS = (40, 0, 3)  # a prefill chunk of two tiles (32 tokens a tile at G=2), empty, speculative
+GEOM = dict(h=2, k=1, d=64, s=16, max_pages=12, num_pages=24)
 
 
 def case(*, q_lens=None, dtype=BF16, seed=0):
@@ -37,7 +37,7 @@ def case(*, q_lens=None, dtype=BF16, seed=0):
 
 
 def run(q, kp, vp, lens, bt, finite=True, **kw):
-    config = kw.pop("config", Config(num_stages=2))
+    config = kw.pop("config", Config(num_stages=2, num_splits=1))
     arrays = {k: jnp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
     out = paged_attention(
         *(jnp.asarray(a) for a in (q, kp, vp, lens, bt)), impl=IMPL, config=config, **arrays
@@ -66,7 +66,7 @@ def test_decode_gqa_several_blocks(splits):
 def test_mixed_batch_with_every_logit_feature():
     q_lens = np.array(Q_LENS, np.int32)
     q, kp, vp, lens, bt = case(q_lens=q_lens, dtype=np.dtype(np.float16))
-    feats = dict(soft_cap=3.0, sliding_window=37, alibi_slopes=np.array([0.3, 0.2, 0.1, 0.05], np.float32))
+    feats = dict(soft_cap=3.0, sliding_window=37, alibi_slopes=np.array([0.3, 0.05], np.float32))
     out = run(q, kp, vp, lens, bt, q_lens=q_lens, **feats)
     assert_close(out, paged_attention_reference(q, kp, vp, lens, clean(bt, lens), q_lens=q_lens, **feats), q.dtype)
 
@@ -84,7 +84,7 @@ def test_quantized_pages(kv_dtype, mode):
 def test_nan_in_q_reaches_only_its_row():
     q, kp, vp, lens, bt = case()
     q = q.copy()
-    q[0, 1, 5] = np.nan
+    q[0, 1, 5] = np.nan  # row 1 of the first tile: its neighbour row 0 shares every wgmma
     out = run(q, kp, vp, lens, bt, finite=False).astype(np.float32)
     assert np.isnan(out[0, 1]).all()
     rest = np.ones(out.shape[:2], bool)
