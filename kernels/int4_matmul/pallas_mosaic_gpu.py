@@ -33,8 +33,9 @@ results are summed in float32 after the kernel.
 Lowering
 --------
 `kernels.lowering.per_platform_kernel`: on cuda the compiled Mosaic GPU kernel (`plgpu.kernel`, warpgroup
-semantics), on cpu the same kernel in Mosaic GPU's interpreter (`plgpu.InterpretGPUParams`), which the shared
-suite runs. wgmma and TMA are sm_90a: `pallas_unsupported` declines any other GPU target (A100 falls to the
+semantics), on cpu the same kernel in Mosaic GPU's interpreter (`plgpu.InterpretGPUParams`, inside a host
+callback: the interpreter's ordered IO effect cannot sit in a primitive's lowering), which the shared suite
+runs. wgmma and TMA are sm_90a: `pallas_unsupported` declines any other GPU target (A100 falls to the
 Triton kernel under impl="auto"; Blackwell's tcgen05 is not written yet). `jax.vmap` over stacked weights maps
 the kernel sequentially.
 
@@ -69,7 +70,7 @@ from kernels.int4_matmul.prepared import (
     unprepare_codes,
 )
 from kernels.int4_matmul.xla import prepare_x, scan_matmul_transposed, scan_scale_grad, zero_cotangent
-from kernels.lowering import target_gpu
+from kernels.lowering import per_platform_kernel, target_gpu
 from kernels.precision import highest_precision
 from quant.format import Int4Weight, symmetric_zero
 
@@ -264,7 +265,7 @@ def _run(codes, xt, xs, scales, zm, *, spec: _Spec, interpret: bool):
     has_zm = zm is not None
 
     def int4_w4a16(w_gmem, x_gmem, xs_gmem, s_gmem, *rest):
-        zm_gmem, o_gmem = rest if has_zm else (None, rest[0])
+        zm_gmem, o_gmem, o_smem = rest if has_zm else (None, *rest)
         ni, mi = lax.axis_index("n"), lax.axis_index("m")
 
         def body(_, w_smem, x_smem, xs_smem, s_smem, *rest):
@@ -306,7 +307,12 @@ def _run(codes, xt, xs, scales, zm, *, spec: _Spec, interpret: bool):
             s_gmem.at[:, n_sl],
             *([zm_gmem.at[:, n_sl]] if has_zm else []),
         )
-        o_gmem[n_sl, m_sl] = total.astype(o_gmem.dtype)
+        # Through shared memory and one TMA store: a thread's registers hold 4-8 byte pieces of the tile, and a
+        # direct store would not write whole 32-byte sectors.
+        o_smem[...] = total.astype(o_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[n_sl, m_sl])
+        plgpu.wait_smem_to_gmem(0)
 
     extra = dict(interpret=plgpu.InterpretGPUParams()) if interpret else {}
     fn = plgpu.kernel(
@@ -314,22 +320,44 @@ def _run(codes, xt, xs, scales, zm, *, spec: _Spec, interpret: bool):
         out_type=spec.out_shape,
         grid=(int(spec.np_ // bn), int(spec.nm)),
         grid_names=("n", "m"),
+        scratch_types=(
+            plgpu.SMEM(
+                (bn, cols),
+                spec.out_dtype,
+                transforms=_swizzled(bn, cols, 8 * np.dtype(spec.out_dtype).itemsize, "out"),
+            ),
+        ),
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         **extra,
     )
     return fn(codes, xt, xs, scales, *((zm,) if has_zm else ()))
 
 
-def _int4_mgpu(codes, xt, xs, scales, zm, *, spec: _Spec):
-    """The kernel, chosen per lowering platform: compiled on cuda, interpreted on cpu. (Not a
-    `per_platform_kernel` primitive: Mosaic GPU's interpreter runs ordered host callbacks, which a primitive's
-    lowering cannot hold; `platform_dependent` lowers only the branch of the platform being lowered for.)"""
-    args = (codes, xt, xs, scales, zm)
-    return lax.platform_dependent(
-        *args,
-        cpu=functools.partial(_run, spec=spec, interpret=True),
-        cuda=functools.partial(_run, spec=spec, interpret=False),
-    )
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _run_interpreted(codes, xt, xs, scales, zm, *, spec: _Spec):
+    return _run(codes, xt, xs, scales, zm, spec=spec, interpret=True)
+
+
+def _run_host(codes, xt, xs, scales, zm, *, spec: _Spec):
+    """The cpu lowering: the interpreted kernel inside a host callback. Mosaic GPU's interpreter threads an
+    ordered IO effect through its program, which a primitive's lowering cannot carry; inside a pure callback
+    it is a program of its own."""
+
+    def run(*arrays):
+        return np.asarray(_run_interpreted(*arrays, spec=spec))
+
+    return jax.pure_callback(run, spec.out_shape, codes, xt, xs, scales, zm)
+
+
+_int4_mgpu = per_platform_kernel(
+    "tokenlab_int4_matmul_pallas_mosaic_gpu",
+    {"cpu": _run_host, "cuda": functools.partial(_run, interpret=False)},
+    kernel="the Pallas Mosaic GPU INT4 matmul kernel",
+    runs_on="cpu (interpreted) and cuda (sm_90a)",
+    out_shape=lambda *args, spec: spec.out_shape,
+    # plgpu.kernel has no batching rule: each vmap level runs the kernel once per weight.
+    map_sequentially=("cpu", "cuda"),
+)
 
 
 def _split_parts(xf: jax.Array, parts: int) -> list[jax.Array]:

@@ -1,0 +1,81 @@
+"""The prepared INT4 layout of the Mosaic GPU kernel: round trips, a tile by hand, the cache, the entry."""
+
+import gc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels.int4_matmul import PreparedInt4Weight, int4_matmul, int4_matmul_reference, prepare, to_int4_weight
+from kernels.int4_matmul import prepared as prep
+from quant import Int4Weight
+from tests.kernels.int4_matmul.cases import VARIANTS, K, N, make_weight
+from tests.tolerances import normalized_error, tolerance
+
+
+def test_a_small_tile_by_hand():
+    # codes [K=4, N=2] -> prepared [Np=64, K=4] int4 holding q - 8, transposed, zero-padded columns.
+    codes = np.array([[0, 15], [7, 8], [1, 2], [14, 9]], np.uint8)
+    w = Int4Weight.from_codes(codes, np.ones((1, 2), np.float32), group_size=4)
+    pw = prepare(w)
+    assert pw.codes.dtype == jnp.int4 and pw.codes.shape == (64, 4) and pw.shape == (4, 2)
+    got = np.asarray(pw.codes.astype(jnp.int8))
+    np.testing.assert_array_equal(got[0], [-8, -1, -7, 6])  # column 0: 0, 7, 1, 14 minus 8
+    np.testing.assert_array_equal(got[1], [7, 0, -6, 1])  # column 1: 15, 8, 2, 9 minus 8
+    assert not got[2:].any()  # padding
+    np.testing.assert_array_equal(prep.codes_in_stored_order(pw), codes)
+
+
+@pytest.mark.parametrize("variant", ["g128", "act_order_and_scales", "bits3", "per_channel"])
+def test_round_trip(variant):
+    w = make_weight(0, **VARIANTS[variant])
+    pw = prepare(w)
+    back = to_int4_weight(pw)
+    np.testing.assert_array_equal(np.asarray(back.packed), np.asarray(w.packed))
+    np.testing.assert_array_equal(prep.codes_in_stored_order(pw), np.asarray(w.codes()))
+    assert back.bits == w.bits and back.group_size == w.group_size
+    # Traceable: the same under jit.
+    jitted = jax.jit(prep.prepare_codes)(w.packed)
+    np.testing.assert_array_equal(np.asarray(jitted.astype(jnp.int8)), np.asarray(pw.codes.astype(jnp.int8)))
+
+
+def test_prepared_weight_is_a_pytree():
+    pw = prepare(make_weight(0))
+    leaves, tree = jax.tree.flatten(pw)
+    again = jax.tree.unflatten(tree, leaves)
+    assert isinstance(again, PreparedInt4Weight) and again.shape == (K, N) and again.group_size == 64
+
+
+def test_bad_input_names_the_argument():
+    with pytest.raises(ValueError, match="w must be a quant.Int4Weight"):
+        prepare(np.zeros((4, 4)))
+    with pytest.raises(ValueError, match="w.bits=8"):
+        prepare(make_weight(0, bits=8))
+    with pytest.raises(ValueError, match="target='tpu'"):
+        prepare(make_weight(0), target="tpu")
+
+
+def test_cache_prepares_once_per_weight_and_forgets_it():
+    cache = prep.PreparedCache()
+    w = make_weight(1)
+    first = cache.get(w)
+    assert cache.get(w) is first and len(cache) == 1
+    # New scales on the same codes reuse the prepared codes.
+    w2 = Int4Weight.tree_unflatten((w.bits, w.group_size), (w.packed, w.scales * 2, w.zeros, w.perm, None))
+    assert cache.get(w2).codes is first.codes
+    del w, w2, first
+    gc.collect()
+    assert len(cache) == 0
+    # Traced weights are prepared, not cached.
+    jax.jit(lambda w: cache.get(w).codes)(make_weight(2))
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize("impl", ["xla", "auto", "pallas_mosaic_gpu"])
+def test_entry_takes_a_prepared_weight(impl):
+    w = make_weight(3)
+    x = np.random.default_rng(0).standard_normal((2, K)).astype(np.float32)
+    expected = int4_matmul_reference(x, w).astype(np.float64)
+    out = jax.jit(lambda x, pw: int4_matmul(x, pw, impl=impl))(x, prepare(w))
+    assert out.shape == (2, N) and normalized_error(out, expected) <= tolerance(np.float32).nerr
