@@ -42,7 +42,8 @@ is future work.
 Platforms. Hopper and newer only (wgmma and TMA: compiling for sm_80 aborts in LLVM), so `supports`
 declines a GPU target below compute capability 9.0 and `impl="auto"` takes the Triton kernel there.
 The kernels are chosen per lowering platform (`kernels.lowering.per_platform_kernel`): compiled on
-cuda, interpreted on the CPU with `plgpu.InterpretGPUParams()` (slow: tests at small shapes).
+cuda, interpreted on the CPU with `plgpu.InterpretGPUParams()` inside a host callback (the interpreter's
+ordered effect cannot live in a per-platform lowering; slow: tests at small shapes).
 
 Gradients. A custom VJP whose backward is the XLA path's (`kernels.moe.xla`, the same capacity and drop
 priority): reverse mode reaches x, the routing weights, float experts and Int4Weight experts' float
@@ -132,7 +133,7 @@ def _dims(w: Any) -> tuple[int, int, int]:
 
 
 def shape_class(x: Any, weights: Any, expert_ids: Any, w_gate: Any, *_: Any, **__: Any) -> str:
-    """"decode" when the balanced load T·k/E is at most 64 rows per expert (one row tile), else "prefill"."""
+    """ "decode" when the balanced load T·k/E is at most 64 rows per expert (one row tile), else "prefill"."""
     num_experts = _dims(w_gate)[0]
     rows = expert_ids.shape[0] * expert_ids.shape[1]
     return "decode" if rows <= DECODE_ROWS * num_experts else "prefill"
@@ -312,16 +313,29 @@ def _ffn_rows(xs, te, wg, wu, wd, *, blocks, interpret):
     return _grouped_gemm(h, te, (wd,), swiglu=False, out_dtype=xs.dtype, block_n=2 * block_n, **kw)
 
 
-def _ffn_rows_fn(interpret):
-    def run(xs, te, wg, wu, wd, *, blocks):
-        return _ffn_rows(xs, te, wg, wu, wd, blocks=blocks, interpret=interpret)
+@functools.partial(jax.jit, static_argnames=("blocks",))
+def _ffn_rows_interpreted(xs, te, wg, wu, wd, *, blocks):
+    return _ffn_rows(xs, te, wg, wu, wd, blocks=blocks, interpret=True)
 
-    return run
+
+def _ffn_rows_host(xs, te, wg, wu, wd, *, blocks):
+    """The CPU lowering: the interpreted kernels run in a host callback. Mosaic GPU's interpreter threads
+    an ordered IO effect through the program, which a primitive's lowering (and `lax.platform_dependent`
+    beside effect-free branches) cannot carry; from inside a pure callback it is a separate program."""
+
+    def run(*arrays):
+        return np.asarray(_ffn_rows_interpreted(*arrays, blocks=blocks))
+
+    return jax.pure_callback(run, jax.ShapeDtypeStruct(xs.shape, xs.dtype), xs, te, wg, wu, wd)
+
+
+def _ffn_rows_compiled(xs, te, wg, wu, wd, *, blocks):
+    return _ffn_rows(xs, te, wg, wu, wd, blocks=blocks, interpret=False)
 
 
 _ffn_rows_per_platform = per_platform_kernel(
     "tokenlab_moe_mosaic_gpu_ffn",
-    {"cpu": _ffn_rows_fn(True), "cuda": _ffn_rows_fn(False)},
+    {"cpu": _ffn_rows_host, "cuda": _ffn_rows_compiled},
     kernel="the Pallas Mosaic GPU grouped FFN",
     runs_on="cpu (interpreted) and cuda (compute capability >= 9.0)",
     out_shape=lambda xs, *_, **__: jax.ShapeDtypeStruct(xs.shape, xs.dtype),
@@ -367,11 +381,7 @@ def _forward(x, weights, expert_ids, wg, wu, wd, static):
     xs = _pad_to(jnp.take(x, row_token, axis=0, mode="fill", fill_value=0), 1, dp)
     te = tile_experts(plan.group_sizes, padded // block_m, block_m)
     if interpret is None:
-        ys = lax.platform_dependent(
-            xs, te, wg, wu, wd,
-            cpu=functools.partial(_ffn_rows, blocks=blocks, interpret=True),
-            cuda=functools.partial(_ffn_rows, blocks=blocks, interpret=False),
-        )  # fmt: skip
+        ys = _ffn_rows_per_platform(xs, te, wg, wu, wd, blocks=blocks)
     else:
         ys = _ffn_rows(xs, te, wg, wu, wd, blocks=blocks, interpret=interpret)
     # Only the plan's R rows: a dropped assignment's position is R, which must read zero, not a padding row.
