@@ -141,3 +141,22 @@ def test_declines_before_hopper():
     with compile_only.on_target("sm_80"):
         reason = pallas_unsupported(q, kp, vp)
     assert reason is not None and "9.0" in reason
+
+
+def test_foreign_pages_cannot_reach_the_output():
+    """A covered block-table entry outside [0, P) (unchecked under jit): its keys are masked, and no page but
+    the sequences' own can change the output."""
+    q, kp, vp, lens, bt = case()
+    bt = bt.copy()
+    bt[0, 1] = 10_000
+    mine = np.zeros(kp.shape[0], bool)
+    for i, n in enumerate(lens):
+        mine[bt[i, : -(-n // 16)][bt[i, : -(-n // 16)] < kp.shape[0]]] = True
+    other = np.random.default_rng(1).standard_normal(kp.shape).astype(kp.dtype)
+    kp2 = np.where(mine[:, None, None, None], kp, other)
+    vp2 = np.where(mine[:, None, None, None], vp, other)
+    fn = jax.jit(functools.partial(paged_attention, impl=IMPL, config=Config(num_stages=2, num_splits=1)))
+    a = fn(*(jnp.asarray(x) for x in (q, kp, vp, lens, bt)))
+    b = fn(*(jnp.asarray(x) for x in (q, kp2, vp2, lens, bt)))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.isfinite(np.asarray(a, np.float32)).all()
