@@ -1,0 +1,117 @@
+"""The Mosaic GPU INT4 kernel: interpreted against the reference at decode and wgmma sizes, what it declines,
+its tiling and tuning hooks, and its code compiled for an H100 (deviceless) when the CUDA plugin is here.
+The shared suite (test_shared.py) runs the weight variants, gradients and vmap on it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels import compile_only
+from kernels.int4_matmul import int4_matmul, int4_matmul_reference, prepare
+from kernels.int4_matmul import pallas_mosaic_gpu as mg
+from tests.kernels.int4_matmul.cases import VARIANTS, K, N, make_weight
+from tests.tolerances import normalized_error, tolerance
+
+IMPL = "pallas_mosaic_gpu"
+
+
+@pytest.mark.parametrize(
+    "m,dtype", [(1, np.float32), (16, jnp.bfloat16), (64, np.float16), (64, np.float32), (40, jnp.bfloat16)]
+)
+def test_interpreted_matches_the_reference(m, dtype):
+    w = make_weight(7, **VARIANTS["g32"])
+    x = np.random.default_rng(m).standard_normal((m, K)).astype(dtype)
+    out = int4_matmul(jnp.asarray(x), w, impl=IMPL)
+    expected = int4_matmul_reference(np.asarray(x), w).astype(np.float64)
+    assert out.dtype == x.dtype and normalized_error(out, expected) <= tolerance(dtype).nerr
+
+
+def test_several_column_and_row_tiles():
+    # N = 192 in three 64-column tiles, M = 40 rows in tiles of 16 (block_m), K in steps of 64.
+    w = make_weight(8, n=192)
+    x = np.random.default_rng(0).standard_normal((40, K)).astype(np.float32)
+    cfg = mg.Config(block_n=64, block_k=64, block_m=16, max_concurrent_steps=2)
+    out = int4_matmul(jnp.asarray(x), w, impl=IMPL, config=cfg)
+    expected = int4_matmul_reference(x, w).astype(np.float64)
+    assert normalized_error(out, expected) <= tolerance(np.float32).nerr
+
+
+def test_tiling_defaults_and_bad_configs():
+    w = make_weight(0, **VARIANTS["g128"])
+    decode = mg.choose(jax.ShapeDtypeStruct((1, K), jnp.bfloat16), w)
+    assert (decode.block_m, decode.block_n) == (16, 128)  # N = 96 pads to 128: one 128-column tile
+    prefill = mg.choose(jax.ShapeDtypeStruct((300, K), jnp.float32), w)
+    assert prefill.block_m * 3 <= mg.MAX_COLS and prefill.segment == 128
+    with pytest.raises(ValueError, match="block_n=96"):
+        mg.choose(jax.ShapeDtypeStruct((1, K), jnp.bfloat16), w, mg.Config(block_n=96))
+    with pytest.raises(ValueError, match="block_k=512"):
+        mg.choose(jax.ShapeDtypeStruct((1, K), jnp.bfloat16), w, mg.Config(block_k=512))
+    with pytest.raises(ValueError, match="block_m=8"):
+        mg.choose(jax.ShapeDtypeStruct((1, K), jnp.bfloat16), w, mg.Config(block_m=8))
+    with pytest.raises(ValueError, match="block_n"):
+        mg.Config(block_n=0)
+
+
+def test_tune_space_and_shape_class():
+    w = make_weight(0)
+    x = jax.ShapeDtypeStruct((1, K), jnp.bfloat16)
+    space = mg.tune_space(x, w)
+    assert 1 <= len(space) <= 12 and all(isinstance(c, mg.Config) for c in space)
+    assert mg.shape_class(x, w) == "decode"
+    assert mg.shape_class(jax.ShapeDtypeStruct((64, K), jnp.bfloat16), w) == "small"
+    assert mg.shape_class(jax.ShapeDtypeStruct((4, 512, K), jnp.bfloat16), w) == "prefill"
+
+
+def test_declines():
+    x = np.zeros((2, K), np.float32)
+    assert "bits=2" in mg.pallas_unsupported(x, make_weight(0, bits=2))
+    assert "group_size=24" in mg.pallas_unsupported(x, make_weight(0, group_size=24, k=240))
+    assert "x.dtype=float64" in mg.pallas_unsupported(np.zeros((2, K)), make_weight(0))
+    assert mg.pallas_unsupported(x, prepare(make_weight(0))) is None
+    with pytest.raises(ValueError, match="does not support bits=8"):
+        int4_matmul(x, make_weight(0, bits=8), impl=IMPL)
+
+
+def _h100_case(m, k, n, dtype=jnp.bfloat16):
+    g = k // 128
+    w = mg.PreparedInt4Weight(
+        jax.ShapeDtypeStruct((n, k), jnp.int4),
+        jax.ShapeDtypeStruct((g, n), jnp.float16),
+        jax.ShapeDtypeStruct((g, n), jnp.uint8),
+        None,
+        None,
+        bits=4,
+        group_size=128,
+        n=n,
+    )
+    return jax.ShapeDtypeStruct((m, k), dtype), w
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_100a"])
+def test_declines_gpus_other_than_hopper(target):
+    if compile_only.missing(target):
+        pytest.skip(compile_only.missing(target))
+    x, w = _h100_case(1, 256, 128)
+    with compile_only.on_target(target):
+        assert "Hopper (sm_90a) only" in mg.pallas_unsupported(x, w)
+
+
+@pytest.mark.parametrize(
+    "m,k,n",
+    [(64, 256, 128), pytest.param(64, 4096, 14336, marks=pytest.mark.slow), (1, 4096, 14336)],
+)
+def test_compiles_for_h100_without_spills(m, k, n):
+    if compile_only.missing("sm_90a"):
+        pytest.skip(compile_only.missing("sm_90a"))
+    from benchmarks import compiled as report
+
+    x, w = _h100_case(m, k, n)
+    with compile_only.on_target("sm_90a"):
+        assert mg.pallas_unsupported(x, w) is None
+    program = compile_only.compile_for("sm_90a", lambda x, w: int4_matmul(x, w, impl=IMPL), x, w)
+    kernels = [k for k in report.gpu_report(program, "sm_90a") if k["pallas"]]
+    assert len(kernels) == 1, kernels
+    (kern,) = kernels
+    assert kern["spill_bytes"] == 0 and kern["tma"]
+    assert kern["tensor_core"] == "wgmma"  # HGMMA in the SASS, at M = 64 and at decode (swap-AB)
