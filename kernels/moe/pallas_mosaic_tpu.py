@@ -465,8 +465,8 @@ def _weight_specs(w: Any, q: _Quant | None, bk: int, bn: int) -> tuple[list, lis
 
 
 def _grouped_gemm(meta, x, ws, *, tiles, block_m, out_dtype, exact, swiglu, vmem_limit, interpret, name):
-    """x: [A_pad, K] rows (columns arranged per K block for INT4 weights) against the stacks `ws` (one, or gate
-    and up) -> [A_pad, N] in out_dtype."""
+    """x: [A_pad, K] rows (columns arranged per K block for INT4 weights) against the stacks `ws` (one, or
+    gate and up) -> [A_pad, N] in out_dtype."""
     offsets, group_ids, m_tile_ids, num_visits = meta
     bn, bk = tiles
     rows, k = x.shape
@@ -547,8 +547,8 @@ def _out_shape(xs, group_sizes, wg, wu, wd, *, spec):
     return jax.ShapeDtypeStruct(xs.shape, _compute_dtype(xs.dtype, wg))
 
 
-# One primitive whose lowering is chosen per platform (`kernels.lowering`): the compiled Mosaic kernels on tpu,
-# the same kernels interpreted on cpu; it exports for ("cpu", "tpu") at once and batches under vmap.
+# One primitive whose lowering is chosen per platform (`kernels.lowering`): the compiled Mosaic kernels on
+# tpu, the same kernels interpreted on cpu; it exports for ("cpu", "tpu") at once and batches under vmap.
 _ffn_tpu = per_platform_kernel(
     "tokenlab_moe_grouped_ffn_pallas_tpu",
     {
