@@ -78,7 +78,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import registry
+from kernels import registry, tuning
 from kernels.lowering import per_platform_kernel, target_gpu
 from kernels.paged_attention.xla import differentiable
 from kernels.triton_addressing import from_words, needs_words, operand_elements, to_words
@@ -95,11 +95,15 @@ _MAX_SPLITS = 64
 # The defaults below follow the anchors (JAX's Pallas GPU attention ops, FlashAttention's Triton kernels) and
 # what Triton 3.9 + ptxas make of this kernel for sm_90a offline (registers, spills, shared memory; see
 # docs/accelerators.md).
-# Decode, 16-bit q: 32 KiB of K per step, i.e. 128 bf16 keys of D = 128 (the block of JAX's Pallas paged
-# op, 8 pages of 16). With 4 warps and 2 stages that is 209 registers, no spills and 107 KiB of shared
-# memory, so two programs fit an SM of an H100/H200 (228 KiB), one an A100 (164 KiB); cp.async keeps a
-# whole K/V block in flight per program, well beyond what HBM latency needs.
-_BLOCK_BYTES = 32 * 1024
+# Decode, 16-bit q: 8 KiB of K per step, i.e. 32 bf16 keys of D = 128, with 5 stages. Masked loads fill
+# masked keys with zeros themselves (`other=0`, no select after the load), and at 5 stages Triton keeps two K
+# and two V blocks in flight (it double-buffers these gathered loads only from num_stages=5 at 32-64 keys a
+# block; 3 does at 128 keys). Compiled for sm_80 that is 96 registers and 37.5 KiB of shared memory: 4 CTAs
+# per SM on an A100 (5 on an H100), with 2 x 16 KiB of K/V in flight per CTA, far more than HBM latency
+# needs (about 10-15 KiB per SM). The old 128-key blocks with 2 stages (one buffer) and a select after the
+# load took 238 registers, 104.5 KiB and 1 CTA per SM on sm_80, and a 1,390-instruction loop.
+_BLOCK_BYTES = 8 * 1024
+_DECODE_STAGES = 5
 _MAX_BLOCK_K = 128
 # Multi-token tiles, 16-bit q: 64 rows × 64 keys with 8 warps (208 registers, no spills; 4 warps spill),
 # FlashAttention-2's Triton tile for D <= 128; 32 × 32 for D = 256.
@@ -211,7 +215,10 @@ def default_tunables(
     max_blocks = max(1, -(-max_pages * page_size // block_k))
     num_splits = max(1, min(_TARGET_PROGRAMS // max(1, tiles * num_kv_heads), max_blocks, _MAX_SPLITS))
     num_warps = 8 if f32 or dp > 128 or rows >= 64 else 4
-    return dict(block_k=block_k, q_block=q_block, num_splits=num_splits, num_warps=num_warps, num_stages=2)
+    num_stages = _DECODE_STAGES if decode and not f32 else 2
+    return dict(
+        block_k=block_k, q_block=q_block, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages
+    )
 
 
 def _kernel(
@@ -278,14 +285,18 @@ def _kernel(
         # K (which=0) or V (1): [BK] token rows -> [BK, Dp] in compute dtype; masked rows and lanes are 0.
         ref = (k_ref, v_ref)[which]
         mask = ok[:, None] & d_ok
-        # Masked lanes are not read; `where` (not `other`, which Triton cannot cast to float8) makes them 0.
+        # Masked slots and lanes are not read: the load itself fills them with 0 (`other=0`), so garbage
+        # (NaN/Inf) past kv_len never enters a register. No select after the load: a `where` on the loaded
+        # tile made Triton round-trip it through registers between the shared-memory copy and the dot.
         if words[which]:  # one-byte pages as 16-bit words [P·S, K, D/2] (see `to_words`): two lanes a word
             w_idx = jax.lax.broadcasted_iota(jnp.int32, (1, dp // 2), 1)
-            w = plgpu.load(ref.at[tok[:, None], kh, w_idx], mask=ok[:, None] & (w_idx < head_dim // 2))
-            x = from_words(w, kv_dtypes[which]).astype(compute_dtype)
-        else:
+            w = plgpu.load(ref.at[tok[:, None], kh, w_idx], mask=ok[:, None] & (w_idx < head_dim // 2), other=0)
+            return from_words(w, kv_dtypes[which]).astype(compute_dtype)  # zero words: +0.0 in every dtype
+        if jnp.issubdtype(kv_dtypes[which], jnp.floating) and kv_dtypes[which].itemsize == 1:
+            # Triton cannot cast `other` to float8: these pages keep the select (float8 needs sm_89+).
             x = plgpu.load(ref.at[tok[:, None], kh, d_idx], mask=mask).astype(compute_dtype)
-        return jnp.where(mask, x, jnp.zeros((), compute_dtype))
+            return jnp.where(mask, x, jnp.zeros((), compute_dtype))
+        return plgpu.load(ref.at[tok[:, None], kh, d_idx], mask=mask, other=0).astype(compute_dtype)
 
     def body(blk, carry):
         m, l, acc = carry
@@ -311,7 +322,7 @@ def _kernel(
         s = jnp.where(keep, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.where(keep, jnp.exp(s - m_safe[:, None]), 0.0)
+        p = jnp.exp(s - m_safe[:, None])  # masked keys: exp(-inf) = 0, no select needed
         corr = jnp.exp(m - m_safe)
         l = l * corr + p.sum(axis=1)
         if per_token_v:
@@ -598,7 +609,7 @@ def paged_attention_pallas(
 
     Tunables (keyword-only, static; defaults by shape from `default_tunables`):
       pages_per_block  pages per block step; the block is pages_per_block × S keys rounded up to a power of
-                       two (default for 16-bit q: 32 KiB of K per step, at most 128 keys, for decode, 64 keys
+                       two (default for 16-bit q: 8 KiB of K per step, at most 128 keys, for decode, 64 keys
                        for multi-token tiles; 16 keys for float32 q; with pages larger than the default
                        block a step walks part of a page).
       num_splits       context splits per (tile, kv head), merged by log-sum-exp (default: enough programs
@@ -607,7 +618,8 @@ def paged_attention_pallas(
                        least 16 rows (default: 64 rows, i.e. 64 // Gq tokens; 32 rows for D = 256; 16
                        rows for float32 q; decode always 1).
       num_warps, num_stages  Triton launch parameters (default 4 warps; 8 for tiles of 64 rows or more,
-                       D = 256 or float32 q; 2 stages).
+                       D = 256 or float32 q; 5 stages for 16-bit decode, which double-buffers K and V,
+                       else 2).
       interpret        None: interpret mode on cpu, compiled on cuda/rocm, chosen per lowering platform;
                        True/False force one (False cannot run on a CPU).
     """
@@ -689,12 +701,66 @@ class Config:
         registry.check_positive_ints(self, "q_tile", "block_pages", "num_splits", "num_warps", "num_stages")
 
 
+def shape_class(q: Any, k_pages: Any, v_pages: Any, kv_lens: Any, block_tables: Any, *, q_lens: Any = None,
+                **_: Any) -> str:  # fmt: skip
+    """The family of shapes that share a best configuration: "decode" (one query token per sequence,
+    q_lens None) or "prefill" (multi-token tiles), with "-f32" for float32 q (no tensor cores: other tiles)
+    and "-d256" for head dims above 128 (half the tile). The key `kernels.tuning` stores tuned configs by."""
+    kind = "decode" if q_lens is None else "prefill"
+    if _dtype(q).itemsize >= 4:
+        kind += "-f32"
+    if np.shape(q)[-1] > 128:
+        kind += "-d256"
+    return kind
+
+
+def tune_space(q: Any, k_pages: Any, v_pages: Any, kv_lens: Any, block_tables: Any, *, q_lens: Any = None,
+               **_: Any) -> list[Config]:  # fmt: skip
+    """The configurations `benchmarks.accel --tune` times for this call (at most 12), the default first.
+
+    Decode: K blocks of 32, 64 and 128 keys (as pages per block for this page size S) × num_stages 3 and 5
+    (5 double-buffers the gathered K/V blocks at 32-64 keys, 3 at 128) × 4 warps, and 8 warps at the two
+    larger blocks with 5 stages. Prefill: 32- and 64-key blocks × q tiles of 32 and 64 rows × 2 and 3 stages,
+    8 warps. Splits stay with the default (they follow the grid, not the chip)."""
+    s = np.shape(k_pages)[1]
+
+    def pages(keys: int) -> int:
+        return max(1, keys // s)
+
+    space = [Config()]
+    if q_lens is None:
+        for keys in (32, 64, 128):
+            for stages in (3, 5):
+                space.append(Config(block_pages=pages(keys), num_warps=4, num_stages=stages))
+        space += [Config(block_pages=pages(keys), num_warps=8, num_stages=5) for keys in (64, 128)]
+    else:
+        g = max(1, np.shape(q)[1] // np.shape(k_pages)[2])
+        gq = _pow2_at_least(g)
+        for keys in (32, 64):
+            for rows in (32, 64):
+                for stages in (2, 3):
+                    space.append(Config(q_tile=max(1, rows // gq), block_pages=pages(keys), num_warps=8,
+                                        num_stages=stages))  # fmt: skip
+    return list(dict.fromkeys(space))
+
+
 def _supports(q, k_pages, v_pages, kv_lens, block_tables, *, q_lens=None, **options):
     return pallas_unsupported(q, k_pages, v_pages, q_lens=q_lens)
 
 
+def default_config(q, k_pages, v_pages, kv_lens, block_tables, *, q_lens=None, **_: Any) -> Config:
+    """The configuration a call without one runs: the tuned entry for (shape class, the GPU being lowered
+    for) from `kernels.tuning` when there is one, else `Config()` (every field by `default_tunables`)."""
+    target = target_gpu()
+    cls = shape_class(q, k_pages, v_pages, kv_lens, block_tables, q_lens=q_lens)
+    found = tuning.lookup("paged_attention", "pallas_triton", cls, None if target is None else target[0])
+    return Config() if found is None else Config(**found)
+
+
 def _pallas(q, k_pages, v_pages, kv_lens, block_tables, *, q_lens, config, scale, soft_cap, sliding_window,
             **options):  # fmt: skip
+    if config == Config():
+        config = default_config(q, k_pages, v_pages, kv_lens, block_tables, q_lens=q_lens)
     logit = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
 
     def forward(q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale, v_scale):
