@@ -33,9 +33,20 @@ its place and the page's keys are masked. Masked logits are −inf, and in a blo
 unused slots cannot reach the output. A NaN in q reaches only its own output row.
 
 Declines (`pallas_unsupported`): float32 q (wgmma has no IEEE float32 product; impl="auto" takes the Triton
-kernel or the XLA path), head dims that are not a multiple of 64 / itemsize·... (see the function), page
-sizes that TMA cannot place in a 64-key block, more than 64 query heads per kv head, and GPU targets below
+kernel or the XLA path), head dims that are not a multiple of 64 (TMA copies of a query-head group move
+whole 128-byte rows), page sizes that are not a multiple of 8 tiling a 64- or 128-key block (S = 1 pages
+would need cp.async gathers, not written), more than 64 query heads per kv head, and GPU targets below
 compute capability 9.0 (no wgmma/TMA: A100 takes the Triton kernel).
+
+Interpret mode. On the CPU the kernel runs in Mosaic GPU's interpreter (`plgpu.InterpretGPUParams`) from a
+host callback, because the interpreter's ordered IO effects cannot pass through the per-platform primitive's
+lowering rule; the callback is pure, so jit, vmap and the custom VJP see an ordinary op.
+
+Compiled for sm_90a (H100, deviceless, `benchmarks.compiled.gpu_report`), bf16, H32 K8 D128, pages of 16,
+default config (64-key blocks, 3 stages): decode B8 L4096: 2 kernels per call (the kernel, 128 programs as
+16 × 8 × 2 splits, and the XLA merge), 241 registers, no spills, 148 KiB shared, 1 CTA/SM, wgmma + TMA;
+decode B64 L4096 and B16 L16384: 1 kernel per call (one split), 244 registers, no spills, 131 KiB shared.
+
 
 Axis legend: T query tokens, B sequences, H query heads, K kv heads, G = H // K, D head dim, P pages,
 S page size, W block-table width, N query tiles, R = 64 rows of a tile, BK keys per block, NS splits.
@@ -45,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -120,7 +130,9 @@ def pallas_unsupported(q: Any, k_pages: Any, v_pages: Any, *, q_lens: Any = None
     if h // kh > ROWS:
         return f"{h // kh} query heads per kv head (the Mosaic GPU kernel takes at most {ROWS})"
     if s % 8 or not any(_block_keys_ok(bk, s) for bk in (64, 128)):
-        return f"page size S={s} (the Mosaic GPU kernel takes multiples of 8 that tile a 64- or 128-key block)"
+        return (
+            f"page size S={s} (the Mosaic GPU kernel takes multiples of 8 that tile a 64- or 128-key block)"
+        )
     target = target_gpu()
     if target is not None and target[1] < MIN_CAPABILITY:
         kind, cc = target
@@ -158,17 +170,23 @@ def tune_space(q: Any, k_pages: Any, v_pages: Any, kv_lens: Any, block_tables: A
         for st in (2, 3, 4):
             if q_lens is None:
                 for f in (1, 2):
-                    space.append(Config(block_keys=bk, num_stages=st, num_splits=min(_MAX_SPLITS, base["num_splits"] * f)))
+                    space.append(
+                        Config(
+                            block_keys=bk, num_stages=st, num_splits=min(_MAX_SPLITS, base["num_splits"] * f)
+                        )
+                    )
             else:
                 space.append(Config(block_keys=bk, num_stages=st))
     return space[:12]
 
 
-def defaults(q: Any, k_pages: Any, kv_lens: Any, block_tables: Any, *, q_lens: Any, config: Config) -> dict[str, int]:
-    """The configuration a call runs with: `config`'s fields, else a tuned entry (`kernels.tuning`, for the GPU
-    being lowered for), else the built-in choice: blocks of 64 keys (128 when a page is larger), 3 stages,
+def defaults(
+    q: Any, k_pages: Any, kv_lens: Any, block_tables: Any, *, q_lens: Any, config: Config
+) -> dict[str, int]:
+    """The configuration a call runs with: `config`'s fields, else a tuned entry (`kernels.tuning`, for the
+    GPU being lowered for), else the built-in choice: blocks of 64 keys (128 when a page is larger), 3 stages,
     q_tile = 64 // G, splits enough for about one program per SM (at most one per block, at most 16)."""
-    t, h, d = np.shape(q)
+    t, h, _ = np.shape(q)
     _, s, kh, _ = np.shape(k_pages)
     b, w = np.shape(block_tables)
     g = h // kh
@@ -186,7 +204,9 @@ def defaults(q: Any, k_pages: Any, kv_lens: Any, block_tables: Any, *, q_lens: A
     qt = 1 if decode else max(1, min(fields["q_tile"] or ROWS // g, ROWS // g))
     tiles = t if decode else min(t, -(-t // qt) + b)
     max_blocks = max(1, -(-w * s // bk))
-    splits = fields["num_splits"] or max(1, min(_TARGET_PROGRAMS // max(1, tiles * kh), max_blocks, _MAX_SPLITS))
+    splits = fields["num_splits"] or max(
+        1, min(_TARGET_PROGRAMS // max(1, tiles * kh), max_blocks, _MAX_SPLITS)
+    )
     stages = fields["num_stages"] or 3
     return dict(block_keys=bk, q_tile=qt, num_splits=int(splits), num_stages=int(stages))
 
@@ -283,8 +303,9 @@ def _kernel(*refs, cfg: dict) -> None:
                 q_bar,
             )
         for st in range(ns):
+
             @pl.when(st < nblk)
-            def _():
+            def _(st=st):
                 issue(first + st, st)
 
         plgpu.barrier_wait(q_bar)
@@ -399,9 +420,12 @@ def _kernel(*refs, cfg: dict) -> None:
             o_smem[...] = out.astype(dtype)
             plgpu.commit_smem()
             for tok in range(qt):
+
                 @pl.when(tok < count)
-                def _():
-                    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(tok * g, g)], o_ref.at[row0 + tok, pl.ds(kh * g, g)])
+                def _(tok=tok):
+                    plgpu.copy_smem_to_gmem(
+                        o_smem.at[pl.ds(tok * g, g)], o_ref.at[row0 + tok, pl.ds(kh * g, g)]
+                    )
         else:
             acc_ref, m_ref, l_ref = out_refs
             o_smem[...] = acc
@@ -526,10 +550,20 @@ _per_platform = per_platform_kernel(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("scale", "soft_cap", "sliding_window", "block_keys", "q_tile", "num_splits", "num_stages"),
+    static_argnames=(
+        "scale",
+        "soft_cap",
+        "sliding_window",
+        "block_keys",
+        "q_tile",
+        "num_splits",
+        "num_stages",
+    ),
 )
-def _paged_attention_mgpu(q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale, v_scale, *,
-                          scale, soft_cap, sliding_window, block_keys, q_tile, num_splits, num_stages):  # fmt: skip
+def _paged_attention_mgpu(
+    q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_scale, v_scale, *,
+    scale, soft_cap, sliding_window, block_keys, q_tile, num_splits, num_stages,
+):  # fmt: skip
     t, h, d = q.shape
     p, s, kh, _ = k_pages.shape
     g = h // kh
@@ -650,7 +684,8 @@ def _pallas(q, k_pages, v_pages, kv_lens, block_tables, *, q_lens, config, scale
     # The kernel's forward with the XLA path's recompute-based backward (reverse-mode autodiff).
     return differentiable(
         forward, (scale, soft_cap, sliding_window, (config.q_tile if config else None) or 32), q, k_pages,
-        v_pages, kv_lens, block_tables, q_lens, options["alibi_slopes"], options["k_scale"], options["v_scale"],
+        v_pages, kv_lens, block_tables, q_lens, options["alibi_slopes"], options["k_scale"],
+        options["v_scale"],
     )  # fmt: skip
 
 

@@ -1,5 +1,5 @@
-"""The Mosaic GPU paged attention kernel: interpreted on the CPU against the NumPy reference, what it declines,
-and compiled for an H100 (sm_90a) from the CPU.
+"""The Mosaic GPU paged attention kernel: interpreted on the CPU against the NumPy reference, what it
+declines, and compiled for an H100 (sm_90a) from the CPU.
 
 Interpret mode is slow (a few seconds per call), so the cases share one small shape family: H=2, K=1 (GQA,
 G=2), D=64, pages of 16 keys, blocks of 64 keys, a table of 12 pages (3 blocks: the TMA ring of 2 stages
@@ -49,7 +49,8 @@ def run(q, kp, vp, lens, bt, finite=True, **kw):
 
 
 def clean(bt, lens, s=16):
-    """The block table the (eager, validating) reference accepts: entries past each sequence's pages zeroed."""
+    """The block table the (eager, validating) reference accepts: entries past each sequence's pages
+    zeroed."""
     bt = bt.copy()
     for i, n in enumerate(lens):
         bt[i, -(-n // s) :] = 0
@@ -68,7 +69,9 @@ def test_mixed_batch_with_every_logit_feature():
     q, kp, vp, lens, bt = case(q_lens=q_lens, dtype=np.dtype(np.float16))
     feats = dict(soft_cap=3.0, sliding_window=37, alibi_slopes=np.array([0.3, 0.05], np.float32))
     out = run(q, kp, vp, lens, bt, q_lens=q_lens, **feats)
-    assert_close(out, paged_attention_reference(q, kp, vp, lens, clean(bt, lens), q_lens=q_lens, **feats), q.dtype)
+    assert_close(
+        out, paged_attention_reference(q, kp, vp, lens, clean(bt, lens), q_lens=q_lens, **feats), q.dtype
+    )
 
 
 @pytest.mark.parametrize("kv_dtype,mode", [(np.dtype(np.int8), "token"), (FP8, "tensor")])
@@ -118,11 +121,15 @@ def _report(case_name: str, target: str = "sm_90a"):
     c = arg_specs.get(case_name)
     args, kw = arg_specs.arg_shapes(c)
     fn = functools.partial(paged_attention, impl=IMPL)
-    return gpu_report(compile_only.compile_for(target, lambda *a: fn(*a[:5], **dict(zip(kw, a[5:]))), *args,
-                                               *kw.values()), target)  # fmt: skip
+    program = compile_only.compile_for(
+        target, lambda *a: fn(*a[:5], **dict(zip(kw, a[5:], strict=True))), *args, *kw.values()
+    )
+    return gpu_report(program, target)
 
 
-needs_sm90 = pytest.mark.skipif(compile_only.missing("sm_90a") is not None, reason=str(compile_only.missing("sm_90a")))
+needs_sm90 = pytest.mark.skipif(
+    compile_only.missing("sm_90a") is not None, reason=str(compile_only.missing("sm_90a"))
+)
 
 
 @needs_sm90
