@@ -290,7 +290,9 @@ def _kernel(
         # tile made Triton round-trip it through registers between the shared-memory copy and the dot.
         if words[which]:  # one-byte pages as 16-bit words [P·S, K, D/2] (see `to_words`): two lanes a word
             w_idx = jax.lax.broadcasted_iota(jnp.int32, (1, dp // 2), 1)
-            w = plgpu.load(ref.at[tok[:, None], kh, w_idx], mask=ok[:, None] & (w_idx < head_dim // 2), other=0)
+            w = plgpu.load(
+                ref.at[tok[:, None], kh, w_idx], mask=ok[:, None] & (w_idx < head_dim // 2), other=0
+            )
             return from_words(w, kv_dtypes[which]).astype(compute_dtype)  # zero words: +0.0 in every dtype
         if jnp.issubdtype(kv_dtypes[which], jnp.floating) and kv_dtypes[which].itemsize == 1:
             # Triton cannot cast `other` to float8: these pages keep the select (float8 needs sm_89+).

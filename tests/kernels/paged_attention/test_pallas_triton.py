@@ -275,15 +275,51 @@ def test_bad_tunables_raise(name):
 
 
 def test_default_tunables_follow_the_shape():
-    # The decode shape (bf16, H=32, K=8, D=128, page 16): 128-key blocks, 16-row tiles.
+    # The benchmark decode shape (bf16, H=32, K=8, D=128, page 16): 8 KiB of K a step (32 keys), 16-row
+    # tiles, 5 stages (Triton double-buffers the gathered K/V blocks from there).
     small = default_tunables(8, 8, 32, 8, 128, 16, 256, 2, decode=True)
     big = default_tunables(64, 64, 32, 8, 128, 16, 256, 2, decode=True)
-    assert small["block_k"] == big["block_k"] == 128
+    assert small["block_k"] == big["block_k"] == 32
+    assert small["num_stages"] == big["num_stages"] == 5
     assert small["num_splits"] > 1 and big["num_splits"] == 1  # split the context only when B·K is small
     fp8 = default_tunables(8, 8, 32, 8, 128, 16, 256, 1, decode=True)
-    assert fp8["block_k"] == 128  # at most 128 keys a step
+    assert fp8["block_k"] == 64  # one-byte pages: twice the keys for the same bytes
     fp32 = default_tunables(8, 8, 32, 8, 128, 16, 256, 4, decode=True, q_itemsize=4)
     assert fp32["block_k"] == 16 and fp32["num_warps"] == 8  # FMA dots: small tiles, more warps
     chunk = default_tunables(519, 8, 32, 8, 128, 16, 256, 2, decode=False)
     assert chunk["q_block"] * 4 == 64 and chunk["num_warps"] == 8  # 16 tokens × 4 heads of a group
     assert default_tunables(519, 8, 32, 8, 128, 16, 256, 2, decode=False, q_block=3)["q_block"] == 4
+
+
+ARGS = ("q", "k_pages", "v_pages", "kv_lens", "block_tables")
+
+
+def test_shape_class_and_tune_space():
+    from kernels.paged_attention import pallas_triton as pt
+
+    case = make_case()
+    q, k_pages, v_pages, kv_lens, block_tables = (case[n] for n in ARGS)
+    assert pt.shape_class(q, k_pages, v_pages, kv_lens, block_tables) == "decode-f32"
+    assert pt.shape_class(
+        q.astype(jnp.bfloat16), k_pages, v_pages, kv_lens, block_tables, q_lens=kv_lens
+    ) == ("prefill")
+    for q_lens in (None, kv_lens):
+        space = pt.tune_space(q, k_pages, v_pages, kv_lens, block_tables, q_lens=q_lens)
+        assert space[0] == pt.Config() and 1 < len(space) <= 13 and len(set(space)) == len(space)
+
+
+def test_default_config_reads_the_tuned_file(tmp_path, monkeypatch):
+    from kernels import tuning
+    from kernels.paged_attention import pallas_triton as pt
+
+    case = make_case()
+    args = [case[n] for n in ARGS]
+    monkeypatch.setenv("TOKENLAB_TUNED", str(tmp_path / "tuned.json"))
+    monkeypatch.setattr(pt, "target_gpu", lambda: ("NVIDIA A100-SXM4-40GB", 80))
+    assert pt.default_config(*args[:5]) == pt.Config()
+    entry = tuning.entry("paged_attention", "pallas_triton", "decode-f32", "NVIDIA A100-SXM4-40GB",
+                         {"block_pages": 2, "num_stages": 3}, 0.1)  # fmt: skip
+    tuning.write([entry])
+    assert pt.default_config(*args[:5]) == pt.Config(block_pages=2, num_stages=3)
+    monkeypatch.setattr(pt, "target_gpu", lambda: None)  # a CPU host: no device kind, built-in defaults
+    assert pt.default_config(*args[:5]) == pt.Config()
