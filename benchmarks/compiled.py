@@ -310,12 +310,17 @@ def sass_figures(sass: str) -> dict[str, Any]:
     for addr, op in lines:
         m = re.search(r"\bBRA(?:\.\w+)* (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", op)
         if m and int(m.group(1), 16) < addr:
-            span = [o for a, o in lines if int(m.group(1), 16) <= a <= addr]
-            # A barrier wait (an mbarrier try-wait retried until its phase flips: TMA and wgmma pipelines,
-            # Mosaic GPU's and Triton's alike) is a loop in the SASS but no pass of the kernel's work.
-            if len(span) <= SPIN_LOOP_MAX and any("SYNCS.PHASECHK" in o for o in span):
-                continue
             loops.append((int(m.group(1), 16), addr))
+
+    def waits(s: int, e: int) -> bool:
+        # A barrier wait (an mbarrier try-wait retried until its phase flips: TMA and wgmma pipelines, Mosaic
+        # GPU's and Triton's alike) is a loop in the SASS but no pass of the kernel's work: a few
+        # instructions around SYNCS.PHASECHK with no loop inside.
+        span = [o for a, o in lines if s <= a <= e]
+        nested = any(s <= s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)
+        return len(span) <= SPIN_LOOP_MAX and not nested and any("SYNCS.PHASECHK" in o for o in span)
+
+    loops = [(s, e) for s, e in loops if not waits(s, e)]
     inner = [
         (s, e) for s, e in loops if not any(s < s2 and e2 <= e and (s2, e2) != (s, e) for s2, e2 in loops)
     ]

@@ -138,3 +138,108 @@ def test_bad_flags_are_usage_errors_before_any_run(args, message):
 
 def test_repeated_kernels_run_once():
     assert accel._only("moe_ffn,int4_matmul,moe_ffn") == ("moe_ffn", "int4_matmul")
+
+
+# --------------------------------------------------------------------------------------------------
+# --tune: the sweep at tiny shapes, its file written, read back and used by the kernels' defaults
+
+TUNE_OP = "int4_matmul"
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tune")
+    path, out = folder / "tuned.json", folder / "tune.json"
+    proc = _accel("--tune", "--smoke", "--only", TUNE_OP, "--tune-out", str(path), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert path.exists(), proc.stdout[-2000:]
+    return path, json.loads(out.read_text())
+
+
+def _entries(tuned) -> list[dict]:
+    path, _ = tuned
+    entries = json.loads(path.read_text())["entries"]
+    if not entries:
+        pytest.skip(f"no {TUNE_OP} Pallas GPU kernel here defines shape_class/tune_space yet")
+    return entries
+
+
+def test_tune_smoke_writes_the_best_config_of_every_kernel_it_timed(tuned):
+    import jax
+
+    path, result = tuned
+    assert result["tuned"] == str(path)
+    timed = {(r["impl"], r["shape_class"]) for r in result["records"] if r["status"] == "ok" and r["ms"]}
+    entries = _entries(tuned)
+    assert {(e["impl"], e["shape_class"]) for e in entries} == timed
+    for e in entries:
+        assert e["op"] == TUNE_OP and e["impl"] in accel.TUNED_IMPLS, e
+        assert e["device_kind"] == result["device"]["device_kind"] and e["jax"] == jax.__version__, e
+        assert e["ms"] > 0 and len(e["date"]) == 10, e
+        ran = [
+            r["config"]
+            for r in result["records"]
+            if (r["impl"], r["shape_class"], r["status"]) == (e["impl"], e["shape_class"], "ok")
+        ]
+        assert e["config"] in ran, (e, ran)
+    for r in result["records"]:
+        assert r["status"] == "ok" or r["status"].startswith(("pruned: ", "unsupported: ", "skipped: ")), r
+
+
+def test_the_tuned_file_is_read_back(tuned, monkeypatch):
+    from kernels import tuning
+
+    path, _ = tuned
+    monkeypatch.setenv("TOKENLAB_TUNED", str(path))
+    for e in _entries(tuned):
+        assert tuning.lookup(e["op"], e["impl"], e["shape_class"], e["device_kind"]) == e["config"]
+        assert tuning.lookup(e["op"], e["impl"], e["shape_class"], "another GPU") is None
+
+
+def _defaults(module) -> tuple[str, object] | None:
+    for name in ("default_config", "choose"):
+        if callable(getattr(module, name, None)):
+            return name, getattr(module, name)
+    return None
+
+
+def test_a_kernels_default_config_uses_the_tuned_file(tuned, tmp_path, monkeypatch):
+    """The kernel's default (`default_config(*args)`, or `choose(*args)` for a module that resolves its
+    tiles there) takes the tuned fields for the GPU being lowered for: the CPU's device kind stands in for
+    it here. A tuned entry that kept the built-in default is replaced by the space's second candidate
+    first, so that 'used' is visible."""
+    import importlib
+
+    from kernels import tuning
+
+    path, _ = tuned
+    spec = importlib.import_module(accel.ARG_SPECS[TUNE_OP])
+    case = spec.cases("smoke")[0]
+    args, kwargs = spec.make_args(case)
+    checked = 0
+    for e in _entries(tuned):
+        module = accel._tune_module(e["op"], e["impl"])
+        found = _defaults(module)
+        if found is None or module.shape_class(*args, **kwargs) != e["shape_class"]:
+            continue
+        config = e["config"]
+        if not config:  # the built-in default won: tune in a visible one (the file is still --tune's)
+            space = [accel._config_fields(c) for c in module.tune_space(*args, **kwargs)]
+            config = next((c for c in space if c), None)
+            if config is None:
+                continue
+            mine = tmp_path / f"{e['impl']}.json"
+            mine.write_text(path.read_text())
+            tuning.write([{**e, "config": config}], mine)
+            monkeypatch.setenv("TOKENLAB_TUNED", str(mine))
+        else:
+            monkeypatch.setenv("TOKENLAB_TUNED", str(path))
+        monkeypatch.setattr(module, "target_gpu", lambda kind=e["device_kind"]: (kind, 90))
+        name, default = found
+        chosen = default(*args, **kwargs)
+        seen = {f: getattr(chosen, f) for f in config if hasattr(chosen, f)}
+        assert seen, f"{e['impl']}.{name} returned {chosen!r}, which shows none of the fields {config}"
+        assert seen == {f: config[f] for f in seen}, (e["impl"], name, chosen, config)
+        checked += 1
+    if not checked:
+        pytest.skip(f"no tuned {TUNE_OP} module exposes default_config/choose for its smoke shape class")
