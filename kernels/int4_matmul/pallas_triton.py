@@ -85,9 +85,9 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels import registry
+from kernels import registry, tuning
 from kernels.int4_matmul.xla import prepare_x, scan_matmul_transposed, scan_scale_grad, zero_cotangent
-from kernels.lowering import before_hopper, per_platform_kernel
+from kernels.lowering import before_hopper, per_platform_kernel, target_gpu
 from kernels.precision import highest_precision
 from kernels.triton_addressing import from_words, needs_words, to_words
 from quant.format import Int4Weight, symmetric_zero
@@ -213,7 +213,10 @@ def choose_config(
             f"block_m={block_m} must be <= {MAX_MATVEC_ROWS} (matvec) or >= 16 (tensor-core dots)"
         )
     if block_n is None:
-        block_n = _pow2_divisor(n, 128, MIN_BLOCK_N)
+        # Before Hopper, 16-bit x at M > 16 (the folded kernel on mma.sync) takes 64 columns: at 128 its
+        # four column accumulators and unpacked pairs spill on sm_80 (255 registers), at 64 they take 168.
+        cap = 64 if m > 16 and np.dtype(dtype) != np.float32 and before_hopper() else 128
+        block_n = _pow2_divisor(n, cap, MIN_BLOCK_N)
         if block_n is None:
             raise ValueError(f"N={n} has no power-of-two divisor >= {MIN_BLOCK_N} for block_n")
     if not _is_pow2(block_n) or block_n < MIN_BLOCK_N or n % block_n:
@@ -421,6 +424,179 @@ def _kernel(
         o_ref[pl.ds(r, 1), :] = acc.astype(o_ref.dtype)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The zero-folded kernel for bf16/f16 activations (the tensor-core form).
+#
+# Per group g, with B the magic base of the dtype (128 for bfloat16, 1024 for float16):
+#     x_g @ (s_g ⊙ (q_g − z_g)) = s_g ⊙ (x_g @ (B + q_g)) − s_g ⊙ (B + z_g) ⊙ rowsum_g(x)
+# The kernel computes the first term only: B + q is the bit pattern `code | B's exponent` (no conversion,
+# no subtraction), and the rank-1 second term is one small XLA product outside the loop,
+# rowsums [M, G] @ (s ⊙ (B + z)) [G, N], so the zero points never enter the kernel. The packed weight goes
+# in as int32 words [K/2, N/4] (a bitcast of the canonical [K/2, N] bytes: four columns of one row pair a
+# word), and each word unpacks to four bf16/f16 pairs (rows 2i and 2i+1 of one column: exactly the pair a
+# tensor-core B fragment holds in one register) with one PRMT and one LOP3 a pair after one shift a word,
+# written as PTX on NVIDIA GPUs (`_pairs_ptx`) and as the same bit operations elsewhere. The four columns of
+# a word go to four dots of bn/4 columns each (columns c, c+4, c+8, ... of the tile), stored with stride 4.
+_FOLD_BASE = {np.dtype(jnp.bfloat16): (0x4300, 128.0), np.dtype(np.float16): (0x6400, 1024.0)}
+
+
+def _pairs_jnp(words: jax.Array, magic: int) -> list[jax.Array]:
+    """words [r, w] int32 -> 4 arrays [r, w] int32: for column c of each word, the 16-bit patterns
+    `magic | lo nibble` (low half) and `magic | hi nibble` (high half) of its byte c."""
+    out = []
+    for c in range(4):
+        lo = jax.lax.shift_right_logical(words, jnp.int32(8 * c)) & 0xF
+        hi = jax.lax.shift_right_logical(words, jnp.int32(8 * c + 4)) & 0xF
+        out.append(lo | (hi << 16) | (magic | magic << 16))
+    return out
+
+
+def _pairs_ptx(words: jax.Array, magic: int) -> list[jax.Array]:
+    """`_pairs_jnp` as two PTX instructions a pair: prmt puts byte c of the word (low nibble) and of the
+    word shifted by 4 (high nibble) in bytes 0 and 2, lop3 keeps those nibbles and ORs in the magic."""
+    shifted = jax.lax.shift_right_logical(words, jnp.int32(4))
+    mask_or = f"0x000F000F, {hex(magic | magic << 16)}, 0xea"  # (a & b) | c
+    out = []
+    for c in range(4):
+        sel = hex(c | c << 4 | (4 + c) << 8 | (4 + c) << 12)
+        (r,) = pltriton.elementwise_inline_asm(
+            f"{{ .reg .b32 t; prmt.b32 t, $1, $2, {sel}; lop3.b32 $0, t, {mask_or}; }}",
+            args=[words, shifted],
+            constraints="=r,r,r",
+            pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int32)],
+        )
+        out.append(r)
+    return out
+
+
+def _pair_tile(pairs: jax.Array, dtype: Any) -> jax.Array:
+    """pairs [r, w] int32 (two 16-bit patterns each) -> [2r, w] dtype, row 2i from the low half and 2i + 1
+    from the high half (Triton keeps these in the registers they were computed in)."""
+    lo = jax.lax.bitcast_convert_type(pairs.astype(jnp.int16), dtype)
+    hi = jax.lax.bitcast_convert_type(
+        jax.lax.shift_right_logical(pairs, jnp.int32(16)).astype(jnp.int16), dtype
+    )
+    r, w = pairs.shape
+    return jnp.stack([lo, hi], axis=-1).transpose(0, 2, 1).reshape(2 * r, w)
+
+
+def _fold_kernel(x_ref, w_ref, s_ref, o_ref, *, block_m, block_n, block_k, group_size, tiles_per_split, m,
+                 ptx):  # fmt: skip
+    """One [block_m, block_n] output tile of Σ_g s_g ⊙ (x_g @ (B + q_g)) over this program's share of K.
+
+    x_ref [Mp, K] (stored row order), w_ref [K/2, N/4] int32 words, s_ref [G, N], o_ref [M, N] float32 (or
+    [split_k, M, N]): rows past M (the padding of x to block_m) are never stored."""
+    i, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    half, quarter = block_k // 2, block_n // 4
+    dtype = x_ref.dtype
+    magic = _FOLD_BASE[np.dtype(dtype)][0]
+    xrows = pl.ds(pl.multiple_of(i * block_m, block_m), block_m)
+    col0 = j * block_n
+
+    def body(t, accs):
+        kt = split * tiles_per_split + t
+        g = (kt * block_k) // group_size
+        x = x_ref[xrows, pl.ds(pl.multiple_of(kt * block_k, block_k), block_k)]
+        words = w_ref[
+            pl.ds(pl.multiple_of(kt * half, half), half), pl.ds(pl.multiple_of(j * quarter, quarter), quarter)
+        ]
+        pairs = (_pairs_ptx if ptx else _pairs_jnp)(words, magic)
+        out = []
+        for c, (acc, pc) in enumerate(zip(accs, pairs, strict=True)):
+            d = jnp.dot(x, _pair_tile(pc, dtype), preferred_element_type=jnp.float32)
+            s = s_ref[pl.ds(g, 1), pl.ds(col0 + c, quarter, stride=4)].astype(jnp.float32)
+            out.append(acc + s * d)
+        return tuple(out)
+
+    zero = jnp.zeros((block_m, quarter), jnp.float32)
+    accs = jax.lax.fori_loop(0, tiles_per_split, body, (zero,) * 4)
+    rows = i * block_m + jax.lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
+    cols = col0 + 4 * jax.lax.broadcasted_iota(jnp.int32, (1, quarter), 1)
+    lead = () if o_ref.ndim == 2 else (split,)
+    for c, acc in enumerate(accs):
+        pltriton.store(o_ref.at[(*lead, rows, cols + c)], acc, mask=jnp.broadcast_to(rows < m, acc.shape))
+
+
+def folds(dtype: Any, cfg: Tiling) -> bool:
+    """Whether a call runs the zero-folded kernel: bf16/f16 activations on the tensor-core form."""
+    return np.dtype(dtype) in _FOLD_BASE and not cfg.matvec
+
+
+def _fold_call(x, words, scales, *, cfg: Tiling, group_size: int, m: int, interpret: bool, ptx: bool):
+    mp, k = x.shape
+    n = words.shape[1] * 4
+    bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
+    shape = (m, n) if split == 1 else (split, m, n)
+    kernel = functools.partial(
+        _fold_kernel, block_m=bm, block_n=bn, block_k=bk, group_size=group_size,
+        tiles_per_split=k // bk // split, m=m, ptx=ptx,
+    )  # fmt: skip
+
+    def whole(a):
+        return pl.BlockSpec(a.shape, lambda *_: (0,) * len(a.shape))
+
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(shape, jnp.float32),
+        grid=(mp // bm, n // bn, split),
+        in_specs=[whole(x), whole(words), whole(scales)],
+        out_specs=pl.BlockSpec(shape, lambda *_: (0,) * len(shape)),
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="int4_matmul_w4a16_folded",
+    )(x, words, scales)
+
+
+def _fold_run(x, packed, scales, *, spec: _Spec, m: int, interpret: bool, ptx: bool) -> jax.Array:
+    half, n = packed.shape
+    words = jax.lax.bitcast_convert_type(packed.reshape(half, n // 4, 4), jnp.int32)  # XLA: a bitcast
+    return _fold_call(x, words, scales, cfg=spec.cfg, group_size=spec.group_size, m=m, interpret=interpret,
+                      ptx=ptx)  # fmt: skip
+
+
+def _fold_out_shape(x, packed, scales, *, spec, m):
+    n = packed.shape[1]
+    split = spec.cfg.split_k
+    return jax.ShapeDtypeStruct((m, n) if split == 1 else (split, m, n), jnp.float32)
+
+
+_int4_folded = per_platform_kernel(
+    "tokenlab_int4_matmul_folded",
+    {
+        "cpu": functools.partial(_fold_run, interpret=True, ptx=False),
+        "cuda": functools.partial(_fold_run, interpret=False, ptx=True),
+        "rocm": functools.partial(_fold_run, interpret=False, ptx=False),
+        "tpu": functools.partial(_fold_run, interpret=True, ptx=False),
+    },
+    kernel="the Pallas Triton INT4 matmul kernel (zero-folded)",
+    out_shape=_fold_out_shape,
+)
+
+
+def _folded_forward(x, packed, scales, zeros, *, group_size: int, sym_zero: int, cfg: Tiling, interpret):
+    """x: [M, K] bf16/f16 -> [M, N] in x's dtype: the folded kernel's Σ_g s_g ⊙ (x_g @ (B + q_g)) minus the
+    rank-1 terms rowsum_g(x) ⊗ s_g ⊙ (B + z_g), in float32."""
+    m, k = x.shape
+    n = packed.shape[1]
+    g = k // group_size
+    base = _FOLD_BASE[np.dtype(x.dtype)][1]
+    mp = -(-m // cfg.block_m) * cfg.block_m
+    xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
+    spec = _Spec(cfg, group_size, None, k, n, mp, np.dtype(x.dtype))
+    if interpret is None:
+        out = _int4_folded(xp, packed, scales, spec=spec, m=m)
+    else:
+        out = _fold_run(xp, packed, scales, spec=spec, m=m, interpret=interpret, ptx=False)
+    if cfg.split_k > 1:
+        out = out.sum(axis=0)
+    rowsums = x.astype(jnp.float32).reshape(m, g, group_size).sum(axis=-1)  # [M, G]
+    z = jnp.float32(sym_zero) if zeros is None else zeros.astype(jnp.float32)
+    zs = scales.astype(jnp.float32) * (z + base)  # [G, N]
+    corr = jnp.dot(rowsums, zs, precision=jax.lax.Precision.HIGHEST)
+    return (out - corr).astype(x.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Spec:
     """Everything static about one pallas_call: the tiling, the group size, the symmetric zero (None when
@@ -539,15 +715,22 @@ def _forward(
     return out[:m]
 
 
+def _any_forward(x, packed, scales, zeros, *, group_size, sym_zero, cfg, interpret):
+    fwd = _folded_forward if folds(x.dtype, cfg) else _forward
+    return fwd(
+        x, packed, scales, zeros, group_size=group_size, sym_zero=sym_zero, cfg=cfg, interpret=interpret
+    )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _matmul(x, packed, scales, zeros, group_size, sym_zero, cfg, interpret):
-    return _forward(
+    return _any_forward(
         x, packed, scales, zeros, group_size=group_size, sym_zero=sym_zero, cfg=cfg, interpret=interpret
     )
 
 
 def _matmul_fwd(x, packed, scales, zeros, group_size, sym_zero, cfg, interpret):
-    y = _forward(
+    y = _any_forward(
         x, packed, scales, zeros, group_size=group_size, sym_zero=sym_zero, cfg=cfg, interpret=interpret
     )
     return y, (x, packed, scales, zeros)
@@ -684,7 +867,57 @@ class Config:
         registry.check_positive_ints(self, "block_m", "block_n", "block_k", "split_k")
 
 
+def shape_class(x: Any, w: Any, **_: Any) -> str:
+    """The family of shapes sharing a best configuration: "decode" (M <= 16 rows: the weight stream),
+    "mid" (M <= 64) or "prefill" (larger M: tensor-core GEMM tiles), with "-f32" for float32 activations
+    (IEEE float32 dots on the CUDA cores: other tiles). The key `kernels.tuning` stores tuned configs by."""
+    m = int(np.prod(np.shape(x)[:-1], dtype=np.int64))
+    kind = "decode" if m <= 16 else "mid" if m <= 64 else "prefill"
+    return kind + ("-f32" if np.dtype(getattr(x, "dtype", np.float32)) == np.float32 else "")
+
+
+def tune_space(x: Any, w: Any, **_: Any) -> list[Config]:
+    """The configurations `benchmarks.accel --tune` times for this call (at most 12), the default first.
+
+    decode: block_n 64/128/256 × split_k by default, 2x or 4x the default's (more programs in flight);
+    mid/prefill: block_n 64/128 × block_k 64/128 (bk capped by the group). Every one divides N, K and the
+    group as `choose_config` requires; invalid ones for this weight are dropped."""
+    m = int(np.prod(np.shape(x)[:-1], dtype=np.int64))
+    k, n = w.shape
+    gs = w.group_size
+    space = [Config()]
+    if m <= 16:
+        base = choose_config(m, k, n, gs, dtype=getattr(x, "dtype", jnp.bfloat16))
+        for bn in (64, 128, 256):
+            for mult in (1, 2, 4):
+                space.append(Config(block_n=bn, split_k=base.split_k * mult))
+    else:
+        for bn in (64, 128):
+            for bk in (64, 128):
+                space.append(Config(block_n=bn, block_k=bk))
+    valid = []
+    for cfg in dict.fromkeys(space):
+        try:
+            choose_config(m, k, n, gs, dtype=getattr(x, "dtype", jnp.bfloat16), **dataclasses.asdict(cfg))
+        except ValueError:
+            continue
+        valid.append(cfg)
+    return valid[:12]
+
+
+def default_config(x: Any, w: Any) -> Config:
+    """The configuration a call without one runs: the tuned entry for (shape class, the GPU being lowered
+    for) from `kernels.tuning` when there is one, else `Config()` (every field by `choose_config`)."""
+    target = target_gpu()
+    found = tuning.lookup(
+        "int4_matmul", "pallas_triton", shape_class(x, w), None if target is None else target[0]
+    )
+    return Config() if found is None else Config(**found)
+
+
 def _pallas(x: jax.Array, w: Int4Weight, *, config: Config) -> jax.Array:
+    if config == Config():
+        config = default_config(x, w)
     return _weight_matmul(x, w, **dataclasses.asdict(config))
 
 
