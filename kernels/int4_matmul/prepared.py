@@ -63,14 +63,35 @@ class PreparedInt4Weight:
 
     __slots__ = ("act_scales", "bits", "codes", "group_size", "n", "perm", "scales", "target", "zeros")
 
-    def __init__(self, codes, scales, zeros, perm, act_scales, *, bits: int, group_size: int, n: int,
-                 target: str = "mosaic_gpu"):
-        self.codes, self.scales, self.zeros, self.perm, self.act_scales = codes, scales, zeros, perm, act_scales
+    def __init__(
+        self,
+        codes,
+        scales,
+        zeros,
+        perm,
+        act_scales,
+        *,
+        bits: int,
+        group_size: int,
+        n: int,
+        target: str = "mosaic_gpu",
+    ):
+        self.codes, self.scales, self.zeros, self.perm, self.act_scales = (
+            codes,
+            scales,
+            zeros,
+            perm,
+            act_scales,
+        )
         self.bits, self.group_size, self.n, self.target = int(bits), int(group_size), int(n), target
 
     def tree_flatten(self):
         return (self.codes, self.scales, self.zeros, self.perm, self.act_scales), (
-            self.bits, self.group_size, self.n, self.target)
+            self.bits,
+            self.group_size,
+            self.n,
+            self.target,
+        )
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -94,8 +115,10 @@ class PreparedInt4Weight:
 
     def __repr__(self) -> str:
         k, n = self.shape
-        return (f"PreparedInt4Weight([K={k}, N={n}], target={self.target}, bits={self.bits}, "
-                f"group_size={self.group_size}, {'sym' if self.sym else 'asym'})")
+        return (
+            f"PreparedInt4Weight([K={k}, N={n}], target={self.target}, bits={self.bits}, "
+            f"group_size={self.group_size}, {'sym' if self.sym else 'asym'})"
+        )
 
 
 def padded_n(n: int) -> int:
@@ -135,8 +158,15 @@ def prepare(w: Int4Weight, target: str = "mosaic_gpu") -> PreparedInt4Weight:
     if w.packed.ndim != 2:
         raise ValueError(f"w.packed has shape {tuple(w.packed.shape)}; prepare one [K/2, N] weight at a time")
     return PreparedInt4Weight(
-        prepare_codes(w.packed), w.scales, w.zeros, w.perm, w.act_scales,
-        bits=w.bits, group_size=w.group_size, n=w.shape[1], target=target,
+        prepare_codes(w.packed),
+        w.scales,
+        w.zeros,
+        w.perm,
+        w.act_scales,
+        bits=w.bits,
+        group_size=w.group_size,
+        n=w.shape[1],
+        target=target,
     )
 
 
@@ -166,12 +196,26 @@ class PreparedCache:
         hit = self._entries.get(key)
         if hit is not None and hit[0]() is w.packed:
             pw = hit[1]
-            if (pw.scales is w.scales and pw.zeros is w.zeros and pw.perm is w.perm
-                    and pw.act_scales is w.act_scales and pw.group_size == w.group_size):
+            if (
+                pw.scales is w.scales
+                and pw.zeros is w.zeros
+                and pw.perm is w.perm
+                and pw.act_scales is w.act_scales
+                and pw.group_size == w.group_size
+            ):
                 return pw
             # Same codes, other small fields (e.g. new scales): reuse the prepared codes.
-            pw = PreparedInt4Weight(pw.codes, w.scales, w.zeros, w.perm, w.act_scales, bits=w.bits,
-                                    group_size=w.group_size, n=w.shape[1], target=target)
+            pw = PreparedInt4Weight(
+                pw.codes,
+                w.scales,
+                w.zeros,
+                w.perm,
+                w.act_scales,
+                bits=w.bits,
+                group_size=w.group_size,
+                n=w.shape[1],
+                target=target,
+            )
             return pw
         pw = prepare(w, target)
         try:

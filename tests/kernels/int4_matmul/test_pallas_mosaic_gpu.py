@@ -10,7 +10,7 @@ import pytest
 from kernels import compile_only
 from kernels.int4_matmul import int4_matmul, int4_matmul_reference, prepare
 from kernels.int4_matmul import pallas_mosaic_gpu as mg
-from tests.kernels.int4_matmul.cases import VARIANTS, K, N, make_weight
+from tests.kernels.int4_matmul.cases import VARIANTS, K, make_weight
 from tests.tolerances import normalized_error, tolerance
 
 IMPL = "pallas_mosaic_gpu"
@@ -40,7 +40,7 @@ def test_several_column_and_row_tiles():
 def test_tiling_defaults_and_bad_configs():
     w = make_weight(0, **VARIANTS["g128"])
     decode = mg.choose(jax.ShapeDtypeStruct((1, K), jnp.bfloat16), w)
-    assert (decode.block_m, decode.block_n) == (16, 128)  # N = 96 pads to 128: one 128-column tile
+    assert (decode.block_m, decode.block_n, decode.block_k) == (16, 128, 128)  # N = 96 pads to 128
     prefill = mg.choose(jax.ShapeDtypeStruct((300, K), jnp.float32), w)
     assert prefill.block_m * 3 <= mg.MAX_COLS and prefill.segment == 128
     with pytest.raises(ValueError, match="block_n=96"):

@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.int4_matmul import PreparedInt4Weight, int4_matmul, int4_matmul_reference, prepare, to_int4_weight
+from kernels.int4_matmul import (
+    PreparedInt4Weight,
+    int4_matmul,
+    int4_matmul_reference,
+    prepare,
+    to_int4_weight,
+)
 from kernels.int4_matmul import prepared as prep
 from quant import Int4Weight
 from tests.kernels.int4_matmul.cases import VARIANTS, K, N, make_weight
