@@ -634,6 +634,12 @@ def paged_attention_tpu(
         None if q_lens is None else jnp.asarray(q_lens),
         None if alibi_slopes is None else jnp.asarray(alibi_slopes), as_scale(k_scale), as_scale(v_scale),
     )  # fmt: skip
+    return _forward(*args, spec=spec, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "interpret"))
+def _forward(*args, spec: _Spec, interpret: bool | None):
+    """Jitted once per static spec, so eager calls of one shape compile once."""
     if interpret is None:
         return _paged_tpu(*args, spec=spec)
     return _run(*args, spec=spec, interpret=interpret)
