@@ -79,10 +79,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import registry
+from kernels import registry, tuning
 from kernels.int4_matmul.pallas_triton import dot_precision, int4_tile_dot
 from kernels.int4_matmul.xla import zero_cotangent
-from kernels.lowering import before_hopper, per_platform_kernel
+from kernels.lowering import before_hopper, per_platform_kernel, target_gpu
 from kernels.moe.reference import capacity_of
 from kernels.triton_addressing import from_words, needs_words, to_words, word_slice
 from quant.format import Int4Weight, codes_per_byte, symmetric_zero
@@ -191,7 +191,11 @@ def _resolve_blocks(num_rows, num_experts, dtype, block_m, block_n, block_k):
     if block_n is None:
         block_n = DEFAULT_BLOCK_N
     if block_k is None:
-        block_k = DEFAULT_BLOCK_K // 2 if np.dtype(dtype) == np.float32 else DEFAULT_BLOCK_K
+        # Prefill tiles (64 rows) take 32-deep K slices: with 64 the gate/up kernel held 129 registers x 8
+        # warps and 80 KiB on sm_80 (168 and 121 KiB on sm_90a), 1 CTA/SM; with 32 it is 127 and 40 KiB,
+        # 2 CTAs (168 and 61 KiB, 3 CTAs, still wgmma on sm_90a). Decode tiles keep 64.
+        prefill = block_m >= DEFAULT_BLOCK_M
+        block_k = DEFAULT_BLOCK_K // 2 if np.dtype(dtype) == np.float32 or prefill else DEFAULT_BLOCK_K
     return int(block_m), int(block_n), int(block_k)
 
 
@@ -886,6 +890,43 @@ class Config:
         registry.check_positive_ints(self, "block_m", "block_n", "block_k")
 
 
+def shape_class(x: Any, weights: Any, expert_ids: Any, w_gate: Any, w_up: Any, w_down: Any, **_: Any) -> str:
+    """The family of shapes sharing a best configuration: "decode" when the balanced rows per expert fit a
+    16-32-row tile, else "prefill"; "-f32" for float32 x, "-int4" for quantized experts. The key
+    `kernels.tuning` stores tuned configs by."""
+    rows = int(np.prod(np.shape(expert_ids)))
+    per_expert = -(-rows // max(1, _dims(w_gate)[0]))
+    kind = "decode" if per_expert <= 32 else "prefill"
+    if np.dtype(x.dtype) == np.float32:
+        kind += "-f32"
+    if isinstance(w_gate, Int4Weight):
+        kind += "-int4"
+    return kind
+
+
+def tune_space(
+    x: Any, weights: Any, expert_ids: Any, w_gate: Any, w_up: Any, w_down: Any, **_: Any
+) -> list[Config]:
+    """The configurations `benchmarks.accel --tune` times (at most 12), the default first: decode tiles of 16
+    and 32 rows × block_n 64/128 × block_k 64; prefill tiles of 64 and 128 rows × block_n 64/128 × block_k
+    32/64 (128-row tiles only with block_k 32)."""
+    if shape_class(x, weights, expert_ids, w_gate, w_up, w_down).startswith("decode"):
+        space = [Config(block_m=bm, block_n=bn, block_k=64) for bm in (16, 32) for bn in (64, 128)]
+    else:
+        space = [Config(block_m=64, block_n=bn, block_k=bk) for bn in (64, 128) for bk in (32, 64)]
+        space += [Config(block_m=128, block_n=bn, block_k=32) for bn in (64, 128)]
+    return list(dict.fromkeys([Config(), *space]))
+
+
+def default_config(x: Any, weights: Any, expert_ids: Any, w_gate: Any, w_up: Any, w_down: Any) -> Config:
+    """The configuration a call without one runs: the tuned entry for (shape class, the GPU being lowered
+    for) from `kernels.tuning` when there is one, else `Config()` (tiles by shape and dtype)."""
+    target = target_gpu()
+    cls = shape_class(x, weights, expert_ids, w_gate, w_up, w_down)
+    found = tuning.lookup("moe_ffn", "pallas_triton", cls, None if target is None else target[0])
+    return Config() if found is None else Config(**found)
+
+
 def _supports(x, weights, expert_ids, w_gate, w_up, w_down, *, capacity_factor=None, **_):
     return pallas_unsupported(
         x, w_gate, w_up, w_down, capacity=capacity_of(expert_ids, w_gate, capacity_factor)
@@ -893,6 +934,8 @@ def _supports(x, weights, expert_ids, w_gate, w_up, w_down, *, capacity_factor=N
 
 
 def _pallas(x, weights, expert_ids, w_gate, w_up, w_down, *, capacity_factor, drop_priority, config):
+    if config == Config():
+        config = default_config(x, weights, expert_ids, w_gate, w_up, w_down)
     return moe_ffn_pallas(
         x, weights, expert_ids, w_gate, w_up, w_down,
         capacity=capacity_of(expert_ids, w_gate, capacity_factor), drop_priority=drop_priority,
