@@ -87,6 +87,8 @@ _F32 = jnp.float32
 _MIB = 1 << 20
 LANES = 128
 SUBLANES = 8
+# Pages per block up to which the kernel unrolls its per-page loops (copies, masks); a loop beyond.
+UNROLL_PAGES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,14 +259,26 @@ def _kernel(
     bk = npb * s
 
     def page_of(blk, j):
-        """(page id, whether the sequence owns it) of page j of block blk: a page is copied only then."""
+        """(page id, whether the sequence owns it, whether it lies below kv_len) of page j of block blk: a
+        page is copied only when owned; covered but not owned means a block-table entry outside [0, P)."""
         idx = blk * npb + j
         entry = bt_ref[seq * max_pages + jnp.minimum(idx, max_pages - 1)]
-        owned = (idx < max_pages) & (idx * s < n) & (entry >= 0) & (entry < num_pages)
-        return entry, owned
+        covered = (idx < max_pages) & (idx * s < n)
+        return entry, covered & (entry >= 0) & (entry < num_pages), covered
 
-    def copies(blk, slot, page, j):
-        rows = pl.ds(j * s, s)
+    def over_pages(fn, init):
+        """fn(j, carry) for the block's pages: unrolled for a few pages, a loop for many (smaller code)."""
+        if npb <= UNROLL_PAGES:
+            for j in range(npb):
+                init = fn(j, init)
+            return init
+        return jax.lax.fori_loop(0, npb, fn, init)
+
+    def page_rows(j):
+        return pl.ds(j * s if isinstance(j, int) else pl.multiple_of(j * s, s), s)
+
+    def copies(slot, page, j):
+        rows = page_rows(j)
         if mode == "lanes":
             off = pl.multiple_of(kh * d, LANES)
             src_k, src_v = k_hbm.at[page, :, pl.ds(off, d)], v_hbm.at[page, :, pl.ds(off, d)]
@@ -283,16 +297,20 @@ def _kernel(
         return out
 
     def block_copies(blk, slot, start):
-        for j in range(npb):
-            page, owned = page_of(blk, j)
+        def one(j, carry):
+            page, owned, covered = page_of(blk, j)
 
             @pl.when(owned)
             def _():
-                for c in copies(blk, slot, page, j):
+                for c in copies(slot, page, j):
                     if start:
                         c.start()
                     else:
                         c.wait()
+
+            return carry
+
+        over_pages(one, 0)
 
     m_scr[...] = jnp.full(m_scr.shape, -jnp.inf, _F32)
     l_scr[...] = jnp.zeros(l_scr.shape, _F32)
@@ -303,7 +321,6 @@ def _kernel(
         block_copies(blk_lo, 0, True)
 
     q = q_ref[...]
-    rows = q.shape[0]
     rpos = pos0 + rowtok_ref[...]  # [R, 1] position of each row
     precision = jax.lax.Precision.HIGHEST if compute_dtype == _F32 else None
     qk_scale = jnp.float32(scale)
@@ -331,12 +348,20 @@ def _kernel(
         return jnp.sum(jnp.where(heads == kh, x, 0.0), axis=1, keepdims=True)
 
     def owned_keys(blk, idx):
-        """Whether each key of the block (idx: [1, BK] or [BK, 1] key indices) is on a copied page."""
-        ok = jnp.zeros(idx.shape, jnp.bool_)
-        for j in range(npb):
-            _, owned = page_of(blk, j)
-            ok = ok | ((idx >= j * s) & (idx < (j + 1) * s) & owned)
-        return ok
+        """1.0 where a key (idx: [1, BK] or [BK, 1] key indices in the block) lies on a copied page, else 0."""
+
+        def one(j, ok):
+            _, owned, _ = page_of(blk, j)
+            return jnp.where((idx >= j * s) & (idx < (j + 1) * s) & owned, 1.0, ok)
+
+        return over_pages(one, jnp.zeros(idx.shape, _F32))
+
+    def foreign_pages(blk):
+        def one(j, count):
+            _, owned, covered = page_of(blk, j)
+            return count + (covered & jnp.logical_not(owned)).astype(jnp.int32)
+
+        return over_pages(one, jnp.int32(0))
 
     def body(blk, carry):
         slot = (blk - blk_lo) % 2
@@ -354,8 +379,16 @@ def _kernel(
             v = v.astype(_F32) * token_scales(vsbuf, slot)
         first = blk * bk
         kpos = first + lane_row  # [1, BK]
-        key_ok = owned_keys(blk, lane_row) & (kpos < n)
-        keep = key_ok & (kpos <= rpos)
+        v = v.astype(compute_dtype)
+
+        def mask_foreign():  # only a block with a foreign id inside kv_len: its keys and values are masked
+            v_ok = owned_keys(blk, lane_col) > 0.0
+            return owned_keys(blk, lane_row), jnp.where(v_ok, v, jnp.zeros((), compute_dtype))
+
+        owned, v = jax.lax.cond(
+            foreign_pages(blk) > 0, mask_foreign, lambda: (jnp.ones((1, bk), _F32), v)
+        )
+        keep = (owned > 0.0) & (kpos < n) & (kpos <= rpos)
         if sliding_window is not None:
             keep = keep & (kpos > rpos - sliding_window)
         logits = jax.lax.dot_general(
@@ -375,9 +408,8 @@ def _kernel(
         corr = jnp.exp(m_prev - m_safe)
         l_scr[...] = corr * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
         m_scr[...] = m_new
-        # Value rows of keys that were not copied, or lie past kv_len, are zeroed: 0 · NaN would spread.
-        v_ok = owned_keys(blk, lane_col) & (first + lane_col < n)
-        v = jnp.where(v_ok, v.astype(compute_dtype), jnp.zeros((), compute_dtype))
+        # Value rows past kv_len (stale or garbage) are zeroed: 0 · NaN would spread to every row.
+        v = jnp.where(first + lane_col < n, v, jnp.zeros((), compute_dtype))
         pv = jax.lax.dot_general(
             p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
             precision=precision, preferred_element_type=_F32,
@@ -392,7 +424,6 @@ def _kernel(
     if tensor_scales:
         out = out * ts_ref[1]
     o_ref[...] = out.astype(o_ref.dtype)
-    del rows
 
 
 # ---------------------------------------------------------------------------------------------------------
