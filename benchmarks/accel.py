@@ -1,6 +1,7 @@
 """The lab's check on whatever accelerator is present: every lab kernel against the device's own baselines.
 
     python -m benchmarks.accel [--smoke] [--out FILE] [--only KERNEL[,KERNEL]] [--impl-module MODULE]
+    python -m benchmarks.accel --tune [--smoke] [--only KERNEL] [--tune-out PATH] [--tune-target TARGET]
 
 Cases: each op's `kernels/<op>/arg_specs.py`, tag "accel" (bf16; `--smoke`: tag "smoke", the same code at
 tiny shapes on any backend, the CPU included, Pallas interpreted). Lab rows: every implementation of
@@ -29,6 +30,21 @@ the best baseline's ms in the same case (< 1 is faster).
 Output: a table on stdout and, with `--out`, JSON {"device", "chip", "smoke", "impl_modules", "records"}, one
 record per (case, implementation): kernel, case, params, impl, role ("lab" | "baseline"), auto (the row
 impl="auto" runs), status, ms, ms_dispatch, bytes, frac_datasheet, frac_measured, ratio, calls, copies.
+
+Tuning (`--tune [--only OP] [--smoke] [--tune-out PATH] [--tune-target TARGET]`): for each Pallas GPU kernel
+available here (`TUNED_IMPLS`: pallas_mosaic_gpu, pallas_triton) whose module defines `shape_class(*args,
+**kwargs) -> str` and `tune_space(*args, **kwargs) -> list[Config]`, at each case: every configuration of the
+space (`--smoke`: its first three) is compiled on this device (one that fails is dropped), then compiled
+shape-only for the compile-only target of this GPU's architecture (`PRUNE_TARGETS`, or `--tune-target`)
+through `benchmarks.compiled`, and dropped if a Pallas kernel spills or asks for more shared memory than a CTA
+may have; the rest are timed like the lab rows (in-program loop, interleaved rounds). The best configuration
+per (op, impl, shape class) — the lowest geometric mean of ms over the class's cases, among configurations
+timed at all of them — is written with `kernels.tuning.write` for this device's `device_kind` (date, JAX
+version, that ms) to `--tune-out` or `kernels.tuning.user_file()`; the kernels' default configurations read it
+back (`kernels.tuning.lookup`). On the CPU, `--tune --smoke` runs the same code at tiny shapes with the
+kernels interpreted (device_kind "cpu"; no compile-only target stands for a CPU, so only compiling here
+prunes).
+`--out` then writes {"device", "prune_target", "tuned", "entries", "records"}.
 
 Nothing heavy is imported at module level, and no module-level name starts with time_/track_, so asv's
 discovery skips this file.

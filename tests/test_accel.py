@@ -151,7 +151,7 @@ def tuned(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tune")
     path, out = folder / "tuned.json", folder / "tune.json"
     proc = _accel("--tune", "--smoke", "--only", TUNE_OP, "--tune-out", str(path), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert path.exists(), proc.stdout[-2000:]
     return path, json.loads(out.read_text())
 
