@@ -243,3 +243,28 @@ def test_a_kernels_default_config_uses_the_tuned_file(tuned, tmp_path, monkeypat
         checked += 1
     if not checked:
         pytest.skip(f"no tuned {TUNE_OP} module exposes default_config/choose for its smoke shape class")
+
+
+def test_candidates_are_pruned_by_the_targets_compiled_code():
+    """What --tune drops before timing on a GPU: the compile report of the config on the GPU's target (here a
+    kernel that declines the target; spills and shared memory are read from the same record)."""
+    import importlib
+
+    from kernels import compile_only, registry
+
+    if compile_only.missing("sm_90a"):
+        pytest.skip(f"sm_90a: {compile_only.missing('sm_90a')}")
+    op, name = TUNE_OP, "pallas_mosaic_gpu"
+    if name not in kernels.available_impls(op):
+        pytest.skip(f"{op} has no {name} here")
+    case = importlib.import_module(accel.ARG_SPECS[op]).cases("smoke")[0]
+    config = registry.implementations(op)[name].config()
+    assert accel.prune_by_resources(op, name, case, config, "sm_90a") is None
+    assert accel.prune_by_resources(op, name, case, config, "sm_80").startswith("sm_80: unsupported: ")
+
+
+def test_tune_flags_are_checked():
+    proc = _accel("--tune-target", "sm_90a", timeout=120)
+    assert proc.returncode == 2 and "--tune-out and --tune-target go with --tune" in proc.stderr
+    proc = _accel("--tune", "--tune-target", "sm_75", timeout=120)
+    assert proc.returncode == 2 and "argument --tune-target: 'sm_75' is not one of" in proc.stderr
