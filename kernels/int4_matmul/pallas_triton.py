@@ -879,8 +879,8 @@ def shape_class(x: Any, w: Any, **_: Any) -> str:
 def tune_space(x: Any, w: Any, **_: Any) -> list[Config]:
     """The configurations `benchmarks.accel --tune` times for this call (at most 12), the default first.
 
-    decode: block_n 64/128/256 × split_k by default, 2x or 4x the default's (more programs in flight);
-    mid/prefill: block_n 64/128 × block_k 64/128 (bk capped by the group). Every one divides N, K and the
+    decode: block_n 128/64/256/32 × split_k by default, 2x or 4x the default's (more programs in flight);
+    mid/prefill: block_n 128/64/32 × block_k 64/128 (bk capped by the group). Every one divides N, K and the
     group as `choose_config` requires; invalid ones for this weight are dropped."""
     m = int(np.prod(np.shape(x)[:-1], dtype=np.int64))
     k, n = w.shape
@@ -888,11 +888,11 @@ def tune_space(x: Any, w: Any, **_: Any) -> list[Config]:
     space = [Config()]
     if m <= 16:
         base = choose_config(m, k, n, gs, dtype=getattr(x, "dtype", jnp.bfloat16))
-        for bn in (64, 128, 256):
+        for bn in (128, 64, 256, 32):
             for mult in (1, 2, 4):
                 space.append(Config(block_n=bn, split_k=base.split_k * mult))
     else:
-        for bn in (64, 128):
+        for bn in (128, 64, 32):
             for bk in (64, 128):
                 space.append(Config(block_n=bn, block_k=bk))
     valid = []

@@ -122,12 +122,16 @@ def test_grad_with_respect_to_x(dtype):
 
 
 def test_backward_dots_ask_for_full_precision():
-    # bf16 forward tiles take the native dot; the XLA transpose behind the gradient is float32 at HIGHEST.
+    # bf16 forward tiles take the native dot (only the float32 rank-1 zero-point correction outside the
+    # kernel asks for HIGHEST); the XLA transpose behind the gradient is float32 at HIGHEST.
     qw = make_weight(15)
     x = jax.ShapeDtypeStruct((3, K), jnp.bfloat16)
     fwd = str(jax.make_jaxpr(lambda x: pg.int4_weight_matmul_pallas(x, qw))(x))
     grad = str(jax.make_jaxpr(jax.grad(lambda x: pg.int4_weight_matmul_pallas(x, qw).sum()))(x))
-    assert "Precision.HIGHEST" not in fwd
+    dots = re.findall(r"dot_general\[(.*?)\] (\w+) (\w+)", fwd, flags=re.S)
+    assert dots
+    highest = [d for d in dots if "HIGHEST" in d[0]]
+    assert len(highest) == 1 and "float32" in highest[0][0]  # the correction: f32 operands, f32 result
     assert "Precision.HIGHEST" in grad
 
 
@@ -281,3 +285,36 @@ def test_public_entry_runs_the_kernel():
     assert (
         normalized_error(int4_matmul(jnp.asarray(x), qw, impl="pallas"), expected) <= tolerance(x.dtype).nerr
     )
+
+
+def test_shape_class_tune_space_and_the_tuned_default(tmp_path, monkeypatch):
+    from kernels import tuning
+
+    qw = make_weight(30)
+    x = jnp.zeros((3, K), jnp.bfloat16)
+    assert pg.shape_class(x, qw) == "decode" and pg.shape_class(jnp.zeros((80, K)), qw) == "prefill-f32"
+    for m in (3, 80):
+        space = pg.tune_space(jnp.zeros((m, K), jnp.bfloat16), qw)
+        assert space[0] == pg.Config() and 1 < len(space) <= 12 and len(set(space)) == len(space)
+    monkeypatch.setenv("TOKENLAB_TUNED", str(tmp_path / "tuned.json"))
+    monkeypatch.setattr(pg, "target_gpu", lambda: ("NVIDIA A100-SXM4-40GB", 80))
+    assert pg.default_config(x, qw) == pg.Config()
+    tuning.write(
+        [tuning.entry("int4_matmul", "pallas_triton", "decode", "NVIDIA A100-SXM4-40GB", {"split_k": 1}, 0.1)]
+    )
+    assert pg.default_config(x, qw) == pg.Config(split_k=1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_folded_unpack_in_plain_bit_operations_matches_the_codes(dtype):
+    # The folded kernel's pairs: for every byte b at column c of a word, the low half is B + (b & 15) and
+    # the high half B + (b >> 4), B the dtype's magic base (128 for bf16, 1024 for f16).
+    packed = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    words = jax.lax.bitcast_convert_type(jnp.asarray(packed).reshape(16, 4, 4), jnp.int32)
+    magic, base = pg._FOLD_BASE[np.dtype(dtype)]
+    pairs = pg._pairs_jnp(words, magic)
+    for c, p in enumerate(pairs):
+        tile = np.asarray(pg._pair_tile(p, dtype), np.float64)  # [32, 4]: rows 2i, 2i+1 of columns c::4
+        b = packed[:, c::4].astype(np.int64)
+        np.testing.assert_array_equal(tile[0::2], base + (b & 15))
+        np.testing.assert_array_equal(tile[1::2], base + (b >> 4))
