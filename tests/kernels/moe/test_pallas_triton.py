@@ -6,7 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -335,3 +335,33 @@ def test_bad_input():
         grouped_ffn_pallas(xs, np.array([4, 4, 4, 4], np.int32), *_weights(0, 4, d=64))
     with pytest.raises(ValueError, match="does not take these operands: f=40"):
         grouped_ffn_pallas(xs, np.array([4, 4, 4, 4], np.int32), *_weights(0, 4, f=40))
+
+
+def test_shape_class_tune_space_and_the_tuned_default(tmp_path, monkeypatch):
+    from kernels import tuning
+    from kernels.moe import pallas_triton as pt
+
+    wg, wu, wd = _weights(40, 4)
+    x = _x(41).astype(ml_dtypes.bfloat16)
+    weights = np.full((T, 2), 0.5, np.float32)
+    ids = np.zeros((T, 2), np.int32)
+    args = (x, weights, ids, wg, wu, wd)
+    assert pt.shape_class(*args) == "decode"
+    big = np.zeros((4096, 2), np.int32)
+    assert pt.shape_class(x, weights, big, wg, wu, wd) == "prefill"
+    for a in (args, (x, weights, big, wg, wu, wd)):
+        space = pt.tune_space(*a)
+        assert space[0] == pt.Config() and 1 < len(space) <= 12 and len(set(space)) == len(space)
+    assert pt._resolve_blocks(4096 * 2, 8, jnp.bfloat16, None, None, None) == (
+        64,
+        128,
+        32,
+    )  # prefill K slices
+    assert pt._resolve_blocks(16, 8, jnp.bfloat16, None, None, None) == (16, 128, 64)  # decode
+    monkeypatch.setenv("TOKENLAB_TUNED", str(tmp_path / "tuned.json"))
+    monkeypatch.setattr(pt, "target_gpu", lambda: ("NVIDIA A100-SXM4-40GB", 80))
+    assert pt.default_config(*args) == pt.Config()
+    tuning.write(
+        [tuning.entry("moe_ffn", "pallas_triton", "decode", "NVIDIA A100-SXM4-40GB", {"block_m": 32}, 1)]
+    )
+    assert pt.default_config(*args) == pt.Config(block_m=32)
