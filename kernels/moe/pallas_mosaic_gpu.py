@@ -323,8 +323,14 @@ def _ffn_rows_host(xs, te, wg, wu, wd, *, blocks):
     an ordered IO effect through the program, which a primitive's lowering (and `lax.platform_dependent`
     beside effect-free branches) cannot carry; from inside a pure callback it is a separate program."""
 
-    def run(*arrays):
-        return np.asarray(_ffn_rows_interpreted(*arrays, blocks=blocks))
+    def run(xs, te, *ws):
+        # Row tiles rounded up to a power of two (the extra tiles have no expert and return at once), so
+        # that calls whose plans differ only in R share one compiled interpreter program.
+        tiles = te.shape[0]
+        bucket = 1 << max(0, (tiles - 1).bit_length())
+        xs_b = np.pad(xs, ((0, (bucket - tiles) * (xs.shape[0] // max(tiles, 1))), (0, 0)))
+        te_b = np.pad(te, (0, bucket - tiles), constant_values=-1)
+        return np.asarray(_ffn_rows_interpreted(xs_b, te_b, *ws, blocks=blocks))[: xs.shape[0]]
 
     return jax.pure_callback(run, jax.ShapeDtypeStruct(xs.shape, xs.dtype), xs, te, wg, wu, wd)
 
@@ -415,6 +421,9 @@ def _moe_bwd(static, res, dy):
 
 
 _moe.defvjp(_moe_fwd, _moe_bwd)
+# One program per (shapes, static): eagerly, the plan, gather and combine would otherwise each compile per
+# new shape, op by op.
+_moe_jit = jax.jit(_moe, static_argnums=(6,))
 
 
 def moe_ffn_mosaic_gpu(
@@ -454,7 +463,7 @@ def moe_ffn_mosaic_gpu(
     cfg = _resolved(config, x, weights, expert_ids, w_gate, w_up, w_down)
     blocks = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.max_concurrent_steps)
     static = (None if capacity is None else int(capacity), drop_priority, blocks, interpret)
-    return _moe(x, weights, expert_ids, w_gate, w_up, w_down, static)
+    return _moe_jit(x, weights, expert_ids, w_gate, w_up, w_down, static)
 
 
 def _supports(x, weights, expert_ids, w_gate, w_up, w_down, **_):
