@@ -12,26 +12,27 @@ speculative verification and prefill chunks in one call).
 
 Structure
 ---------
-grid = (N query tiles, K kv heads), both "parallel". A query tile is `q_tile` consecutive query tokens of one
-sequence (1 for decode) times all G query heads of its kv head: R = q_tile × G rows, so each kv head's keys and
-values are read from HBM once per tile for its whole group (GQA/MQA). The tile table (sequence, first
-position, first and last key block; `_tile_table`), kv_lens and the flattened block table are scalar-prefetched
-into SMEM (`pltpu.PrefetchScalarGridSpec`). The page pools stay in HBM (`memory_space=pl.ANY`); a program walks
-its key blocks (`block_pages` pages, BK = block_pages × S keys) with double-buffered async copies
-(`pltpu.make_async_copy`, one DMA semaphore per buffer slot): block i + 1's pages are in flight while block i
-is computed. A page is copied only when the sequence owns it (its index is below ceil(kv_len / S) and below
-the table's width, and its id is in [0, P)), so a program never reads another sequence's pages; the causal
-and sliding-window limits skip whole blocks (a tile reads keys from max(0, p_first − W + 1) to
-min(kv_len, p_last + 1) only). The online softmax keeps float32 m, l [R, 1] and acc [R, D] in VMEM scratch.
+grid = (N query tiles, K kv heads), or (N, 1) ("heads" below), both "parallel". A query tile is `q_tile`
+consecutive query tokens of one sequence (1 for decode) times all G query heads of its kv head: R = q_tile ×
+G rows, so each kv head's keys and values are read from HBM once per tile for its whole group (GQA/MQA). The
+tile table (sequence, first position, first and last key block; `_tile_table`), kv_lens and the flattened
+block table are scalar-prefetched into SMEM (`pltpu.PrefetchScalarGridSpec`). The page pools stay in HBM
+(`memory_space=pl.ANY`); a program walks its key blocks (`block_pages` pages, BK = block_pages × S keys) with
+double-buffered async copies (`pltpu.make_async_copy`, one DMA semaphore per buffer slot): block i + 1's
+pages are in flight while block i is computed. A page is copied only when the sequence owns it (its index is
+below ceil(kv_len / S) and below the table's width, and its id is in [0, P)), so a program never reads
+another sequence's pages; the causal and sliding-window limits skip whole blocks (a tile reads keys from
+max(0, p_first − W + 1) to min(kv_len, p_last + 1) only). The online softmax keeps float32 m, l [R, 1] and
+acc [R, D] in VMEM scratch.
 
-How a kv head's rows are copied (static, by dtype and shape; `copy_mode`):
-  "lanes"  D a multiple of 128, S a multiple of 8: the pools are viewed as [P, S, K·D] (free) and each page's
-           [S, D] lane slice of head kh is copied (any dtype).
-  "rows"   32-bit pages (float32): each page's [S, D] rows of head kh (`k_pages.at[page, :, kh, :]`), any S, D.
-  "heads"  otherwise (16- and 8-bit pages with D not a multiple of 128, or pages of fewer than 8 tokens): Mosaic
-           cannot slice one head out of a packed (K, D) tile, so the whole page [S, K, D] is copied and head kh
-           is selected in VMEM; this reads all K heads per program (K times the bytes). The benchmark shapes
-           (D = 128) never take it.
+How pages are copied (static, by the pages' dtype; `copy_mode`). The pools keep their NHD layout: no XLA op
+touches them outside the kernel (a reshape to [P, S, K·D] would be a relayout copy of the whole pool on a
+TPU: libtpu's static estimate for it was 5x the kernel's at the B=64 decode case on v6e).
+  "rows"   32-bit pages (float32): grid (N, K); each program copies its kv head's [S, D] rows of each
+           page (`k_pages.at[page, :, kh, :]`), any S and D.
+  "heads"  16- and 8-bit pages (bfloat16, float16 bits, int8, float8): Mosaic cannot DMA one row out of a
+           packed (K, D) tile, so grid (N, 1) and each program copies whole pages [S, K, D] and computes
+           all K kv heads (a strided VMEM load per head): every owned page is read once, all heads used.
 
 Numerics. Logits, m, l and acc are float32. bfloat16 q feeds the MXU bfloat16 operands (keys converted to
 bfloat16 in VMEM when stored as int8/float8, probabilities rounded to bfloat16 for the P·V dot) with float32
@@ -44,7 +45,8 @@ rows in float32.
 
 Safety. Keys of pages that were not copied (foreign ids, pages past the sequence's own) and slots past kv_len
 get logit −inf, and their value rows are zeroed with `where` before the P·V dot, so stale VMEM or NaN/Inf
-garbage cannot reach the output. A NaN in q reaches only its own row. A row with nothing to attend to is zeros.
+garbage cannot reach the output. A NaN in q reaches only its own row. A row with nothing to attend to is
+zeros.
 
 Block sizes per chip (`CHIPS`, read with `pltpu.get_tpu_info()` at lowering: a TPU, a compile-only TPU device
 or an abstract mesh of one; `DEFAULT_CHIP` for any other TPU, `INTERPRET_CHIP` when interpreted on the CPU):
@@ -127,13 +129,10 @@ def chip_tiles() -> Chip:
     return CHIPS.get(str(info.chip_version), DEFAULT_CHIP)
 
 
-def copy_mode(page_dtype: Any, page_size: int, head_dim: int) -> str:
-    """How one kv head's rows of a page are copied: "lanes", "rows" or "heads" (module docstring)."""
-    if head_dim % LANES == 0 and page_size % SUBLANES == 0:
-        return "lanes"
-    if np.dtype(page_dtype).itemsize == 4:
-        return "rows"
-    return "heads"
+def copy_mode(page_dtype: Any) -> str:
+    """How a program copies its pages: "rows" (one kv head's rows, 32-bit pages) or "heads" (whole pages,
+    all kv heads in one program); see the module docstring."""
+    return "rows" if np.dtype(page_dtype).itemsize == 4 else "heads"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,12 +160,11 @@ def vmem_bytes(rows: int, head_dim: int, block_keys: int, num_kv_heads: int, ite
     else:
         kv = _tile_bytes(block_keys, head_dim, itemsize)
     scales = _tile_bytes(block_keys, num_kv_heads, 4) if per_token else 0
+    heads = num_kv_heads if mode == "heads" else 1
     buffers = 2 * 2 * (kv + scales)
-    blocks = 2 * 2 * _tile_bytes(rows, head_dim, 4)
-    scratch = 2 * _tile_bytes(rows, 1, 4) + _tile_bytes(rows, head_dim, 4)
+    blocks = 2 * 2 * heads * _tile_bytes(rows, head_dim, 4)
+    scratch = heads * (2 * _tile_bytes(rows, 1, 4) + _tile_bytes(rows, head_dim, 4))
     temps = 4 * _tile_bytes(rows, block_keys, 4) + 4 * _tile_bytes(block_keys, head_dim, 4)
-    if mode == "heads":
-        temps += 2 * block_keys * _tile_bytes(num_kv_heads, head_dim, 4)
     return buffers + blocks + scratch + temps
 
 
@@ -187,8 +185,8 @@ def choose_tiling(
     """Default tiles by shape and chip (a given value overrides its default).
 
     q_tile: 1 for decode; else chip.tile_rows // G tokens (at least 1). block_pages: chip.block_keys // S
-    pages (at least 1, at most chip.max_block_pages), at most the table's width. VMEM: twice `vmem_bytes`, at least 16 MiB, at most
-    chip.vmem_cap (None when interpreted: chip.vmem_cap == 0).
+    pages (at least 1, at most chip.max_block_pages), at most the table's width. VMEM: twice `vmem_bytes`,
+    at least 16 MiB, at most chip.vmem_cap (None when interpreted: chip.vmem_cap == 0).
     """
     g = num_q_heads // num_kv_heads
     if decode:
@@ -200,10 +198,9 @@ def choose_tiling(
     block_pages = max(1, min(block_pages, max_pages))
     vmem = None
     if chip.vmem_cap:
-        mode = copy_mode(page_dtype, page_size, head_dim)
         need = vmem_bytes(
             q_tile * g, head_dim, block_pages * page_size, num_kv_heads, np.dtype(page_dtype).itemsize,
-            mode, per_token,
+            copy_mode(page_dtype), per_token,
         )  # fmt: skip
         vmem = min(chip.vmem_cap, max(16 * _MIB, 2 * need))
     return Tiling(int(q_tile), int(block_pages), vmem)
@@ -249,13 +246,15 @@ def _kernel(
     vsbuf = refs.pop(0) if per_token_v else None
     sems, m_scr, l_scr, acc_scr = refs
 
-    i, kh = pl.program_id(0), pl.program_id(1)
+    i, kh = pl.program_id(0), pl.program_id(1)  # "heads": one program for all K kv heads, kh = 0
+    hp = num_kv_heads if mode == "heads" else 1  # kv heads per program
     seq = meta_ref[4 * i]
     pos0 = meta_ref[4 * i + 1]
     blk_lo = meta_ref[4 * i + 2]
     blk_hi = meta_ref[4 * i + 3]
     n = lens_ref[seq]
-    s, npb, d = page_size, block_pages, head_dim
+    del head_dim
+    s, npb = page_size, block_pages
     bk = npb * s
 
     def page_of(blk, j):
@@ -279,10 +278,7 @@ def _kernel(
 
     def copies(slot, page, j):
         rows = page_rows(j)
-        if mode == "lanes":
-            off = pl.multiple_of(kh * d, LANES)
-            src_k, src_v = k_hbm.at[page, :, pl.ds(off, d)], v_hbm.at[page, :, pl.ds(off, d)]
-        elif mode == "rows":
+        if mode == "rows":
             src_k, src_v = k_hbm.at[page, :, kh, :], v_hbm.at[page, :, kh, :]
         else:
             src_k, src_v = k_hbm.at[page], v_hbm.at[page]
@@ -298,7 +294,7 @@ def _kernel(
 
     def block_copies(blk, slot, start):
         def one(j, carry):
-            page, owned, covered = page_of(blk, j)
+            page, owned, _ = page_of(blk, j)
 
             @pl.when(owned)
             def _():
@@ -320,35 +316,29 @@ def _kernel(
     def _():
         block_copies(blk_lo, 0, True)
 
-    q = q_ref[...]
     rpos = pos0 + rowtok_ref[...]  # [R, 1] position of each row
     precision = jax.lax.Precision.HIGHEST if compute_dtype == _F32 else None
     qk_scale = jnp.float32(scale)
     if tensor_scales:
         qk_scale = qk_scale * ts_ref[0]
-    slopes = slope_ref[...] if alibi else None  # [R, 1]
     lane_row = jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)  # [1, BK] key index in the block
     lane_col = jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)  # [BK, 1]
 
-    def load(buf, slot, bits):
-        """[BK, D] float32 (or the stored dtype) rows of head kh from a buffer slot."""
-        x = buf[slot]
-        if bits:
-            x = f16_bits_to_f32(x.astype(jnp.int32))
-        if mode == "heads":  # [BK, K, D]: pick head kh (where, not a product: other heads may hold NaN)
-            x = x.astype(_F32)
-            heads = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
-            x = jnp.sum(jnp.where(heads == kh, x, 0.0), axis=1)
-        return x
+    def load(buf, slot, bits, hh):
+        """[BK, D] rows of the program's head hh (stored dtype, float32 for float16 bits) from a slot."""
+        x = buf[slot] if mode == "rows" else buf[slot, :, hh, :]  # "heads": a strided load of head hh
+        return f16_bits_to_f32(x.astype(jnp.int32)) if bits else x
 
-    def token_scales(buf, slot):
-        """[BK, 1] float32: head kh's column of the block's per-token scales [BK, K]."""
+    def token_scales(buf, slot, hh):
+        """[BK, 1] float32: the column of head hh (kh in "rows" mode) of the block's scales [BK, K]."""
+        if mode == "heads":
+            return buf[slot, :, pl.ds(hh, 1)]
         x = buf[slot]
         heads = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
         return jnp.sum(jnp.where(heads == kh, x, 0.0), axis=1, keepdims=True)
 
     def owned_keys(blk, idx):
-        """1.0 where a key (idx: [1, BK] or [BK, 1] key indices in the block) lies on a copied page, else 0."""
+        """1.0 where a key (idx: [1, BK] or [BK, 1] indices in the block) lies on a copied page, else 0."""
 
         def one(j, ok):
             _, owned, _ = page_of(blk, j)
@@ -371,50 +361,51 @@ def _kernel(
             block_copies(blk + 1, 1 - slot, True)
 
         block_copies(blk, slot, False)
-        k = load(kbuf, slot, f16_bits[0])
-        v = load(vbuf, slot, f16_bits[1])
-        if per_token_k:
-            k = k.astype(_F32) * token_scales(ksbuf, slot)
-        if per_token_v:
-            v = v.astype(_F32) * token_scales(vsbuf, slot)
         first = blk * bk
         kpos = first + lane_row  # [1, BK]
-        v = v.astype(compute_dtype)
-
-        def mask_foreign():  # only a block with a foreign id inside kv_len: its keys and values are masked
-            v_ok = owned_keys(blk, lane_col) > 0.0
-            return owned_keys(blk, lane_row), jnp.where(v_ok, v, jnp.zeros((), compute_dtype))
-
-        owned, v = jax.lax.cond(
-            foreign_pages(blk) > 0, mask_foreign, lambda: (jnp.ones((1, bk), _F32), v)
+        v_ok = first + lane_col < n  # [BK, 1]
+        foreign = foreign_pages(blk) > 0
+        # Only a block with a foreign id inside kv_len needs the per-page masks of keys and values.
+        owned = jax.lax.cond(foreign, lambda: owned_keys(blk, lane_row), lambda: jnp.ones((1, bk), _F32))
+        v_ok = v_ok & (
+            jax.lax.cond(foreign, lambda: owned_keys(blk, lane_col), lambda: jnp.ones((bk, 1), _F32)) > 0.0
         )
         keep = (owned > 0.0) & (kpos < n) & (kpos <= rpos)
         if sliding_window is not None:
             keep = keep & (kpos > rpos - sliding_window)
-        logits = jax.lax.dot_general(
-            q, k.astype(compute_dtype), (((1,), (1,)), ((), ())),
-            precision=precision, preferred_element_type=_F32,
-        )  # fmt: skip
-        logits = logits * qk_scale
-        if soft_cap is not None:
-            logits = soft_cap * jnp.tanh(logits / soft_cap)
-        if alibi:
-            logits = logits + slopes * (kpos - rpos).astype(_F32)
-        logits = jnp.where(keep, logits, -jnp.inf)
-        m_prev = m_scr[...]
-        m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        p = jnp.exp(logits - m_safe)
-        corr = jnp.exp(m_prev - m_safe)
-        l_scr[...] = corr * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-        m_scr[...] = m_new
-        # Value rows past kv_len (stale or garbage) are zeroed: 0 · NaN would spread to every row.
-        v = jnp.where(first + lane_col < n, v, jnp.zeros((), compute_dtype))
-        pv = jax.lax.dot_general(
-            p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
-            precision=precision, preferred_element_type=_F32,
-        )  # fmt: skip
-        acc_scr[...] = corr * acc_scr[...] + pv
+        rel = (kpos - rpos).astype(_F32) if alibi else None
+        for hh in range(hp):
+            k = load(kbuf, slot, f16_bits[0], hh)
+            v = load(vbuf, slot, f16_bits[1], hh)
+            if per_token_k:
+                k = k.astype(_F32) * token_scales(ksbuf, slot, hh)
+            if per_token_v:
+                v = v.astype(_F32) * token_scales(vsbuf, slot, hh)
+            logits = jax.lax.dot_general(
+                q_ref[hh], k.astype(compute_dtype), (((1,), (1,)), ((), ())),
+                precision=precision, preferred_element_type=_F32,
+            )  # fmt: skip
+            logits = logits * qk_scale
+            if soft_cap is not None:
+                logits = soft_cap * jnp.tanh(logits / soft_cap)
+            if alibi:
+                logits = logits + slope_ref[hh] * rel
+            logits = jnp.where(keep, logits, -jnp.inf)
+            m_prev = m_scr[hh]
+            m_new = jnp.maximum(m_prev, jnp.max(logits, axis=1, keepdims=True))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            p = jnp.exp(logits - m_safe)
+            corr = jnp.exp(m_prev - m_safe)
+            l_scr[hh] = corr * l_scr[hh] + jnp.sum(p, axis=1, keepdims=True)
+            m_scr[hh] = m_new
+            # Value rows past kv_len or on foreign pages (stale or garbage) are zeroed: 0 · NaN would
+            # spread to every row.
+            v = jnp.where(v_ok, v.astype(compute_dtype), jnp.zeros((), compute_dtype))
+            pv = jax.lax.dot_general(
+                p.astype(compute_dtype), v, (((1,), (0,)), ((), ())),
+                precision=precision, preferred_element_type=_F32,
+            )  # fmt: skip
+            acc_scr[hh] = corr * acc_scr[hh] + pv
         return carry
 
     jax.lax.fori_loop(blk_lo, blk_hi, body, 0)
@@ -481,7 +472,8 @@ def _run(q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_sca
         q_tile=spec.q_tile, block_pages=spec.block_pages,
     )  # fmt: skip
     qt, npb = tiling.q_tile, tiling.block_pages
-    mode = copy_mode(page_dtype, s, d)
+    mode = copy_mode(page_dtype)
+    hp = kh if mode == "heads" else 1
     rows = qt * g
     kv_lens = kv_lens.astype(jnp.int32)
     num_tiles = b if decode else -(-t // qt) + b
@@ -503,16 +495,16 @@ def _run(q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_sca
     def pool(x):
         if np.dtype(x.dtype) == np.float16:  # Mosaic loads no float16 on v5e/v6e: its bits, decoded inside
             x = jax.lax.bitcast_convert_type(x, jnp.uint16)
-        return x.reshape(p, s, kh * d) if mode == "lanes" else x
+        return x
 
     in_specs = [
-        pl.BlockSpec((None, None, rows, d), lambda i, k, *_: (i, k, 0, 0)),
+        pl.BlockSpec((None, hp, rows, d), lambda i, k, *_: (i, k, 0, 0)),
         pl.BlockSpec((rows, 1), lambda i, k, *_: (0, 0)),
     ]
     args = [q_rows, rowtok]
     if alibi_slopes is not None:
         sl = jnp.tile(alibi_slopes.astype(_F32).reshape(kh, 1, g), (1, qt, 1)).reshape(kh, rows, 1)
-        in_specs.append(pl.BlockSpec((None, rows, 1), lambda i, k, *_: (k, 0, 0)))
+        in_specs.append(pl.BlockSpec((hp, rows, 1), lambda i, k, *_: (k, 0, 0)))
         args.append(sl)
     if tensor_scales:
         one = jnp.ones((), _F32)
@@ -537,9 +529,9 @@ def _run(q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_sca
     scratch += [pltpu.VMEM((2, npb * s, kh), _F32) for pt in (per_token_k, per_token_v) if pt]
     scratch += [
         pltpu.SemaphoreType.DMA((2,)),
-        pltpu.VMEM((rows, 1), _F32),
-        pltpu.VMEM((rows, 1), _F32),
-        pltpu.VMEM((rows, d), _F32),
+        pltpu.VMEM((hp, rows, 1), _F32),
+        pltpu.VMEM((hp, rows, 1), _F32),
+        pltpu.VMEM((hp, rows, d), _F32),
     ]
     kernel = functools.partial(
         _kernel,
@@ -562,9 +554,9 @@ def _run(q, k_pages, v_pages, kv_lens, block_tables, q_lens, alibi_slopes, k_sca
     )
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
-        grid=(num_tiles, kh),
+        grid=(num_tiles, kh // hp),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, None, rows, d), lambda i, k, *_: (i, k, 0, 0)),
+        out_specs=pl.BlockSpec((None, hp, rows, d), lambda i, k, *_: (i, k, 0, 0)),
         scratch_shapes=scratch,
     )
     out = pl.pallas_call(

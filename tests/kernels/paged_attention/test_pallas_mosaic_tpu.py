@@ -33,7 +33,9 @@ Q_LENS = (1, 0, 3, 6)  # a decode, an empty sequence, speculative verification, 
 MAX_PAGES, NUM_PAGES = 6, 16
 
 
-def make_case(*, q_dtype=np.float32, kv_dtype=None, scales=None, head_dim=64, page_size=8, decode=True, seed=0):
+def make_case(
+    *, q_dtype=np.float32, kv_dtype=None, scales=None, head_dim=64, page_size=8, decode=True, seed=0
+):
     """Inputs as the public entry passes them, H=4, K=2, with NaN/Inf in every slot no sequence may read and
     out-of-range block-table entries past each sequence's pages. scales: None, "tensor" or "token"."""
     rng = np.random.default_rng(seed)
@@ -101,30 +103,34 @@ def test_mixed_ragged_batch_over_many_blocks(q_dtype, kv_dtype, scales):
     # Two pages per block and tiles of 2 tokens with every logit feature: window and causal limits skip
     # blocks, the double buffer crosses blocks, the prefill chunk spans three tiles.
     args, kw = make_case(q_dtype=q_dtype, kv_dtype=kv_dtype, scales=scales, decode=False, seed=1)
-    features = {"soft_cap": 3.0, "sliding_window": 17, "alibi_slopes": np.array([0.3, 0.2, 0.1, 0.05], np.float32)}
+    features = {
+        "soft_cap": 3.0,
+        "sliding_window": 17,
+        "alibi_slopes": np.array([0.3, 0.2, 0.1, 0.05], np.float32),
+    }
     check(args, kw, np.dtype(q_dtype), block_pages=2, q_tile=2, **features)
 
 
 @pytest.mark.parametrize(
-    "kv_dtype,head_dim,page_size,mode",
-    [(np.float32, 64, 8, "rows"), (jnp.bfloat16, 128, 8, "lanes"), (jnp.bfloat16, 64, 8, "heads")],
+    "kv_dtype,head_dim,mode",
+    [(np.float32, 80, "rows"), (jnp.bfloat16, 128, "heads"), (np.float16, 64, "heads")],
 )
-def test_each_copy_mode(kv_dtype, head_dim, page_size, mode):
-    assert pt.copy_mode(np.dtype(kv_dtype), page_size, head_dim) == mode
-    args, kw = make_case(q_dtype=kv_dtype, head_dim=head_dim, page_size=page_size, seed=2)
+def test_each_copy_mode(kv_dtype, head_dim, mode):
+    # "rows": one kv head per program, its rows of each page; "heads": whole pages, all kv heads per program
+    # (float16 pages as their bits, decoded in the kernel).
+    assert pt.copy_mode(np.dtype(kv_dtype)) == mode
+    args, kw = make_case(q_dtype=kv_dtype, head_dim=head_dim, seed=2)
     check(args, kw, np.dtype(kv_dtype), block_pages=2)
 
 
 def test_copy_mode_rules():
-    assert pt.copy_mode(np.dtype(jnp.bfloat16), 16, 128) == "lanes"  # the benchmark shapes
-    assert pt.copy_mode(np.dtype(np.int8), 16, 256) == "lanes"
-    assert pt.copy_mode(np.dtype(np.float32), 1, 80) == "rows"
-    assert pt.copy_mode(np.dtype(np.int8), 16, 64) == "heads"
-    assert pt.copy_mode(np.dtype(jnp.bfloat16), 1, 128) == "heads"  # fewer than 8 rows per page
+    assert pt.copy_mode(np.dtype(np.float32)) == "rows"
+    for dtype in (jnp.bfloat16, np.float16, np.int8, F8):
+        assert pt.copy_mode(np.dtype(dtype)) == "heads"
 
 
 def test_float32_dots_ask_for_full_precision():
-    args, kw = make_case()
+    args, _ = make_case()
     for dtype in (np.float32, jnp.bfloat16):
         shapes = [jax.ShapeDtypeStruct(a.shape, dtype if i < 3 else a.dtype) for i, a in enumerate(args)]
 
@@ -195,7 +201,9 @@ def test_exports_for_cpu_and_tpu_and_runs_the_export_on_the_cpu():
 
 def test_cuda_is_a_clear_error():
     args, kwargs = arg_specs.arg_shapes(arg_specs.get("test base"))
-    with pytest.raises(ValueError, match="Mosaic TPU paged attention kernel runs on cpu .interpreted. and tpu"):
+    with pytest.raises(
+        ValueError, match="Mosaic TPU paged attention kernel runs on cpu .interpreted. and tpu"
+    ):
         targets.lower(_entry("pallas_mosaic_tpu", kwargs), *args, platforms=("cuda",))
 
 
