@@ -85,6 +85,10 @@ ALIGN = 64  # d and f are padded to multiples of this (the smallest tile in any 
 DECODE_ROWS = 64  # balanced rows per expert up to which a call is "decode"
 MAX_ACC_FLOATS = 64 * 128 * 2  # float32 accumulator elements a 128-thread warpgroup holds without spilling
 MIN_CC = 90
+INT4_BLOCK_MS = (16, 32, 64)
+INT4_BLOCK_KS = (128, 64, 256)  # tried in this order
+WGMMA_K = 16  # bf16 wgmma's K: a segment of the INT4 kernels is a multiple of it
+CODE_OFFSET = 8  # the INT4 kernels hold codes as q − 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,16 +98,26 @@ class Config:
     block_m: rows per tile (64 or 128; wgmma's M). block_n: kernel 1's column tile over f (kernel 2 takes
     twice as many over d). block_k: reduction slice per pipeline step. max_concurrent_steps: pipeline
     stages in flight (SMEM buffers). Each kernel uses the largest power of two <= its tile that divides its
-    (padded) width.
+    (padded) width. int4_block_m: rows per tile of the INT4 kernels (16, 32 or 64: wgmma's N in their swap-AB
+    form; None: the smallest that holds the balanced rows per expert T·k/E). The INT4 kernels take their
+    column tiles (64 over f; 128 over d when int4_block_m <= 32) and K steps (128 where legal, else 64 or
+    256) from the shapes; max_concurrent_steps applies to both paths.
     """
 
     block_m: int | None = None
     block_n: int | None = None
     block_k: int | None = None
     max_concurrent_steps: int | None = None
+    int4_block_m: int | None = None
 
     def __post_init__(self) -> None:
-        registry.check_positive_ints(self, "block_m", "block_n", "block_k", "max_concurrent_steps")
+        registry.check_positive_ints(
+            self, "block_m", "block_n", "block_k", "max_concurrent_steps", "int4_block_m"
+        )
+        if self.int4_block_m is not None and self.int4_block_m not in INT4_BLOCK_MS:
+            raise ValueError(
+                f"int4_block_m={self.int4_block_m} must be one of {INT4_BLOCK_MS} (wgmma's N in the swap-AB form)"
+            )
         if self.block_m is not None and self.block_m not in (64, 128):
             raise ValueError(f"block_m={self.block_m} must be 64 or 128 (wgmma's M per warpgroup)")
         for name in ("block_n", "block_k"):
@@ -165,8 +179,8 @@ def _resolved(config: Config | None, *args: Any, **kwargs: Any) -> Config:
     base = default_config(*args, **kwargs)
     if config is None:
         return base
-    return Config(**{f: getattr(config, f) if getattr(config, f) is not None else getattr(base, f)
-                     for f in ("block_m", "block_n", "block_k", "max_concurrent_steps")})  # fmt: skip
+    return Config(**{f.name: getattr(config, f.name) if getattr(config, f.name) is not None
+                     else getattr(base, f.name) for f in dataclasses.fields(Config)})  # fmt: skip
 
 
 def pallas_unsupported(x: Any, w_gate: Any, w_up: Any, w_down: Any, **_: Any) -> str | None:
@@ -324,12 +338,7 @@ def _ffn_rows_host(xs, te, wg, wu, wd, *, blocks):
     beside effect-free branches) cannot carry; from inside a pure callback it is a separate program."""
 
     def run(xs, te, *ws):
-        # Row tiles rounded up to a power of two (the extra tiles have no expert and return at once), so
-        # that calls whose plans differ only in R share one compiled interpreter program.
-        tiles = te.shape[0]
-        bucket = 1 << max(0, (tiles - 1).bit_length())
-        xs_b = np.pad(xs, ((0, (bucket - tiles) * (xs.shape[0] // max(tiles, 1))), (0, 0)))
-        te_b = np.pad(te, (0, bucket - tiles), constant_values=-1)
+        te_b, xs_b = _bucketed(te, xs)
         return np.asarray(_ffn_rows_interpreted(xs_b, te_b, *ws, blocks=blocks))[: xs.shape[0]]
 
     return jax.pure_callback(run, jax.ShapeDtypeStruct(xs.shape, xs.dtype), xs, te, wg, wu, wd)
@@ -351,6 +360,347 @@ _ffn_rows_per_platform = per_platform_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
+# INT4 experts: swap-AB grouped GEMMs on the prepared codes (the INT4 Mosaic GPU kernel's tile code)
+
+
+def _int4_grouped_gemm(xts, xsum, te, ws, *, swiglu, out_dtype, block_m, block_n, block_k, segment, group,
+                       steps, interpret):  # fmt: skip
+    """The transposed grouped GEMM over INT4 experts.
+
+    xts: P arrays [K, R] bf16 (x̃ᵀ as bf16 parts summing to it), xsum: [K/L, R] float32 (x̃ᵀ summed over
+    each segment of L = `segment` rows), te: [R/bm] int32 (tile experts), ws: tuple of (codes [E, Np, K]
+    int4 holding q − 8, scales [E, G, Np] float32, zm [E, G, Np] float32 (z − 8) or None) -> [Np, R]
+    out_dtype, per row tile of expert e: (x̃ · W_e)ᵀ, or with swiglu (ws = gate, up) silu(gate) ⊙ up.
+    """
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    k, num_rows = xts[0].shape
+    np_ = ws[0][0].shape[1]
+    bm, bn, bk, seg = block_m, block_n, block_k, segment
+    nseg = bk // seg
+    spg = max(1, group // bk)  # K steps per group (group >= bk) ...
+    srows = max(1, bk // group)  # ... or groups per K step (group < bk)
+    has_zm = ws[0][2] is not None
+    nparts = len(xts)
+
+    def body(te_gmem, *refs):
+        x_gmems, xs_gmem = refs[:nparts], refs[nparts]
+        w_gmems = refs[nparts + 1 : -2]
+        o_gmem, o_smem = refs[-2:]
+        j, i = lax.axis_index("n"), lax.axis_index("m")
+        e = te_gmem[i]
+
+        @pl.when(e >= 0)
+        def _():
+            def step(_, *args):
+                *smems, totals = args
+                x_smems, xs_smem = smems[:nparts], smems[nparts]
+                w_smems = smems[nparts + 1 :]
+                per = 3 if has_zm else 2
+                out = []
+                for wi, total in enumerate(totals):
+                    c_smem, s_smem, *zm_smem = w_smems[per * wi : per * (wi + 1)]
+                    a = c_smem[...].astype(jnp.bfloat16)  # [bn, bk]: q − 8, exact
+                    for js in range(nseg):
+                        a_j = a if nseg == 1 else a[:, js * seg : (js + 1) * seg]
+
+                        def dot(acc_ref, a_j=a_j, js=js):
+                            for x_smem in x_smems:  # the parts of x̃ into one accumulator
+                                x_j = x_smem if nseg == 1 else x_smem.at[pl.ds(js * seg, seg)]
+                                plgpu.wgmma(acc_ref, a_j, x_j)
+                            return acc_ref[...]
+
+                        prod = pl.run_scoped(dot, plgpu.ACC((bn, bm), jnp.float32))  # Σ_r x̃ (q − 8)
+                        row = js if srows > 1 else 0
+                        if has_zm:
+                            prod = prod - zm_smem[0][row][:, None] * xs_smem[js][None, :]
+                        total = total + s_smem[row][:, None] * prod
+                    out.append(total)
+                return tuple(out)
+
+            specs = [
+                plgpu.BlockSpec((bk, bm), lambda kk: (kk, i), transforms=_swizzled(bk, bm, 16, "rhs"))
+                for _ in xts
+            ]
+            specs.append(plgpu.BlockSpec((nseg, bm), lambda kk: (kk, i)))
+            operands = [*x_gmems, xs_gmem]
+            per = 3 if has_zm else 2
+            for wi in range(len(ws)):
+                c_gmem, s_gmem, *zm_gmem = w_gmems[per * wi : per * (wi + 1)]
+                specs.append(
+                    plgpu.BlockSpec((bn, bk), lambda kk: (j, kk), transforms=_swizzled(bn, bk, 4, "lhs"))
+                )
+                specs += [plgpu.BlockSpec((srows, bn), lambda kk: (kk // spg, j)) for _ in range(per - 1)]
+                operands += [c_gmem.at[e], s_gmem.at[e], *(z.at[e] for z in zm_gmem)]
+            totals = plgpu.emit_pipeline(
+                step,
+                grid=(k // bk,),
+                in_specs=specs,
+                max_concurrent_steps=steps,
+                init_carry=tuple(jnp.zeros((bn, bm), jnp.float32) for _ in ws),
+            )(*operands)
+            if swiglu:
+                g, u = totals
+                res = g / (1.0 + jnp.exp(-g)) * u
+            else:
+                (res,) = totals
+            o_smem[...] = res.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_gmem.at[pl.ds(j * bn, bn), pl.ds(i * bm, bm)])
+            plgpu.wait_smem_to_gmem(0)
+
+    body.__name__ = body.__qualname__ = "moe_int4_gate_up_swiglu" if swiglu else "moe_int4_down"
+    bits = 8 * np.dtype(out_dtype).itemsize
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((np_, num_rows), out_dtype),
+        grid=(np_ // bn, num_rows // bm),
+        grid_names=("n", "m"),
+        scratch_types=(plgpu.SMEM((bn, bm), out_dtype, transforms=_swizzled(bn, bm, bits, "out")),),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        interpret=plgpu.InterpretGPUParams() if interpret else None,
+    )
+    flat = [a for w in ws for a in w if a is not None]
+    return kernel(te, *xts, xsum, *flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Int4Spec:
+    """Static description of the INT4 path of one call (a primitive parameter: hashable)."""
+
+    d: int
+    f: int
+    parts: int
+    block_m: int
+    block_n: tuple[int, int]  # kernel 1 (over f), kernel 2 (over d)
+    block_k: tuple[int, int]  # over d, over f
+    group: tuple[int, int]  # gate/up, down
+    steps: int
+    h_dtype: Any
+    down_transform: bool  # w_down has a permutation or AWQ activation scales (applied to h per row)
+
+
+def _bf16_parts(a, parts):
+    """float a -> `parts` bf16 arrays summing to it (exact for bf16, f16 in two, float32 in three)."""
+    out, rest = [], a.astype(jnp.float32)
+    for _ in range(parts):
+        p = rest.astype(jnp.bfloat16)
+        out.append(p)
+        rest = rest - p.astype(jnp.float32)
+    return out
+
+
+def _segment_sums(at, segment):
+    """at [K, R] -> [K/L, R] float32: sums over each segment of L rows."""
+    k, r = at.shape
+    return at.astype(jnp.float32).reshape(k // segment, segment, r).sum(1)
+
+
+def _row_experts(te, block_m):
+    return jnp.maximum(jnp.repeat(te, block_m), 0)  # padding tiles read expert 0's (unused) transform
+
+
+def _transform_rows(a, row_e, perm, act_scales):
+    """a [R, K]: each row divided by its expert's AWQ scales and permuted to its expert's stored order."""
+    a = a.astype(jnp.float32)
+    if act_scales is not None:
+        a = a / act_scales[row_e].astype(jnp.float32)
+    if perm is not None:
+        a = jnp.take_along_axis(a, perm[row_e].astype(jnp.int32), axis=1)
+    return a
+
+
+def _int4_rows(xs, te, pg, pu, pd, down_tr, *, spec: _Int4Spec, interpret: bool):
+    """xs [R, d] float32 (already in gate/up's stored order) -> ys [R, d] float32 or bf16 through both INT4
+    kernels; pg/pu/pd are (codes, scales, zm) of the prepared stacks, down_tr (perm, act_scales) of w_down."""
+    kw = dict(block_m=spec.block_m, steps=spec.steps, interpret=interpret)
+    seg1 = min(spec.block_k[0], spec.group[0])
+    xt = xs.T  # [d, R]
+    ht = _int4_grouped_gemm(
+        tuple(_bf16_parts(xt, spec.parts)), _segment_sums(xt, seg1), te, (pg, pu), swiglu=True,
+        out_dtype=spec.h_dtype, block_n=spec.block_n[0], block_k=spec.block_k[0], segment=seg1,
+        group=spec.group[0], **kw,
+    )[: spec.f]  # fmt: skip
+    if spec.down_transform:
+        ht = _transform_rows(ht.T, _row_experts(te, spec.block_m), *down_tr).T
+    seg2 = min(spec.block_k[1], spec.group[1])
+    yt = _int4_grouped_gemm(
+        tuple(_bf16_parts(ht, spec.parts)), _segment_sums(ht, seg2), te, (pd,), swiglu=False,
+        out_dtype=spec.h_dtype, block_n=spec.block_n[1], block_k=spec.block_k[1], segment=seg2,
+        group=spec.group[1], **kw,
+    )  # fmt: skip
+    return yt[: spec.d].T
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _int4_rows_interpreted(xs, te, pg, pu, pd, down_tr, *, spec):
+    return _int4_rows(xs, te, pg, pu, pd, down_tr, spec=spec, interpret=True)
+
+
+def _bucketed(te, xs):
+    """Row tiles rounded up to a power of two (the extra tiles have no expert and return at once), so that
+    calls whose plans differ only in R share one compiled interpreter program."""
+    tiles = te.shape[0]
+    bucket = 1 << max(0, (tiles - 1).bit_length())
+    rows = (bucket - tiles) * (xs.shape[0] // max(tiles, 1))
+    return np.pad(te, (0, bucket - tiles), constant_values=-1), np.pad(xs, ((0, rows), (0, 0)))
+
+
+def _int4_rows_host(xs, te, pg, pu, pd, down_tr, *, spec):
+    """The CPU lowering: both interpreted kernels in one host callback (see `_ffn_rows_host`)."""
+    out = jax.ShapeDtypeStruct((xs.shape[0], spec.d), spec.h_dtype)
+
+    def run(xs, te, pg, pu, pd, down_tr):
+        te_b, xs_b = _bucketed(te, xs)
+        y = _int4_rows_interpreted(xs_b, te_b, pg, pu, pd, down_tr, spec=spec)
+        return np.asarray(y)[: xs.shape[0]]
+
+    return jax.pure_callback(run, out, xs, te, pg, pu, pd, down_tr)
+
+
+_int4_rows_per_platform = per_platform_kernel(
+    "tokenlab_moe_mosaic_gpu_int4_ffn",
+    {"cpu": _int4_rows_host, "cuda": functools.partial(_int4_rows, interpret=False)},
+    kernel="the Pallas Mosaic GPU grouped FFN over INT4 experts",
+    runs_on="cpu (interpreted) and cuda (compute capability >= 9.0)",
+    out_shape=lambda xs, *_, spec: jax.ShapeDtypeStruct((xs.shape[0], spec.d), spec.h_dtype),
+    map_sequentially=("cpu", "cuda"),
+)
+
+
+def _swizzled(rows: int, cols: int, bits: int, operand: str) -> tuple:
+    """The SMEM transforms of a [rows, cols] tile of `bits`-bit elements for wgmma (as in the INT4 kernel)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    sw = plgpu.find_swizzle(cols * bits, operand)
+    return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
+
+
+def _legal_block_k(bk: int, k: int, group: int) -> bool:
+    """A K step divides K and is a whole number of groups (of whole wgmma K steps) or lies inside one."""
+    return k % bk == 0 and ((bk % group == 0 and group % WGMMA_K == 0) or group % bk == 0)
+
+
+def _int4_block_k(k: int, group: int) -> int | None:
+    return next((b for b in INT4_BLOCK_KS if _legal_block_k(b, k, group)), None)
+
+
+def _expert_codes(packed: jax.Array) -> jax.Array:
+    """One expert's canonical `packed [K/2, N] uint8` -> `[Np, K] int4` holding q − 8, transposed (K
+    contiguous: a [bn, bk] TMA box is one wgmma A tile; signed, so Mosaic GPU's int4 -> bf16 register
+    conversion gives q − 8 exactly), N padded to a multiple of 64 with zero codes."""
+    r, n = packed.shape
+    q = jnp.stack([packed & 0xF, packed >> 4], axis=1).reshape(2 * r, n)  # row 2i in the low nibble
+    signed = jnp.pad(q.astype(jnp.int8) - CODE_OFFSET, ((0, 0), (0, _padded_n(n) - n)))
+    return signed.T.astype(jnp.int4)
+
+
+def _padded_n(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _int4_reason(wg: Int4Weight, wu: Int4Weight, wd: Int4Weight) -> str | None:
+    """Why INT4 experts go through XLA's dequantization instead of the INT4 kernels (None: they do not)."""
+    _, d, f = _dims(wg)
+    if any(w.bits not in (3, 4) for w in (wg, wu, wd)):
+        return f"bits={wg.bits}/{wu.bits}/{wd.bits} (the kernels read the 4-bit container: bits 3 and 4)"
+    if wg.group_size != wu.group_size:
+        return f"gate group_size={wg.group_size} != up group_size={wu.group_size}"
+    for name in ("perm", "act_scales"):
+        a, b = getattr(wg, name), getattr(wu, name)
+        if a is not b and (a is None or b is None or a.shape != b.shape or not _same_values(a, b)):
+            return f"gate and up with different {name} (they share one transformed x)"
+    if _int4_block_k(d, wg.group_size) is None or _int4_block_k(f, wd.group_size) is None:
+        return f"group sizes {wg.group_size}/{wd.group_size} with d={d}, f={f} (no legal K step)"
+    return None
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
+        return False
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+
+
+def _int4_spec(x: Any, expert_ids: Any, wg: Int4Weight, wd: Int4Weight, cfg: Config) -> _Int4Spec:
+    num_experts, d, f = _dims(wg)
+    parts = {"bfloat16": 1, "float16": 2, "float32": 3}[np.dtype(x.dtype).name]
+    bm = cfg.int4_block_m
+    if bm is None:
+        balanced = -(-expert_ids.shape[0] * expert_ids.shape[1] // num_experts)
+        bm = next((b for b in INT4_BLOCK_MS if b >= balanced), INT4_BLOCK_MS[-1])
+    bn2 = 128 if bm <= 32 and _padded_n(d) % 128 == 0 else 64
+    return _Int4Spec(
+        d=d, f=f, parts=parts, block_m=bm, block_n=(64, bn2),
+        block_k=(_int4_block_k(d, wg.group_size), _int4_block_k(f, wd.group_size)),
+        group=(wg.group_size, wd.group_size), steps=cfg.max_concurrent_steps,
+        h_dtype=np.dtype(jnp.bfloat16) if parts == 1 else np.dtype(np.float32),
+        down_transform=wd.perm is not None or wd.act_scales is not None,
+    )  # fmt: skip
+
+
+def _prepare_one(w: Int4Weight, explicit_zm: bool):
+    """An expert stack in the kernels' layout: (codes [E, Np, K] int4 holding q − 8, transposed; scales
+    [E, G, Np] float32; zm [E, G, Np] float32 = z − 8, or None when it is 0 and not asked for)."""
+    from quant.format import symmetric_zero
+
+    n = w.scales.shape[-1]
+    pad = ((0, 0), (0, 0), (0, _padded_n(n) - n))
+    codes = jax.vmap(_expert_codes)(w.packed)
+    scales = jnp.pad(w.scales.astype(jnp.float32), pad)
+    zero = symmetric_zero(w.bits)
+    if w.zeros is not None:
+        zm = jnp.pad(w.zeros.astype(jnp.float32) - CODE_OFFSET, pad)
+    elif zero != CODE_OFFSET or explicit_zm:
+        zm = jnp.pad(jnp.full(w.scales.shape, zero - CODE_OFFSET, jnp.float32), pad)
+    else:
+        zm = None
+    return codes, scales, zm
+
+
+def _needs_zm(w: Int4Weight) -> bool:
+    from quant.format import symmetric_zero
+
+    return w.zeros is not None or symmetric_zero(w.bits) != CODE_OFFSET
+
+
+@jax.jit
+def _prepare_experts(wg: Int4Weight, wu: Int4Weight, wd: Int4Weight):
+    zm = _needs_zm(wg) or _needs_zm(wu)  # gate and up run in one kernel: both or neither carry zm
+    return _prepare_one(wg, zm), _prepare_one(wu, zm), _prepare_one(wd, False)
+
+
+def _prepared_experts(wg: Int4Weight, wu: Int4Weight, wd: Int4Weight):
+    """The prepared stacks of (gate, up, down), computed once per concrete set of experts.
+
+    Keyed on the identity of every leaf (held by weak reference, so an entry goes with its weights) and
+    kept on the gate stack's `packed` array's entry. Traced experts (weights passed into a jitted
+    function as arguments) are prepared inside that program, every call: a serving loop that jits over its
+    weights should close over them instead.
+    """
+    import weakref
+
+    leaves = jax.tree_util.tree_leaves((wg, wu, wd))
+    if any(isinstance(a, jax.core.Tracer) for a in leaves):
+        return _prepare_experts(wg, wu, wd)
+    key = tuple(id(a) for a in leaves)
+    hit = _PREPARED.get(key)
+    if hit is not None and all(r() is a for r, a in zip(hit[0], leaves, strict=True)):
+        return hit[1]
+    prep = _prepare_experts(wg, wu, wd)
+    try:
+        refs = tuple(weakref.ref(a, lambda _, key=key: _PREPARED.pop(key, None)) for a in leaves)
+    except TypeError:  # a leaf that cannot be weakly referenced: no caching
+        return prep
+    _PREPARED[key] = (refs, prep)
+    return prep
+
+
+# The prepared INT4 expert stacks of concrete weights (weakly keyed: see `_prepared_experts`); like
+# kernels.int4_matmul.prepared's cache, the one piece of state the transparent Int4Weight path needs.
+_PREPARED: dict[tuple[int, ...], tuple[tuple[Any, ...], Any]] = {}
+
+
+# --------------------------------------------------------------------------------------------------
 # the FFN: dispatch, kernels, combine; the XLA path's VJP
 
 
@@ -366,10 +716,12 @@ def _pad_to(a, axis, size):
     return jnp.pad(a, pad)
 
 
-def _forward(x, weights, expert_ids, wg, wu, wd, static):
+def _forward(x, weights, expert_ids, wg, wu, wd, prep, static):
     from kernels.moe.dispatch import combine_rows, plan_rows
 
-    capacity, drop_priority, blocks, interpret = static
+    capacity, drop_priority, blocks, interpret, spec4 = static
+    if spec4 is not None:
+        return _forward_int4(x, weights, expert_ids, wg, wd, prep, static)
     block_m = blocks[0]
     num_experts, d, f = _dims(wg)
     dtype = x.dtype
@@ -394,10 +746,37 @@ def _forward(x, weights, expert_ids, wg, wu, wd, static):
     return combine_rows(ys[:num_rows, :d], weights, plan.position).astype(dtype)
 
 
+def _forward_int4(x, weights, expert_ids, wg, wd, prep, static):
+    """The INT4 path: only the prepared codes, scales and zero points of experts that own a row tile are
+    read (by the kernels' TMA copies)."""
+    from kernels.moe.dispatch import combine_rows, plan_rows
+
+    capacity, drop_priority, _, interpret, spec = static
+    bm = spec.block_m
+    num_experts = _dims(wg)[0]
+    plan = plan_rows(
+        expert_ids.astype(jnp.int32), lax.stop_gradient(weights), num_experts=num_experts, capacity=capacity,
+        drop_priority=drop_priority, layout="packed", row_align=bm,
+    )  # fmt: skip
+    num_rows = plan.row_token.shape[0]
+    padded = -(-num_rows // bm) * bm
+    row_token = jnp.pad(plan.row_token, (0, padded - num_rows), constant_values=x.shape[0])
+    te = tile_experts(plan.group_sizes, padded // bm, bm)
+    xs = jnp.take(x, row_token, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
+    if wg.perm is not None or wg.act_scales is not None:  # gate and up share them (`_int4_reason`)
+        xs = _transform_rows(xs, _row_experts(te, bm), wg.perm, wg.act_scales)
+    down_tr = (wd.perm, wd.act_scales) if spec.down_transform else (None, None)
+    if interpret is None:
+        ys = _int4_rows_per_platform(xs, te, *prep, down_tr, spec=spec)
+    else:
+        ys = _int4_rows(xs, te, *prep, down_tr, spec=spec, interpret=interpret)
+    return combine_rows(ys[:num_rows], weights, plan.position).astype(x.dtype)
+
+
 def _xla_path(x, weights, expert_ids, wg, wu, wd, static):
     from kernels.moe import xla
 
-    capacity, drop_priority, _, _ = static
+    capacity, drop_priority, *_ = static
     num_experts, _, _ = _dims(wg)
     # The XLA path takes capacity_factor; any factor that gives the same C will do.
     cf = None if capacity is None else capacity * num_experts / (expert_ids.shape[0] * expert_ids.shape[1])
@@ -406,24 +785,28 @@ def _xla_path(x, weights, expert_ids, wg, wu, wd, static):
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _moe(x, weights, expert_ids, wg, wu, wd, static):
-    return _forward(x, weights, expert_ids, wg, wu, wd, static)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _moe(x, weights, expert_ids, wg, wu, wd, prep, static):
+    return _forward(x, weights, expert_ids, wg, wu, wd, prep, static)
 
 
-def _moe_fwd(x, weights, expert_ids, wg, wu, wd, static):
-    return _forward(x, weights, expert_ids, wg, wu, wd, static), (x, weights, expert_ids, wg, wu, wd)
+def _moe_fwd(x, weights, expert_ids, wg, wu, wd, prep, static):
+    out = _forward(x, weights, expert_ids, wg, wu, wd, prep, static)
+    return out, (x, weights, expert_ids, wg, wu, wd, prep)
 
 
 def _moe_bwd(static, res, dy):
+    from kernels.int4_matmul.xla import zero_cotangent
+
+    *res, prep = res
     _, vjp = jax.vjp(lambda *a: _xla_path(*a, static), *res)
-    return vjp(dy)
+    return (*vjp(dy), zero_cotangent(prep))
 
 
 _moe.defvjp(_moe_fwd, _moe_bwd)
 # One program per (shapes, static): eagerly, the plan, gather and combine would otherwise each compile per
 # new shape, op by op.
-_moe_jit = jax.jit(_moe, static_argnums=(6,))
+_moe_jit = jax.jit(_moe, static_argnums=(7,))
 
 
 def moe_ffn_mosaic_gpu(
@@ -462,8 +845,12 @@ def moe_ffn_mosaic_gpu(
         raise ValueError(f"the Mosaic GPU grouped FFN does not take these operands: {reason}")
     cfg = _resolved(config, x, weights, expert_ids, w_gate, w_up, w_down)
     blocks = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.max_concurrent_steps)
-    static = (None if capacity is None else int(capacity), drop_priority, blocks, interpret)
-    return _moe_jit(x, weights, expert_ids, w_gate, w_up, w_down, static)
+    spec4, prep = None, None
+    if isinstance(w_gate, Int4Weight) and _int4_reason(w_gate, w_up, w_down) is None:
+        spec4 = _int4_spec(x, expert_ids, w_gate, w_down, cfg)
+        prep = _prepared_experts(w_gate, w_up, w_down)
+    static = (None if capacity is None else int(capacity), drop_priority, blocks, interpret, spec4)
+    return _moe_jit(x, weights, expert_ids, w_gate, w_up, w_down, prep, static)
 
 
 def _supports(x, weights, expert_ids, w_gate, w_up, w_down, **_):
