@@ -63,6 +63,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels import registry, tuning
 from kernels.int4_matmul.prepared import (
     CODE_OFFSET,
+    K_BLOCK,
+    WORDS,
     SUPPORTED_BITS,
     PreparedInt4Weight,
     cached_prepare,
@@ -79,17 +81,22 @@ X_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 PARTS = {np.dtype(jnp.bfloat16): 1, np.dtype(np.float16): 2, np.dtype(np.float32): 3}
 SCALE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 WGMMA_K = 16  # bf16 wgmma K: a segment is a multiple of it
-BLOCK_KS = (256, 128, 64)
+BLOCK_KS = (512, 256, 128, 64)
 MAX_COLS = 128  # wgmma N per CTA (accumulator + running total in registers)
 DECODE_M = 16
+# block_n·block_k: the step's words (bn·bk/1024 registers a thread) and the converted pieces stay in registers
+# beside the accumulators (P·block_m·block_n/128 a thread, twice); a wide x (P·block_m > 32) keeps to 16384.
+MAX_TILE, MAX_WIDE_TILE = 65536, 16384
+SMEM_BUDGET = 160 * 1024  # the pipeline's stages (of 227 KiB on Hopper), for the default number of stages
+BF16_BIAS = 128  # 0x4300 | q is the bf16 128 + q
 HOPPER = 90
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Tiles of the Mosaic GPU INT4 kernel; a field left None takes the default for the shape (`choose`):
-    block_n output features per CTA (64 or 128: one or two wgmma row blocks), block_k stored rows per pipeline
-    step (64, 128 or 256; block_n·block_k ≤ 16384 so the converted tile fits the registers), block_m rows of x
+    block_n output features per CTA (64, 128 or 256: one, two or four wgmma row blocks), block_k stored rows per
+    pipeline step (64-512; block_n·block_k ≤ 65536 so the step's codes fit the registers), block_m rows of x
     per CTA (P·block_m a multiple of 16 and ≤ 128), max_concurrent_steps TMA stages in flight (2-6)."""
 
     block_n: int | None = None
@@ -153,25 +160,30 @@ def choose(x: Any, w: Any, config: Config | None = None) -> Tiling:
         bm = min(-(-m // gran) * gran, MAX_COLS // parts // gran * gran)
     if bm % gran or parts * bm > MAX_COLS:
         raise ValueError(f"block_m={bm} must be a multiple of {gran} with {parts}·block_m ≤ {MAX_COLS}")
+    narrow = parts * bm <= 32
     bn = fields["block_n"]
     if bn is None:
-        # Decode: 128 rows and K steps of 128 (one segment per step at group 128): 515 SASS instructions per
-        # pass at sm_90a (4096x14336, M = 1; 8.0 weights per warp-instruction) against 535 (7.7) for 64 rows
-        # with steps of 256 (two segments).
-        bn = 128 if parts * bm <= 32 and np_ % 128 == 0 else 64
-    if bn not in (64, 128) or np_ % bn:
-        raise ValueError(f"block_n={bn} must be 64 or 128 and divide N padded to 64 ({np_})")
+        # Decode: 128 rows and K steps of 512 (sm_90a, 4096x14336 at M = 1 and 16: 944 SASS instructions per
+        # pass, 17.4 weights per warp-instruction; steps of 256: 504, 16.3; 256 rows: as many weights per
+        # instruction at half the CTAs). 256 rows would leave most SMs idle at these N.
+        bn = 128 if narrow and np_ % 128 == 0 else 64
+    if bn not in (64, 128, 256) or np_ % bn:
+        raise ValueError(f"block_n={bn} must be 64, 128 or 256 and divide N padded to 64 ({np_})")
     bk = fields["block_k"]
     if bk is None:
-        bk = next((b for b in BLOCK_KS if b * bn <= 16384 and _legal_block_k(b, k, w.group_size)), None)
+        limit = MAX_TILE if narrow else MAX_WIDE_TILE
+        bk = next((b for b in BLOCK_KS if b * bn <= limit and _legal_block_k(b, k, w.group_size)), None)
         if bk is None:
             bk = next(b for b in BLOCK_KS if _legal_block_k(b, k, w.group_size))
-    if bk not in BLOCK_KS or not _legal_block_k(bk, k, w.group_size) or bk * bn > 16384:
+    if bk not in BLOCK_KS or not _legal_block_k(bk, k, w.group_size) or bk * bn > MAX_TILE:
         raise ValueError(
             f"block_k={bk} must be one of {BLOCK_KS}, divide K={k}, be a multiple or divisor of "
-            f"group_size={w.group_size}, and block_n·block_k ≤ 16384"
+            f"group_size={w.group_size}, and block_n·block_k ≤ {MAX_TILE}"
         )
-    steps = fields["max_concurrent_steps"] or 4
+    steps = fields["max_concurrent_steps"]
+    if steps is None:
+        stage = bn * bk // 2 + bk * parts * bm * 2  # codes and x of one step, bytes
+        steps = max(2, min(4, SMEM_BUDGET // stage))
     if not 2 <= steps <= 6:
         raise ValueError(f"max_concurrent_steps={steps} must be between 2 and 6")
     return Tiling(bn, bk, bm, min(bk, w.group_size), steps)
@@ -179,10 +191,10 @@ def choose(x: Any, w: Any, config: Config | None = None) -> Tiling:
 
 def tune_space(x: Any, w: Any) -> list[Config]:
     """The configurations `benchmarks.accel --tune` times for this call (legal ones only, ≤ 12): column tiles
-    64/128, K steps 128/256, 3 or 4 stages, at the default block_m."""
+    64/128, K steps 128/256/512, 3 or 4 stages, at the default block_m."""
     out = []
     for bn in (64, 128):
-        for bk in (128, 256):
+        for bk in (128, 256, 512):
             for steps in (3, 4):
                 cfg = Config(block_n=bn, block_k=bk, max_concurrent_steps=steps)
                 try:
@@ -211,9 +223,9 @@ def pallas_unsupported(x: Any, w: Any) -> str | None:
         return f"w is a {type(w).__name__}, not a quant.Int4Weight"
     if w.bits not in SUPPORTED_BITS:
         return f"bits={w.bits} (the Mosaic GPU kernel reads the 4-bit container: bits 3 and 4)"
-    codes = w.packed if isinstance(w, Int4Weight) else w.codes
-    if codes.ndim != 2:
-        return f"a weight of shape {tuple(codes.shape)}; the kernel takes one 2-D weight"
+    codes, ndim = (w.packed, 2) if isinstance(w, Int4Weight) else (w.codes, 3)
+    if codes.ndim != ndim:
+        return f"a weight of shape {tuple(codes.shape)}; the kernel takes one weight at a time"
     k, _ = w.shape
     if not any(_legal_block_k(b, k, w.group_size) for b in BLOCK_KS):
         return (
@@ -244,10 +256,19 @@ class _Spec:
     tiling: Tiling
     correct_zeros: bool
     out_dtype: Any
+    offset: int  # the kernel's bf16 weight is q + offset (BF16_BIAS, or −CODE_OFFSET for float32 x)
 
     @property
     def cols(self) -> int:
         return self.parts * self.tiling.block_m
+
+    @property
+    def xs_rows(self) -> int:
+        """Rows of segment sums per K step: the step's segments, padded so that the step's box is a multiple
+        of 128 bytes (a Mosaic GPU TMA copy is split evenly over the warpgroup's threads)."""
+        nseg = self.tiling.block_k // self.tiling.segment
+        unit = 128 // int(np.gcd(128, 4 * self.cols))
+        return -(-nseg // unit) * unit
 
     @property
     def out_shape(self) -> jax.ShapeDtypeStruct:
@@ -259,58 +280,129 @@ def _swizzled(rows: int, cols: int, bits: int, operand: str) -> tuple:
     return (plgpu.TilingTransform((8, sw * 8 // bits)), plgpu.SwizzleTransform(sw))
 
 
-def _run(codes, xt, xs, scales, zm, *, spec: _Spec, interpret: bool):
-    """codes [Np, K] int4, xt [K, nm·cols] bf16, xs [K/L, nm·cols] f32, scales and zm [G, Np] f32 (zm None
-    when no zero-point term) -> yᵀ [Np, nm·cols] (out_dtype). One plgpu.kernel launch."""
+def _codes_to_bf16(words: jax.Array, nibs: range) -> jax.Array:
+    """words [bn, 16] uint16 -> [bn, 16·len(nibs)] bf16: for each nibble j of `nibs` in turn, the 16 columns
+    128 + q of the codes in bits 4j..4j+3 (OR-ing a code into the low mantissa bits of 128's bf16 pattern,
+    0x4300, gives 128 + q exactly). The definition, which the interpreter runs; `_unpack` is the compiled
+    form."""
+    pieces = []
+    for j in nibs:
+        v = words if j == 0 else lax.shift_right_logical(words, jnp.uint16(4 * j))
+        v = lax.bitwise_or(lax.bitwise_and(v, jnp.uint16(0xF)), jnp.uint16(0x4300))
+        pieces.append(lax.bitcast_convert_type(v, jnp.bfloat16))
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=1)
+
+
+def _unpack(words: jax.Array, nibs: range) -> jax.Array:
+    """`_codes_to_bf16` on 32-bit registers. Mosaic GPU holds a uint16 array in the wgmma layout as pairs of
+    row neighbours, one 32-bit register each, and a 16-bit shift of such a pair compiles to an unpack, two
+    shifts and a repack; shifting the whole register lets the neighbour's bits into the top of the low half,
+    where the mask 0x000F000F drops them: one SHF and one LOP3 (and + or) per two weights, no SHF for j = 0.
+    The output's 8-column register tiles are the input's, repeated once per nibble (the layout's registers
+    are indexed [row tile, column tile, ...])."""
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm
+
+    layout = plgpu.Layout.WGMMA
+    rows, cols = words.shape
+
+    @plgpu.inline_mgpu(
+        arg_types=(layout,),
+        return_type=plgpu.ShapeDtypeStruct((rows, cols * len(nibs)), jnp.bfloat16, layout=layout),
+    )
+    def unpack(_, w):
+        i32 = ir.IntegerType.get_signless(32)
+        out_ty = ir.VectorType.get((2,), ir.BF16Type.get())
+        ins = w.registers
+        tiles = ins.shape[1]
+        out = np.empty((ins.shape[0], tiles * len(nibs), *ins.shape[2:]), dtype=object)
+        for idx, reg in np.ndenumerate(ins):
+            r = mgpu_utils.bitcast(reg, i32)
+            for t, j in enumerate(nibs):
+                v = arith.shrui(r, mgpu_utils.c(4 * j, i32)) if j else r
+                # (v & 0x000F000F) | 0x43004300 in one LOP3 (ptxas does not merge two immediates itself)
+                v = llvm.inline_asm(i32, [v], "lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xea;", "=r,r")
+                out[(idx[0], t * tiles + idx[1], *idx[2:])] = mgpu_utils.bitcast(v, out_ty)
+        return mgpu.FragmentedArray(_registers=out, _layout=w.layout, _is_signed=None)
+
+    return unpack(words)
+
+
+def _run(codes, xt, xs, sz, *, spec: _Spec, interpret: bool):
+    """codes [K/64, Np, 16] uint16, xt [K, nm·cols] bf16, xs [K/bk·xs_rows, nm·cols] f32 (None when there is
+    no zero-point term), sz [G, 1 or 2, Np] f32 (the scales, then the zero-point term's z + offset) -> yᵀ
+    [Np, nm·cols] (out_dtype). One plgpu.kernel launch."""
     t = spec.tiling
     bn, bk, seg, cols = t.block_n, t.block_k, t.segment, spec.cols
     nseg = bk // seg
     spg = max(1, spec.group // bk)  # K steps per group (group ≥ bk) ...
     srows = max(1, bk // spec.group)  # ... or groups per K step (group < bk)
-    has_zm = zm is not None
+    has_zm = xs is not None
+    unpack = _codes_to_bf16 if interpret else _unpack
+    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    piece = min(seg, K_BLOCK)  # stored rows per wgmma: a 64-row block of words, or the part a segment holds
 
-    def int4_w4a16(w_gmem, x_gmem, xs_gmem, s_gmem, *rest):
-        zm_gmem, o_gmem, o_smem = rest if has_zm else (None, *rest)
+    def int4_w4a16(w_gmem, x_gmem, *rest):
+        xs_gmem, sz_gmem, o_gmem, o_smem = rest if has_zm else (None, *rest)
         ni, mi = lax.axis_index("n"), lax.axis_index("m")
 
-        def body(_, w_smem, x_smem, xs_smem, s_smem, *rest):
-            *zm_smem, total = rest
-            a = w_smem[...].astype(jnp.bfloat16)  # [bn, bk]: q − 8, exact
+        def body(_, w_smem, x_smem, *rest):
+            xs_smem, sz_smem, total = rest if has_zm else (None, *rest)
+            # Segments shorter than a block share its words: load them once. Otherwise each block's words are
+            # loaded where they are used, which keeps fewer of them live.
+            shared = (
+                [plgpu.load(w_smem.at[b], layout=plgpu.Layout.WGMMA) for b in range(bk // K_BLOCK)]
+                if seg < K_BLOCK
+                else None
+            )
             for j in range(nseg):
-                a_j = a if nseg == 1 else a[:, j * seg : (j + 1) * seg]
-                x_j = x_smem if nseg == 1 else x_smem.at[pl.ds(j * seg, seg)]
 
-                def dot(acc_ref, a_j=a_j, x_j=x_j):
-                    plgpu.wgmma(acc_ref, a_j, x_j)
+                def dot(acc_ref, j=j):
+                    for k0 in range(j * seg, (j + 1) * seg, piece):
+                        b, r0 = divmod(k0, K_BLOCK)
+                        words = shared[b] if shared else plgpu.load(w_smem.at[b], layout=plgpu.Layout.WGMMA)
+                        nibs = range(r0 // WGMMA_K, (r0 + piece) // WGMMA_K)
+                        a = unpack(words, nibs)  # [bn, piece] bf16: 128 + q
+                        if spec.offset != BF16_BIAS:
+                            a = a - jnp.bfloat16(BF16_BIAS - spec.offset)
+                        plgpu.wgmma(acc_ref, a, x_smem.at[pl.ds(k0, piece)])
                     return acc_ref[...]
 
-                p = pl.run_scoped(dot, plgpu.ACC((bn, cols), jnp.float32))  # Σ_r x̃ (q − 8) over the segment
+                p = pl.run_scoped(dot, plgpu.ACC((bn, cols), jnp.float32))  # Σ_r x̃ (q + d) over the segment
                 row = j if srows > 1 else 0
                 if has_zm:
-                    p = p - zm_smem[0][row][:, None] * xs_smem[j][None, :]
-                total = total + s_smem[row][:, None] * p
+                    zr = plgpu.load(sz_smem.at[row, 1], layout=row_layout)
+                    xr = plgpu.load(xs_smem.at[j], layout=col_layout)
+                    p = p - lax.broadcast_in_dim(zr, p.shape, [0]) * lax.broadcast_in_dim(xr, p.shape, [1])
+                sr = plgpu.load(sz_smem.at[row, 0], layout=row_layout)
+                total = total + lax.broadcast_in_dim(sr, p.shape, [0]) * p
             return total
 
+        nsz = 2 if has_zm else 1
         pipeline = plgpu.emit_pipeline(
             body,
             grid=(int(spec.k // bk),),
             in_specs=[
-                plgpu.BlockSpec((bn, bk), lambda kk: (0, kk), transforms=_swizzled(bn, bk, 4, "lhs")),
+                plgpu.BlockSpec(
+                    (bk // K_BLOCK, bn, WORDS),
+                    lambda kk: (kk, 0, 0),
+                    transforms=_swizzled(bn, WORDS, 16, "lhs"),
+                ),
                 plgpu.BlockSpec((bk, cols), lambda kk: (kk, 0), transforms=_swizzled(bk, cols, 16, "rhs")),
-                plgpu.BlockSpec((nseg, cols), lambda kk: (kk, 0)),
-                plgpu.BlockSpec((srows, bn), lambda kk: (kk // spg, 0)),
             ]
-            + ([plgpu.BlockSpec((srows, bn), lambda kk: (kk // spg, 0))] if has_zm else []),
+            + ([plgpu.BlockSpec((spec.xs_rows, cols), lambda kk: (kk, 0))] if has_zm else [])
+            + [plgpu.BlockSpec((srows, nsz, bn), lambda kk: (kk // spg, 0, 0))],
             max_concurrent_steps=t.steps,
-            init_carry=jnp.zeros((bn, cols), jnp.float32),
+            init_carry=plgpu.layout_cast(jnp.zeros((bn, cols), jnp.float32), plgpu.Layout.WGMMA),
         )
         n_sl, m_sl = pl.ds(ni * bn, bn), pl.ds(mi * cols, cols)
         total = pipeline(
-            w_gmem.at[n_sl],
+            w_gmem.at[:, n_sl],
             x_gmem.at[:, m_sl],
-            xs_gmem.at[:, m_sl],
-            s_gmem.at[:, n_sl],
-            *([zm_gmem.at[:, n_sl]] if has_zm else []),
+            *([xs_gmem.at[:, m_sl]] if has_zm else []),
+            sz_gmem.at[:, :, n_sl],
         )
         # Through shared memory and one TMA store: a thread's registers hold 4-8 byte pieces of the tile, and
         # a direct store would not write whole 32-byte sectors.
@@ -332,18 +424,18 @@ def _run(codes, xt, xs, scales, zm, *, spec: _Spec, interpret: bool):
                 transforms=_swizzled(bn, cols, 8 * np.dtype(spec.out_dtype).itemsize, "out"),
             ),
         ),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         **extra,
     )
-    return fn(codes, xt, xs, scales, *((zm,) if has_zm else ()))
+    return fn(codes, xt, *((xs,) if has_zm else ()), sz)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _run_interpreted(codes, xt, xs, scales, zm, *, spec: _Spec):
-    return _run(codes, xt, xs, scales, zm, spec=spec, interpret=True)
+def _run_interpreted(codes, xt, xs, sz, *, spec: _Spec):
+    return _run(codes, xt, xs, sz, spec=spec, interpret=True)
 
 
-def _run_host(codes, xt, xs, scales, zm, *, spec: _Spec):
+def _run_host(codes, xt, xs, sz, *, spec: _Spec):
     """The cpu lowering: the interpreted kernel inside a host callback. Mosaic GPU's interpreter threads an
     ordered IO effect through its program, which a primitive's lowering cannot carry; inside a pure callback
     it is a program of its own."""
@@ -351,7 +443,7 @@ def _run_host(codes, xt, xs, scales, zm, *, spec: _Spec):
     def run(*arrays):
         return np.asarray(_run_interpreted(*arrays, spec=spec))
 
-    return jax.pure_callback(run, spec.out_shape, codes, xt, xs, scales, zm)
+    return jax.pure_callback(run, spec.out_shape, codes, xt, xs, sz)
 
 
 _int4_mgpu = per_platform_kernel(
@@ -385,15 +477,17 @@ def _forward(xf, codes, scales, zeros, *, spec: _Spec, sym_zero: int):
     xp = jnp.pad(xf, ((0, mp - m), (0, 0))) if mp != m else xf
     ps = jnp.stack(_split_parts(xp, parts))  # [P, Mp, K] bf16
     xt = ps.reshape(parts, spec.nm, bm, k).transpose(3, 1, 0, 2).reshape(k, spec.nm * parts * bm)
-    sums = ps.astype(jnp.float32).reshape(parts, spec.nm, bm, k // seg, seg).sum(-1)  # [P, nm, bm, K/L]
-    xs = sums.transpose(3, 1, 0, 2).reshape(k // seg, spec.nm * parts * bm)
-    pad_n = ((0, 0), (0, spec.np_ - n))
-    s = jnp.pad(scales.astype(jnp.float32), pad_n)
-    zm = None
+    rows = [scales.astype(jnp.float32)]
+    xs = None
     if spec.correct_zeros:
+        sums = ps.astype(jnp.float32).reshape(parts, spec.nm, bm, k // seg, seg).sum(-1)  # [P, nm, bm, K/L]
+        xs = sums.transpose(3, 1, 0, 2).reshape(k // t.block_k, t.block_k // seg, spec.nm * parts * bm)
+        xs = jnp.pad(xs, ((0, 0), (0, spec.xs_rows - xs.shape[1]), (0, 0))).reshape(-1, xs.shape[2])
         z = jnp.full(scales.shape, sym_zero, jnp.float32) if zeros is None else zeros.astype(jnp.float32)
-        zm = jnp.pad(z - CODE_OFFSET, pad_n)
-    yt = _int4_mgpu(codes, xt, xs, s, zm, spec=spec).astype(jnp.float32)  # [Np, nm·P·bm]
+        rows.append(z + spec.offset)
+    # [G, 1 or 2, Np]: one TMA box brings a step's scales and zero-point terms
+    sz = jnp.pad(jnp.stack(rows, axis=1), ((0, 0), (0, 0), (0, spec.np_ - n)))
+    yt = _int4_mgpu(codes, xt, xs, sz, spec=spec).astype(jnp.float32)  # [Np, nm·P·bm]
     y = yt.reshape(spec.np_, spec.nm, parts, bm).sum(2).reshape(spec.np_, mp)
     return y[:n, :m].T
 
@@ -438,6 +532,9 @@ def int4_matmul_mosaic_gpu(x: jax.Array, w: Int4Weight | PreparedInt4Weight, con
     tiling = choose(x, pw, config)
     m = _m(x)
     zero = symmetric_zero(pw.bits)
+    # float32 x keeps the weight small in the tensor core (q − 8, one packed subtract more per two weights):
+    # with the bias of 128 folded out, P − (z + 128)·Σx cancels about five bits of the float32 sums.
+    offset = -CODE_OFFSET if _parts(x) == 3 else BF16_BIAS
     spec = _Spec(
         np_=padded_n(n),
         k=k,
@@ -445,8 +542,9 @@ def int4_matmul_mosaic_gpu(x: jax.Array, w: Int4Weight | PreparedInt4Weight, con
         nm=-(-max(m, 1) // tiling.block_m),
         parts=_parts(x),
         tiling=tiling,
-        correct_zeros=pw.zeros is not None or zero != CODE_OFFSET,
+        correct_zeros=pw.zeros is not None or zero + offset != 0,
         out_dtype=np.dtype(jnp.bfloat16) if _parts(x) == 1 else np.dtype(np.float32),
+        offset=offset,
     )
     return _weight_matmul(x, pw, spec=spec, sym_zero=zero)
 

@@ -48,7 +48,10 @@ from quant.format import Int4Weight, pack_int4
 
 TARGETS = ("mosaic_gpu",)
 N_ALIGN = 64  # the rows of one wgmma: column tiles are 64 or 128 output features
-CODE_OFFSET = 8  # codes are stored as q − 8 (signed int4)
+K_BLOCK = 64  # stored rows per block of words: four wgmma K steps of 16
+WORDS = 16  # uint16 words per row of a block (one wgmma K step: 16 columns)
+NIBBLES = 4  # codes per word: the block's four wgmma K steps
+CODE_OFFSET = 8  # the symmetric zero point of the 4-bit container
 SUPPORTED_BITS = (3, 4)  # the 4-bit container
 
 
@@ -103,7 +106,7 @@ class PreparedInt4Weight:
     @property
     def shape(self) -> tuple[int, int]:
         """(K, N): the logical weight's shape (N unpadded)."""
-        return int(self.codes.shape[-1]), self.n
+        return int(self.codes.shape[-3]) * K_BLOCK, self.n
 
     @property
     def num_groups(self) -> int:
@@ -126,22 +129,28 @@ def padded_n(n: int) -> int:
 
 
 def prepare_codes(packed: jax.Array) -> jax.Array:
-    """Canonical `packed: [K/2, N] uint8` -> prepared `codes: [Np, K] int4` (q − 8, transposed, N padded).
-    Traceable (jnp); one pass over the weight."""
+    """Canonical `packed: [K/2, N] uint8` -> prepared `codes: [K/64, Np, 16] uint16` (module docstring: word
+    c of block b, row n holds q[64b + 16j + c, n] in bits 4j..4j+3, N padded with zero codes). Traceable
+    (jnp); one pass over the weight. ValueError unless K is a multiple of K_BLOCK."""
     r, n = packed.shape
+    if (2 * r) % K_BLOCK:
+        raise ValueError(f"w has K={2 * r} rows; the prepared layout needs a multiple of {K_BLOCK}")
     packed = jnp.asarray(packed)
-    q = jnp.stack([packed & 0xF, packed >> 4], axis=1).reshape(2 * r, n)  # [K, N], row 2i in the low nibble
-    signed = q.astype(jnp.int8) - CODE_OFFSET
+    q = jnp.stack([packed & 0xF, packed >> 4], axis=1).reshape(2 * r, n).astype(jnp.uint16)  # [K, N]
     np_ = padded_n(n)
     if np_ != n:
-        signed = jnp.pad(signed, ((0, 0), (0, np_ - n)))
-    return signed.T.astype(jnp.int4)
+        q = jnp.pad(q, ((0, 0), (0, np_ - n)))
+    q = q.reshape(2 * r // K_BLOCK, NIBBLES, WORDS, np_)  # [K/64, j, c, Np]
+    words = q[:, 0] | (q[:, 1] << 4) | (q[:, 2] << 8) | (q[:, 3] << 12)  # [K/64, c, Np]
+    return words.transpose(0, 2, 1)
 
 
 def unprepare_codes(codes: jax.Array, n: int) -> jax.Array:
-    """Prepared `codes: [Np, K] int4` -> canonical `packed: [K/2, N] uint8` (the inverse of prepare_codes)."""
-    q = (codes[:n].astype(jnp.int8) + CODE_OFFSET).astype(jnp.uint8).T  # [K, N]
-    return pack_int4(q)
+    """Prepared `codes: [K/64, Np, 16] uint16` -> canonical `packed: [K/2, N] uint8` (the inverse of
+    prepare_codes)."""
+    words = jnp.asarray(codes)[:, :n].transpose(0, 2, 1)  # [K/64, c, N]
+    q = jnp.stack([(words >> (4 * j)) & 0xF for j in range(NIBBLES)], axis=1)  # [K/64, j, c, N]
+    return pack_int4(q.reshape(-1, n).astype(jnp.uint8))
 
 
 def prepare(w: Int4Weight, target: str = "mosaic_gpu") -> PreparedInt4Weight:
@@ -237,5 +246,7 @@ def cached_prepare(w: Int4Weight, target: str = "mosaic_gpu") -> PreparedInt4Wei
 
 
 def codes_in_stored_order(pw: PreparedInt4Weight) -> np.ndarray:
-    """The codes `[K, N] uint8` a prepared weight holds (NumPy): q = prepared + 8, transposed back."""
-    return (np.asarray(pw.codes[: pw.n].astype(jnp.int8), np.int16) + CODE_OFFSET).astype(np.uint8).T
+    """The codes `[K, N] uint8` a prepared weight holds (NumPy), in stored row order."""
+    words = np.asarray(pw.codes)[:, : pw.n].transpose(0, 2, 1)  # [K/64, c, N]
+    q = np.stack([(words >> (4 * j)) & 0xF for j in range(NIBBLES)], axis=1)  # [K/64, j, c, N]
+    return q.reshape(-1, pw.n).astype(np.uint8)

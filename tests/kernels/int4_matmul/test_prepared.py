@@ -21,16 +21,25 @@ from tests.tolerances import normalized_error, tolerance
 
 
 def test_a_small_tile_by_hand():
-    # codes [K=4, N=2] -> prepared [Np=64, K=4] int4 holding q - 8, transposed, zero-padded columns.
-    codes = np.array([[0, 15], [7, 8], [1, 2], [14, 9]], np.uint8)
-    w = Int4Weight.from_codes(codes, np.ones((1, 2), np.float32), group_size=4)
+    # codes [K=64, N=2] -> prepared [K/64=1, Np=64, 16] uint16: word c of row n holds q[c], q[16+c], q[32+c],
+    # q[48+c] of column n in its four nibbles (lowest first); padded columns hold zero codes.
+    codes = np.stack([np.arange(64) % 16, 15 - np.arange(64) % 13], axis=1).astype(np.uint8)
+    w = Int4Weight.from_codes(codes, np.ones((1, 2), np.float32), group_size=64)
     pw = prepare(w)
-    assert pw.codes.dtype == jnp.int4 and pw.codes.shape == (64, 4) and pw.shape == (4, 2)
-    got = np.asarray(pw.codes.astype(jnp.int8))
-    np.testing.assert_array_equal(got[0], [-8, -1, -7, 6])  # column 0: 0, 7, 1, 14 minus 8
-    np.testing.assert_array_equal(got[1], [7, 0, -6, 1])  # column 1: 15, 8, 2, 9 minus 8
-    assert not got[2:].any()  # padding
+    assert pw.codes.dtype == jnp.uint16 and pw.codes.shape == (1, 64, 16) and pw.shape == (64, 2)
+    got = np.asarray(pw.codes)
+    for n in range(2):
+        for c in range(16):
+            q = [int(codes[16 * j + c, n]) for j in range(4)]
+            assert got[0, n, c] == q[0] | q[1] << 4 | q[2] << 8 | q[3] << 12, (n, c)
+    assert not got[0, 2:].any()  # padding
     np.testing.assert_array_equal(prep.codes_in_stored_order(pw), codes)
+
+
+def test_k_must_fill_whole_blocks():
+    w = Int4Weight.from_codes(np.zeros((32, 2), np.uint8), np.ones((1, 2), np.float32), group_size=32)
+    with pytest.raises(ValueError, match="K=32 rows"):
+        prepare(w)
 
 
 @pytest.mark.parametrize("variant", ["g128", "act_order_and_scales", "bits3", "per_channel"])
@@ -43,7 +52,7 @@ def test_round_trip(variant):
     assert back.bits == w.bits and back.group_size == w.group_size
     # Traceable: the same under jit.
     jitted = jax.jit(prep.prepare_codes)(w.packed)
-    np.testing.assert_array_equal(np.asarray(jitted.astype(jnp.int8)), np.asarray(pw.codes.astype(jnp.int8)))
+    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(pw.codes))
 
 
 def test_prepared_weight_is_a_pytree():
