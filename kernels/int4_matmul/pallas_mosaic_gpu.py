@@ -5,25 +5,35 @@ What it computes
 With stored rows r, group g(r) = r // group_size, codes q, scales s and zero points z (quant/format.py), and
 x̃ = (x / a)[:, perm] (the AWQ division and act-order permutation, done once on the small activation):
 
-    y[m, n] = Σ_g s[g, n] · ( Σ_{r∈g} x̃[m, r] (q[r, n] − 8)  −  (z[g, n] − 8) · Σ_{r∈g} x̃[m, r] )
+    y[m, n] = Σ_g s[g, n] · ( Σ_{r∈g} x̃[m, r] (q[r, n] + d)  −  (z[g, n] + d) · Σ_{r∈g} x̃[m, r] )
 
-The weight is read in the prepared layout (`kernels.int4_matmul.prepared`: `codes [Np, K]` int4 holding
-q − 8, transposed), computed once per weight and cached, so the inner loop holds no zero point and no
-per-weight scale: the zero point is the rank-1 term (z − 8) ⊗ Σ_r x̃ from the activation's per-segment sums,
-and both it and the group scale are applied to the small [bn, cols] product of each segment.
+with d = 128 (bf16 and float16 x) or d = −8 (float32 x). The weight is read in the prepared layout
+(`kernels.int4_matmul.prepared`: `codes [K/64, Np, 16] uint16`, four codes of one output feature per word),
+computed once per weight and cached, so the inner loop holds no zero point and no per-weight scale: the zero
+point and the bias d are the rank-1 term (z + d) ⊗ Σ_r x̃ from the activation's per-segment sums, and both it
+and the group scale are applied to the small [bn, cols] product of each segment.
 
 Swap-AB wgmma
 -------------
-The kernel computes yᵀ = Wᵀ x̃ᵀ: the weight tile [bn, bk] is wgmma's left operand, converted in registers from
-int4 to bf16 (Mosaic GPU's conversion: a byte permute, a masked XOR onto the exponent of 128 and one packed
-bf16 subtract per two weights), and x̃ᵀ [bk, cols] is the right operand in shared memory, so N fills the
-64-row side of the tensor core and the rows of x only its narrow side (8 columns at M = 1). One kernel serves
-decode (M ≤ 16: the weight streams through a TMA pipeline once, `cols` = 8 or 16) and larger M (wgmma with up
-to 128 columns, a grid axis over tiles of M). Per grid step: TMA brings the weight tile, x̃ᵀ, the segments'
-sums of x̃ and the scale and zero rows ([rows, bn] and [rows, cols] boxes, never per-element loads); each
-segment of L = min(bk, group) rows is one wgmma group into a fresh accumulator, folded into the running total
-as s ⊙ (P − (z − 8) ⊗ Σx̃). Each output element is written once by one CTA (no split-K, no atomics):
-deterministic. The output is [Np, Mp] in x's dtype for bf16 activations (no float32 rows for padding).
+The kernel computes yᵀ = Wᵀ x̃ᵀ: the weight is wgmma's left operand in registers and x̃ᵀ [bk, cols] the right
+operand in shared memory, so N fills the 64-row side of the tensor core and the rows of x only its narrow side
+(16 columns at M ≤ 16). Each 64-row block of a step's codes is loaded once ([bn, 16] uint16 in the wgmma
+layout, `ldmatrix`) and unpacked in 32-bit registers into the [bn, 64] bf16 operand 128 + q: one SHF and one
+LOP3 per two weights (`_unpack`, inline Mosaic GPU: a uint16 shift in Pallas compiles to an unpack, two
+shifts and a repack of each register; `_codes_to_bf16` is the same map written in jnp, which the interpreter
+runs). float32 x subtracts 136 (one packed bf16 op per two weights) and feeds q − 8, keeping the sums small.
+One kernel serves decode (M ≤ 16: the weight streams through a TMA pipeline once, K steps of 512 rows when K
+allows) and larger M (wgmma with up to 128 columns, a grid axis over tiles of M). Per grid step: TMA brings
+the codes, x̃ᵀ, the segments' sums of x̃ and one [rows, 2, bn] box of scales and zero-point terms (never
+per-element loads); each segment of L = min(bk, group) rows is one wgmma group into a fresh accumulator,
+folded into the running total as s ⊙ (P − (z + d) ⊗ Σx̃). Each output element is written once by one CTA (no
+split-K, no atomics): deterministic. The output is [Np, Mp] in x's dtype for bf16 activations (no float32
+rows for padding).
+
+Compiled for sm_90a (`benchmarks.compiled`), decode at 4096x14336 and 8192x28672, M = 1 and 16: 222
+registers, no spills, a 944-instruction main loop over a 128x512 tile on 4 warps, 17.4 weights per
+warp-instruction (the earlier int4-typed layout with Mosaic's own conversion: 515 instructions over 128x128,
+7.95).
 
 Precision: bf16 activations go in as they are. float16 activations are split into two bf16 parts and float32
 into three (x = hi + mid + lo, exact to float32's 24 bits); the parts sit side by side along wgmma's N (free
@@ -32,12 +42,14 @@ results are summed in float32 after the kernel.
 
 Lowering
 --------
-`kernels.lowering.per_platform_kernel`: on cuda the compiled Mosaic GPU kernel (`plgpu.kernel`, warpgroup
-semantics), on cpu the same kernel in Mosaic GPU's interpreter (`plgpu.InterpretGPUParams`, inside a host
-callback: the interpreter's ordered IO effect cannot sit in a primitive's lowering), which the shared suite
-runs. wgmma and TMA are sm_90a: `pallas_unsupported` declines any other GPU target (A100 falls to the
-Triton kernel under impl="auto"; Blackwell's tcgen05 is not written yet). `jax.vmap` over stacked weights maps
-the kernel sequentially.
+`kernels.lowering.per_platform_kernel`: on cuda the compiled Mosaic GPU kernel (`plgpu.kernel`, lane
+semantics: explicit wgmma layouts, which `plgpu.inline_mgpu` needs), on cpu the same kernel in Mosaic GPU's
+interpreter (`plgpu.InterpretGPUParams`, inside a host callback: the interpreter's ordered IO effect cannot
+sit in a primitive's lowering), which the shared suite runs; the interpreter cannot run `inline_mgpu`, so
+there the unpack is `_codes_to_bf16` (tests pin `_unpack`'s register arithmetic to it). wgmma and TMA are
+sm_90a: `pallas_unsupported` declines any other GPU target (A100 falls to the Triton kernel under
+impl="auto"; Blackwell's tcgen05 is not written yet). `jax.vmap` over stacked weights maps the kernel
+sequentially.
 
 Gradients: custom VJP; the backward is the XLA path's (`scan_matmul_transposed`, `scan_scale_grad`) on the
 canonical codes rebuilt from the prepared ones; x, the scales and the AWQ activation scales get gradients.
@@ -64,8 +76,8 @@ from kernels import registry, tuning
 from kernels.int4_matmul.prepared import (
     CODE_OFFSET,
     K_BLOCK,
-    WORDS,
     SUPPORTED_BITS,
+    WORDS,
     PreparedInt4Weight,
     cached_prepare,
     padded_n,
@@ -95,9 +107,10 @@ HOPPER = 90
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Tiles of the Mosaic GPU INT4 kernel; a field left None takes the default for the shape (`choose`):
-    block_n output features per CTA (64, 128 or 256: one, two or four wgmma row blocks), block_k stored rows per
-    pipeline step (64-512; block_n·block_k ≤ 65536 so the step's codes fit the registers), block_m rows of x
-    per CTA (P·block_m a multiple of 16 and ≤ 128), max_concurrent_steps TMA stages in flight (2-6)."""
+    block_n output features per CTA (64, 128 or 256: one, two or four wgmma row blocks), block_k stored
+    rows per pipeline step (64-512; block_n·block_k ≤ 65536 so the step's codes fit the registers), block_m
+    rows of x per CTA (P·block_m a multiple of 16 and ≤ 128), max_concurrent_steps TMA stages in flight
+    (2-6)."""
 
     block_n: int | None = None
     block_k: int | None = None

@@ -5,19 +5,25 @@ Why a second layout
 The canonical layout (`quant/format.py`: `packed: [K/2, N] uint8`, two vertically adjacent codes per byte,
 N contiguous) suits K-blocked XLA scans and the CPU. Hopper's tensor cores want the weight as the *left*
 operand of wgmma held in registers (the swap-AB form: yᵀ = Wᵀ · x̃ᵀ, so that N fills wgmma's 64-row M side and
-the few rows of x fill its narrow N side, down to 8 at decode). So the prepared codes are
+the few rows of x fill its narrow N side, down to 8 at decode), unpacked with as few instructions as
+possible. So the prepared codes are uint16 words, four codes each, in blocks of K_BLOCK = 64 stored rows:
 
-    codes[n, k] = q[k, n] − 8        as int4 (signed), shape [Np, K], K contiguous (two codes per byte)
+    codes[b, n, c] = Σ_j q[64b + 16j + c, n] << 4j      shape [K/64, Np, 16] uint16, j = 0..3, c = 0..15
 
-- transposed, so each output column's codes are a contiguous run along K: a TMA box [bn, bk] is one wgmma
-  A tile;
-- signed (q − 8), so Mosaic GPU's register conversion int4 → bf16 (a byte permute, a masked XOR that puts
-  the nibble in a bf16 mantissa over the exponent of 128, and one packed bf16 subtract: three instructions per
-  two weights, no per-weight scale or zero) gives the exact small integer q − 8 in [−8, 7];
+- per block, an output feature's 16 words are 32 contiguous bytes, and a block's rows of all N features are
+  contiguous: a TMA box [bk/64, bn, 16] is bk/64 runs of bn·32 bytes;
+- Mosaic GPU holds a [bn, 16] uint16 array in the wgmma register layout as pairs of row neighbours, one
+  32-bit register each (eight codes). Nibble j of both halves at once is `(r >> 4j) & 0x000F000F |
+  0x43004300`: the bf16 pattern of 128 with the code in its low mantissa bits, i.e. exactly 128 + q. One SHF
+  and one LOP3 per two weights (no SHF for j = 0), and the four nibbles of a block are the block's four wgmma
+  K steps of 16 (columns 16j .. 16j + 15 of the [bn, 64] A operand);
+- the codes are unsigned (q, not q − 8): the tensor core sees 128 + q, and the bias goes into the
+  zero-point term;
 - N padded to a multiple of `N_ALIGN` with zero codes (whose columns the kernel computes and drops), so every
-  weight has whole column tiles.
-The zero point never enters the kernel's inner loop: per group g,
-    Σ_{r∈g} x̃_r s_g (q_r − z_g) = s_g · (Σ_r x̃_r (q_r − 8)) − s_g · (z_g − 8) · Σ_r x̃_r,
+  weight has whole column tiles; K must be a multiple of K_BLOCK.
+The zero point never enters the kernel's inner loop: per group g, with the weight as the tensor core sees it
+(q + d, d = 128, or d = −8 for float32 activations where the kernel subtracts 136 first),
+    Σ_{r∈g} x̃_r s_g (q_r − z_g) = s_g · (Σ_r x̃_r (q_r + d)) − s_g · (z_g + d) · Σ_r x̃_r,
 a rank-1 correction from the activation's group sums, applied to the small [bn, M] product once per group.
 The scales, zero points, act-order permutation and AWQ activation scales stay in their canonical form (small
 arrays; the scales stay a differentiable leaf).
@@ -59,9 +65,10 @@ SUPPORTED_BITS = (3, 4)  # the 4-bit container
 class PreparedInt4Weight:
     """A `[K, N]` INT4 weight in the Mosaic GPU kernel's layout (module docstring).
 
-    Leaves: `codes: [Np, K] int4` (q − 8, transposed, N padded to a multiple of N_ALIGN), `scales: [G, N]
-    float`, `zeros: [G, N] uint8 | None`, `perm: [K] int32 | None`, `act_scales: [K] float | None` (the last
-    four exactly as in the canonical Int4Weight). Static: `bits`, `group_size`, `n` (the real N), `target`.
+    Leaves: `codes: [K/64, Np, 16] uint16` (four codes a word, N padded to a multiple of N_ALIGN),
+    `scales: [G, N] float`, `zeros: [G, N] uint8 | None`, `perm: [K] int32 | None`, `act_scales: [K] float |
+    None` (the last four exactly as in the canonical Int4Weight). Static: `bits`, `group_size`, `n` (the real
+    N), `target`.
     """
 
     __slots__ = ("act_scales", "bits", "codes", "group_size", "n", "perm", "scales", "target", "zeros")
