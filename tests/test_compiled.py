@@ -309,10 +309,11 @@ def _records(target: str, impl: str, kernel: str, cases=None) -> list[dict]:
     recs = [r for r in _run(target, "pallas") if r["kernel"] == kernel and r["impl"] == impl]
     if cases is not None:
         recs = [r for r in recs if r["case"] in cases]
-    if not recs:
-        pytest.skip(f"the compile run holds no {impl} {kernel} record on {target} at {cases}")
-    bad = [f"{r['case']}: {r['status']}" for r in recs if r["status"] != "ok"]
+    bad = [f"{r['case']}: {r['status']}" for r in recs if r["status"].startswith(("failed", "missing"))]
     assert not bad, "\n".join(bad)
+    recs = [r for r in recs if r["status"] == "ok"]  # the rest: calls the backend declines
+    if not recs:
+        pytest.skip(f"the compile run holds no compiled {impl} {kernel} program on {target} at {cases}")
     return recs
 
 
