@@ -87,7 +87,11 @@ MAX_ACC_FLOATS = 64 * 128 * 2  # float32 accumulator elements a 128-thread warpg
 MIN_CC = 90
 INT4_BLOCK_MS = (16, 32, 64)
 INT4_BLOCK_KS = (128, 64, 256)  # tried in this order
-WGMMA_K = 16  # bf16 wgmma's K: a segment of the INT4 kernels is a multiple of it
+# A segment (the rows one group scale covers inside a K step) is a multiple of this: wgmma with the converted
+# int4 tile in registers takes K in multiples of 64 when compiled (the interpreter would take 16), so groups
+# smaller than 64 rows go through the dequantizing path.
+SEGMENT_K = 64
+SMEM_BUDGET = 200 * 1024  # bytes of pipeline buffers per CTA (sm_90a has 227 KiB; the output tile needs some)
 CODE_OFFSET = 8  # the INT4 kernels hold codes as q − 8
 
 
@@ -116,7 +120,7 @@ class Config:
         )
         if self.int4_block_m is not None and self.int4_block_m not in INT4_BLOCK_MS:
             raise ValueError(
-                f"int4_block_m={self.int4_block_m} must be one of {INT4_BLOCK_MS} (wgmma's N in the swap-AB form)"
+                f"int4_block_m={self.int4_block_m} must be one of {INT4_BLOCK_MS} (wgmma's N, swap-AB)"
             )
         if self.block_m is not None and self.block_m not in (64, 128):
             raise ValueError(f"block_m={self.block_m} must be 64 or 128 (wgmma's M per warpgroup)")
@@ -577,12 +581,17 @@ def _swizzled(rows: int, cols: int, bits: int, operand: str) -> tuple:
 
 
 def _legal_block_k(bk: int, k: int, group: int) -> bool:
-    """A K step divides K and is a whole number of groups (of whole wgmma K steps) or lies inside one."""
-    return k % bk == 0 and ((bk % group == 0 and group % WGMMA_K == 0) or group % bk == 0)
+    """A K step divides K and is a whole number of groups (each a multiple of SEGMENT_K rows) or lies inside
+    one."""
+    return k % bk == 0 and ((bk % group == 0 and group % SEGMENT_K == 0) or group % bk == 0)
 
 
-def _int4_block_k(k: int, group: int) -> int | None:
-    return next((b for b in INT4_BLOCK_KS if _legal_block_k(b, k, group)), None)
+def _int4_block_k(k: int, group: int, one_segment: bool = False) -> int | None:
+    """The first legal K step of INT4_BLOCK_KS; with one_segment, those inside one group first (kernel 1's
+    two running totals and accumulator leave no registers for a second segment's at 64-row tiles: 24 bytes
+    of spills at group 64 with 128-row steps)."""
+    order = sorted(INT4_BLOCK_KS, key=lambda b: b > group) if one_segment else INT4_BLOCK_KS
+    return next((b for b in order if _legal_block_k(b, k, group)), None)
 
 
 def _expert_codes(packed: jax.Array) -> jax.Array:
@@ -629,10 +638,16 @@ def _int4_spec(x: Any, expert_ids: Any, wg: Int4Weight, wd: Int4Weight, cfg: Con
         balanced = -(-expert_ids.shape[0] * expert_ids.shape[1] // num_experts)
         bm = next((b for b in INT4_BLOCK_MS if b >= balanced), INT4_BLOCK_MS[-1])
     bn2 = 128 if bm <= 32 and _padded_n(d) % 128 == 0 else 64
+    bk1, bk2 = _int4_block_k(d, wg.group_size, one_segment=True), _int4_block_k(f, wd.group_size)
+    # Bytes per pipeline stage: the parts of the x̃ᵀ tile, the codes tiles, the segment sums, scales and zm.
+    stage = max(
+        parts * bk * bm * 2 + nw * (bn * bk // 2 + 2 * 4 * max(1, bk // g) * bn) + 4 * bk * bm
+        for bk, bn, nw, g in ((bk1, 64, 2, wg.group_size), (bk2, bn2, 1, wd.group_size))
+    )
+    steps = max(2, min(cfg.max_concurrent_steps, SMEM_BUDGET // stage))
     return _Int4Spec(
-        d=d, f=f, parts=parts, block_m=bm, block_n=(64, bn2),
-        block_k=(_int4_block_k(d, wg.group_size), _int4_block_k(f, wd.group_size)),
-        group=(wg.group_size, wd.group_size), steps=cfg.max_concurrent_steps,
+        d=d, f=f, parts=parts, block_m=bm, block_n=(64, bn2), block_k=(bk1, bk2),
+        group=(wg.group_size, wd.group_size), steps=steps,
         h_dtype=np.dtype(jnp.bfloat16) if parts == 1 else np.dtype(np.float32),
         down_transform=wd.perm is not None or wd.act_scales is not None,
     )  # fmt: skip
