@@ -97,8 +97,11 @@ BLOCK_KS = (512, 256, 128, 64)
 MAX_COLS = 128  # wgmma N per CTA (accumulator + running total in registers)
 DECODE_M = 16
 # block_n·block_k: the step's words (bn·bk/1024 registers a thread) and the converted pieces stay in registers
-# beside the accumulators (P·block_m·block_n/128 a thread, twice); a wide x (P·block_m > 32) keeps to 16384.
-MAX_TILE, MAX_WIDE_TILE = 65536, 16384
+# beside the accumulators (P·block_m·block_n/128 a thread, twice). The default keeps to TILE_BY_COLS for the
+# wgmma N (sm_90a: 222 registers at 16 columns and 128x512; at 32 columns 128x512 took 255, at 128 columns
+# 64x256 took 255).
+MAX_TILE = 65536
+TILE_BY_COLS = ((16, 65536), (32, 32768), (64, 16384), (MAX_COLS, 8192))
 SMEM_BUDGET = 160 * 1024  # the pipeline's stages (of 227 KiB on Hopper), for the default number of stages
 BF16_BIAS = 128  # 0x4300 | q is the bf16 128 + q
 HOPPER = 90
@@ -174,6 +177,7 @@ def choose(x: Any, w: Any, config: Config | None = None) -> Tiling:
     if bm % gran or parts * bm > MAX_COLS:
         raise ValueError(f"block_m={bm} must be a multiple of {gran} with {parts}·block_m ≤ {MAX_COLS}")
     narrow = parts * bm <= 32
+    limit = next(t for c, t in TILE_BY_COLS if parts * bm <= c)
     bn = fields["block_n"]
     if bn is None:
         # Decode: 128 rows and K steps of 512 (sm_90a, 4096x14336 at M = 1 and 16: 944 SASS instructions per
@@ -184,7 +188,6 @@ def choose(x: Any, w: Any, config: Config | None = None) -> Tiling:
         raise ValueError(f"block_n={bn} must be 64, 128 or 256 and divide N padded to 64 ({np_})")
     bk = fields["block_k"]
     if bk is None:
-        limit = MAX_TILE if narrow else MAX_WIDE_TILE
         bk = next((b for b in BLOCK_KS if b * bn <= limit and _legal_block_k(b, k, w.group_size)), None)
         if bk is None:
             bk = next(b for b in BLOCK_KS if _legal_block_k(b, k, w.group_size))
