@@ -34,10 +34,25 @@ kernel 2. The split is an XLA copy of the expert stacks per call: float32 is the
 bfloat16 the fast one. Widths d and f that are not multiples of 64 are zero-padded per call (also a
 copy of the stacks; every model the lab follows has both multiples of 64).
 
-Quantized experts (stacks of `quant.Int4Weight`): dequantized to the activation dtype by XLA
-(`Int4Weight.dequantize`: group scales, zero points, act-order and AWQ activation scales) and run
-through the float kernels. This reads every expert's packed codes once per call; an in-kernel unpack
-is future work.
+Quantized experts (stacks of `quant.Int4Weight`, bits 4 or 3, groups of 64 rows or more). Two more
+kernels ("moe_int4_gate_up_swiglu", "moe_int4_down") in the INT4 Mosaic GPU kernel's swap-AB form: each
+computes a transposed tile (x̃ · W_e)ᵀ [bn, bm] with the expert's codes tile [bn, bk] (int4 holding q − 8,
+transposed, in registers after Mosaic GPU's int4 -> bf16 conversion) as wgmma's left operand and x̃ᵀ [bk, bm]
+in SMEM as its right one, so the routed rows fill wgmma's narrow N side (int4_block_m = 16, 32 or 64 rows
+per tile: decode pads a group to 16 rows, not 64). Codes, group scales and z − 8 arrive by TMA from the
+prepared stacks, only for the tile's expert; the zero point is folded out of the loop per segment of L
+rows inside one group: s ⊙ (Σ_r x̃ (q − 8) − (z − 8) ⊗ Σ_r x̃), the activation's segment sums computed by
+XLA on the small [K, R] operand. Float32 and float16 activations go in as three and two bf16 parts into the
+same accumulator (one wgmma each). Kernel 1 writes hᵀ [f, R] (bf16, or float32 for float32/float16 x),
+which is kernel 2's right operand as it stands. AWQ activation scales and act-order permutations are applied
+per row in XLA (gate and up must share them; w_down's are applied to h between the kernels). The prepared
+stacks (`_prepared_experts`: codes [E, Np, K] int4, scales and z − 8 [E, G, Np] float32) are built once
+per concrete set of weights and cached (weakly keyed); experts passed into a jitted function as arguments
+are prepared inside it on every call. Groups below 64 rows (wgmma on the register tile takes K in
+multiples of 64 when compiled), other bit widths and gate/up with different transforms go the old way:
+XLA dequantizes every expert (`Int4Weight.dequantize`) into the float kernels. At sm_90a (Mixtral-like
+d=4096, f=14336, group 128, bf16): T=256 (64-row tiles) 202 and 128 registers, T=8 (16-row tiles) 95 and
+127, no spills, wgmma and TMA.
 
 Platforms. Hopper and newer only (wgmma and TMA: compiling for sm_80 aborts in LLVM), so `supports`
 declines a GPU target below compute capability 9.0 and `impl="auto"` takes the Triton kernel there.
