@@ -346,7 +346,8 @@ def _int4(x: Any, w: Int4Weight) -> Any:
     return int4_matmul(x, w, impl="pallas_triton")
 
 
-# (K, N, target, the packed weight as the kernel takes it: dtype, offset bits; compiled by default)
+# (K, N, target, the packed weight as the kernel takes it: dtype, offset bits; compiled by default). float32
+# activations take the kernel that reads the canonical bytes (a 16-bit word view past 2**31 of them).
 INT4_WEIGHTS = cases(
     (16384, 262144, "sm_90a", "uint8", 32, False),  # 2**31 bytes
     (16384, 262272, "sm_90a", "uint16", 32, False),  # just past: words
@@ -357,17 +358,27 @@ INT4_WEIGHTS = cases(
 
 @pytest.mark.parametrize("k, n, target, as_dtype, bits, full", INT4_WEIGHTS)
 def test_int4_matmul_addresses_the_whole_packed_weight(on_gpu, k, n, target, as_dtype, bits, full):
-    (kern,) = lower(on_gpu, target, _int4, sds((1, k), jnp.bfloat16), _int4_weight(k, n), full=full)
+    (kern,) = lower(on_gpu, target, _int4, sds((1, k), jnp.float32), _int4_weight(k, n), full=full)
     words = as_dtype == "uint16"
     assert kern.form(2) == ((k // 2, n // 2 if words else n), as_dtype, bits)
     assert kern.form(4) == ((k // 128, n), "uint8", 32)  # zero points: small
+
+
+@pytest.mark.parametrize("k, n, target, bits", [(16384, 262272, "sm_90a", 32), (32768, 262272, "sm_80", 64)])
+def test_int4_matmul_zero_folded_kernel_reads_the_weight_as_int32_words(on_gpu, k, n, target, bits):
+    """bf16 activations take the zero-folded kernel: the packed weight as int32 words [K/2, N/4] (4 GiB and
+    more is still under 2**31 words), and no zero-point operand (the zeros enter outside, as a rank-1 term)."""
+    (kern,) = lower(on_gpu, target, _int4, sds((1, k), jnp.bfloat16), _int4_weight(k, n))
+    assert kern.name == "int4_matmul_w4a16_folded"
+    assert kern.form(1) == ((k // 2, n // 4), "int32", bits)
+    assert [dt.name for _, dt in kern.operands] == ["bfloat16", "int32", "bfloat16", "float32"]
 
 
 def test_int4_matmul_counts_a_vmapped_stack_of_weights_whole(on_gpu):
     """Eight packed experts of 256.25 MiB under jax.vmap: one 2 GiB + 2 MiB operand of the batched kernel."""
     k, n, e = 4096, 131200, 8
     fn = jax.vmap(_int4)
-    (kern,) = lower(on_gpu, "sm_90a", fn, sds((e, 1, k), jnp.bfloat16), _int4_weight(k, n, lead=(e,)))
+    (kern,) = lower(on_gpu, "sm_90a", fn, sds((e, 1, k), jnp.float32), _int4_weight(k, n, lead=(e,)))
     assert kern.form(2) == ((e, k // 2, n // 2), "uint16", 32)
 
 
@@ -468,10 +479,11 @@ def test_fp8_pages_on_an_a100_refuse_the_pallas_kernel(on_gpu):
 
 
 def test_fp8_pages_on_an_h100_compile_the_pallas_kernel(on_gpu):
-    """The byte-load form of float8 pages (the 3 GiB pool above compiles the word form)."""
+    """The byte-load form of float8 pages (the 3 GiB pool above compiles the word form); `auto` takes the
+    Mosaic GPU kernel on an H100, so the Triton one is named."""
     with on_gpu("sm_90a") as place:
-        assert registry.auto_impl("paged_attention", *_fp8_paged_args(), platform="cuda") == "pallas_triton"
-        program = jax.jit(_fp8_paged("auto")).trace(*place(_fp8_paged_args())).lower().compile().as_text()
+        assert registry.auto_impl("paged_attention", *_fp8_paged_args(), platform="cuda") == "pallas_mosaic_gpu"
+        program = jax.jit(_fp8_paged("pallas_triton")).trace(*place(_fp8_paged_args())).lower().compile().as_text()
     assert TRITON_CALL in program and "paged_attention_r" in program
 
 
