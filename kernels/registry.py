@@ -155,6 +155,17 @@ class Implementation:
 _TABLES: dict[str, dict[str, Implementation]] = {}
 
 
+def _missing_lowering(name: str, err: ImportError) -> Implementation:
+    """A built-in backend whose JAX lowering this JAX lacks (a Pallas backend JAX has removed, say): listed,
+    never available, so impl="auto" passes over it and naming it says why."""
+    reason = f"a lowering this JAX ({jax.__version__}) lacks: {err}"
+
+    def fn(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError(f"impl={name!r} cannot run: {reason}")
+
+    return Implementation(name, fn, platforms=PLATFORMS, available=lambda: reason)
+
+
 def _check_op(op: str) -> None:
     if op not in OPS:
         raise ValueError(f"op={op!r} is not a kernel of the lab; expected one of {OPS}")
@@ -166,7 +177,12 @@ def _table(op: str) -> dict[str, Implementation]:
         package, names = _BUILTIN[op]
         table = {}
         for name in names:
-            impl = importlib.import_module(f"{package}.{name}").IMPLEMENTATION
+            try:
+                impl = importlib.import_module(f"{package}.{name}").IMPLEMENTATION
+            except ImportError as err:
+                if not (err.name or "").startswith("jax"):
+                    raise
+                impl = _missing_lowering(name, err)
             assert impl.name == name, (package, name, impl.name)
             table[name] = impl
         _TABLES.setdefault(op, table)

@@ -255,3 +255,44 @@ def test_the_shared_suite_runs_a_registered_backend_and_rejects_a_wrong_one():
     bad = _shared_suite("tests.kernels.byo.wrong", "-x")  # the first failure is the answer
     assert bad.returncode == 1, bad.stdout[-3000:]
     assert "failed" in bad.stdout
+
+
+_WITHOUT_TRITON = """
+import importlib.abc, sys
+
+class NoTriton(importlib.abc.MetaPathFinder):  # a JAX that has removed the Pallas Triton backend
+    def find_spec(self, name, path=None, target=None):
+        if name == "jax.experimental.pallas.triton":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTriton())
+import numpy as np
+import jax.numpy as jnp
+import kernels
+from kernels import registry
+
+for op in registry.OPS:
+    assert "pallas_triton" not in kernels.available_impls(op), op
+    assert "pallas_triton" in registry.valid_impls(op), op
+    assert registry.auto_impl(op, platform="rocm") == "xla", op
+    assert registry.auto_impl(op, platform="cuda") != "pallas_triton", op
+import jax, quant
+jax_version = jax.__version__
+qw = quant.quantize_rtn(np.ones((64, 32), np.float32), bits=4, group_size=32)
+try:
+    kernels.int4_matmul(jnp.ones((1, 64)), qw, impl="pallas_triton")
+    raise SystemExit("impl='pallas_triton' ran without its JAX backend")
+except RuntimeError as err:  # as for any implementation that cannot run here
+    assert "triton" in str(err) and jax_version in str(err), err
+print("OK", kernels.available_impls("int4_matmul"))
+"""
+
+
+def test_a_jax_without_the_triton_backend_lists_it_unavailable_and_auto_moves_on():
+    """When JAX removes the Pallas Triton backend, the lab still imports: `pallas_triton` stays a valid name
+    that is never available, and impl="auto" takes the next backend (the XLA path on rocm)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRITON], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout and "pallas_triton" not in out.stdout.split("OK")[1]
