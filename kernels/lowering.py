@@ -224,3 +224,16 @@ def before_hopper() -> bool:
     so the lab's Triton kernels give large tiles 8 warps instead of 4, or they spill."""
     target = target_gpu()
     return target is not None and target[1] < 90
+
+
+# The Mosaic GPU kernels are written against JAX 0.12's `plgpu` surface (plgpu.kernel, inline_mgpu, the
+# interpreter's InterpretGPUParams); the API moved between 0.10 and 0.12.
+MOSAIC_GPU_MIN_JAX = (0, 12)
+
+
+def mosaic_gpu_unavailable() -> str | None:
+    """None when this JAX has the Mosaic GPU surface the lab's kernels are written for, else why not."""
+    if jax.__version_info__[:2] < MOSAIC_GPU_MIN_JAX:
+        need = ".".join(map(str, MOSAIC_GPU_MIN_JAX))
+        return f"the Mosaic GPU kernels need JAX >= {need} (this is {jax.__version__})"
+    return None

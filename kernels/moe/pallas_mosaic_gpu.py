@@ -80,7 +80,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels import registry, tuning
+from kernels import lowering, registry, tuning
 from kernels.lowering import per_platform_kernel, target_gpu
 from kernels.moe.reference import capacity_of
 from quant.format import Int4Weight, codes_per_byte
@@ -895,5 +895,6 @@ def _pallas(x, weights, expert_ids, w_gate, w_up, w_down, *, capacity_factor, dr
 
 
 IMPLEMENTATION = registry.Implementation(
-    IMPL, _pallas, platforms=("cpu", "cuda"), supports=_supports, config=Config
+    IMPL, _pallas, platforms=("cpu", "cuda"), supports=_supports, config=Config,
+    available=lowering.mosaic_gpu_unavailable,
 )

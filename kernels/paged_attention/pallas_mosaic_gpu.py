@@ -64,7 +64,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels import registry, tuning
+from kernels import lowering, registry, tuning
 from kernels.lowering import per_platform_kernel, target_gpu
 from kernels.paged_attention.xla import differentiable
 
@@ -690,5 +690,6 @@ def _pallas(q, k_pages, v_pages, kv_lens, block_tables, *, q_lens, config, scale
 
 
 IMPLEMENTATION = registry.Implementation(
-    "pallas_mosaic_gpu", _pallas, platforms=("cpu", "cuda"), supports=_supports, config=Config
+    "pallas_mosaic_gpu", _pallas, platforms=("cpu", "cuda"), supports=_supports, config=Config,
+    available=lowering.mosaic_gpu_unavailable,
 )
