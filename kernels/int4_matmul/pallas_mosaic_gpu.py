@@ -76,6 +76,7 @@ from kernels import registry, tuning
 from kernels.int4_matmul.prepared import (
     CODE_OFFSET,
     K_BLOCK,
+    PLANE_BIAS,
     SUPPORTED_BITS,
     WORDS,
     PreparedInt4Weight,
@@ -250,6 +251,8 @@ def pallas_unsupported(x: Any, w: Any) -> str | None:
         )
     if np.dtype(w.scales.dtype) not in SCALE_DTYPES:
         return f"scales.dtype={w.scales.dtype} (float32, bfloat16 or float16)"
+    if isinstance(w, PreparedInt4Weight) and np.dtype(w.planes.dtype) not in SCALE_DTYPES:
+        return f"planes.dtype={w.planes.dtype} (float32, bfloat16 or float16)"
     dtype = np.dtype(getattr(x, "dtype", np.float32))
     if dtype not in X_DTYPES:
         return f"x.dtype={dtype} (must be float32, bfloat16 or float16)"
@@ -348,8 +351,8 @@ def _unpack(words: jax.Array, nibs: range) -> jax.Array:
 
 def _run(codes, xt, xs, sz, *, spec: _Spec, interpret: bool):
     """codes [K/64, Np, 16] uint16, xt [K, nm·cols] bf16, xs [K/bk·xs_rows, nm·cols] f32 (None when there is
-    no zero-point term), sz [G, 1 or 2, Np] f32 (the scales, then the zero-point term's z + offset) -> yᵀ
-    [Np, nm·cols] (out_dtype). One plgpu.kernel launch."""
+    no zero-point term), sz [G, 2, Np] float32|bfloat16|float16 (the prepared planes: the scales, then the
+    zero-point terms z + PLANE_BIAS) -> yᵀ [Np, nm·cols] (out_dtype). One plgpu.kernel launch."""
     t = spec.tiling
     bn, bk, seg, cols = t.block_n, t.block_k, t.segment, spec.cols
     nseg = bk // seg
@@ -389,10 +392,12 @@ def _run(codes, xt, xs, sz, *, spec: _Spec, interpret: bool):
                 p = pl.run_scoped(dot, plgpu.ACC((bn, cols), jnp.float32))  # Σ_r x̃ (q + d) over the segment
                 row = j if srows > 1 else 0
                 if has_zm:
-                    zr = plgpu.load(sz_smem.at[row, 1], layout=row_layout)
+                    zr = plgpu.load(sz_smem.at[row, 1], layout=row_layout).astype(jnp.float32)
+                    if spec.offset != PLANE_BIAS:  # float32 x: z + d = (z + 128) + (d − 128)
+                        zr = zr + jnp.float32(spec.offset - PLANE_BIAS)
                     xr = plgpu.load(xs_smem.at[j], layout=col_layout)
                     p = p - lax.broadcast_in_dim(zr, p.shape, [0]) * lax.broadcast_in_dim(xr, p.shape, [1])
-                sr = plgpu.load(sz_smem.at[row, 0], layout=row_layout)
+                sr = plgpu.load(sz_smem.at[row, 0], layout=row_layout).astype(jnp.float32)
                 total = total + lax.broadcast_in_dim(sr, p.shape, [0]) * p
             return total
 
@@ -483,50 +488,48 @@ def _split_parts(xf: jax.Array, parts: int) -> list[jax.Array]:
     return out
 
 
-def _forward(xf, codes, scales, zeros, *, spec: _Spec, sym_zero: int):
-    """xf: [M, K] float32 (stored order, AWQ divided) -> [M, N] float32."""
+def _forward(xf, codes, planes, *, spec: _Spec, n: int):
+    """xf: [M, K] float32 (stored order, AWQ divided), the prepared codes and planes -> [M, N] float32. The
+    weight goes to the kernel as prepared: only x is rearranged here."""
     m, k = xf.shape
     t, parts = spec.tiling, spec.parts
     bm, seg = t.block_m, t.segment
-    n = scales.shape[1]
     mp = spec.nm * bm
     xp = jnp.pad(xf, ((0, mp - m), (0, 0))) if mp != m else xf
     ps = jnp.stack(_split_parts(xp, parts))  # [P, Mp, K] bf16
     xt = ps.reshape(parts, spec.nm, bm, k).transpose(3, 1, 0, 2).reshape(k, spec.nm * parts * bm)
-    rows = [scales.astype(jnp.float32)]
     xs = None
     if spec.correct_zeros:
         sums = ps.astype(jnp.float32).reshape(parts, spec.nm, bm, k // seg, seg).sum(-1)  # [P, nm, bm, K/L]
         xs = sums.transpose(3, 1, 0, 2).reshape(k // t.block_k, t.block_k // seg, spec.nm * parts * bm)
         xs = jnp.pad(xs, ((0, 0), (0, spec.xs_rows - xs.shape[1]), (0, 0))).reshape(-1, xs.shape[2])
-        z = jnp.full(scales.shape, sym_zero, jnp.float32) if zeros is None else zeros.astype(jnp.float32)
-        rows.append(z + spec.offset)
-    # [G, 1 or 2, Np]: one TMA box brings a step's scales and zero-point terms
-    sz = jnp.pad(jnp.stack(rows, axis=1), ((0, 0), (0, 0), (0, spec.np_ - n)))
-    yt = _int4_mgpu(codes, xt, xs, sz, spec=spec).astype(jnp.float32)  # [Np, nm·P·bm]
+    yt = _int4_mgpu(codes, xt, xs, planes, spec=spec).astype(jnp.float32)  # [Np, nm·P·bm]
     y = yt.reshape(spec.np_, spec.nm, parts, bm).sum(2).reshape(spec.np_, mp)
     return y[:n, :m].T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _matmul(xf, codes, scales, zeros, spec, sym_zero):
-    return _forward(xf, codes, scales, zeros, spec=spec, sym_zero=sym_zero)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _matmul(xf, codes, scales, zeros, planes, spec, sym_zero):
+    """The forward reads the prepared planes; the scale gradient goes to the canonical scales (the planes are
+    derived from them: their cotangent is zero, so a traced prepare(w) still sends it back to w.scales)."""
+    return _forward(xf, codes, planes, spec=spec, n=scales.shape[1])
 
 
-def _matmul_fwd(xf, codes, scales, zeros, spec, sym_zero):
-    return _forward(xf, codes, scales, zeros, spec=spec, sym_zero=sym_zero), (xf, codes, scales, zeros)
+def _matmul_fwd(xf, codes, scales, zeros, planes, spec, sym_zero):
+    y = _forward(xf, codes, planes, spec=spec, n=scales.shape[1])
+    return y, (xf, codes, scales, zeros, planes)
 
 
 @highest_precision
 def _matmul_bwd(spec, sym_zero, res, dy):
-    xf, codes, scales, zeros = res
+    xf, codes, scales, zeros, planes = res
     n = scales.shape[1]
     packed = unprepare_codes(codes, n)
     zp = jnp.full(scales.shape, sym_zero, jnp.uint8) if zeros is None else zeros
     dy32 = dy.astype(jnp.float32)
     dx = scan_matmul_transposed(dy32, packed, scales, zp, group_size=spec.group)
     ds = scan_scale_grad(xf, dy32, packed, zp, group_size=spec.group)
-    return dx, *zero_cotangent((codes,)), ds.astype(scales.dtype), *zero_cotangent((zeros,))
+    return dx, *zero_cotangent((codes,)), ds.astype(scales.dtype), *zero_cotangent((zeros, planes))
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -570,7 +573,7 @@ def _weight_matmul(x, pw: PreparedInt4Weight, *, spec: _Spec, sym_zero: int):
     n = pw.n
     # prepare_x reads only the canonical small fields (perm, act_scales) that both layouts share.
     xf = prepare_x(x, pw)
-    y = _matmul(xf, pw.codes, pw.scales, pw.zeros, spec, sym_zero)
+    y = _matmul(xf, pw.codes, pw.scales, pw.zeros, pw.planes, spec, sym_zero)
     return y.astype(x.dtype).reshape(*x.shape[:-1], n)
 
 

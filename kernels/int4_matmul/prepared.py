@@ -25,8 +25,17 @@ The zero point never enters the kernel's inner loop: per group g, with the weigh
 (q + d, d = 128, or d = −8 for float32 activations where the kernel subtracts 136 first),
     Σ_{r∈g} x̃_r s_g (q_r − z_g) = s_g · (Σ_r x̃_r (q_r + d)) − s_g · (z_g + d) · Σ_r x̃_r,
 a rank-1 correction from the activation's group sums, applied to the small [bn, M] product once per group.
-The scales, zero points, act-order permutation and AWQ activation scales stay in their canonical form (small
-arrays; the scales stay a differentiable leaf).
+The scales and zero points are also prepared, once, as the kernel reads them: `planes: [G, 2, Np]` in the
+scales' dtype (float32, bfloat16 or float16), plane 0 the scales s, plane 1 the zero-point term z + PLANE_BIAS
+(z + 128: the zero point, or the symmetric zero 2**(bits-1) for a symmetric weight, plus the bias of the bf16
+codes 128 + q; 128..143 are exact in every float dtype), N padded with zeros. One TMA box of [groups of a K
+step, 2, bn] brings a step's scales and zero-point terms; with bf16/f16 activations (d = 128) the kernel uses
+them as they are, with float32 ones (d = −8) it adds d − 128. So a call reads 2·itemsize(s) bytes per
+(group, column) beside the 64 bytes of codes of a 128-row group, and runs no XLA kernel over the weight.
+The canonical scales, zero points, act-order permutation and AWQ activation scales stay in the prepared
+weight too (small arrays): the scales are the differentiable leaf. `planes` is derived from them (the kernel's
+custom VJP sends the scale gradient to `scales` and a zero cotangent to `planes`), so a weight whose scales
+change is prepared again (`prepare`, or `PreparedCache`, which reuses the codes and rebuilds the planes).
 
 Preparing and caching
 ---------------------
@@ -59,6 +68,7 @@ WORDS = 16  # uint16 words per row of a block (one wgmma K step: 16 columns)
 NIBBLES = 4  # codes per word: the block's four wgmma K steps
 CODE_OFFSET = 8  # the symmetric zero point of the 4-bit container
 SUPPORTED_BITS = (3, 4)  # the 4-bit container
+PLANE_BIAS = 128  # added to the zero points in `planes`: the bias of the bf16 codes 128 + q
 
 
 @jax.tree_util.register_pytree_node_class
@@ -67,11 +77,23 @@ class PreparedInt4Weight:
 
     Leaves: `codes: [K/64, Np, 16] uint16` (four codes a word, N padded to a multiple of N_ALIGN),
     `scales: [G, N] float`, `zeros: [G, N] uint8 | None`, `perm: [K] int32 | None`, `act_scales: [K] float |
-    None` (the last four exactly as in the canonical Int4Weight). Static: `bits`, `group_size`, `n` (the real
-    N), `target`.
+    None` (these four exactly as in the canonical Int4Weight), `planes: [G, 2, Np]` in the scales' dtype (the
+    scales and the zero-point terms z + 128 as the kernel reads them; `prepare_planes`, computed from the scales and zeros
+    when not given). Static: `bits`, `group_size`, `n` (the real N), `target`.
     """
 
-    __slots__ = ("act_scales", "bits", "codes", "group_size", "n", "perm", "scales", "target", "zeros")
+    __slots__ = (
+        "act_scales",
+        "bits",
+        "codes",
+        "group_size",
+        "n",
+        "perm",
+        "planes",
+        "scales",
+        "target",
+        "zeros",
+    )
 
     def __init__(
         self,
@@ -80,23 +102,27 @@ class PreparedInt4Weight:
         zeros,
         perm,
         act_scales,
+        planes=None,
         *,
         bits: int,
         group_size: int,
         n: int,
         target: str = "mosaic_gpu",
     ):
-        self.codes, self.scales, self.zeros, self.perm, self.act_scales = (
+        if planes is None:
+            planes = prepare_planes(scales, zeros, bits=bits, np_=int(codes.shape[-2]))
+        self.codes, self.scales, self.zeros, self.perm, self.act_scales, self.planes = (
             codes,
             scales,
             zeros,
             perm,
             act_scales,
+            planes,
         )
         self.bits, self.group_size, self.n, self.target = int(bits), int(group_size), int(n), target
 
     def tree_flatten(self):
-        return (self.codes, self.scales, self.zeros, self.perm, self.act_scales), (
+        return (self.codes, self.scales, self.zeros, self.perm, self.act_scales, self.planes), (
             self.bits,
             self.group_size,
             self.n,
@@ -106,7 +132,7 @@ class PreparedInt4Weight:
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
-        obj.codes, obj.scales, obj.zeros, obj.perm, obj.act_scales = children
+        obj.codes, obj.scales, obj.zeros, obj.perm, obj.act_scales, obj.planes = children
         obj.bits, obj.group_size, obj.n, obj.target = aux
         return obj
 
@@ -152,6 +178,21 @@ def prepare_codes(packed: jax.Array) -> jax.Array:
     return words.transpose(0, 2, 1)
 
 
+def prepare_planes(scales: jax.Array, zeros: jax.Array | None, *, bits: int, np_: int) -> jax.Array:
+    """Canonical `scales: [G, N] float`, `zeros: [G, N] uint8 | None` -> `planes: [G, 2, Np]` in the scales'
+    dtype: plane 0 the scales, plane 1 the zero-point term z + PLANE_BIAS (z = 2**(bits-1) when `zeros` is
+    None), N padded to `np_` with zeros. Exact (128..143 are exact in float16 and bfloat16). Traceable."""
+    scales = jnp.asarray(scales)
+    dtype = scales.dtype
+    zero = jnp.full(scales.shape, 1 << (bits - 1), jnp.int32) if zeros is None else jnp.asarray(zeros)
+    z = (zero.astype(jnp.int32) + PLANE_BIAS).astype(dtype)
+    planes = jnp.stack([scales, z], axis=-2)  # [G, 2, N]
+    n = scales.shape[-1]
+    if np_ != n:
+        planes = jnp.pad(planes, ((0, 0), (0, 0), (0, np_ - n)))
+    return planes
+
+
 def unprepare_codes(codes: jax.Array, n: int) -> jax.Array:
     """Prepared `codes: [K/64, Np, 16] uint16` -> canonical `packed: [K/2, N] uint8` (the inverse of
     prepare_codes)."""
@@ -173,6 +214,8 @@ def prepare(w: Int4Weight, target: str = "mosaic_gpu") -> PreparedInt4Weight:
         raise ValueError(f"w.bits={w.bits}: the prepared layout holds the 4-bit container (bits 3 and 4)")
     if w.packed.ndim != 2:
         raise ValueError(f"w.packed has shape {tuple(w.packed.shape)}; prepare one [K/2, N] weight at a time")
+    if not jnp.issubdtype(w.scales.dtype, jnp.floating):
+        raise ValueError(f"w.scales.dtype={w.scales.dtype} must be a float dtype")
     return PreparedInt4Weight(
         prepare_codes(w.packed),
         w.scales,
@@ -220,7 +263,7 @@ class PreparedCache:
                 and pw.group_size == w.group_size
             ):
                 return pw
-            # Same codes, other small fields (e.g. new scales): reuse the prepared codes.
+            # Same codes, other small fields (e.g. new scales): reuse the prepared codes, rebuild the planes.
             pw = PreparedInt4Weight(
                 pw.codes,
                 w.scales,

@@ -10,6 +10,7 @@ import pytest
 from kernels import compile_only
 from kernels.int4_matmul import int4_matmul, int4_matmul_reference, prepare
 from kernels.int4_matmul import pallas_mosaic_gpu as mg
+from quant import Int4Weight
 from tests.kernels.int4_matmul.cases import VARIANTS, K, make_weight
 from tests.tolerances import normalized_error, tolerance
 
@@ -97,17 +98,17 @@ def test_declines():
 
 def _h100_case(m, k, n, dtype=jnp.bfloat16):
     g = k // 128
-    w = mg.PreparedInt4Weight(
-        jax.ShapeDtypeStruct((k // 64, n, 16), jnp.uint16),
-        jax.ShapeDtypeStruct((g, n), jnp.float16),
-        jax.ShapeDtypeStruct((g, n), jnp.uint8),
-        None,
-        None,
-        bits=4,
-        group_size=128,
-        n=n,
+    canonical = Int4Weight.tree_unflatten(
+        (4, 128),
+        (
+            jax.ShapeDtypeStruct((k // 2, n), jnp.uint8),
+            jax.ShapeDtypeStruct((g, n), jnp.float16),
+            jax.ShapeDtypeStruct((g, n), jnp.uint8),
+            None,
+            None,
+        ),
     )
-    return jax.ShapeDtypeStruct((m, k), dtype), w
+    return jax.ShapeDtypeStruct((m, k), dtype), jax.eval_shape(prepare, canonical)
 
 
 @pytest.mark.parametrize("target", ["sm_80", "sm_100a"])
