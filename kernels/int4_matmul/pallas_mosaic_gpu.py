@@ -24,16 +24,19 @@ shifts and a repack of each register; `_codes_to_bf16` is the same map written i
 runs). float32 x subtracts 136 (one packed bf16 op per two weights) and feeds q − 8, keeping the sums small.
 One kernel serves decode (M ≤ 16: the weight streams through a TMA pipeline once, K steps of 512 rows when K
 allows) and larger M (wgmma with up to 128 columns, a grid axis over tiles of M). Per grid step: TMA brings
-the codes, x̃ᵀ, the segments' sums of x̃ and one [rows, 2, bn] box of scales and zero-point terms (never
-per-element loads); each segment of L = min(bk, group) rows is one wgmma group into a fresh accumulator,
-folded into the running total as s ⊙ (P − (z + d) ⊗ Σx̃). Each output element is written once by one CTA (no
-split-K, no atomics): deterministic. The output is [Np, Mp] in x's dtype for bf16 activations (no float32
-rows for padding).
+the codes, x̃ᵀ, the segments' sums of x̃ and one [rows, 2, bn] box of the prepared planes (the scales and
+the zero-point terms z + 128 in the scales' dtype, built once by `prepare`: no XLA kernel runs over the
+weight per call; never per-element loads); each segment of L = min(bk, group) rows is one wgmma group into a
+fresh accumulator, folded into the running total as s ⊙ (P − (z + d) ⊗ Σx̃). Each output element is
+written once by one CTA (no split-K, no atomics): deterministic. The output is [Np, Mp] in x's dtype for bf16
+activations (no float32 rows for padding).
 
 Compiled for sm_90a (`benchmarks.compiled`), decode at 4096x14336 and 8192x28672, M = 1 and 16: 222
-registers, no spills, a 944-instruction main loop over a 128x512 tile on 4 warps, 17.4 weights per
-warp-instruction (the earlier int4-typed layout with Mosaic's own conversion: 515 instructions over 128x128,
-7.95).
+registers, no spills, a 976-instruction main loop over a 128x512 tile on 4 warps, 16.8 weights per
+warp-instruction (float32 scale/zero planes built by XLA every call: 944, 17.4, at one more XLA kernel and
+~19 bytes of scale/zero traffic per (group, column) instead of 4; the earlier int4-typed layout with
+Mosaic's own conversion: 515 instructions over 128x128, 7.95). A decode call launches 4 kernels: this one,
+and three small XLA ones over x and the output (x̃ᵀ, its segment sums, the output slice).
 
 Precision: bf16 activations go in as they are. float16 activations are split into two bf16 parts and float32
 into three (x = hi + mid + lo, exact to float32's 24 bits); the parts sit side by side along wgmma's N (free
@@ -181,9 +184,11 @@ def choose(x: Any, w: Any, config: Config | None = None) -> Tiling:
     limit = next(t for c, t in TILE_BY_COLS if parts * bm <= c)
     bn = fields["block_n"]
     if bn is None:
-        # Decode: 128 rows and K steps of 512 (sm_90a, 4096x14336 at M = 1 and 16: 944 SASS instructions per
-        # pass, 17.4 weights per warp-instruction; steps of 256: 504, 16.3; 256 rows: as many weights per
-        # instruction at half the CTAs). 256 rows would leave most SMs idle at these N.
+        # Decode: 128 rows and K steps of 512 (sm_90a, 4096x14336 at M = 1 and 16, f16 planes: 976 SASS
+        # instructions per pass, 16.8 weights per warp-instruction; steps of 256: 520, 15.8; 256x256: 17.9 at
+        # half the CTAs, which would leave most SMs idle at these N). 64 rows would fill the 132 SMs of an
+        # H100 where 128 leave a partial wave (112 CTAs at N = 14336), but cost issue slots: 64x512 14.3
+        # (122 registers), 64x1024 15.9 (186 registers, 2 stages), below the 16 decode needs.
         bn = 128 if narrow and np_ % 128 == 0 else 64
     if bn not in (64, 128, 256) or np_ % bn:
         raise ValueError(f"block_n={bn} must be 64, 128 or 256 and divide N padded to 64 ({np_})")

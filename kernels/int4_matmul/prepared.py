@@ -77,9 +77,9 @@ class PreparedInt4Weight:
 
     Leaves: `codes: [K/64, Np, 16] uint16` (four codes a word, N padded to a multiple of N_ALIGN),
     `scales: [G, N] float`, `zeros: [G, N] uint8 | None`, `perm: [K] int32 | None`, `act_scales: [K] float |
-    None` (these four exactly as in the canonical Int4Weight), `planes: [G, 2, Np]` in the scales' dtype (the
-    scales and the zero-point terms z + 128 as the kernel reads them; `prepare_planes`, computed from the scales and zeros
-    when not given). Static: `bits`, `group_size`, `n` (the real N), `target`.
+    None` (these four exactly as in the canonical Int4Weight), `planes: [G, 2, Np]` in the scales' dtype
+    (the scales and the zero-point terms z + 128 as the kernel reads them; `prepare_planes`, computed from
+    the scales and zeros when not given). Static: `bits`, `group_size`, `n` (the real N), `target`.
     """
 
     __slots__ = (

@@ -50,6 +50,22 @@ def test_the_compiled_unpack_is_the_definition_on_32_bit_registers():
         np.testing.assert_array_equal(halves, ((lanes >> (4 * j)) & 0xF) | 0x4300)
 
 
+def test_scale_gradient_through_an_explicitly_prepared_weight():
+    # The kernel reads the planes; the custom VJP sends the scale gradient to the prepared weight's canonical
+    # scales (and a zero cotangent to the planes), as the XLA path gives it for the Int4Weight.
+    w = make_weight(5, **VARIANTS["g32"])
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, K)).astype(np.float32))
+    dy = jnp.asarray(np.random.default_rng(6).standard_normal((2, w.shape[1])).astype(np.float32))
+
+    def loss(weight, impl):
+        return (int4_matmul(x, weight, impl=impl) * dy).sum()
+
+    got = jax.grad(loss, allow_int=True)(prepare(w), IMPL)
+    want = jax.grad(loss, allow_int=True)(w, "xla")
+    assert normalized_error(got.scales, np.asarray(want.scales, np.float64)) <= tolerance(np.float32).nerr
+    assert not np.asarray(got.planes).any()
+
+
 def test_several_column_and_row_tiles():
     # N = 192 in three 64-column tiles, M = 40 rows in tiles of 16 (block_m), K in steps of 64.
     w = make_weight(8, n=192)
@@ -133,8 +149,12 @@ def test_compiles_for_h100_without_spills(m, k, n):
     with compile_only.on_target("sm_90a"):
         assert mg.pallas_unsupported(x, w) is None
     program = compile_only.compile_for("sm_90a", lambda x, w: int4_matmul(x, w, impl=IMPL), x, w)
-    kernels = [k for k in report.gpu_report(program, "sm_90a") if k["pallas"]]
+    launched = report.gpu_report(program, "sm_90a")
+    kernels = [k for k in launched if k["pallas"]]
     assert len(kernels) == 1, kernels
+    # The prepared weight goes to the kernel as it is: the XLA kernels around it work on x and the output only
+    # (x̃ᵀ, its segment sums, the output slice), none over the codes, scales or zero points.
+    assert len(launched) <= 4, [k["name"] for k in launched]
     (kern,) = kernels
     assert kern["spill_bytes"] == 0 and kern["tma"]
     assert kern["tensor_core"] == "wgmma"  # HGMMA in the SASS, at M = 64 and at decode (swap-AB)

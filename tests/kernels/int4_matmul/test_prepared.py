@@ -36,6 +36,23 @@ def test_a_small_tile_by_hand():
     np.testing.assert_array_equal(prep.codes_in_stored_order(pw), codes)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16])
+def test_planes_hold_the_scales_and_zero_point_terms(dtype):
+    # planes [G, 2, Np] in the scales' dtype: the scales, then z + 128 (the symmetric zero 2**(bits-1) when
+    # the weight has no zero points), padded columns zero; exact in every dtype.
+    codes = np.zeros((64, 3), np.uint8)
+    scales = np.array([[0.5, 0.25, 3.0], [1.5, 2.0, 0.125]], np.float32).astype(dtype)
+    zeros = np.array([[0, 15, 7], [3, 8, 1]], np.uint8)
+    w = Int4Weight.from_codes(codes, scales, zeros, group_size=32)
+    planes = np.asarray(prepare(w).planes)
+    assert planes.dtype == np.dtype(dtype) and planes.shape == (2, 2, 64)
+    np.testing.assert_array_equal(planes[:, 0, :3].astype(np.float32), scales.astype(np.float32))
+    np.testing.assert_array_equal(planes[:, 1, :3].astype(np.float32), zeros + prep.PLANE_BIAS)
+    assert not planes[:, :, 3:].astype(np.float32).any()
+    sym = prepare(Int4Weight.from_codes(codes, scales, group_size=32, bits=3))
+    np.testing.assert_array_equal(np.asarray(sym.planes)[:, 1, :3].astype(np.float32), 4 + prep.PLANE_BIAS)
+
+
 def test_k_must_fill_whole_blocks():
     w = Int4Weight.from_codes(np.zeros((32, 2), np.uint8), np.ones((1, 2), np.float32), group_size=32)
     with pytest.raises(ValueError, match="K=32 rows"):
@@ -78,7 +95,9 @@ def test_cache_prepares_once_per_weight_and_forgets_it():
     assert cache.get(w) is first and len(cache) == 1
     # New scales on the same codes reuse the prepared codes.
     w2 = Int4Weight.tree_unflatten((w.bits, w.group_size), (w.packed, w.scales * 2, w.zeros, w.perm, None))
-    assert cache.get(w2).codes is first.codes
+    again = cache.get(w2)
+    assert again.codes is first.codes
+    np.testing.assert_array_equal(np.asarray(again.planes[:, 0, :N]), np.asarray(w.scales) * 2)
     del w, w2, first
     gc.collect()
     assert len(cache) == 0
