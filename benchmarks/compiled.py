@@ -527,7 +527,7 @@ def gpu_report(compiled: Any, target: str, *, sass: str = "pallas") -> list[dict
 
 
 _USED_VMEM = re.compile(r'"used_scoped_memory_configs":\[\{"memory_space":"1"[^}]*?"size":"?(\d+)')
-_ASKED_VMEM = re.compile(r'"scoped_memory_configs":\[\{"memory_space":1,[^}]*?"size":"?(\d+)')
+_ASKED_VMEM = re.compile(r'"scoped_memory_configs":\[\{"memory_space":"?1"?,[^}]*?"size":"?(\d+)')
 # libtpu's default scoped VMEM limit per chip (from its out-of-memory messages; no API reports it).
 DEFAULT_SCOPED_VMEM = {"v5e": 16 << 20, "v6e": 32 << 20}
 

@@ -187,11 +187,13 @@ def test_unknown_target_is_named():
         compile_only.missing("sm_75")
 
 
+@pytest.mark.parametrize("asked", [None, 40 << 20])
 @pytest.mark.parametrize("target", compiled.TPU_TARGETS)
-def test_tpu_report_reads_the_vmem_a_mosaic_kernel_uses(target):
+def test_tpu_report_reads_the_vmem_a_mosaic_kernel_uses(target, asked):
     import jax
     import jax.numpy as jnp
     from jax.experimental import pallas as pl
+    from jax.experimental.pallas import tpu as pltpu
 
     _needs(target)
 
@@ -199,13 +201,14 @@ def test_tpu_report_reads_the_vmem_a_mosaic_kernel_uses(target):
         o_ref[...] = x_ref[...] * 2
 
     def fn(x):
-        return pl.pallas_call(double, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+        params = None if asked is None else pltpu.CompilerParams(vmem_limit_bytes=asked)
+        return pl.pallas_call(double, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), compiler_params=params)(x)
 
     program = compile_only.compile_for(target, fn, jax.ShapeDtypeStruct((256, 512), jnp.float32))
     report = compiled.tpu_report(program, target)
     # One 512 KiB block in and one out, each double-buffered or not: between 1 and 4 blocks of VMEM.
     assert 512 << 10 <= report["vmem"] <= 2 << 20, report
-    assert report["vmem_limit"] == compiled.DEFAULT_SCOPED_VMEM[target]
+    assert report["vmem_limit"] == (asked or compiled.DEFAULT_SCOPED_VMEM[target])  # the limit asked, else libtpu's
     assert report["vmem_capacity"] == 128 << 20
 
 
