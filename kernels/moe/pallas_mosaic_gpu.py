@@ -50,9 +50,7 @@ stacks (`_prepared_experts`: codes [E, Np, K] int4, scales and z − 8 [E, G, Np
 per concrete set of weights and cached (weakly keyed); experts passed into a jitted function as arguments
 are prepared inside it on every call. Groups below 64 rows (wgmma on the register tile takes K in
 multiples of 64 when compiled), other bit widths and gate/up with different transforms go the old way:
-XLA dequantizes every expert (`Int4Weight.dequantize`) into the float kernels. At sm_90a (Mixtral-like
-d=4096, f=14336, group 128, bf16): T=256 (64-row tiles) 202 and 128 registers, T=8 (16-row tiles) 95 and
-127, no spills, wgmma and TMA.
+XLA dequantizes every expert (`Int4Weight.dequantize`) into the float kernels.
 
 Platforms. Hopper and newer only (wgmma and TMA: compiling for sm_80 aborts in LLVM), so `supports`
 declines a GPU target below compute capability 9.0 and `impl="auto"` takes the Triton kernel there.

@@ -42,12 +42,6 @@ Interpret mode. On the CPU the kernel runs in Mosaic GPU's interpreter (`plgpu.I
 host callback, because the interpreter's ordered IO effects cannot pass through the per-platform primitive's
 lowering rule; the callback is pure, so jit, vmap and the custom VJP see an ordinary op.
 
-Compiled for sm_90a (H100, deviceless, `benchmarks.compiled.gpu_report`), bf16, H32 K8 D128, pages of 16,
-default config (64-key blocks, 3 stages): decode B8 L4096: 2 kernels per call (the kernel, 128 programs as
-16 × 8 × 2 splits, and the XLA merge), 241 registers, no spills, 148 KiB shared, 1 CTA/SM, wgmma + TMA;
-decode B64 L4096 and B16 L16384: 1 kernel per call (one split), 244 registers, no spills, 131 KiB shared.
-
-
 Axis legend: T query tokens, B sequences, H query heads, K kv heads, G = H // K, D head dim, P pages,
 S page size, W block-table width, N query tiles, R = 64 rows of a tile, BK keys per block, NS splits.
 """
