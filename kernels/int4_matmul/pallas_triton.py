@@ -213,9 +213,15 @@ def choose_config(
             f"block_m={block_m} must be <= {MAX_MATVEC_ROWS} (matvec) or >= 16 (tensor-core dots)"
         )
     if block_n is None:
-        # Before Hopper, 16-bit x at M > 16 (the folded kernel on mma.sync) takes 64 columns: at 128 its
+        # 16-bit x at decode (the zero-folded kernel): 256 columns a program, so each warp's pass decodes
+        # twice the weights for the same x fragments, addresses and loop control (16.4 weights per
+        # warp-instruction at sm_80 against 15.2 at 128). Before Hopper, 16-bit x at M > 16 (the folded kernel on mma.sync) takes 64 columns: at 128 its
         # four column accumulators and unpacked pairs spill on sm_80 (255 registers), at 64 they take 168.
-        cap = 64 if m > 16 and np.dtype(dtype) != np.float32 and before_hopper() else 128
+        # 256 only where the grid still reaches DECODE_TARGET_PROGRAMS with split-K (wide N); narrow N keeps
+        # 128 columns and more programs.
+        wide = np.dtype(dtype) != np.float32 and block_m >= 16
+        fills = (n // 256) * min(MAX_SPLIT_K, k // 128 // 2) >= DECODE_TARGET_PROGRAMS
+        cap = 64 if m > 16 and wide and before_hopper() else 256 if decode and wide and fills else 128
         block_n = _pow2_divisor(n, cap, MIN_BLOCK_N)
         if block_n is None:
             raise ValueError(f"N={n} has no power-of-two divisor >= {MIN_BLOCK_N} for block_n")
@@ -246,7 +252,8 @@ def choose_config(
             f"split_k={split_k!r} must be a positive int dividing the {tiles} K tiles of {block_k}"
         )
     if decode:
-        num_warps, num_stages = 4, 4
+        # The folded kernel's 256-column tiles: 3 stages (40 KiB of shared memory, 3-4 CTAs/SM on sm_80).
+        num_warps, num_stages = 4, (3 if block_n >= 256 and np.dtype(dtype) != np.float32 else 4)
     else:
         # Before Hopper a 64x128 tile's accumulator and dequantized operand need 8 warps' registers (with 4,
         # sm_80 spills); Hopper's wgmma keeps 4 warps (one warpgroup) up to 128x128.
@@ -433,41 +440,74 @@ def _kernel(
 # no subtraction), and the rank-1 second term is one small XLA product outside the loop,
 # rowsums [M, G] @ (s ⊙ (B + z)) [G, N], so the zero points never enter the kernel. The packed weight goes
 # in as int32 words [K/2, N/4] (a bitcast of the canonical [K/2, N] bytes: four columns of one row pair a
-# word), and each word unpacks to four bf16/f16 pairs (rows 2i and 2i+1 of one column: exactly the pair a
-# tensor-core B fragment holds in one register) with one PRMT and one LOP3 a pair after one shift a word,
-# written as PTX on NVIDIA GPUs (`_pairs_ptx`) and as the same bit operations elsewhere. The four columns of
-# a word go to four dots of bn/4 columns each (columns c, c+4, c+8, ... of the tile), stored with stride 4.
+# word).
+#
+# Unpacking (`_merged_pairs`): a tensor-core B fragment holds two K-neighbours of one column in one
+# register, bf16/f16 halves at bits 0 and 16. The canonical byte puts the two codes of a column 4 bits apart,
+# so no single mask reaches both; but the same byte of two words of different row pairs is 16 bits apart
+# once one PRMT merges their halves. Each K tile of bk rows is read as two blocks of bk/4 word rows, w0
+# (row pairs 0 .. bk/4 − 1 of the tile) and w1 (the next bk/4); t_a = prmt(w0, w1) holds bytes 0, 1 of
+# both, t_b bytes 2, 3, and each of the eight nibbles' pairs (nibble j of t at bit 4j with nibble j + 4 at
+# bit 16 + 4j) is one LOP3 of t >> 4j: `(t >> 4j) & 0x000F000F | B·0x10001`. That is one PRMT, three SHF and
+# four LOP3 for eight weights (Marlin's unpack, which gets the same form by repacking the weight offline),
+# against nine a word in the unmerged form. The fragment's K order is then (low half, high half) =
+# (row 2r + p, row bk/2 + 2r + p) for parity p: the activation is permuted to that order once outside the
+# kernel (`_merge_x`, a transpose of the small x), so each column and parity is a dot of K = bk/2. The four
+# bytes of a word are four columns (c, c+4, ... of the tile): four accumulators of bn/4 columns each,
+# stored with stride 4. On NVIDIA GPUs the PRMT, LOP3 and the scale's FFMA are written as PTX (ptxas would
+# not fuse the multiply-add Triton emits); elsewhere the same bit operations in jnp.
+#
+# Scales: 16-bit scales go in as int32 words [G, N/2] (a bitcast) so that the eight scales a thread applies
+# per group come as four 32-bit loads instead of eight 16-bit ones; the halves are taken apart in registers.
 _FOLD_BASE = {np.dtype(jnp.bfloat16): (0x4300, 128.0), np.dtype(np.float16): (0x6400, 1024.0)}
+_PRMT_SELECT = (0x5410, 0x7632)  # t_a: bytes 0, 1 of w0 then of w1; t_b: bytes 2, 3
 
 
-def _pairs_jnp(words: jax.Array, magic: int) -> list[jax.Array]:
-    """words [r, w] int32 -> 4 arrays [r, w] int32: for column c of each word, the 16-bit patterns
-    `magic | lo nibble` (low half) and `magic | hi nibble` (high half) of its byte c."""
-    out = []
-    for c in range(4):
-        lo = jax.lax.shift_right_logical(words, jnp.int32(8 * c)) & 0xF
-        hi = jax.lax.shift_right_logical(words, jnp.int32(8 * c + 4)) & 0xF
-        out.append(lo | (hi << 16) | (magic | magic << 16))
+def _asm(asm: str, args: list[jax.Array], constraints: str) -> jax.Array:
+    (r,) = pltriton.elementwise_inline_asm(
+        asm,
+        args=args,
+        constraints=constraints,
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, args[0].dtype)],
+    )
+    return r
+
+
+def _prmt_jnp(a: jax.Array, b: jax.Array, sel: int) -> jax.Array:
+    """PTX `prmt.b32` (default mode) in plain bit operations: byte i of the result is byte (sel >> 4i) & 7
+    of the eight bytes a (0-3), b (4-7)."""
+    out = jnp.zeros_like(a)
+    for i in range(4):
+        src = (sel >> (4 * i)) & 7
+        byte = jax.lax.shift_right_logical(a if src < 4 else b, jnp.int32(8 * (src % 4))) & 0xFF
+        out = out | (byte << (8 * i))
     return out
 
 
-def _pairs_ptx(words: jax.Array, magic: int) -> list[jax.Array]:
-    """`_pairs_jnp` as two PTX instructions a pair: prmt puts byte c of the word (low nibble) and of the
-    word shifted by 4 (high nibble) in bytes 0 and 2, lop3 keeps those nibbles and ORs in the magic."""
-    shifted = jax.lax.shift_right_logical(words, jnp.int32(4))
-    mask_or = f"0x000F000F, {hex(magic | magic << 16)}, 0xea"  # (a & b) | c
-    out = []
-    for c in range(4):
-        sel = hex(c | c << 4 | (4 + c) << 8 | (4 + c) << 12)
-        (r,) = pltriton.elementwise_inline_asm(
-            f"{{ .reg .b32 t; prmt.b32 t, $1, $2, {sel}; lop3.b32 $0, t, {mask_or}; }}",
-            args=[words, shifted],
-            constraints="=r,r,r",
-            pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(words.shape, jnp.int32)],
-        )
-        out.append(r)
+def _merged_pairs(w0: jax.Array, w1: jax.Array, magic: int, *, ptx: bool) -> list[list[jax.Array]]:
+    """w0, w1 [r, w] int32 (two blocks of word rows) -> pairs[c][p] [r, w] int32, c the byte (column) of the
+    word, p the nibble (row parity): low half `magic | nibble p of byte c of w0`, high half the same of w1."""
+    out: list[list[Any]] = [[None, None] for _ in range(4)]
+    both = hex(magic | magic << 16)
+    for h, sel in enumerate(_PRMT_SELECT):
+        t = _asm(f"prmt.b32 $0, $1, $2, {hex(sel)};", [w0, w1], "=r,r,r") if ptx else _prmt_jnp(w0, w1, sel)
+        for j in range(4):
+            v = t if j == 0 else jax.lax.shift_right_logical(t, jnp.int32(4 * j))
+            if ptx:
+                r = _asm(f"lop3.b32 $0, $1, 0x000F000F, {both}, 0xea;", [v], "=r,r")  # (a & b) | c
+            else:
+                r = (v & 0x000F000F) | (magic | magic << 16)
+            out[2 * h + j // 2][j % 2] = r
     return out
+
+
+def _merge_x(x: jax.Array, block_k: int) -> jax.Array:
+    """x [M, K] -> x in the folded kernel's K order: within each tile of block_k rows (h = block_k / 2),
+    position p·h + 2r + s holds row s·h + 2r + p (r < h/2; parity p and half s in {0, 1})."""
+    m, k = x.shape
+    h = block_k // 2
+    return x.reshape(m, k // block_k, 2, h // 2, 2).transpose(0, 1, 4, 3, 2).reshape(m, k)
 
 
 def _pair_tile(pairs: jax.Array, dtype: Any) -> jax.Array:
@@ -482,31 +522,51 @@ def _pair_tile(pairs: jax.Array, dtype: Any) -> jax.Array:
 
 
 def _fold_kernel(x_ref, w_ref, s_ref, o_ref, *, block_m, block_n, block_k, group_size, tiles_per_split, m,
-                 ptx):  # fmt: skip
+                 scale_dtype, ptx):  # fmt: skip
     """One [block_m, block_n] output tile of Σ_g s_g ⊙ (x_g @ (B + q_g)) over this program's share of K.
 
-    x_ref [Mp, K] (stored row order), w_ref [K/2, N/4] int32 words, s_ref [G, N], o_ref [M, N] float32 (or
-    [split_k, M, N]): rows past M (the padding of x to block_m) are never stored."""
+    x_ref [Mp, K] (in `_merge_x` order), w_ref [K/2, N/4] int32 words, s_ref [G, N] (16-bit scales:
+    [G, N/2] int32 words, `scale_dtype` their dtype), o_ref [M, N] float32 (or [split_k, M, N]): rows past M
+    (the padding of x to block_m) are never stored."""
     i, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     half, quarter = block_k // 2, block_n // 4
     dtype = x_ref.dtype
     magic = _FOLD_BASE[np.dtype(dtype)][0]
     xrows = pl.ds(pl.multiple_of(i * block_m, block_m), block_m)
+    wcols = pl.ds(pl.multiple_of(j * quarter, quarter), quarter)
     col0 = j * block_n
+    words_scales = s_ref.dtype == jnp.int32
+
+    def scales(g):
+        """The four [1, bn/4] float32 scale rows of group g: columns c, c+4, ... of the tile."""
+        if not words_scales:
+            return [s_ref[pl.ds(g, 1), pl.ds(col0 + c, quarter, stride=4)].astype(jnp.float32) for c in range(4)]
+        out = []
+        for e in (0, 1):  # word e of a column quad holds columns 2e (low half) and 2e + 1 (high half)
+            v = s_ref[pl.ds(g, 1), pl.ds(j * (block_n // 2) + e, quarter, stride=2)]
+            for h in (0, 1):
+                bits = (v if h == 0 else jax.lax.shift_right_logical(v, jnp.int32(16))) & 0xFFFF
+                out.append(jax.lax.bitcast_convert_type(bits.astype(jnp.int16), scale_dtype).astype(jnp.float32))
+        return out
 
     def body(t, accs):
         kt = split * tiles_per_split + t
         g = (kt * block_k) // group_size
-        x = x_ref[xrows, pl.ds(pl.multiple_of(kt * block_k, block_k), block_k)]
-        words = w_ref[
-            pl.ds(pl.multiple_of(kt * half, half), half), pl.ds(pl.multiple_of(j * quarter, quarter), quarter)
-        ]
-        pairs = (_pairs_ptx if ptx else _pairs_jnp)(words, magic)
+        q2 = half // 2
+        w0 = w_ref[pl.ds(pl.multiple_of(kt * half, half), q2), wcols]
+        w1 = w_ref[pl.ds(pl.multiple_of(kt * half + q2, q2), q2), wcols]
+        pairs = _merged_pairs(w0, w1, magic, ptx=ptx)
+        xs = [x_ref[xrows, pl.ds(pl.multiple_of(kt * block_k + p * half, half), half)] for p in (0, 1)]
         out = []
-        for c, (acc, pc) in enumerate(zip(accs, pairs, strict=True)):
-            d = jnp.dot(x, _pair_tile(pc, dtype), preferred_element_type=jnp.float32)
-            s = s_ref[pl.ds(g, 1), pl.ds(col0 + c, quarter, stride=4)].astype(jnp.float32)
-            out.append(acc + s * d)
+        for acc, pc, s in zip(accs, pairs, scales(g), strict=True):
+            d = sum(
+                jnp.dot(xp, _pair_tile(pp, dtype), preferred_element_type=jnp.float32)
+                for xp, pp in zip(xs, pc, strict=True)
+            )
+            if ptx:  # one FFMA an accumulator
+                out.append(_asm("fma.rn.f32 $0, $1, $2, $3;", [jnp.broadcast_to(s, d.shape), d, acc], "=f,f,f,f"))
+            else:
+                out.append(acc + s * d)
         return tuple(out)
 
     zero = jnp.zeros((block_m, quarter), jnp.float32)
@@ -523,14 +583,15 @@ def folds(dtype: Any, cfg: Tiling) -> bool:
     return np.dtype(dtype) in _FOLD_BASE and not cfg.matvec
 
 
-def _fold_call(x, words, scales, *, cfg: Tiling, group_size: int, m: int, interpret: bool, ptx: bool):
+def _fold_call(x, words, scales, *, cfg: Tiling, group_size: int, m: int, scale_dtype: Any, interpret: bool,
+               ptx: bool):  # fmt: skip
     mp, k = x.shape
     n = words.shape[1] * 4
     bm, bn, bk, split = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
     shape = (m, n) if split == 1 else (split, m, n)
     kernel = functools.partial(
         _fold_kernel, block_m=bm, block_n=bn, block_k=bk, group_size=group_size,
-        tiles_per_split=k // bk // split, m=m, ptx=ptx,
+        tiles_per_split=k // bk // split, m=m, scale_dtype=scale_dtype, ptx=ptx,
     )  # fmt: skip
 
     def whole(a):
@@ -551,8 +612,11 @@ def _fold_call(x, words, scales, *, cfg: Tiling, group_size: int, m: int, interp
 def _fold_run(x, packed, scales, *, spec: _Spec, m: int, interpret: bool, ptx: bool) -> jax.Array:
     half, n = packed.shape
     words = jax.lax.bitcast_convert_type(packed.reshape(half, n // 4, 4), jnp.int32)  # XLA: a bitcast
-    return _fold_call(x, words, scales, cfg=spec.cfg, group_size=spec.group_size, m=m, interpret=interpret,
-                      ptx=ptx)  # fmt: skip
+    scale_dtype = scales.dtype
+    if scale_dtype.itemsize == 2:  # XLA: a bitcast
+        scales = jax.lax.bitcast_convert_type(scales.reshape(scales.shape[0], n // 2, 2), jnp.int32)
+    return _fold_call(x, words, scales, cfg=spec.cfg, group_size=spec.group_size, m=m, scale_dtype=scale_dtype,
+                      interpret=interpret, ptx=ptx)  # fmt: skip
 
 
 def _fold_out_shape(x, packed, scales, *, spec, m):
@@ -584,6 +648,7 @@ def _folded_forward(x, packed, scales, zeros, *, group_size: int, sym_zero: int,
     mp = -(-m // cfg.block_m) * cfg.block_m
     xp = jnp.pad(x, ((0, mp - m), (0, 0))) if mp != m else x
     spec = _Spec(cfg, group_size, None, k, n, mp, np.dtype(x.dtype))
+    xp = _merge_x(xp, cfg.block_k)  # the kernel's K order (a transpose of the small activation)
     if interpret is None:
         out = _int4_folded(xp, packed, scales, spec=spec, m=m)
     else:

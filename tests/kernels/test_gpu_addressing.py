@@ -367,11 +367,13 @@ def test_int4_matmul_addresses_the_whole_packed_weight(on_gpu, k, n, target, as_
 @pytest.mark.parametrize("k, n, target, bits", [(16384, 262272, "sm_90a", 32), (32768, 262272, "sm_80", 64)])
 def test_int4_matmul_zero_folded_kernel_reads_the_weight_as_int32_words(on_gpu, k, n, target, bits):
     """bf16 activations take the zero-folded kernel: the packed weight as int32 words [K/2, N/4] (4 GiB and
-    more is still under 2**31 words), and no zero-point operand (the zeros enter outside, as a rank-1 term)."""
+    more is still under 2**31 words), 16-bit scales as int32 words [G, N/2], and no zero-point operand (the
+    zeros enter outside, as a rank-1 term)."""
     (kern,) = lower(on_gpu, target, _int4, sds((1, k), jnp.bfloat16), _int4_weight(k, n))
     assert kern.name == "int4_matmul_w4a16_folded"
     assert kern.form(1) == ((k // 2, n // 4), "int32", bits)
-    assert [dt.name for _, dt in kern.operands] == ["bfloat16", "int32", "bfloat16", "float32"]
+    assert kern.form(2)[:2] == ((k // 128, n // 2), "int32")
+    assert [dt.name for _, dt in kern.operands] == ["bfloat16", "int32", "int32", "float32"]
 
 
 def test_int4_matmul_counts_a_vmapped_stack_of_weights_whole(on_gpu):

@@ -215,10 +215,12 @@ def test_float32_dots_ask_for_full_precision():
 
 def test_choose_config_fills_the_gpu_at_decode():
     # Llama-3-8B's shapes at decode: N / 128 programs alone are too few, so K is split.
-    for k, n in ((8192, 28672), (4096, 14336), (14336, 4096)):
+    # 16-bit x takes 256 columns where N is wide enough to keep the programs (the folded kernel's decode tile).
+    for k, n, bn in ((8192, 28672, 256), (4096, 14336, 256), (14336, 4096, 128)):
         cfg = pg.choose_config(1, k, n, 128)
-        assert (cfg.block_m, cfg.block_n, cfg.block_k) == (16, 128, 128)
-        assert (n // 128) * cfg.split_k >= pg.DECODE_TARGET_PROGRAMS
+        assert (cfg.block_m, cfg.block_n, cfg.block_k) == (16, bn, 128)
+        assert cfg.num_stages == (3 if bn == 256 else 4)
+        assert (n // bn) * cfg.split_k >= pg.DECODE_TARGET_PROGRAMS
         assert (k // cfg.block_k) % cfg.split_k == 0
     assert pg.choose_config(3, 4096, 14336, 128, dtype=jnp.float32).block_m == 4  # matvec
     assert pg.choose_config(3, 4096, 14336, 128, dtype=jnp.bfloat16).block_m == 16  # tensor cores
@@ -307,14 +309,34 @@ def test_shape_class_tune_space_and_the_tuned_default(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_folded_unpack_in_plain_bit_operations_matches_the_codes(dtype):
-    # The folded kernel's pairs: for every byte b at column c of a word, the low half is B + (b & 15) and
-    # the high half B + (b >> 4), B the dtype's magic base (128 for bf16, 1024 for f16).
-    packed = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    # The folded kernel's merged pairs: for byte c of the words w0 (row pairs 0..7) and w1 (row pairs
+    # 8..15), the pair of parity p holds B + nibble p of w0's byte (low half) and of w1's (high half), B the
+    # dtype's magic base (128 for bf16, 1024 for f16): rows 2i + p and 16 + 2i + p of columns c::4.
+    packed = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
     words = jax.lax.bitcast_convert_type(jnp.asarray(packed).reshape(16, 4, 4), jnp.int32)
     magic, base = pg._FOLD_BASE[np.dtype(dtype)]
-    pairs = pg._pairs_jnp(words, magic)
-    for c, p in enumerate(pairs):
-        tile = np.asarray(pg._pair_tile(p, dtype), np.float64)  # [32, 4]: rows 2i, 2i+1 of columns c::4
-        b = packed[:, c::4].astype(np.int64)
-        np.testing.assert_array_equal(tile[0::2], base + (b & 15))
-        np.testing.assert_array_equal(tile[1::2], base + (b >> 4))
+    pairs = pg._merged_pairs(words[:8], words[8:], magic, ptx=False)
+    codes = np.empty((32, 16), np.int64)  # stored rows of the 32-row tile
+    codes[0::2], codes[1::2] = packed & 15, packed >> 4
+    for c in range(4):
+        for p in (0, 1):
+            tile = np.asarray(pg._pair_tile(pairs[c][p], dtype), np.float64)  # [16, 4]
+            np.testing.assert_array_equal(tile[0::2], base + codes[p:16:2, c::4])
+            np.testing.assert_array_equal(tile[1::2], base + codes[16 + p :: 2, c::4])
+
+
+def test_prmt_in_plain_bit_operations():
+    a, b = jnp.int32(0x33221100), jnp.int32(0x77665544)
+    assert int(pg._prmt_jnp(a, b, 0x5410)) == 0x55441100
+    assert int(pg._prmt_jnp(a, b, 0x7632)) == 0x77663322
+
+
+def test_merge_x_is_the_kernel_k_order():
+    # Within a 32-row tile (h = 16): position p·16 + 2r + s holds row s·16 + 2r + p.
+    x = jnp.arange(64.0).reshape(1, 64)
+    got = np.asarray(pg._merge_x(x, 32))[0]
+    for t in range(2):
+        for p in (0, 1):
+            for r in range(8):
+                for s in (0, 1):
+                    assert got[32 * t + 16 * p + 2 * r + s] == 32 * t + 16 * s + 2 * r + p
