@@ -187,7 +187,9 @@ def choose_config(
     - M ≤ 16 (decode) otherwise: bm 16, bn 128, bk 128 (a 64 × 128 = 8 KiB packed slab per step), 4 warps,
       4 stages so several slabs are in flight per program; split-K doubles until about
       DECODE_TARGET_PROGRAMS programs run (N alone does not fill 132 SMs at decode), keeping ≥ 2 K tiles
-      per program. The matvec kernel uses the same bn, bk, split-K, warps and stages.
+      per program. The matvec kernel uses the same bn, bk, split-K, warps and stages. bf16/f16 x (the
+      zero-folded kernel) takes bn 256 with 3 stages where N / 256 programs with split-K still reach the
+      target (wide N, e.g. 14336 or 28672): 16.4-16.5 weights per warp-instruction at sm_80 against 15.2.
     - 16 < M ≤ 64: bm = M rounded up to a power of two, bn 128, bk 128, 4 warps, 3 stages; split-K only
       when the grid has fewer programs than about one per SM.
     - M > 64: bm 128, bn 128, bk 64 (two 32-deep dots), 8 warps, 3 stages: Triton's standard tensor-core
@@ -540,13 +542,17 @@ def _fold_kernel(x_ref, w_ref, s_ref, o_ref, *, block_m, block_n, block_k, group
     def scales(g):
         """The four [1, bn/4] float32 scale rows of group g: columns c, c+4, ... of the tile."""
         if not words_scales:
-            return [s_ref[pl.ds(g, 1), pl.ds(col0 + c, quarter, stride=4)].astype(jnp.float32) for c in range(4)]
+            return [
+                s_ref[pl.ds(g, 1), pl.ds(col0 + c, quarter, stride=4)].astype(jnp.float32) for c in range(4)
+            ]
         out = []
         for e in (0, 1):  # word e of a column quad holds columns 2e (low half) and 2e + 1 (high half)
             v = s_ref[pl.ds(g, 1), pl.ds(j * (block_n // 2) + e, quarter, stride=2)]
             for h in (0, 1):
                 bits = (v if h == 0 else jax.lax.shift_right_logical(v, jnp.int32(16))) & 0xFFFF
-                out.append(jax.lax.bitcast_convert_type(bits.astype(jnp.int16), scale_dtype).astype(jnp.float32))
+                out.append(
+                    jax.lax.bitcast_convert_type(bits.astype(jnp.int16), scale_dtype).astype(jnp.float32)
+                )
         return out
 
     def body(t, accs):
@@ -564,7 +570,9 @@ def _fold_kernel(x_ref, w_ref, s_ref, o_ref, *, block_m, block_n, block_k, group
                 for xp, pp in zip(xs, pc, strict=True)
             )
             if ptx:  # one FFMA an accumulator
-                out.append(_asm("fma.rn.f32 $0, $1, $2, $3;", [jnp.broadcast_to(s, d.shape), d, acc], "=f,f,f,f"))
+                out.append(
+                    _asm("fma.rn.f32 $0, $1, $2, $3;", [jnp.broadcast_to(s, d.shape), d, acc], "=f,f,f,f")
+                )
             else:
                 out.append(acc + s * d)
         return tuple(out)
