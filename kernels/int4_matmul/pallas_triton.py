@@ -217,7 +217,8 @@ def choose_config(
     if block_n is None:
         # 16-bit x at decode (the zero-folded kernel): 256 columns a program, so each warp's pass decodes
         # twice the weights for the same x fragments, addresses and loop control (16.4 weights per
-        # warp-instruction at sm_80 against 15.2 at 128). Before Hopper, 16-bit x at M > 16 (the folded kernel on mma.sync) takes 64 columns: at 128 its
+        # warp-instruction at sm_80 against 15.2 at 128). Before Hopper, 16-bit x at M > 16 (the folded
+        # kernel on mma.sync) takes 64 columns: at 128 its
         # four column accumulators and unpacked pairs spill on sm_80 (255 registers), at 64 they take 168.
         # 256 only where the grid still reaches DECODE_TARGET_PROGRAMS with split-K (wide N); narrow N keeps
         # 128 columns and more programs.
@@ -623,8 +624,8 @@ def _fold_run(x, packed, scales, *, spec: _Spec, m: int, interpret: bool, ptx: b
     scale_dtype = scales.dtype
     if scale_dtype.itemsize == 2:  # XLA: a bitcast
         scales = jax.lax.bitcast_convert_type(scales.reshape(scales.shape[0], n // 2, 2), jnp.int32)
-    return _fold_call(x, words, scales, cfg=spec.cfg, group_size=spec.group_size, m=m, scale_dtype=scale_dtype,
-                      interpret=interpret, ptx=ptx)  # fmt: skip
+    return _fold_call(x, words, scales, cfg=spec.cfg, group_size=spec.group_size, m=m,
+                      scale_dtype=scale_dtype, interpret=interpret, ptx=ptx)  # fmt: skip
 
 
 def _fold_out_shape(x, packed, scales, *, spec, m):
