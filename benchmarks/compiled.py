@@ -164,6 +164,8 @@ def programs(op: str, platform: str, *, quick: bool = False) -> Iterator[Program
         for name, impl in registry.implementations(op).items()
         if platform in impl.platforms and impl.traceable and name != "reference"
     ]
+    import jax
+
     for case in cases:
         for impl in impls:
             if impl.name == "xla":
@@ -182,10 +184,33 @@ def programs(op: str, platform: str, *, quick: bool = False) -> Iterator[Program
             dtype = _dtype(op, case)
             weights = functools.partial(loop_weights, impl, **kwargs) if op == "int4_matmul" else None
             fn = functools.partial(entry, **kw)
-            yield Program(op, case.name, impl.name, dtype, fn, args, check, weights)
+            if op == "int4_matmul" and impl.name == PREPARED_INT4:
+                # Its forward as a serving loop runs it: on the weight prepared once, at load.
+                from kernels.int4_matmul import prepare
+
+                prepared = (args[0], jax.eval_shape(prepare, args[1]), *args[2:])
+                on_canonical = functools.partial(_on_args, args=args)
+                yield Program(
+                    op, case.name, impl.name, dtype, fn, prepared, on_canonical(check), on_canonical(weights)
+                )
+            else:
+                yield Program(op, case.name, impl.name, dtype, fn, args, check, weights)
             if impl.name.startswith("pallas") and op in ("int4_matmul", "moe_ffn"):
                 grad = _grad_fn(entry, _float_argnums(args), **kw)
                 yield Program(op, case.name, f"{impl.name} grad", dtype, grad, args, check, weights)
+
+
+def _on_args(fn: Callable[..., Any], *, args: tuple) -> Callable[..., Any]:
+    """`fn` asked about `args` (the canonical Int4Weight's shapes) whatever the program is placed with."""
+
+    def asked(*_placed: Any) -> Any:
+        return fn(*args)
+
+    return asked
+
+
+# The INT4 implementation whose forward is compiled on a prepared weight (`kernels.int4_matmul.prepare`).
+PREPARED_INT4 = "pallas_mosaic_gpu"
 
 
 def _dtype(op: str, case: Any) -> str:

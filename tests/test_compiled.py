@@ -359,12 +359,6 @@ def test_sm90a_mosaic_gpu_paged_decode_launches_at_most_two_kernels():
         assert rec["kernels_per_call"] <= 2, [k["name"] for k in rec["kernels"]]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the Triton INT4 decode kernel on sm_80 is below 16 weights per warp-instruction (4.6: an "
-    "~890-instruction loop over a 128x128 tile, 4 warps, before its rework; the reworked one has no loop the "
-    "report finds yet)",
-)
 def test_sm80_triton_int4_decode_weights_per_warp_instruction():
     for rec in _records("sm_80", "pallas_triton", "int4_matmul", INT4_DECODE):
         for k in _kernels(rec, "pallas_triton"):
