@@ -31,11 +31,7 @@ fresh accumulator, folded into the running total as s ⊙ (P − (z + d) ⊗ Σx
 written once by one CTA (no split-K, no atomics): deterministic. The output is [Np, Mp] in x's dtype for bf16
 activations (no float32 rows for padding).
 
-Compiled for sm_90a (`benchmarks.compiled`), decode at 4096x14336 and 8192x28672, M = 1 and 16: 222
-registers, no spills, a 976-instruction main loop over a 128x512 tile on 4 warps, 16.8 weights per
-warp-instruction (float32 scale/zero planes built by XLA every call: 944, 17.4, at one more XLA kernel and
-~19 bytes of scale/zero traffic per (group, column) instead of 4; the earlier int4-typed layout with
-Mosaic's own conversion: 515 instructions over 128x128, 7.95). A decode call launches 4 kernels: this one,
+A decode call launches 4 kernels: this one,
 and three small XLA ones over x and the output (x̃ᵀ, its segment sums, the output slice).
 
 Precision: bf16 activations go in as they are. float16 activations are split into two bf16 parts and float32
