@@ -31,8 +31,8 @@ fresh accumulator, folded into the running total as s ⊙ (P − (z + d) ⊗ Σx
 written once by one CTA (no split-K, no atomics): deterministic. The output is [Np, Mp] in x's dtype for bf16
 activations (no float32 rows for padding).
 
-A decode call launches 4 kernels: this one,
-and three small XLA ones over x and the output (x̃ᵀ, its segment sums, the output slice).
+A decode call launches 4 kernels: this one, and three small XLA ones over x and the output (x̃ᵀ, its
+segment sums, the output slice).
 
 Precision: bf16 activations go in as they are. float16 activations are split into two bf16 parts and float32
 into three (x = hi + mid + lo, exact to float32's 24 bits); the parts sit side by side along wgmma's N (free
