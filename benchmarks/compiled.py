@@ -46,8 +46,10 @@ warp-specialized kernel's producer warps included) ÷ loop_instructions; null fo
 
 On TPU targets: `vmem`, the most scoped VMEM one of the program's Mosaic kernels uses (libtpu's
 `used_scoped_memory_configs`; null without a Mosaic kernel), `vmem_limit` (what the kernel asked for, or
-libtpu's default scoped limit), and `vmem_capacity`, the chip's (`pltpu.get_tpu_info()`). This is a compile,
-not a timing: nothing runs.
+libtpu's default scoped limit), `vmem_capacity`, the chip's (`pltpu.get_tpu_info()`), and `roofline_us`, the
+Pallas forward's bytes (the op's cost counter) over the chip's datasheet HBM bandwidth: the bound a timing
+would be held against. libtpu 0.0.52 writes a static cycle estimate (`estimated_cycles`) on XLA's own ops
+but none on a Mosaic kernel, so the report gives none. This is a compile, not a timing: nothing runs.
 
 The exit status is 1 if any program failed to compile.
 """
@@ -99,6 +101,7 @@ class Program:
     check: Callable[..., str | None] | None = None  # why the backend declines the call (None: it serves it)
     # INT4 Pallas programs: the weights one pass of the kernel's main loop loads (`loop_weights`).
     weights: Callable[..., int | dict[str, int] | None] | None = None
+    bytes: float | None = None  # the forward's HBM bytes by the op's cost counter (the roofline bound's)
 
     @property
     def family(self) -> str:
@@ -184,6 +187,7 @@ def programs(op: str, platform: str, *, quick: bool = False) -> Iterator[Program
             dtype = _dtype(op, case)
             weights = functools.partial(loop_weights, impl, **kwargs) if op == "int4_matmul" else None
             fn = functools.partial(entry, **kw)
+            nbytes = specs.cost(case).bytes
             if op == "int4_matmul" and impl.name == PREPARED_INT4:
                 # Its forward as a serving loop runs it: on the weight prepared once, at load.
                 from kernels.int4_matmul import prepare
@@ -191,10 +195,11 @@ def programs(op: str, platform: str, *, quick: bool = False) -> Iterator[Program
                 prepared = (args[0], jax.eval_shape(prepare, args[1]), *args[2:])
                 on_canonical = functools.partial(_on_args, args=args)
                 yield Program(
-                    op, case.name, impl.name, dtype, fn, prepared, on_canonical(check), on_canonical(weights)
+                    op, case.name, impl.name, dtype, fn, prepared, on_canonical(check), on_canonical(weights),
+                    nbytes,
                 )
             else:
-                yield Program(op, case.name, impl.name, dtype, fn, args, check, weights)
+                yield Program(op, case.name, impl.name, dtype, fn, args, check, weights, nbytes)
             if impl.name.startswith("pallas") and op in ("int4_matmul", "moe_ffn"):
                 grad = _grad_fn(entry, _float_argnums(args), **kw)
                 yield Program(op, case.name, f"{impl.name} grad", dtype, grad, args, check, weights)
@@ -631,11 +636,26 @@ def compile_program(program: Program, target: str, *, sass: str = "pallas") -> d
                 _add_loop_figures(rec, weights)
         else:
             rec.update(tpu_report(compiled, target))
+            rec["roofline_us"] = _roofline_us(program.bytes, target)
     except (compile_only.ToolchainMissing, FileNotFoundError) as err:
         return {**rec, "status": f"missing: {err}"}
     except Exception as err:
         return {**rec, "status": f"failed: reading the compiled code: {_short(err)}"}
     return {**rec, "status": "ok"}
+
+
+# The catalogue chip of each TPU target (roofline.CHIPS), for the HBM roofline bound beside libtpu's estimate.
+TPU_CHIPS = {"v5e": "tpu-v5e", "v6e": "tpu-v6e"}
+
+
+def _roofline_us(nbytes: float | None, target: str) -> float | None:
+    """The program's bytes over the chip's datasheet HBM bandwidth, in µs (None when either is unknown)."""
+    import roofline
+
+    chip = roofline.CHIPS.get(TPU_CHIPS.get(target, ""))
+    if nbytes is None or chip is None:
+        return None
+    return round(1e6 * nbytes / float(chip.bandwidth), 3)
 
 
 def run(
