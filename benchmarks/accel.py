@@ -4,9 +4,10 @@
     python -m benchmarks.accel --tune [--smoke] [--only KERNEL] [--tune-out PATH] [--tune-target TARGET]
 
 Cases: each op's `kernels/<op>/arg_specs.py`, tag "accel" (bf16; `--smoke`: tag "smoke", the same code at
-tiny shapes on any backend, the CPU included, Pallas interpreted). Lab rows: every implementation of
+tiny shapes on any backend, the CPU included). Lab rows: every implementation of
 `kernels.registry.implementations(op)` that runs here (`kernels.available_impls(op)`) but the NumPy reference
-(one that runs only eagerly, `traceable=False`, is a "missing" row), the one `impl="auto"` runs for the case
+(one that runs only eagerly, `traceable=False`, is a "missing" row, and so is a Pallas kernel on the CPU,
+where it would time an interpreter; `--tune --smoke` runs them there), the one `impl="auto"` runs for the case
 marked (`kernels.registry.auto_impl`).
 `--impl-module MODULE` imports MODULE first, so the implementations it registers
 (`kernels.registry.register`) are timed beside the built-in ones. Baselines (`PEERS`): paged_attention on the
@@ -172,6 +173,8 @@ def _lab_row(ctx: Ctx, name: str) -> Timed:
     impl = registry.implementations(ctx.op)[name]
     if not impl.traceable:
         raise Missing("it runs eagerly on the host (traceable=False); this check times jitted programs")
+    if name.startswith("pallas_") and jax.default_backend() == "cpu":
+        raise Missing("a Pallas kernel runs interpreted on the CPU: the interpreter's time is not the kernel's")
     reason = impl.unsupported(*ctx.args, **ctx.kwargs)
     if reason is not None:
         raise Missing(f"unsupported: {reason}")

@@ -74,47 +74,100 @@ def _small_cases() -> frozenset[str]:
 
 
 def main(out: str) -> None:
-    """Compile the selection and write {"device", "records"} to `out` (run in the second process)."""
-    from benchmarks import compiled
+    """Compile the selection and write {"device", "records"} to `out` (run in the second process), then
+    `done` beside it: "ok", or the error that stopped the run."""
+    _exit_with(os.environ.get(WATCH_ENV))
+    done = pathlib.Path(out).with_name("done")
+    try:
+        from benchmarks import compiled
 
-    records = []
-    for target in (*GPU_TARGETS, *TPU_TARGETS):
-        result = compiled.run(targets=(target,), select=lambda p, t=target: select(p, t))
-        records += result["records"]
-        pathlib.Path(out).write_text(json.dumps({"device": result["device"], "records": records}))
+        records = []
+        for target in (*GPU_TARGETS, *TPU_TARGETS):
+            result = compiled.run(targets=(target,), select=lambda p, t=target: select(p, t))
+            records += result["records"]
+            pathlib.Path(out).write_text(json.dumps({"device": result["device"], "records": records}))
+    except BaseException as err:
+        done.write_text(f"{type(err).__name__}: {err}")
+        raise
+    done.write_text("ok")
+
+
+# The process whose end ends the run (the pytest session, or under pytest-xdist its controller).
+WATCH_ENV = "TOKENLAB_COMPILE_RUN_WATCH"
+
+
+def _exit_with(pid: str | None) -> None:
+    """Exit this process when process `pid` is gone (a session stopped early leaves no compiler running)."""
+    if not pid:
+        return
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(2)
+            try:
+                os.kill(int(pid), 0)
+            except OSError:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _shared() -> str | None:
+    """The test run's id under pytest-xdist (every worker of one run sees the same), else None."""
+    return os.environ.get("PYTEST_XDIST_TESTRUNUID")
 
 
 def start() -> None:
-    """Start the run (once per session)."""
+    """Start the run (once per session; under pytest-xdist, once per test run: the first worker to get
+    here starts it, and every worker reads its result)."""
     if _run:
         return
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="tokenlab-compiled-"))
+    uid = _shared()
+    if uid is None:
+        folder, owner = pathlib.Path(tempfile.mkdtemp(prefix="tokenlab-compiled-")), True
+    else:
+        folder = pathlib.Path(tempfile.gettempdir()) / f"tokenlab-compiled-{uid}"
+        try:
+            folder.mkdir()
+            owner = True
+        except FileExistsError:
+            owner = False
     out, log = folder / "compiled.json", folder / "compiled.log"
-    cmd = [sys.executable, "-c", f"from tests.compile_run import main; main({str(out)!r})"]
-    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS") or "cpu"}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    _run.update(proc=proc, out=out, log=log)
+    proc = None
+    if owner:
+        cmd = [sys.executable, "-c", f"from tests.compile_run import main; main({str(out)!r})"]
+        env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS") or "cpu"}
+        # Under xdist a worker may finish before the others read the run: the run lives as long as the
+        # controller (this worker's parent) does.
+        env[WATCH_ENV] = str(os.getpid() if uid is None else os.getppid())
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    _run.update(proc=proc, out=out, log=log, done=folder / "done")
 
 
 def stop() -> None:
-    """Stop a run still going when the session ends."""
+    """Stop a run still going when the session ends (not under xdist: other workers may still read it)."""
     proc = _run.get("proc")
-    if proc is not None and proc.poll() is None:
+    if proc is not None and _shared() is None and proc.poll() is None:
         proc.kill()
         proc.wait()
 
 
 def records() -> list[dict]:
     """The run's records, waiting for it to finish; a RuntimeError with its log's tail if it broke."""
+    import time
+
     start()
-    proc = _run["proc"]
-    try:
-        code = proc.wait(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        stop()
-        code = None
-    if code != 0 or not _run["out"].exists():
-        log = _run["log"].read_text()
-        raise RuntimeError(f"the compile run exited with {code}:\n{log[-3000:]}")
+    proc, done = _run["proc"], _run["done"]
+    deadline = time.monotonic() + TIMEOUT_S
+    while not done.exists() and time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break  # exited without a verdict: killed
+        time.sleep(1)
+    verdict = done.read_text() if done.exists() else "no verdict (timed out or killed)"
+    if verdict != "ok" or not _run["out"].exists():
+        log = _run["log"].read_text() if _run["log"].exists() else ""
+        raise RuntimeError(f"the compile run failed: {verdict}\n{log[-3000:]}")
     return json.loads(_run["out"].read_text())["records"]
