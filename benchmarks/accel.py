@@ -174,7 +174,9 @@ def _lab_row(ctx: Ctx, name: str) -> Timed:
     if not impl.traceable:
         raise Missing("it runs eagerly on the host (traceable=False); this check times jitted programs")
     if name.startswith("pallas_") and jax.default_backend() == "cpu":
-        raise Missing("a Pallas kernel runs interpreted on the CPU: the interpreter's time is not the kernel's")
+        raise Missing(
+            "a Pallas kernel runs interpreted on the CPU: the interpreter's time is not the kernel's"
+        )
     reason = impl.unsupported(*ctx.args, **ctx.kwargs)
     if reason is not None:
         raise Missing(f"unsupported: {reason}")

@@ -195,7 +195,14 @@ def programs(op: str, platform: str, *, quick: bool = False) -> Iterator[Program
                 prepared = (args[0], jax.eval_shape(prepare, args[1]), *args[2:])
                 on_canonical = functools.partial(_on_args, args=args)
                 yield Program(
-                    op, case.name, impl.name, dtype, fn, prepared, on_canonical(check), on_canonical(weights),
+                    op,
+                    case.name,
+                    impl.name,
+                    dtype,
+                    fn,
+                    prepared,
+                    on_canonical(check),
+                    on_canonical(weights),
                     nbytes,
                 )
             else:

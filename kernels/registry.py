@@ -179,7 +179,9 @@ def _table(op: str) -> dict[str, Implementation]:
         for name in names:
             try:
                 impl = importlib.import_module(f"{package}.{name}").IMPLEMENTATION
-            except ImportError as err:  # a Pallas backend's lowering (or what it imports) absent from this JAX
+            except (
+                ImportError
+            ) as err:  # a Pallas backend's lowering (or what it imports) absent from this JAX
                 if not name.startswith("pallas_"):
                     raise
                 impl = _missing_lowering(name, err)

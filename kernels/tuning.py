@@ -1,5 +1,5 @@
-"""Tuned kernel configurations: what `python -m benchmarks.accel --tune` found fastest, per (op, implementation,
-shape class, device kind), read back by the kernels' default configurations.
+"""Tuned kernel configurations: what `python -m benchmarks.accel --tune` found fastest, per (op,
+implementation, shape class, device kind), read back by the kernels' default configurations.
 
 Two files hold them, both `{"entries": [Entry, ...]}` as JSON:
 - the user's, `tuned.json` in the lab's cache directory ($TOKENLAB_CACHE, else ~/.cache/tokenlab), written by
@@ -98,7 +98,9 @@ def write(entries: Iterable[Mapping[str, Any]], path: pathlib.Path | None = None
         try:
             old = list(json.loads(path.read_text())["entries"])
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}: not a tuned-configuration file ({err}); move it aside or pass another path")
+            raise ValueError(
+                f"{path}: not a tuned-configuration file ({err}); move it aside or pass another path"
+            ) from err
     merged = {_key(e): dict(e) for e in old}
     merged.update({_key(e): dict(e) for e in entries})
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -202,13 +202,17 @@ def test_tpu_report_reads_the_vmem_a_mosaic_kernel_uses(target, asked):
 
     def fn(x):
         params = None if asked is None else pltpu.CompilerParams(vmem_limit_bytes=asked)
-        return pl.pallas_call(double, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), compiler_params=params)(x)
+        return pl.pallas_call(
+            double, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), compiler_params=params
+        )(x)
 
     program = compile_only.compile_for(target, fn, jax.ShapeDtypeStruct((256, 512), jnp.float32))
     report = compiled.tpu_report(program, target)
     # One 512 KiB block in and one out, each double-buffered or not: between 1 and 4 blocks of VMEM.
     assert 512 << 10 <= report["vmem"] <= 2 << 20, report
-    assert report["vmem_limit"] == (asked or compiled.DEFAULT_SCOPED_VMEM[target])  # the limit asked, else libtpu's
+    assert report["vmem_limit"] == (
+        asked or compiled.DEFAULT_SCOPED_VMEM[target]
+    )  # the limit asked, else libtpu's
     assert report["vmem_capacity"] == 128 << 20
 
 

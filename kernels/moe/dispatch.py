@@ -198,3 +198,39 @@ def keep_mask_reference(weights, expert_ids, num_experts, capacity, drop_priorit
         keep[t, j] = taken[e] < capacity
         taken[e] += 1
     return keep
+
+
+def expert_dims(w: Any) -> tuple[int, int, int]:
+    """(E, K, N) of an expert stack: a float array [E, K, N] or a stack of `quant.Int4Weight` experts."""
+    from quant.format import Int4Weight, codes_per_byte
+
+    if isinstance(w, Int4Weight):
+        e, r, n = w.packed.shape
+        return e, r * codes_per_byte(w.bits), n
+    return tuple(w.shape)
+
+
+def check_grouped_operands(xs: Any, group_sizes: Any, wg: Any, wu: Any, wd: Any) -> None:
+    """The grouped FFN's operands, as every grouped-GEMM backend takes them: xs [A, d] rows sorted by expert,
+    group_sizes [E] integers (concrete ones non-negative and summing to at most A), w_gate and w_up [E, d, f],
+    w_down [E, f, d]; a ValueError naming the argument otherwise."""
+    _dims = expert_dims
+    if len(xs.shape) != 2:
+        raise ValueError(f"xs.shape={tuple(xs.shape)} must be [A, d]")
+    e, d, f = _dims(wg)
+    if xs.shape[1] != d:
+        raise ValueError(f"xs.shape={tuple(xs.shape)} must be [A, d={d}] to match w_gate [E, d, f]")
+    if _dims(wu) != (e, d, f):
+        raise ValueError(f"w_up is {list(_dims(wu))}; it must match w_gate's [E, d, f]={[e, d, f]}")
+    if _dims(wd) != (e, f, d):
+        raise ValueError(f"w_down is {list(_dims(wd))}; it must be [E, f, d]={[e, f, d]}")
+    if tuple(group_sizes.shape) != (e,):
+        raise ValueError(f"group_sizes.shape={tuple(group_sizes.shape)} must be (E,)=({e},)")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes.dtype={group_sizes.dtype} must be an integer type")
+    if isinstance(group_sizes, (np.ndarray, jax.Array)) and not isinstance(group_sizes, jax.core.Tracer):
+        sizes = np.asarray(group_sizes)
+        if sizes.size and (sizes.min() < 0 or sizes.sum() > xs.shape[0]):
+            raise ValueError(
+                f"group_sizes={sizes.tolist()} must be non-negative with a sum <= A={xs.shape[0]} rows"
+            )

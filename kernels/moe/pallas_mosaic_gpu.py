@@ -80,8 +80,9 @@ from jax.experimental import pallas as pl
 
 from kernels import lowering, registry, tuning
 from kernels.lowering import per_platform_kernel, target_gpu
+from kernels.moe.dispatch import expert_dims
 from kernels.moe.reference import capacity_of
-from quant.format import Int4Weight, codes_per_byte
+from quant.format import Int4Weight
 
 __all__ = [
     "Config",
@@ -155,12 +156,7 @@ BUILTIN = {
 }
 
 
-def _dims(w: Any) -> tuple[int, int, int]:
-    """(E, K, N) of a float stack [E, K, N] or of a stack of Int4Weight experts."""
-    if isinstance(w, Int4Weight):
-        e, r, n = w.packed.shape
-        return e, r * codes_per_byte(w.bits), n
-    return tuple(w.shape)
+_dims = expert_dims
 
 
 def shape_class(x: Any, weights: Any, expert_ids: Any, w_gate: Any, *_: Any, **__: Any) -> str:
@@ -893,6 +889,10 @@ def _pallas(x, weights, expert_ids, w_gate, w_up, w_down, *, capacity_factor, dr
 
 
 IMPLEMENTATION = registry.Implementation(
-    IMPL, _pallas, platforms=("cpu", "cuda"), supports=_supports, config=Config,
+    IMPL,
+    _pallas,
+    platforms=("cpu", "cuda"),
+    supports=_supports,
+    config=Config,
     available=lowering.mosaic_gpu_unavailable,
 )

@@ -83,9 +83,10 @@ from kernels import registry, tuning
 from kernels.int4_matmul.pallas_triton import dot_precision, int4_tile_dot
 from kernels.int4_matmul.xla import zero_cotangent
 from kernels.lowering import before_hopper, per_platform_kernel, target_gpu
+from kernels.moe.dispatch import check_grouped_operands, expert_dims
 from kernels.moe.reference import capacity_of
 from kernels.triton_addressing import from_words, needs_words, to_words, word_slice
-from quant.format import Int4Weight, codes_per_byte, symmetric_zero
+from quant.format import Int4Weight, symmetric_zero
 
 __all__ = [
     "grouped_ffn_pallas",
@@ -117,12 +118,7 @@ def _num_warps() -> int:
 # shapes, tunables and what the kernel does not take
 
 
-def _dims(w: Any) -> tuple[int, int, int]:
-    """(E, K, N) of a float stack [E, K, N] or of a stack of Int4Weight experts."""
-    if isinstance(w, Int4Weight):
-        e, r, n = w.packed.shape
-        return e, r * codes_per_byte(w.bits), n
-    return tuple(w.shape)
+_dims = expert_dims
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -757,25 +753,7 @@ _grouped_ffn.defvjp(_grouped_ffn_fwd, _grouped_ffn_bwd)
 def _validate(xs, group_sizes, wg, wu, wd, interpret):
     if interpret is not None and not isinstance(interpret, bool):
         raise ValueError(f"interpret={interpret!r} must be None, True or False")
-    if len(xs.shape) != 2:
-        raise ValueError(f"xs.shape={tuple(xs.shape)} must be [A, d]")
-    e, d, f = _dims(wg)
-    if xs.shape[1] != d:
-        raise ValueError(f"xs.shape={tuple(xs.shape)} must be [A, d={d}] to match w_gate [E, d, f]")
-    if _dims(wu) != (e, d, f):
-        raise ValueError(f"w_up is {list(_dims(wu))}; it must match w_gate's [E, d, f]={[e, d, f]}")
-    if _dims(wd) != (e, f, d):
-        raise ValueError(f"w_down is {list(_dims(wd))}; it must be [E, f, d]={[e, f, d]}")
-    if tuple(group_sizes.shape) != (e,):
-        raise ValueError(f"group_sizes.shape={tuple(group_sizes.shape)} must be (E,)=({e},)")
-    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
-        raise ValueError(f"group_sizes.dtype={group_sizes.dtype} must be an integer type")
-    if isinstance(group_sizes, (np.ndarray, jax.Array)) and not isinstance(group_sizes, jax.core.Tracer):
-        sizes = np.asarray(group_sizes)
-        if sizes.size and (sizes.min() < 0 or sizes.sum() > xs.shape[0]):
-            raise ValueError(
-                f"group_sizes={sizes.tolist()} must be non-negative with a sum <= A={xs.shape[0]} rows"
-            )
+    check_grouped_operands(xs, group_sizes, wg, wu, wd)
     if not isinstance(wg, Int4Weight) and not (wg.dtype == wu.dtype == wd.dtype):
         raise ValueError(f"w_gate/w_up/w_down dtypes {wg.dtype}/{wu.dtype}/{wd.dtype} must match")
     reason = pallas_unsupported(xs, wg, wu, wd)

@@ -60,7 +60,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels import lowering, registry, tuning
 from kernels.lowering import per_platform_kernel, target_gpu
-from kernels.paged_attention.xla import differentiable
+from kernels.paged_attention.xla import differentiable, query_tiles
 
 _F32 = jnp.float32
 ROWS = 64  # rows of a tile: one wgmma M
@@ -452,23 +452,6 @@ def _kernel(*refs, cfg: dict) -> None:
     pl.run_scoped(scoped, *scratch)
 
 
-def _query_tiles(q_lens: jax.Array, kv_lens: jax.Array, num_tiles: int, q_tile: int) -> jax.Array:
-    """[4, N] int32: per tile its sequence, first row of q, number of valid rows, position of its first row
-    (each sequence's q_lens[b] rows cut into tiles of q_tile tokens; tiles past the last have 0 rows)."""
-    b = q_lens.shape[0]
-    per_seq = (q_lens + q_tile - 1) // q_tile
-    ends = jnp.cumsum(per_seq)
-    tile = jnp.arange(num_tiles, dtype=jnp.int32)
-    ends_seen = jnp.zeros((num_tiles + 1,), jnp.int32).at[jnp.minimum(ends, num_tiles)].add(1)
-    seq = jnp.minimum(jnp.cumsum(ends_seen)[:num_tiles], b - 1).astype(jnp.int32)
-    local = tile - (ends - per_seq)[seq]
-    live = tile < ends[-1]
-    count = jnp.where(live, jnp.clip(q_lens[seq] - local * q_tile, 0, q_tile), 0)
-    row0 = jnp.where(live, (jnp.cumsum(q_lens) - q_lens)[seq] + local * q_tile, 0)
-    pos0 = kv_lens[seq] - q_lens[seq] + local * q_tile
-    return jnp.stack([seq, row0, count, pos0]).astype(jnp.int32)
-
-
 def _seq_scales(scale: jax.Array, block_tables: jax.Array, keys: int) -> jax.Array:
     """Per-token scales [P, S, K] gathered per sequence: [B, K, keys] float32 (keys = W·S rounded up to a
     whole block); entries of invalid pages are whatever page 0 holds (their keys are masked)."""
@@ -570,7 +553,7 @@ def _paged_attention_mgpu(
         num_tiles = b
     else:
         num_tiles = min(t, -(-t // q_tile) + b)
-        tiles = _query_tiles(q_lens.astype(jnp.int32), kv_lens, num_tiles, q_tile)
+        tiles = query_tiles(q_lens.astype(jnp.int32), kv_lens, num_tiles, q_tile)
         args.append(tiles)
     args += [q, k_pages, v_pages]
     per_token_k = k_scale is not None and k_scale.ndim == 3
@@ -684,6 +667,10 @@ def _pallas(q, k_pages, v_pages, kv_lens, block_tables, *, q_lens, config, scale
 
 
 IMPLEMENTATION = registry.Implementation(
-    "pallas_mosaic_gpu", _pallas, platforms=("cpu", "cuda"), supports=_supports, config=Config,
+    "pallas_mosaic_gpu",
+    _pallas,
+    platforms=("cpu", "cuda"),
+    supports=_supports,
+    config=Config,
     available=lowering.mosaic_gpu_unavailable,
 )

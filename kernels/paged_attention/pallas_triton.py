@@ -80,7 +80,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kernels import registry, tuning
 from kernels.lowering import per_platform_kernel, target_gpu
-from kernels.paged_attention.xla import differentiable
+from kernels.paged_attention.xla import differentiable, query_tiles
 from kernels.triton_addressing import from_words, needs_words, operand_elements, to_words
 
 _F32 = jnp.float32
@@ -358,26 +358,6 @@ def _kernel(
         o_ref[...] = out.astype(o_ref.dtype)
 
 
-def _query_tiles(q_lens: jax.Array, kv_lens: jax.Array, num_tiles: int, q_block: int) -> jax.Array:
-    """[4, N] int32: per tile its sequence, first row of q, number of valid rows, position of its first row.
-
-    Each sequence's q_lens[b] rows are cut into tiles of q_block tokens; tiles past the last have 0 rows.
-    """
-    b = q_lens.shape[0]
-    per_seq = (q_lens + q_block - 1) // q_block
-    ends = jnp.cumsum(per_seq)
-    tile = jnp.arange(num_tiles, dtype=jnp.int32)
-    # seq = how many sequences end at or before the tile (searchsorted without its while loop).
-    ends_seen = jnp.zeros((num_tiles + 1,), jnp.int32).at[jnp.minimum(ends, num_tiles)].add(1)
-    seq = jnp.minimum(jnp.cumsum(ends_seen)[:num_tiles], b - 1).astype(jnp.int32)
-    local = tile - (ends - per_seq)[seq]
-    live = tile < ends[-1]
-    count = jnp.where(live, jnp.clip(q_lens[seq] - local * q_block, 0, q_block), 0)
-    row0 = jnp.where(live, (jnp.cumsum(q_lens) - q_lens)[seq] + local * q_block, 0)
-    pos0 = kv_lens[seq] - q_lens[seq] + local * q_block
-    return jnp.stack([seq, row0, count, pos0]).astype(jnp.int32)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -435,7 +415,7 @@ def _paged_attention_pallas(
         t_pad = t
     else:
         num_tiles = min(t, -(-t // qb) + b)
-        tiles = _query_tiles(q_lens.astype(jnp.int32), kv_lens, num_tiles, qb)
+        tiles = query_tiles(q_lens.astype(jnp.int32), kv_lens, num_tiles, qb)
         t_pad = t + qb  # a tile's rows may run past T: they read padding and are dropped
     # q as [K, T_pad · Gq, Dp]: the rows of one tile and kv head are contiguous, ordered (token, group head).
     q4 = q.reshape(t, kh, g, d)

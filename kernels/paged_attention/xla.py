@@ -435,3 +435,24 @@ def _xla(
 
 
 IMPLEMENTATION = registry.Implementation("xla", _xla, platforms=registry.PLATFORMS, config=Config)
+
+
+def query_tiles(q_lens: jax.Array, kv_lens: jax.Array, num_tiles: int, q_block: int) -> jax.Array:
+    """[4, N] int32: per tile its sequence, first row of q, number of valid rows, position of its first row;
+    the Pallas GPU kernels' schedule of query tiles.
+
+    Each sequence's q_lens[b] rows are cut into tiles of q_block tokens; tiles past the last have 0 rows.
+    """
+    b = q_lens.shape[0]
+    per_seq = (q_lens + q_block - 1) // q_block
+    ends = jnp.cumsum(per_seq)
+    tile = jnp.arange(num_tiles, dtype=jnp.int32)
+    # seq = how many sequences end at or before the tile (searchsorted without its while loop).
+    ends_seen = jnp.zeros((num_tiles + 1,), jnp.int32).at[jnp.minimum(ends, num_tiles)].add(1)
+    seq = jnp.minimum(jnp.cumsum(ends_seen)[:num_tiles], b - 1).astype(jnp.int32)
+    local = tile - (ends - per_seq)[seq]
+    live = tile < ends[-1]
+    count = jnp.where(live, jnp.clip(q_lens[seq] - local * q_block, 0, q_block), 0)
+    row0 = jnp.where(live, (jnp.cumsum(q_lens) - q_lens)[seq] + local * q_block, 0)
+    pos0 = kv_lens[seq] - q_lens[seq] + local * q_block
+    return jnp.stack([seq, row0, count, pos0]).astype(jnp.int32)

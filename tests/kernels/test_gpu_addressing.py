@@ -484,8 +484,12 @@ def test_fp8_pages_on_an_h100_compile_the_pallas_kernel(on_gpu):
     """The byte-load form of float8 pages (the 3 GiB pool above compiles the word form); `auto` takes the
     Mosaic GPU kernel on an H100, so the Triton one is named."""
     with on_gpu("sm_90a") as place:
-        assert registry.auto_impl("paged_attention", *_fp8_paged_args(), platform="cuda") == "pallas_mosaic_gpu"
-        program = jax.jit(_fp8_paged("pallas_triton")).trace(*place(_fp8_paged_args())).lower().compile().as_text()
+        assert (
+            registry.auto_impl("paged_attention", *_fp8_paged_args(), platform="cuda") == "pallas_mosaic_gpu"
+        )
+        program = (
+            jax.jit(_fp8_paged("pallas_triton")).trace(*place(_fp8_paged_args())).lower().compile().as_text()
+        )
     assert TRITON_CALL in program and "paged_attention_r" in program
 
 

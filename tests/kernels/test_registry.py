@@ -301,8 +301,8 @@ def test_a_jax_without_the_triton_backend_lists_it_unavailable_and_auto_moves_on
 @pytest.mark.skipif(jax.__version_info__[:2] < (0, 12), reason="the Mosaic GPU kernels need JAX >= 0.12")
 @pytest.mark.parametrize("op", OPS)
 def test_every_pallas_backend_runs_interpreted_on_this_cpu(op):
-    """On the JAX the lab pins, no built-in Pallas backend is hidden as unavailable (an import error of our own
-    would otherwise pass for a JAX that lacks the lowering): all three run here, interpreted."""
+    """On the JAX the lab pins, no built-in Pallas backend is hidden as unavailable (an import error of our
+    own would otherwise pass for a JAX that lacks the lowering): all three run here, interpreted."""
     if jax.default_backend() != "cpu":
         pytest.skip("on an accelerator, each lowers for its own platform only")
     table = registry.implementations(op)

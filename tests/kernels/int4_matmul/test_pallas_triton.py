@@ -215,7 +215,8 @@ def test_float32_dots_ask_for_full_precision():
 
 def test_choose_config_fills_the_gpu_at_decode():
     # Llama-3-8B's shapes at decode: N / 128 programs alone are too few, so K is split.
-    # 16-bit x takes 256 columns where N is wide enough to keep the programs (the folded kernel's decode tile).
+    # 16-bit x takes 256 columns where N is wide enough to keep the programs (the folded kernel's decode
+    # tile).
     for k, n, bn in ((8192, 28672, 256), (4096, 14336, 256), (14336, 4096, 128)):
         cfg = pg.choose_config(1, k, n, 128)
         assert (cfg.block_m, cfg.block_n, cfg.block_k) == (16, bn, 128)
