@@ -10,6 +10,45 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import pytest
 from hypothesis import HealthCheck, settings
 
+# The suite compiles thousands of small CPU programs, where LLVM's optimizations cost more time than they
+# save: this process compiles its CPU code at level 0 (XLA reads XLA_FLAGS once, when JAX starts its first
+# backend; the variable is restored at once, so subprocesses start as users do). Programs compiled for a
+# GPU or TPU target keep XLA's default level (3): their code is what the compile tests judge.
+FAST_CPU_COMPILE = "--xla_backend_optimization_level=0"
+TARGET_COMPILE_OPTIONS = {"xla_backend_optimization_level": 3}
+
+
+def _compile_cpu_code_fast() -> None:
+    if os.environ.get("JAX_PLATFORMS") != "cpu" or "xla_backend_optimization_level" in os.environ.get(
+        "XLA_FLAGS", ""
+    ):
+        return
+    import jax
+    from jax._src import stages
+
+    before = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = f"{before or ''} {FAST_CPU_COMPILE}".strip()
+    try:
+        jax.devices()
+    finally:
+        if before is None:
+            del os.environ["XLA_FLAGS"]
+        else:
+            os.environ["XLA_FLAGS"] = before
+
+    compile_ = stages.Lowered.compile
+
+    def compile(self, compiler_options=None, **kwargs):
+        backend = self._lowering.compile_args.get("backend")
+        if getattr(backend, "platform", "cpu") != "cpu":
+            compiler_options = {**TARGET_COMPILE_OPTIONS, **(compiler_options or {})}
+        return compile_(self, compiler_options, **kwargs)
+
+    stages.Lowered.compile = compile
+
+
+_compile_cpu_code_fast()
+
 # `ci` is what `make test` and CI use: deterministic, no deadline (JAX compiles on first call).
 settings.register_profile(
     "ci",
