@@ -31,7 +31,8 @@ GPU_TARGETS = ("sm_80", "sm_90a")
 TPU_TARGETS = ("v5e", "v6e")
 TIMEOUT_S = 1800
 
-# The benchmark cases the Mosaic GPU kernels compile at on sm_90a (forward): the targets.
+# The benchmark cases the Mosaic GPU kernels compile at on sm_90a (forward): where the compile targets of
+# docs/performance.md are judged.
 MOSAIC_GPU_CASES = frozenset(
     {"decode B8 L4096 bf16", "mixtral T256 bf16"} | {f"4096x14336 M{m} bf16" for m in (1, 16, 64)}
 )

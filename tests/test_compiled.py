@@ -217,7 +217,7 @@ def test_tpu_report_reads_the_vmem_a_mosaic_kernel_uses(target, asked):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Mosaic GPU kernels in the report, and the GPU issue's targets on the records that exist
+# Mosaic GPU kernels in the report, and the GPU kernels' compile targets on the records that exist
 
 
 def _wgmma_matmul(a, b):

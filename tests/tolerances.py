@@ -83,6 +83,6 @@ MINILM_AWQ_OVER_RTN_LAYER_ERROR = 0.9
 MINILM_GPTQ_MIN_COSINE = 0.985
 MINILM_AWQ_MIN_COSINE = 0.97
 
-# The native CPU INT4 kernel (float32 activations) against the dequantized float64 reference: the issue's
+# The native CPU INT4 kernel (float32 activations) against the dequantized float64 reference: the lab's
 # bound on the normalized error.
 NATIVE_INT4_NERR = 1e-4

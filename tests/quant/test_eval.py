@@ -1,4 +1,4 @@
-"""The quality experiment: the text, the metrics by hand, the command on a subset, and (slow) the issue's
+"""The quality experiment: the text, the metrics by hand, the command on a subset, and (slow) the
 targets on the full calibration and held-out sets."""
 
 import importlib.util

@@ -252,7 +252,7 @@ def test_gptq_lowers_proxy_loss_against_rtn(seed, sym, act_order):
 
 
 def test_gptq_output_error_target_against_rtn():
-    # The target, on a moderate layer: 4 bits, group 128, correlated inputs with outlier channels.
+    # The quality target, on a moderate layer: 4 bits, group 128, correlated inputs with outlier channels.
     rng = np.random.default_rng(7)
     k, n = 512, 128
     X = correlated_inputs(rng, 2048, k)

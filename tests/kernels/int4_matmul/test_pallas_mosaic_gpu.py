@@ -159,7 +159,7 @@ def test_compiles_for_h100_without_spills(m, k, n):
     assert kern["spill_bytes"] == 0 and kern["tma"]
     assert kern["tensor_core"] == "wgmma"  # HGMMA in the SASS, at M = 64 and at decode (swap-AB)
     if m <= mg.DECODE_M:
-        # the decode target: ≥ 16 weights decoded per warp-instruction of the main loop
+        # the decode target: ≥ 16 weights decoded per warp-instruction of the main loop
         with compile_only.on_target("sm_90a"):
             tiles = mg.choose(x, w)
         wpi = tiles.block_n * tiles.block_k / (kern["threads"] / 32) / kern["loop_instructions"]

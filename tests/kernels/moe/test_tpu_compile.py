@@ -7,7 +7,7 @@ kernel rejects. libtpu 0.0.52 uses that kernel only with `xla_tpu_enable_ragged_
 lowers ragged_dot as a dense convolution over every expert), so the ragged checks compile both ways.
 
 Shapes come from `kernels.moe.arg_specs` as `jax.ShapeDtypeStruct`s placed on the compile-only device (an
-array cannot be copied there). The small case compiles in one to three seconds a program; at the issue's
+array cannot be copied there). The small case compiles in one to three seconds a program; at the benchmark
 shape (T=256, E=8, k=2, d=1024, f=2048) the default run compiles the ragged strategy through the Mosaic
 kernel (~5 s), and `"auto"` only with --full (its bucketed switch holds 12 GEMM chains: 0.5 to 3 minutes a
 forward program and 2 to 13 minutes a gradient on a 2-core host). Skipped where libtpu is not installed.
@@ -28,7 +28,7 @@ from kernels.moe.xla import STRATEGIES, TPU_STRATEGY
 
 CHIPS = {"v5e": "v5e:1x1", "v6e": "v6e:1x1"}
 DTYPES = ("float32", "bfloat16")
-# libtpu's switch for XLA's Mosaic ragged-dot kernel (the kernel the issue's failure came from).
+# libtpu's switch for XLA's Mosaic ragged-dot kernel (the kernel that rejected bf16 operands).
 RAGGED_DOT_KERNEL = {"xla_tpu_enable_ragged_dot_kernel": True}
 SMALL = get("test base")  # T=16, E=8, k=2, d=32, f=48
 ISSUE = Case("issue", 256, 8, 2, 1024, 2048, routing="random")
@@ -142,7 +142,7 @@ def test_every_strategy_compiles(tpu_devices, strategy, chip, dtype):
     ],
 )
 def test_ragged_compiles_in_bf16_with_either_lowering(tpu_devices, chip, kernel, grad):
-    """The issue's failure, at a small shape: XLA's Mosaic ragged-dot kernel rejected the bf16 operands."""
+    """The failure it had, at a small shape: XLA's Mosaic ragged-dot kernel rejected the bf16 operands."""
     compile_for(
         tpu_devices[chip], moe_ffn, dataclasses.replace(SMALL, dtype="bfloat16"), grad=grad, impl="ragged",
         compiler_options={"xla_tpu_enable_ragged_dot_kernel": kernel},
