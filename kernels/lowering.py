@@ -237,3 +237,17 @@ def mosaic_gpu_unavailable() -> str | None:
         need = ".".join(map(str, MOSAIC_GPU_MIN_JAX))
         return f"the Mosaic GPU kernels need JAX >= {need} (this is {jax.__version__})"
     return None
+
+
+def tpu_chip(table: Mapping[str, Any], default: Any) -> tuple[Any, int | None]:
+    """(table's entry for the TPU being lowered for, its per-core VMEM in bytes), read with
+    `pltpu.get_tpu_info()` (a TPU, a compile-only TPU device, or an abstract mesh of one): the tiling
+    defaults a Mosaic TPU kernel keys by chip version. (`default`, None) when there is no TPU to ask;
+    `default` and the VMEM for a chip the table lacks."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    try:
+        info = pltpu.get_tpu_info()
+    except (ValueError, RuntimeError, NotImplementedError):
+        return default, None
+    return table.get(str(info.chip_version), default), int(info.vmem_capacity_bytes)

@@ -91,7 +91,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels import registry
 from kernels.int4_matmul.xla import prepare_x, scan_matmul_transposed, scan_scale_grad, zero_cotangent
-from kernels.lowering import per_platform_kernel
+from kernels.lowering import per_platform_kernel, tpu_chip
 from kernels.precision import highest_precision
 from quant.format import Int4Weight, symmetric_zero
 
@@ -146,11 +146,7 @@ def chip_tiles() -> tuple[Chip, int | None]:
     """(the tiling defaults, the per-core VMEM in bytes) of the TPU being lowered for: `pltpu.get_tpu_info()`
     (a TPU, a compile-only TPU device, or an abstract mesh of one); `DEFAULT_CHIP` and None when there is
     none to ask."""
-    try:
-        info = pltpu.get_tpu_info()
-    except (ValueError, RuntimeError, NotImplementedError):
-        return DEFAULT_CHIP, None
-    return CHIPS.get(str(info.chip_version), DEFAULT_CHIP), int(info.vmem_capacity_bytes)
+    return tpu_chip(CHIPS, DEFAULT_CHIP)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,7 +81,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels import registry
 from kernels.int4_matmul.pallas_mosaic_tpu import f16_bits_to_f32
-from kernels.lowering import per_platform_kernel
+from kernels.lowering import per_platform_kernel, tpu_chip
 from kernels.moe import xla as moe_xla
 from kernels.moe.dispatch import check_grouped_operands, expert_dims
 from kernels.moe.reference import capacity_of
@@ -140,11 +140,7 @@ INTERPRET_CHIP = Chip(block_m=16, block_n=128, block_k=128, vmem_limit=None)
 def chip_tiles() -> tuple[Chip, int | None]:
     """(the tiling caps, the per-core VMEM in bytes) of the TPU being lowered for (`pltpu.get_tpu_info()`);
     `DEFAULT_CHIP` and None when there is none to ask."""
-    try:
-        info = pltpu.get_tpu_info()
-    except (ValueError, RuntimeError, NotImplementedError):
-        return DEFAULT_CHIP, None
-    return CHIPS.get(str(info.chip_version), DEFAULT_CHIP), int(info.vmem_capacity_bytes)
+    return tpu_chip(CHIPS, DEFAULT_CHIP)
 
 
 # --------------------------------------------------------------------------------------------------

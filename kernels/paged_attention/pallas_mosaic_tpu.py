@@ -82,7 +82,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kernels import registry
 from kernels.int4_matmul.pallas_mosaic_tpu import f16_bits_to_f32
-from kernels.lowering import per_platform_kernel
+from kernels.lowering import per_platform_kernel, tpu_chip
 from kernels.paged_attention.xla import _tiles, differentiable
 
 _F32 = jnp.float32
@@ -122,11 +122,7 @@ INTERPRET_CHIP = Chip(block_keys=32, tile_rows=16, vmem_cap=0, max_block_pages=4
 def chip_tiles() -> Chip:
     """The tiling defaults of the TPU being lowered for (`pltpu.get_tpu_info()`); DEFAULT_CHIP when there is
     none to ask or it is not in the table."""
-    try:
-        info = pltpu.get_tpu_info()
-    except (ValueError, RuntimeError, NotImplementedError):
-        return DEFAULT_CHIP
-    return CHIPS.get(str(info.chip_version), DEFAULT_CHIP)
+    return tpu_chip(CHIPS, DEFAULT_CHIP)[0]
 
 
 def copy_mode(page_dtype: Any) -> str:
