@@ -52,13 +52,13 @@ Axes: K input features (stored row order), N output features (Np padded), G grou
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.memo import IdentityMemo
 from quant.format import Int4Weight, pack_int4
 
 TARGETS = ("mosaic_gpu",)
@@ -206,6 +206,11 @@ def prepare(w: Int4Weight, target: str = "mosaic_gpu") -> PreparedInt4Weight:
     container); a ValueError naming the argument otherwise. Traceable."""
     if isinstance(w, PreparedInt4Weight):
         return w
+    _check_preparable(w, target)
+    return _with_codes(prepare_codes(w.packed), w, target)
+
+
+def _check_preparable(w: Any, target: str) -> None:
     if not isinstance(w, Int4Weight):
         raise ValueError(f"w must be a quant.Int4Weight, got {type(w).__name__}")
     if target not in TARGETS:
@@ -216,8 +221,12 @@ def prepare(w: Int4Weight, target: str = "mosaic_gpu") -> PreparedInt4Weight:
         raise ValueError(f"w.packed has shape {tuple(w.packed.shape)}; prepare one [K/2, N] weight at a time")
     if not jnp.issubdtype(w.scales.dtype, jnp.floating):
         raise ValueError(f"w.scales.dtype={w.scales.dtype} must be a float dtype")
+
+
+def _with_codes(codes: jax.Array, w: Int4Weight, target: str) -> PreparedInt4Weight:
+    """The prepared weight of already prepared `codes` with w's scales, zero points, perm and AWQ scales."""
     return PreparedInt4Weight(
-        prepare_codes(w.packed),
+        codes,
         w.scales,
         w.zeros,
         w.perm,
@@ -242,47 +251,28 @@ class PreparedCache:
     (an entry goes when the canonical array is freed). Traced weights are prepared and not cached."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, str], tuple[Any, PreparedInt4Weight]] = {}
+        self._memos = {target: IdentityMemo() for target in TARGETS}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(m) for m in self._memos.values())
 
     def get(self, w: Int4Weight, target: str = "mosaic_gpu") -> PreparedInt4Weight:
-        leaves = jax.tree_util.tree_leaves(w)
-        if any(isinstance(a, jax.core.Tracer) for a in leaves):
+        if target not in self._memos or any(
+            isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(w)
+        ):
             return prepare(w, target)
-        key = (id(w.packed), target)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0]() is w.packed:
-            pw = hit[1]
-            if (
-                pw.scales is w.scales
-                and pw.zeros is w.zeros
-                and pw.perm is w.perm
-                and pw.act_scales is w.act_scales
-                and pw.group_size == w.group_size
-            ):
-                return pw
-            # Same codes, other small fields (e.g. new scales): reuse the prepared codes, rebuild the planes.
-            pw = PreparedInt4Weight(
-                pw.codes,
-                w.scales,
-                w.zeros,
-                w.perm,
-                w.act_scales,
-                bits=w.bits,
-                group_size=w.group_size,
-                n=w.shape[1],
-                target=target,
-            )
+        pw = self._memos[target].get((w.packed,), lambda: prepare(w, target))
+        if (
+            pw.scales is w.scales
+            and pw.zeros is w.zeros
+            and pw.perm is w.perm
+            and pw.act_scales is w.act_scales
+            and pw.group_size == w.group_size
+        ):
             return pw
-        pw = prepare(w, target)
-        try:
-            ref = weakref.ref(w.packed, lambda _, key=key, d=self._entries: d.pop(key, None))
-        except TypeError:  # not weak-referenceable (a NumPy array): do not cache
-            return pw
-        self._entries[key] = (ref, pw)
-        return pw
+        # Same codes, other small leaves (e.g. new scales): reuse the prepared codes, rebuild the planes.
+        _check_preparable(w, target)
+        return _with_codes(pw.codes, w, target)
 
 
 # The process-wide cache behind `cached_prepare` (the one piece of mutable state of the INT4 package: the

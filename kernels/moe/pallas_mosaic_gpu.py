@@ -80,6 +80,7 @@ from jax.experimental import pallas as pl
 
 from kernels import lowering, registry, tuning
 from kernels.lowering import per_platform_kernel, target_gpu
+from kernels.memo import IdentityMemo
 from kernels.moe.dispatch import expert_dims
 from kernels.moe.reference import capacity_of
 from quant.format import Int4Weight
@@ -696,32 +697,20 @@ def _prepare_experts(wg: Int4Weight, wu: Int4Weight, wd: Int4Weight):
 def _prepared_experts(wg: Int4Weight, wu: Int4Weight, wd: Int4Weight):
     """The prepared stacks of (gate, up, down), computed once per concrete set of experts.
 
-    Keyed on the identity of every leaf (held by weak reference, so an entry goes with its weights) and
-    kept on the gate stack's `packed` array's entry. Traced experts (weights passed into a jitted
+    Keyed on the identity of every leaf (`kernels.memo.IdentityMemo`: an entry goes with its weights).
+    Traced experts (weights passed into a jitted
     function as arguments) are prepared inside that program, every call: a serving loop that jits over its
     weights should close over them instead.
     """
-    import weakref
-
     leaves = jax.tree_util.tree_leaves((wg, wu, wd))
     if any(isinstance(a, jax.core.Tracer) for a in leaves):
         return _prepare_experts(wg, wu, wd)
-    key = tuple(id(a) for a in leaves)
-    hit = _PREPARED.get(key)
-    if hit is not None and all(r() is a for r, a in zip(hit[0], leaves, strict=True)):
-        return hit[1]
-    prep = _prepare_experts(wg, wu, wd)
-    try:
-        refs = tuple(weakref.ref(a, lambda _, key=key: _PREPARED.pop(key, None)) for a in leaves)
-    except TypeError:  # a leaf that cannot be weakly referenced: no caching
-        return prep
-    _PREPARED[key] = (refs, prep)
-    return prep
+    return _PREPARED.get(leaves, lambda: _prepare_experts(wg, wu, wd))
 
 
-# The prepared INT4 expert stacks of concrete weights (weakly keyed: see `_prepared_experts`); like
+# The prepared INT4 expert stacks of concrete weights (see `_prepared_experts`); like
 # kernels.int4_matmul.prepared's cache, the one piece of state the transparent Int4Weight path needs.
-_PREPARED: dict[tuple[int, ...], tuple[tuple[Any, ...], Any]] = {}
+_PREPARED = IdentityMemo()
 
 
 # --------------------------------------------------------------------------------------------------
