@@ -39,8 +39,11 @@ def _compile_cpu_code_fast() -> None:
     compile_ = stages.Lowered.compile
 
     def compile(self, compiler_options=None, **kwargs):
-        backend = self._lowering.compile_args.get("backend")
-        if getattr(backend, "platform", "cpu") != "cpu":
+        try:
+            platform = self._lowering.compile_args["backend"].platform
+        except (AttributeError, KeyError, TypeError):  # a JAX that keeps it elsewhere: the default level
+            platform = None
+        if platform != "cpu":
             compiler_options = {**TARGET_COMPILE_OPTIONS, **(compiler_options or {})}
         return compile_(self, compiler_options, **kwargs)
 
