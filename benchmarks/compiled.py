@@ -36,7 +36,8 @@ lab's Pallas kernels only (`--sass all`: XLA's own kernels too; the others have 
 
 Mosaic GPU kernels are compiled by XLA:GPU with the program (Mosaic's passes, LLVM and ptxas, for the target
 the kernel was lowered for) and stored in their custom call's thunk, not as kernel launches: the report
-reads their cubin there and their grid and block from the kernel's MLIR module (`mosaic_gpu_kernels`).
+reads their cubin there and their grid and block from the kernel's MLIR module
+(`kernels.compile_only.mosaic_gpu_kernels`).
 
 INT4 records: each Pallas kernel with a main loop carries weights_per_warp_instruction, the INT4 weights
 whose packed codes one pass of the main loop loads (`loop_weights`: the kernel module's
@@ -78,12 +79,6 @@ DEFAULT_TARGETS = (*GPU_TARGETS, "sm_100a", *TPU_TARGETS)
 FAMILIES = ("pallas", "xla", "strategies")
 # Custom calls that hold a lab Pallas Triton kernel, and where their kernel's name is.
 _PALLAS_NAME = re.compile(r'custom_call_target="__gpu\$xla\.gpu\.triton".*?\bname = \\?"([A-Za-z0-9_]+)')
-# A Mosaic GPU kernel's custom call and the two attributes of its backend_config the report reads: the
-# kernel's MLIR module (bytecode, as an escaped MLIR string) and its SHA-256.
-MOSAIC_GPU_CALL = 'custom_call_target="mosaic_gpu_v2"'
-_MLIR_STRING = r'"((?:[^"\\]|\\.)*)"'
-_MOSAIC_HASH = re.compile(r"\bkernel_hash = " + _MLIR_STRING)
-_MOSAIC_MODULE = re.compile(r"\bmodule = " + _MLIR_STRING)
 # What the backend of each kernel is called in the records.
 BACKENDS = ("pallas_mosaic_gpu", "pallas_triton", "xla")
 
@@ -365,145 +360,6 @@ def sass_figures(sass: str) -> dict[str, Any]:
     return {"tensor_core": tensor_core, "tma": tma, "loop_instructions": size}
 
 
-# --------------------------------------------------------------------------------------------------------
-# Mosaic GPU kernels in an XLA:GPU executable
-#
-# XLA:GPU compiles a Mosaic GPU custom call (`mosaic_gpu_v2`) while it compiles the program: the kernel's MLIR
-# module (in the call's backend_config) goes through Mosaic's passes, LLVM's NVPTX backend and ptxas for the
-# module's own target (its `mosaic_gpu.arch_*` attributes, set from the device lowered for), and the result
-# is stored in the custom-call thunk of the GpuExecutableProto as a `mosaic::gpu::CustomCallResources`
-# message: 1 a version, 2 the host-side launch code (an x86-64 object), 4 the kernel hash (SHA-256 of the
-# module), 5 the host entry's symbol, 8 the cubin, 9 the kernel's name, 10 its dynamic shared memory in
-# bytes. The launch grid and block are not stored: the host code computes them, so they are read from the
-# module's `gpu.launch` (constant operands, as Mosaic emits them). Field numbers checked against jax 0.12
-# (`compile_only.GPU_EXECUTABLE_LAYOUTS`).
-_MOSAIC_RESOURCES = b"N6mosaic3gpu19CustomCallResourcesE"
-
-
-def _mlir_string(text: str) -> bytes:
-    """The bytes of an MLIR string attribute's body as printed (`\\XX` hex escapes, `\\\\`, `\\"`)."""
-    out, i = bytearray(), 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\":
-            pair = text[i + 1 : i + 3]
-            if len(pair) == 2 and all(c in "0123456789abcdefABCDEF" for c in pair):
-                out.append(int(pair, 16))
-                i += 3
-                continue
-            out += {"n": b"\n", "t": b"\t"}.get(text[i + 1], text[i + 1].encode())
-            i += 2
-            continue
-        out += ch.encode()
-        i += 1
-    return bytes(out)
-
-
-def mosaic_gpu_modules(hlo_text: str) -> dict[bytes, bytes]:
-    """kernel hash -> MLIR module (bytecode) of each Mosaic GPU custom call in a compiled program's HLO text
-    (a module whose SHA-256 is not its hash is left out)."""
-    import hashlib
-
-    out = {}
-    for line in hlo_text.splitlines():
-        if MOSAIC_GPU_CALL not in line:
-            continue
-        h, m = _MOSAIC_HASH.search(line), _MOSAIC_MODULE.search(line)
-        if h is None or m is None:
-            continue
-        digest, module = _mlir_string(h.group(1)), _mlir_string(m.group(1))
-        if hashlib.sha256(module).digest() == digest:
-            out[digest] = module
-    return out
-
-
-def mosaic_launch(module: bytes) -> dict[str, tuple[int, int, int]] | None:
-    """{"grid", "block", "cluster"} of the `gpu.launch` in a Mosaic GPU kernel's module (bytecode as in the
-    custom call), or None when the module has no launch with constant dimensions."""
-    from jax._src.interpreters import mlir as jax_mlir
-    from jax._src.lib.mlir import ir
-    from jax.experimental.mosaic.gpu import core, dialect
-
-    launches: list[Any] = []
-
-    def visit(op: Any) -> Any:
-        if op.operation.name == "gpu.launch":
-            launches.append(op.operation)
-        return ir.WalkResult.ADVANCE
-
-    def constant(value: Any) -> int | None:
-        owner = value.owner
-        op = getattr(owner, "operation", owner)
-        if op.name != "arith.constant":
-            return None
-        return ir.IntegerAttr(op.attributes["value"]).value
-
-    with jax_mlir.make_ir_context() as ctx, ir.Location.unknown():
-        dialect.register_dialect(ctx)
-        ctx.allow_unregistered_dialects = True
-        parsed = core._run_serde_pass(ir.Module.parse(module), serialize=False)
-        parsed.operation.walk(visit)
-        if len(launches) != 1:
-            return None
-        (launch,) = launches
-        # Operand groups: async deps, grid x/y/z, block x/y/z, cluster x/y/z, dynamic shared memory.
-        sizes = list(ir.DenseI32ArrayAttr(launch.attributes["operandSegmentSizes"]))
-        groups, at = [], 0
-        for n in sizes:
-            groups.append([constant(v) for v in list(launch.operands)[at : at + n]])
-            at += n
-        dims = [g[0] if len(g) == 1 else 1 for g in groups[1:10]]
-        if any(d is None for d in dims):
-            return None
-    return {"grid": tuple(dims[0:3]), "block": tuple(dims[3:6]), "cluster": tuple(dims[6:9])}
-
-
-def mosaic_gpu_kernels(compiled: Any) -> list[Any]:
-    """The Mosaic GPU kernels of a program compiled for a GPU target, as `compile_only.GpuKernel`s (one per
-    kernel name; `compile_only.gpu_kernels` lists XLA's and Triton's kernel launches, not these). A kernel
-    whose launch cannot be read from its module has grid and block (0, 0, 0)."""
-    from kernels import compile_only
-
-    text = compiled.as_text()
-    if MOSAIC_GPU_CALL not in text:
-        return []
-    blob = compiled._executable._unloaded_executable.xla_executable.serialize()
-    proto = compile_only._gpu_executable_proto(blob)
-    modules = mosaic_gpu_modules(text)
-    found: dict[str, Any] = {}
-    at = proto.find(_MOSAIC_RESOURCES)
-    while at >= 0:
-        start = at - 2  # the type name is field 1 of an Any-like message: tag, one-byte length, name
-        at = proto.find(_MOSAIC_RESOURCES, at + 1)
-        if start < 0 or proto[start] != 0x0A or proto[start + 1] != len(_MOSAIC_RESOURCES):
-            continue
-        try:
-            _, _, _, i = compile_only._field_at(proto, start)
-            number, wire, value, _ = compile_only._field_at(proto, i)
-            if (number, wire) != (2, 2):
-                continue
-            fields = {n: v for n, _, v in compile_only._fields(value)}
-        except (ValueError, IndexError):
-            continue
-        cubin, name = fields.get(8), fields.get(9)
-        if not isinstance(cubin, bytes) or not cubin.startswith(b"\x7fELF") or not isinstance(name, bytes):
-            continue
-        module = modules.get(fields.get(4, b""))
-        launch = mosaic_launch(module) if module else None
-        zero = (0, 0, 0)
-        found.setdefault(
-            name.decode(),
-            compile_only.GpuKernel(
-                name.decode(),
-                cubin,
-                launch["grid"] if launch else zero,
-                launch["block"] if launch else zero,
-                fields.get(10, 0) if isinstance(fields.get(10, 0), int) else 0,
-            ),
-        )
-    return list(found.values())
-
-
 def triton_calls(hlo_text: str) -> dict[str, int | None]:
     """name -> num_stages of each Pallas Triton kernel in a compiled program's HLO text (its custom call's
     backend_config)."""
@@ -526,7 +382,7 @@ def gpu_report(compiled: Any, target: str, *, sass: str = "pallas") -> list[dict
         raise ValueError(f"sass={sass!r} must be 'pallas', 'all' or 'none'")
     info = compile_only.gpu_info(target)
     triton = triton_calls(compiled.as_text())
-    mosaic = mosaic_gpu_kernels(compiled)
+    mosaic = compile_only.mosaic_gpu_kernels(compiled)
     kernels = [(k, "pallas_mosaic_gpu") for k in mosaic]
     kernels += [
         (k, "pallas_triton" if k.name in triton else "xla") for k in compile_only.gpu_kernels(compiled)

@@ -2,6 +2,7 @@
 
     program = compile_for("sm_90a", fn, *args)     # XLA:GPU for an H100, on a CPU-only host
     kernels = gpu_kernels(program)                 # each launched kernel: name, cubin, grid, block, shared
+    mosaic = mosaic_gpu_kernels(program)           # the same for its Mosaic GPU kernels (custom-call thunks)
     program = compile_for("v6e", fn, *args)        # libtpu's Mosaic and XLA:TPU for a TPU v6e
 
 `args` are arrays or `jax.ShapeDtypeStruct`s (any pytree): only their shapes and dtypes are used, so a 5 GiB
@@ -262,9 +263,7 @@ class GpuKernel:
 
 def gpu_kernels(compiled: Any) -> list[GpuKernel]:
     """The kernels of a program compiled for a GPU target, in launch order (one entry per kernel name)."""
-    if jax.__version_info__[:2] not in GPU_EXECUTABLE_LAYOUTS:
-        raise ToolchainMissing(f"the XLA:GPU executable layout of jax {jax.__version__} is not known here")
-    proto = _gpu_executable_proto(compiled._executable._unloaded_executable.xla_executable.serialize())
+    proto = _executable_proto(compiled)
     found: dict[str, GpuKernel] = {}
     at = proto.find(_ELF)
     while at >= 0:
@@ -272,6 +271,157 @@ def gpu_kernels(compiled: Any) -> list[GpuKernel]:
         if kernel is not None:
             found.setdefault(kernel.name, kernel)
         at = proto.find(_ELF, at + 1)
+    return list(found.values())
+
+
+def _executable_proto(compiled: Any) -> bytes:
+    """The `GpuExecutableProto` of a program compiled for a GPU target (a JAX whose layout is known here)."""
+    if jax.__version_info__[:2] not in GPU_EXECUTABLE_LAYOUTS:
+        raise ToolchainMissing(f"the XLA:GPU executable layout of jax {jax.__version__} is not known here")
+    return _gpu_executable_proto(compiled._executable._unloaded_executable.xla_executable.serialize())
+
+
+# A Mosaic GPU kernel's custom call and the two attributes of its backend_config read here: the kernel's MLIR
+# module (bytecode, as an escaped MLIR string) and its SHA-256.
+MOSAIC_GPU_CALL = 'custom_call_target="mosaic_gpu_v2"'
+_MLIR_STRING = r'"((?:[^"\\]|\\.)*)"'
+_MOSAIC_HASH = re.compile(r"\bkernel_hash = " + _MLIR_STRING)
+_MOSAIC_MODULE = re.compile(r"\bmodule = " + _MLIR_STRING)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Mosaic GPU kernels in an XLA:GPU executable
+#
+# XLA:GPU compiles a Mosaic GPU custom call (`mosaic_gpu_v2`) while it compiles the program: the kernel's MLIR
+# module (in the call's backend_config) goes through Mosaic's passes, LLVM's NVPTX backend and ptxas for the
+# module's own target (its `mosaic_gpu.arch_*` attributes, set from the device lowered for), and the result
+# is stored in the custom-call thunk of the GpuExecutableProto as a `mosaic::gpu::CustomCallResources`
+# message: 1 a version, 2 the host-side launch code (an x86-64 object), 4 the kernel hash (SHA-256 of the
+# module), 5 the host entry's symbol, 8 the cubin, 9 the kernel's name, 10 its dynamic shared memory in
+# bytes. The launch grid and block are not stored: the host code computes them, so they are read from the
+# module's `gpu.launch` (constant operands, as Mosaic emits them). Field numbers checked against jax 0.12
+# (`compile_only.GPU_EXECUTABLE_LAYOUTS`).
+_MOSAIC_RESOURCES = b"N6mosaic3gpu19CustomCallResourcesE"
+
+
+def _mlir_string(text: str) -> bytes:
+    """The bytes of an MLIR string attribute's body as printed (`\\XX` hex escapes, `\\\\`, `\\"`)."""
+    out, i = bytearray(), 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            pair = text[i + 1 : i + 3]
+            if len(pair) == 2 and all(c in "0123456789abcdefABCDEF" for c in pair):
+                out.append(int(pair, 16))
+                i += 3
+                continue
+            out += {"n": b"\n", "t": b"\t"}.get(text[i + 1], text[i + 1].encode())
+            i += 2
+            continue
+        out += ch.encode()
+        i += 1
+    return bytes(out)
+
+
+def mosaic_gpu_modules(hlo_text: str) -> dict[bytes, bytes]:
+    """kernel hash -> MLIR module (bytecode) of each Mosaic GPU custom call in a compiled program's HLO text
+    (a module whose SHA-256 is not its hash is left out)."""
+    import hashlib
+
+    out = {}
+    for line in hlo_text.splitlines():
+        if MOSAIC_GPU_CALL not in line:
+            continue
+        h, m = _MOSAIC_HASH.search(line), _MOSAIC_MODULE.search(line)
+        if h is None or m is None:
+            continue
+        digest, module = _mlir_string(h.group(1)), _mlir_string(m.group(1))
+        if hashlib.sha256(module).digest() == digest:
+            out[digest] = module
+    return out
+
+
+def mosaic_launch(module: bytes) -> dict[str, tuple[int, int, int]] | None:
+    """{"grid", "block", "cluster"} of the `gpu.launch` in a Mosaic GPU kernel's module (bytecode as in the
+    custom call), or None when the module has no launch with constant dimensions."""
+    from jax._src.interpreters import mlir as jax_mlir
+    from jax._src.lib.mlir import ir
+    from jax.experimental.mosaic.gpu import core, dialect
+
+    launches: list[Any] = []
+
+    def visit(op: Any) -> Any:
+        if op.operation.name == "gpu.launch":
+            launches.append(op.operation)
+        return ir.WalkResult.ADVANCE
+
+    def constant(value: Any) -> int | None:
+        owner = value.owner
+        op = getattr(owner, "operation", owner)
+        if op.name != "arith.constant":
+            return None
+        return ir.IntegerAttr(op.attributes["value"]).value
+
+    with jax_mlir.make_ir_context() as ctx, ir.Location.unknown():
+        dialect.register_dialect(ctx)
+        ctx.allow_unregistered_dialects = True
+        parsed = core._run_serde_pass(ir.Module.parse(module), serialize=False)
+        parsed.operation.walk(visit)
+        if len(launches) != 1:
+            return None
+        (launch,) = launches
+        # Operand groups: async deps, grid x/y/z, block x/y/z, cluster x/y/z, dynamic shared memory.
+        sizes = list(ir.DenseI32ArrayAttr(launch.attributes["operandSegmentSizes"]))
+        groups, at = [], 0
+        for n in sizes:
+            groups.append([constant(v) for v in list(launch.operands)[at : at + n]])
+            at += n
+        dims = [g[0] if len(g) == 1 else 1 for g in groups[1:10]]
+        if any(d is None for d in dims):
+            return None
+    return {"grid": tuple(dims[0:3]), "block": tuple(dims[3:6]), "cluster": tuple(dims[6:9])}
+
+
+def mosaic_gpu_kernels(compiled: Any) -> list[GpuKernel]:
+    """The Mosaic GPU kernels of a program compiled for a GPU target, as `GpuKernel`s (one per
+    kernel name; `gpu_kernels` lists XLA's and Triton's kernel launches, not these). A kernel
+    whose launch cannot be read from its module has grid and block (0, 0, 0)."""
+    text = compiled.as_text()
+    if MOSAIC_GPU_CALL not in text:
+        return []
+    proto = _executable_proto(compiled)
+    modules = mosaic_gpu_modules(text)
+    found: dict[str, Any] = {}
+    at = proto.find(_MOSAIC_RESOURCES)
+    while at >= 0:
+        start = at - 2  # the type name is field 1 of an Any-like message: tag, one-byte length, name
+        at = proto.find(_MOSAIC_RESOURCES, at + 1)
+        if start < 0 or proto[start] != 0x0A or proto[start + 1] != len(_MOSAIC_RESOURCES):
+            continue
+        try:
+            _, _, _, i = _field_at(proto, start)
+            number, wire, value, _ = _field_at(proto, i)
+            if (number, wire) != (2, 2):
+                continue
+            fields = {n: v for n, _, v in _fields(value)}
+        except (ValueError, IndexError):
+            continue
+        cubin, name = fields.get(8), fields.get(9)
+        if not isinstance(cubin, bytes) or not cubin.startswith(b"\x7fELF") or not isinstance(name, bytes):
+            continue
+        module = modules.get(fields.get(4, b""))
+        launch = mosaic_launch(module) if module else None
+        zero = (0, 0, 0)
+        found.setdefault(
+            name.decode(),
+            GpuKernel(
+                name.decode(),
+                cubin,
+                launch["grid"] if launch else zero,
+                launch["block"] if launch else zero,
+                fields.get(10, 0) if isinstance(fields.get(10, 0), int) else 0,
+            ),
+        )
     return list(found.values())
 
 

@@ -286,7 +286,7 @@ def test_gpu_report_reads_a_mosaic_gpu_kernel_from_the_executable():
 
 
 def test_mlir_strings_decode_as_printed():
-    assert compiled._mlir_string(r"ab\22c\\d\0A\FF") == b'ab"c\\d\n\xff'
+    assert compile_only._mlir_string(r"ab\22c\\d\0A\FF") == b'ab"c\\d\n\xff'
 
 
 def test_sass_figures_skip_barrier_wait_loops():

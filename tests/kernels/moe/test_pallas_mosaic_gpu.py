@@ -164,7 +164,8 @@ def test_declines_below_hopper_and_auto_takes_triton():
 @pytest.mark.parametrize("case", ["smoke mixtral T8 bf16", "mixtral T256 bf16"])
 def test_compiles_for_sm90a_without_spills_on_wgmma(case):
     _needs("sm_90a")
-    from benchmarks.compiled import cubin_resources, cubin_sass, mosaic_gpu_kernels
+    from benchmarks.compiled import cubin_resources, cubin_sass
+    from kernels.compile_only import mosaic_gpu_kernels
 
     args, kw = arg_specs.arg_shapes(arg_specs.get(case))
     program = compile_only.compile_for(
@@ -181,7 +182,8 @@ def test_compiles_for_sm90a_without_spills_on_wgmma(case):
 def test_int4_experts_compile_for_sm90a_without_spills_on_wgmma():
     """Mixtral-like experts (E=8, k=2, d=4096, f=14336) as INT4 with group 128 and zero points, T=256 bf16."""
     _needs("sm_90a")
-    from benchmarks.compiled import cubin_resources, cubin_sass, mosaic_gpu_kernels
+    from benchmarks.compiled import cubin_resources, cubin_sass
+    from kernels.compile_only import mosaic_gpu_kernels
 
     t, e, k, d, f, g = 256, 8, 2, 4096, 14336, 128
     S = jax.ShapeDtypeStruct
